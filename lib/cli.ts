@@ -1,0 +1,311 @@
+/**
+ * The `hast` command line: `serve` (hastd) and the control commands
+ * (hastctl). Exit codes follow sysexits(3).
+ */
+import { spawn } from "node:child_process";
+import { closeSync, existsSync, mkdirSync, openSync } from "node:fs";
+import { dirname } from "node:path";
+import { parseArgs } from "node:util";
+import { ConfigError, loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
+import { controlRequest, type ControlRequest } from "./control.ts";
+import { Daemon, selfCommand } from "./daemon.ts";
+import { createMetadata, MetadataError, MetadataStore } from "./metadata.ts";
+import { Provider, ProviderError } from "./provider.ts";
+import { formatList, formatStatusTable } from "./status.ts";
+import { parseSizeBytes } from "./units.ts";
+
+export const EX_USAGE = 64;
+export const EX_DATAERR = 65;
+export const EX_NOINPUT = 66;
+export const EX_SOFTWARE = 70;
+export const EX_IOERR = 74;
+export const EX_TEMPFAIL = 75;
+export const EX_CONFIG = 78;
+
+/** An error that ends the command with a sysexits code. */
+export class ExitError extends Error {
+  constructor(message: string, readonly exitCode: number) {
+    super(message);
+  }
+}
+
+const USAGE = `usage: hast [-c config] [--node name] command [options] [args]
+commands:
+  serve [-F] [-d]... [-P pidfile] [--log file]   run the daemon (hastd)
+  create [-e extentsize] [-k keepdirty] [-m mediasize] [--force] name...
+  role [--force] init|primary|secondary all|name...
+  status [--json] [name...]
+  list [--json] [name...]
+  dump [--json] [name...]
+  discard name...          mark this side's data to be overwritten by the peer (split-brain recovery)
+  syncrate rate name...    change the sync rate limit at run time (e.g. 100M, 0 = unlimited)
+global options:
+  -c file       configuration (default /etc/hast.conf; .yaml/.yml for YAML)
+  --node name   act as this node instead of matching the host name`;
+
+interface Globals {
+  configPath: string;
+  node?: string;
+}
+
+/** Runs the CLI; returns the exit code. */
+export async function runCli(argv: string[]): Promise<number> {
+  try {
+    const { globals, command, rest } = splitGlobals(argv);
+    return await dispatch(globals, command, rest);
+  } catch (error) {
+    const code = exitCodeOf(error);
+    process.stderr.write(`hast: ${(error as Error).message}\n`);
+    if (code === EX_USAGE) process.stderr.write(`${USAGE}\n`);
+    return code;
+  }
+}
+
+function exitCodeOf(error: unknown): number {
+  if (error instanceof ExitError) return error.exitCode;
+  if (error instanceof ConfigError) return EX_CONFIG;
+  if (error instanceof MetadataError) return EX_DATAERR;
+  if (error instanceof ProviderError) return error.code === "EBUSY" ? EX_TEMPFAIL : EX_NOINPUT;
+  if (error instanceof RangeError || error instanceof SyntaxError) return EX_DATAERR;
+  const code = (error as { exitCode?: unknown }).exitCode;
+  if (typeof code === "number") return code;
+  if ((error as { code?: string }).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") return EX_USAGE;
+  return EX_SOFTWARE;
+}
+
+function splitGlobals(argv: string[]): { globals: Globals; command: string; rest: string[] } {
+  const globals: Globals = { configPath: "/etc/hast.conf" };
+  let i = 0;
+  for (; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg === "-c" || arg === "--config") globals.configPath = requireValue(argv, ++i, arg);
+    else if (arg === "--node") globals.node = requireValue(argv, ++i, arg);
+    else if (arg === "-h" || arg === "--help") throw new ExitError("help", EX_USAGE);
+    else break;
+  }
+  const command = argv[i];
+  if (command === undefined) throw new ExitError("Cannot run: no command given", EX_USAGE);
+  return { globals, command, rest: argv.slice(i + 1) };
+}
+
+function requireValue(argv: string[], index: number, option: string): string {
+  const value = argv[index];
+  if (value === undefined) throw new ExitError(`Cannot parse options: "${option}" needs a value`, EX_USAGE);
+  return value;
+}
+
+async function dispatch(globals: Globals, command: string, rest: string[]): Promise<number> {
+  switch (command) {
+    case "serve":
+      return serve(globals, rest);
+    case "create":
+      return create(globals, rest);
+    case "role":
+      return role(globals, rest);
+    case "status":
+    case "list":
+      return statusOrList(globals, command, rest);
+    case "dump":
+      return dump(globals, rest);
+    case "discard":
+      return discard(globals, rest);
+    case "syncrate":
+      return syncrate(globals, rest);
+    default:
+      throw new ExitError(`Cannot run command "${command}": unknown command`, EX_USAGE);
+  }
+}
+
+type ParsedValues = Record<string, string | boolean | (string | boolean)[] | undefined>;
+
+function parse(
+  rest: string[], options: NonNullable<Parameters<typeof parseArgs>[0]>["options"],
+): { values: ParsedValues; positionals: string[] } {
+  try {
+    const parsed = parseArgs({ args: rest, options, allowPositionals: true, strict: true });
+    return { values: parsed.values as ParsedValues, positionals: parsed.positionals };
+  } catch (error) {
+    throw new ExitError(`Cannot parse options: ${(error as Error).message}`, EX_USAGE);
+  }
+}
+
+function config(globals: Globals): NodeConfig {
+  return loadConfig(globals.configPath, { node: globals.node });
+}
+
+function pickResources(cfg: NodeConfig, names: string[]): ResourceConfig[] {
+  if (names.length === 0 || (names.length === 1 && names[0] === "all")) return cfg.resources;
+  return names.map((name) => {
+    const found = cfg.resources.find((r) => r.resource === name);
+    if (!found) throw new ExitError(`Cannot find resource "${name}" in ${cfg.file}`, EX_CONFIG);
+    return found;
+  });
+}
+
+function controlPath(cfg: NodeConfig): string {
+  if (cfg.control.kind !== "unix") throw new ExitError("Cannot reach the daemon: control is not uds://", EX_CONFIG);
+  return cfg.control.path;
+}
+
+async function request(cfg: NodeConfig, req: ControlRequest): Promise<unknown> {
+  let response;
+  try {
+    response = await controlRequest(controlPath(cfg), req);
+  } catch (error) {
+    throw new ExitError(`${(error as Error).message} (is "hast serve" running?)`, EX_TEMPFAIL);
+  }
+  if (!response.ok) throw new ExitError(response.error, response.exitCode);
+  return response.value;
+}
+
+// ---- serve ------------------------------------------------------------------------
+
+async function serve(globals: Globals, rest: string[]): Promise<number> {
+  const { values } = parse(rest, {
+    foreground: { type: "boolean", short: "F" },
+    debug: { type: "boolean", short: "d", multiple: true },
+    pidfile: { type: "string", short: "P" },
+    log: { type: "string" },
+  });
+  if (!values.foreground) return detach(globals, rest, values.log as string | undefined);
+  const daemon = new Daemon({
+    configPath: globals.configPath,
+    node: globals.node,
+    debug: (values.debug as boolean[] | undefined)?.length ?? 0,
+    pidfile: values.pidfile as string | undefined,
+  });
+  await daemon.start();
+  return new Promise<number>(() => {}); // runs until a signal ends the process
+}
+
+/** Starts `serve -F` in the background and returns once it answers control commands. */
+async function detach(globals: Globals, rest: string[], logFile = "/var/log/hast.log"): Promise<number> {
+  const cfg = config(globals); // report config errors here, with the right exit code
+  mkdirSync(dirname(logFile), { recursive: true });
+  const fd = openSync(logFile, "a");
+  const globalArgs = ["-c", globals.configPath, ...(globals.node ? ["--node", globals.node] : [])];
+  const { command, args } = selfCommand([...globalArgs, "serve", "-F", ...rest.filter((a) => a !== "-F")]);
+  const child = spawn(command, args, { detached: true, stdio: ["ignore", fd, fd] });
+  closeSync(fd);
+  let exited: number | null = null;
+  child.on("exit", (code) => (exited = code ?? 1));
+  child.unref();
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    if (exited !== null) throw new ExitError(`Cannot start the daemon: it exited with code ${exited}; see ${logFile}`, exited);
+    const ok = await controlRequest(controlPath(cfg), { command: "ping" }, 1000).then((r) => r.ok, () => false);
+    if (ok) return 0;
+    await Bun.sleep(100);
+  }
+  throw new ExitError(`Cannot start the daemon: no answer on the control socket after 30 s; see ${logFile}`, EX_TEMPFAIL);
+}
+
+// ---- offline commands -----------------------------------------------------------------
+
+async function create(globals: Globals, rest: string[]): Promise<number> {
+  const { values, positionals } = parse(rest, {
+    extentsize: { type: "string", short: "e" },
+    keepdirty: { type: "string", short: "k" },
+    mediasize: { type: "string", short: "m" },
+    force: { type: "boolean" },
+  });
+  if (positionals.length === 0) throw new ExitError("Cannot create: no resource name given", EX_USAGE);
+  const cfg = config(globals);
+  const extentsizeBytes = values.extentsize ? parseSizeBytes(values.extentsize as string) : undefined;
+  const mediasizeBytes = values.mediasize ? parseSizeBytes(values.mediasize as string) : undefined;
+  const keepdirty = values.keepdirty === undefined ? undefined : Number(values.keepdirty);
+  if (keepdirty !== undefined && !(Number.isSafeInteger(keepdirty) && keepdirty >= 0 && keepdirty <= 65536)) {
+    throw new ExitError(`Cannot create: keepdirty "${values.keepdirty}" is not an integer in 0..65536`, EX_USAGE);
+  }
+  for (const resource of pickResources(cfg, positionals)) {
+    const provider = Provider.open(resource.local, { exclusive: true });
+    try {
+      const m = await createMetadata(provider, {
+        resource: resource.resource, extentsizeBytes, keepdirty, mediasizeBytes, force: values.force === true,
+      });
+      process.stdout.write(`${resource.resource}: created on ${resource.local}: datasize ${m.datasizeBytes} bytes, ` +
+        `extentsize ${m.extentsizeBytes}, keepdirty ${m.keepdirty}\n`);
+    } finally {
+      provider.close();
+    }
+  }
+  return 0;
+}
+
+async function dump(globals: Globals, rest: string[]): Promise<number> {
+  const { values, positionals } = parse(rest, { json: { type: "boolean" } });
+  const cfg = config(globals);
+  const out = [];
+  for (const resource of pickResources(cfg, positionals)) {
+    const provider = Provider.open(resource.local, { exclusive: false, readOnly: true });
+    try {
+      const store = await MetadataStore.load(provider);
+      const m = store.metadata;
+      const map = await store.readMap();
+      let dirtyExtents = 0;
+      for (const byte of map) for (let b = byte; b; b &= b - 1) dirtyExtents++;
+      out.push({
+        name: resource.resource, provider: resource.local, ...m,
+        resuid: String(m.resuid), localcnt: String(m.localcnt), remotecnt: String(m.remotecnt),
+        generation: String(m.generation), dirtyExtents,
+      });
+    } finally {
+      provider.close();
+    }
+  }
+  if (values.json) process.stdout.write(JSON.stringify({ resources: out }, null, 2) + "\n");
+  else process.stdout.write(formatList(out) + "\n");
+  return 0;
+}
+
+async function discard(globals: Globals, rest: string[]): Promise<number> {
+  const { positionals } = parse(rest, {});
+  if (positionals.length === 0) throw new ExitError("Cannot discard: name the resource(s) to discard", EX_USAGE);
+  const cfg = config(globals);
+  for (const resource of pickResources(cfg, positionals)) {
+    const provider = Provider.open(resource.local, { exclusive: true });
+    try {
+      const store = await MetadataStore.load(provider, { resource: resource.resource });
+      await store.write({ discardPending: true, syncTarget: true }, { flush: true });
+      process.stdout.write(`${resource.resource}: local changes will be overwritten by the peer on the next connect\n`);
+    } finally {
+      provider.close();
+    }
+  }
+  return 0;
+}
+
+// ---- daemon commands ------------------------------------------------------------------
+
+async function role(globals: Globals, rest: string[]): Promise<number> {
+  const { values, positionals } = parse(rest, { force: { type: "boolean" } });
+  const [wanted, ...names] = positionals;
+  if (wanted !== "init" && wanted !== "primary" && wanted !== "secondary") {
+    throw new ExitError(`Cannot change role: "${wanted ?? ""}" is not init, primary or secondary`, EX_USAGE);
+  }
+  if (names.length === 0) throw new ExitError("Cannot change role: name resources or \"all\"", EX_USAGE);
+  const cfg = config(globals);
+  if (!(names.length === 1 && names[0] === "all")) pickResources(cfg, names);
+  await request(cfg, { command: "role", role: wanted, names, force: values.force === true });
+  return 0;
+}
+
+async function statusOrList(globals: Globals, command: "status" | "list", rest: string[]): Promise<number> {
+  const { values, positionals } = parse(rest, { json: { type: "boolean" } });
+  const cfg = config(globals);
+  const rows = (await request(cfg, { command, names: positionals })) as Record<string, unknown>[];
+  if (values.json) process.stdout.write(JSON.stringify({ resources: rows }, null, 2) + "\n");
+  else process.stdout.write((command === "status" ? formatStatusTable(rows) : formatList(rows)) + "\n");
+  return 0;
+}
+
+async function syncrate(globals: Globals, rest: string[]): Promise<number> {
+  const { positionals } = parse(rest, {});
+  const [rate, ...names] = positionals;
+  if (rate === undefined || names.length === 0) throw new ExitError("Cannot set syncrate: give a rate and resource names", EX_USAGE);
+  const cfg = config(globals);
+  await request(cfg, { command: "syncrate", names, bytesPerSecond: parseSizeBytes(rate) });
+  return 0;
+}
+
+void existsSync;

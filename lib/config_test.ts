@@ -1,0 +1,647 @@
+// Proves the config parser: the spec's hast.conf example resolves for both nodes, node
+// matching (override, full host name, first label), precedence and defaults of every option
+// class, address forms, and that each class of error names the exact line and column. The
+// YAML form is checked to produce the same model as hast.conf for the same configuration.
+// Everything runs on strings; only the loadConfig tests touch a temp directory.
+
+import { describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import {
+  ConfigError,
+  formatAddress,
+  loadConfig,
+  parseAddress,
+  parseConfig,
+  type NodeConfig,
+  type ResourceConfig,
+} from "./config.ts";
+
+const lines = (...rows: string[]): string => rows.join("\n") + "\n";
+
+/** The example from spec §8, verbatim. */
+const SPEC_EXAMPLE = `resource data {
+        local /dev/ada0
+        on hosta {
+                remote 10.0.0.1
+        }
+        on hostb {
+                remote 10.0.0.2
+        }
+}
+`;
+
+type Options = { node?: string; hostname?: string };
+
+function errorOf(text: string, file: string, options: Options): ConfigError {
+  try {
+    parseConfig(text, file, options);
+  } catch (error) {
+    if (error instanceof ConfigError) return error;
+    throw error;
+  }
+  throw new Error(`expected a ConfigError for:\n${text}`);
+}
+
+/** Asserts that parsing fails at line:column with a message containing `fragment`. */
+function expectError(
+  text: string,
+  line: number,
+  column: number,
+  fragment: string,
+  file = "hast.conf",
+  options: Options = { node: "hosta" },
+): ConfigError {
+  const error = errorOf(text, file, options);
+  expect(error.reason).toContain(fragment);
+  expect([error.line, error.column]).toEqual([line, column]);
+  expect(error.file).toBe(file);
+  expect(error.message).toBe(`${file}:${line}:${column}: ${error.reason}`);
+  return error;
+}
+
+function only(config: NodeConfig): ResourceConfig {
+  expect(config.resources.length).toBe(1);
+  return config.resources[0]!;
+}
+
+const DEFAULT_LISTEN = [
+  { kind: "tcp", family: "tcp4", host: "0.0.0.0", port: 8457 },
+  { kind: "tcp", family: "tcp6", host: "::", port: 8457 },
+];
+
+describe("spec example and node matching", () => {
+  test("the spec example resolves for hosta and hostb by override, with all defaults", () => {
+    const a = parseConfig(SPEC_EXAMPLE, "/etc/hast.conf", { node: "hosta" });
+    expect(a).toEqual({
+      file: "/etc/hast.conf",
+      node: "hosta",
+      control: { kind: "unix", path: "/var/run/hastctl" },
+      pidfile: "/var/run/hastd.pid",
+      listen: DEFAULT_LISTEN as NodeConfig["listen"],
+      resources: [{
+        resource: "data",
+        name: "data",
+        local: "/dev/ada0",
+        remote: { kind: "tcp", family: "tcp", host: "10.0.0.1", port: 8457 },
+        source: null,
+        replication: "memsync",
+        checksum: "none",
+        compression: "hole",
+        timeoutSeconds: 20,
+        exec: null,
+        metaflush: true,
+        syncRateBytesPerSecond: 0,
+        pipeline: true,
+        export: { kind: "unix", path: "/run/hast/data.sock" },
+        line: 1,
+      }],
+    });
+    const b = parseConfig(SPEC_EXAMPLE, "/etc/hast.conf", { node: "hostb" });
+    expect(b.node).toBe("hostb");
+    expect(only(b).remote).toEqual({ kind: "tcp", family: "tcp", host: "10.0.0.2", port: 8457 });
+  });
+
+  test("a section matches the full host name or its first label", () => {
+    const full = parseConfig(SPEC_EXAMPLE, "hast.conf", { hostname: "hostb" });
+    expect(only(full).remote?.host).toBe("10.0.0.2");
+    const label = parseConfig(SPEC_EXAMPLE, "hast.conf", { hostname: "hosta.example.com" });
+    expect(only(label).remote?.host).toBe("10.0.0.1");
+    expect(label.node).toBe("hosta");
+    const fqdn = SPEC_EXAMPLE.replace("on hostb", "on hostb.example.com");
+    const byFull = parseConfig(fqdn, "hast.conf", { hostname: "hostb.example.com" });
+    expect(only(byFull).remote?.host).toBe("10.0.0.2");
+    expect(byFull.node).toBe("hostb.example.com");
+    // A short host name does not match a section written with the full name.
+    expectError(fqdn, 1, 1, `acceptable node names: "hosta", "hostb.example.com"`, "hast.conf",
+      { hostname: "hostb" });
+  });
+
+  test("the override wins over the host name and also matches by first label", () => {
+    const a = parseConfig(SPEC_EXAMPLE, "hast.conf", { node: "hosta", hostname: "hostb" });
+    expect(only(a).remote?.host).toBe("10.0.0.1");
+    const label = parseConfig(SPEC_EXAMPLE, "hast.conf", { node: "hostb.lan" });
+    expect(only(label).remote?.host).toBe("10.0.0.2");
+    expect(label.node).toBe("hostb.lan");
+  });
+
+  test("a resource without a section for this node names the acceptable names", () => {
+    const error = expectError(SPEC_EXAMPLE, 1, 1,
+      `Cannot configure resource "data": no "on" section for this node "hostc" ` +
+        `(acceptable node names: "hosta", "hostb")`, "hast.conf", { node: "hostc" });
+    expect(error.message).toStartWith("hast.conf:1:1: ");
+    expectError(lines("resource r {", "  local /dev/x", "}"), 1, 1,
+      "(acceptable node names: none)");
+  });
+
+  test("node without any matching section and no resources gets globals, then defaults", () => {
+    const text = lines("pidfile /tmp/g.pid", "on hosta {", "  pidfile /tmp/a.pid", "}");
+    const config = parseConfig(text, "hast.conf", { node: "hostz" });
+    expect(config.pidfile).toBe("/tmp/g.pid");
+    expect(config.node).toBe("hostz");
+    expect(config.listen).toEqual(DEFAULT_LISTEN as NodeConfig["listen"]);
+    const empty = parseConfig("", "hast.conf", { hostname: "h1.example.com" });
+    expect(empty.node).toBe("h1.example.com");
+    expect(empty.resources).toEqual([]);
+    expect(empty.control).toEqual({ kind: "unix", path: "/var/run/hastctl" });
+  });
+
+  test("two sections matching the same node (full name and first label) are an error", () => {
+    const text = lines(
+      "resource r {",
+      "  local /dev/x",
+      "  on hosta { remote none }",
+      "  on hosta.example.com { remote none }",
+      "}",
+    );
+    expect(only(parseConfig(text, "hast.conf", { node: "hosta" })).remote).toBeNull();
+    expectError(text, 4, 6, `both "hosta" (line 3) and "hosta.example.com" match`,
+      "hast.conf", { hostname: "hosta.example.com" });
+  });
+});
+
+describe("precedence and defaults", () => {
+  const GLOBALS = lines(
+    "replication async",
+    "checksum crc32",
+    "compression lz4",
+    "timeout 7",
+    "exec /usr/local/bin/hook",
+    "metaflush off",
+    "syncrate 1M",
+    "pipeline off",
+  );
+  const RESOURCES = lines(
+    "resource r1 {",
+    "  local /dev/a",
+    "  on hosta { remote none }",
+    "}",
+    "resource r2 {",
+    "  replication fullsync",
+    "  checksum sha256",
+    "  compression none",
+    "  timeout 2m",
+    "  exec /r2/hook",
+    "  metaflush on",
+    "  syncrate 2k",
+    "  pipeline on",
+    "  name prov2",
+    "  local /dev/b",
+    "  export tcp://127.0.0.1",
+    "  on hosta { remote none }",
+    "}",
+  );
+  const R3 = lines(
+    "resource r3 {",
+    "  name res-level",
+    "  local /dev/c",
+    "  metaflush off",
+    "  export uds:///tmp/r.sock",
+    "  on hosta {",
+    "    name node-level local /dev/d metaflush on export uds:///tmp/n.sock",
+    "    remote 10.1.1.1:99 source 10.0.0.9",
+    "  }",
+    "  on hostb { name other local /dev/e metaflush off remote none }",
+    "}",
+  );
+
+  test("resource options fall back to global values, then to defaults", () => {
+    const inherited = parseConfig(GLOBALS + RESOURCES + R3, "hast.conf", { node: "hosta" });
+    const r1 = inherited.resources[0]!;
+    expect(r1).toMatchObject({
+      replication: "async",
+      checksum: "crc32",
+      compression: "lz4",
+      timeoutSeconds: 7,
+      exec: "/usr/local/bin/hook",
+      metaflush: false,
+      syncRateBytesPerSecond: 1024 * 1024,
+      pipeline: false,
+      name: "r1",
+      export: { kind: "unix", path: "/run/hast/r1.sock" },
+    });
+    const defaults = only(parseConfig(lines("resource r1 {", "  local /dev/a",
+      "  on hosta { remote none }", "}"), "hast.conf", { node: "hosta" }));
+    expect(defaults).toMatchObject({
+      replication: "memsync",
+      checksum: "none",
+      compression: "hole",
+      timeoutSeconds: 20,
+      exec: null,
+      metaflush: true,
+      syncRateBytesPerSecond: 0,
+      pipeline: true,
+      source: null,
+    });
+  });
+
+  test("resource values win over global ones", () => {
+    const config = parseConfig(GLOBALS + RESOURCES + R3, "hast.conf", { node: "hosta" });
+    const r2 = config.resources[1]!;
+    expect(r2).toMatchObject({
+      resource: "r2",
+      name: "prov2",
+      local: "/dev/b",
+      replication: "fullsync",
+      checksum: "sha256",
+      compression: "none",
+      timeoutSeconds: 120,
+      exec: "/r2/hook",
+      metaflush: true,
+      syncRateBytesPerSecond: 2048,
+      pipeline: true,
+      export: { kind: "tcp", family: "tcp", host: "127.0.0.1", port: 10809 },
+      line: 13,
+    });
+  });
+
+  test("resource-node values win for name, local, metaflush and export", () => {
+    const config = parseConfig(GLOBALS + RESOURCES + R3, "hast.conf", { node: "hosta" });
+    expect(config.resources.map((r) => r.resource)).toEqual(["r1", "r2", "r3"]);
+    expect(config.resources[2]).toMatchObject({
+      resource: "r3",
+      name: "node-level",
+      local: "/dev/d",
+      metaflush: true,
+      export: { kind: "unix", path: "/tmp/n.sock" },
+      remote: { kind: "tcp", family: "tcp", host: "10.1.1.1", port: 99 },
+      source: { kind: "tcp", family: "tcp", host: "10.0.0.9", port: 0 },
+    });
+    const b = parseConfig(GLOBALS + R3, "hast.conf", { node: "hostb" });
+    expect(only(b)).toMatchObject({
+      name: "other",
+      local: "/dev/e",
+      metaflush: false,
+      export: { kind: "unix", path: "/tmp/r.sock" },
+      remote: null,
+    });
+  });
+
+  test("the default export path follows the resolved provider name", () => {
+    const text = lines("resource r {", "  local /dev/x", "  on hosta {", "    name prov",
+      "    remote none", "  }", "}");
+    expect(only(parseConfig(text, "hast.conf", { node: "hosta" })).export)
+      .toEqual({ kind: "unix", path: "/run/hast/prov.sock" });
+  });
+
+  test("control, pidfile, listen: matching top-level on > global > default", () => {
+    const text = lines(
+      "control uds:///tmp/g.ctl",
+      "pidfile /tmp/g.pid",
+      "listen tcp://127.0.0.1:1",
+      "listen tcp6://[::1]:2",
+      "on hosta { control tcp://127.0.0.1:3 pidfile /tmp/a.pid listen 127.0.0.2 }",
+      "on hostb { control uds:///tmp/b.ctl }",
+    );
+    const a = parseConfig(text, "hast.conf", { node: "hosta" });
+    expect(a.control).toEqual({ kind: "tcp", family: "tcp", host: "127.0.0.1", port: 3 });
+    expect(a.pidfile).toBe("/tmp/a.pid");
+    expect(a.listen).toEqual([{ kind: "tcp", family: "tcp", host: "127.0.0.2", port: 8457 }]);
+    const b = parseConfig(text, "hast.conf", { node: "hostb" });
+    expect(b.control).toEqual({ kind: "unix", path: "/tmp/b.ctl" });
+    expect(b.pidfile).toBe("/tmp/g.pid");
+    expect(b.listen).toEqual([
+      { kind: "tcp", family: "tcp", host: "127.0.0.1", port: 1 },
+      { kind: "tcp", family: "tcp6", host: "::1", port: 2 },
+    ]);
+    const c = parseConfig(text, "hast.conf", { node: "hostc" });
+    expect(c.control).toEqual({ kind: "unix", path: "/tmp/g.ctl" });
+  });
+
+  test("listen repeats within the top-level on section too", () => {
+    const text = lines("on hosta {", "  listen 127.0.0.1", "  listen [::1]:9", "}");
+    expect(parseConfig(text, "hast.conf", { node: "hosta" }).listen).toEqual([
+      { kind: "tcp", family: "tcp", host: "127.0.0.1", port: 8457 },
+      { kind: "tcp", family: "tcp", host: "::1", port: 9 },
+    ]);
+  });
+});
+
+describe("addresses", () => {
+  test("parseAddress reads every documented form", () => {
+    const cases: [string, number, object][] = [
+      ["tcp://10.0.0.1:99", 8457, { family: "tcp", host: "10.0.0.1", port: 99 }],
+      ["tcp://hostb.example.com", 8457, { family: "tcp", host: "hostb.example.com", port: 8457 }],
+      ["tcp4://0.0.0.0:8457", 1, { family: "tcp4", host: "0.0.0.0", port: 8457 }],
+      ["tcp6://[::]:8458", 1, { family: "tcp6", host: "::", port: 8458 }],
+      ["tcp6://[fe80::1]", 7, { family: "tcp6", host: "fe80::1", port: 7 }],
+      ["tcp6://::1", 7, { family: "tcp6", host: "::1", port: 7 }],
+      ["10.0.0.2", 8457, { family: "tcp", host: "10.0.0.2", port: 8457 }],
+      ["10.0.0.2:1", 8457, { family: "tcp", host: "10.0.0.2", port: 1 }],
+      ["hosta", 0, { family: "tcp", host: "hosta", port: 0 }],
+      ["[2001:db8::1]:443", 0, { family: "tcp", host: "2001:db8::1", port: 443 }],
+      ["2001:db8::1", 5, { family: "tcp", host: "2001:db8::1", port: 5 }],
+    ];
+    for (const [text, port, expected] of cases) {
+      const address = parseAddress(text, port);
+      expect(address).toEqual({ kind: "tcp", ...expected } as never);
+      expect(parseAddress(formatAddress(address), 1)).toEqual(address);
+    }
+    expect(parseAddress("uds:///run/hast/x.sock", 0)).toEqual({
+      kind: "unix",
+      path: "/run/hast/x.sock",
+    });
+    expect(formatAddress({ kind: "unix", path: "/a" })).toBe("uds:///a");
+    expect(formatAddress({ kind: "tcp", family: "tcp6", host: "::1", port: 1 }))
+      .toBe("tcp6://[::1]:1");
+  });
+
+  test("parseAddress rejects malformed addresses with SyntaxError", () => {
+    const bad: [string, string][] = [
+      ["tcp4://[::1]", "tcp4:// cannot take an IPv6 address"],
+      ["tcp6://10.0.0.1", "tcp6:// cannot take an IPv4 address"],
+      ["uds://relative.sock", "absolute path"],
+      [`uds:///${"x".repeat(107)}`, "longer than 107 bytes"],
+      ["tcp://host:65536", `port "65536"`],
+      ["tcp://host:", `port ""`],
+      ["ftp://host", `unknown scheme "ftp://"`],
+      ["tcp://", "host missing"],
+      ["8457", "host missing (write tcp://0.0.0.0:8457 for a port)"],
+      ["[::1", `missing "]"`],
+      ["[::1]x", `after "]"`],
+      ["[10.0.0.1]", "not an IPv6 address"],
+      ["-host", "not a host name"],
+    ];
+    for (const [text, fragment] of bad) {
+      expect(() => parseAddress(text, 8457)).toThrow(SyntaxError);
+      expect(() => parseAddress(text, 8457)).toThrow(fragment);
+    }
+  });
+
+  test("remote none is null, source defaults to port 0, export tcp to NBD's port", () => {
+    const text = lines("resource r {", "  local /dev/x", "  on hosta {", "    remote none",
+      "    source tcp6://[::1]", "    export tcp://127.0.0.1", "  }", "}");
+    const r = only(parseConfig(text, "hast.conf", { node: "hosta" }));
+    expect(r.remote).toBeNull();
+    expect(r.source).toEqual({ kind: "tcp", family: "tcp6", host: "::1", port: 0 });
+    expect(r.export).toEqual({ kind: "tcp", family: "tcp", host: "127.0.0.1", port: 10809 });
+  });
+});
+
+describe("hast.conf errors name the line and column", () => {
+  const R = lines("resource r {", "  local /dev/x", "  on hosta { remote none }", "}");
+
+  test("characters outside the word set", () => {
+    expectError(lines("resource data {", "\tlocal \"/dev/ada0\""), 2, 8,
+      `Cannot parse: unexpected character "\\""`);
+    expectError("control = uds:///x", 1, 9, `unexpected character "="`);
+    expectError(lines("# comment is fine", "pidfile /tmp/a;"), 2, 15, `character ";"`);
+  });
+
+  test("unknown keyword and keyword in the wrong section (naming the allowed sections)", () => {
+    expectError(lines("resource data {", "  lokal /dev/ada0"), 2, 3,
+      `unknown keyword "lokal"`);
+    expectError(lines("resource data {", "  local /dev/ada0", "  remote 10.0.0.1", "}"), 3, 3,
+      `Cannot use "remote" in the resource section: allowed only in the resource "on" section`);
+    expectError("name foo", 1, 1, `Cannot use "name" in the global section: allowed only ` +
+      `in the resource section and the resource "on" section`);
+    expectError(lines("on hosta {", "  replication async", "}"), 2, 3,
+      `Cannot use "replication" in the top-level "on" section: allowed only in the global ` +
+        `section and the resource section`);
+    expectError(lines("resource r {", "  on hosta { timeout 3 }", "}"), 2, 14,
+      `allowed only in the global section and the resource section`);
+    expectError(lines(R, "async fullsync"), 6, 1, `unknown keyword "async"`);
+  });
+
+  test("missing values, including a keyword where a value should be", () => {
+    expectError(lines("resource data {", "  local", "}"), 3, 1,
+      `Cannot set "local": value missing (found "}")`);
+    expectError("pidfile", 1, 8, `value missing (found end of file)`);
+    expectError(lines("resource data {", "  local", "  on hosta {"), 3, 3,
+      `Cannot set "local": value missing (found keyword "on"`);
+    expectError("exec none", 1, 6, `Cannot set "exec": value missing (found keyword "none"`);
+    expectError(lines("resource data {", "  name async"), 2, 8, `found keyword "async"`);
+    expectError(lines("resource data {", "  local {"), 2, 9, `value missing (found "{")`);
+  });
+
+  test("duplicates: resource, option in one section, on section", () => {
+    expectError(R + R, 5, 10, `Cannot define resource "r" twice: first defined at line 1`);
+    expectError(lines("resource r {", "  local /dev/x", "  local /dev/y", "}"), 3, 3,
+      `Cannot set "local" twice in the resource section: first set at line 2`);
+    expectError(lines("timeout 5", "timeout 6"), 2, 1, `Cannot set "timeout" twice`);
+    expectError(lines("resource r {", "  local /dev/x", "  on hostb { remote none }",
+      "  on hostb { remote none }", "}"), 4, 6, `Cannot define "on hostb" twice`);
+    expectError(lines("on a { pidfile /a }", "on a { pidfile /b }"), 2, 4, `"on a" twice`);
+  });
+
+  test("missing local and missing remote", () => {
+    expectError(lines("timeout 5", "resource r {", "  on hosta { remote none }", "}"), 2, 1,
+      `Cannot configure resource "r": "local" is missing`);
+    expectError(lines("resource r {", "  local /dev/x", "  on hostb { remote none }",
+      "  on hosta {", "    local /dev/y", "  }", "}"), 4, 3,
+      `Cannot configure resource "r": "remote" is missing in its "on hosta" section`);
+  });
+
+  test("bad enum values list the accepted ones", () => {
+    expectError("replication fast", 1, 13, `Cannot set "replication" to "fast": expected ` +
+      `one of fullsync, memsync, async`);
+    expectError("checksum md5", 1, 10, `expected one of none, crc32, sha256`);
+    expectError("compression lzf", 1, 13,
+      `expected one of none, hole, lz4 (HAST's lzf is replaced by lz4)`);
+    expectError("metaflush yes", 1, 11, `expected one of on, off`);
+    expectError("pipeline none", 1, 10, `expected one of on, off`);
+  });
+
+  test("bad numbers: timeout must be > 0, syncrate a size", () => {
+    expectError("timeout 0", 1, 9, `Cannot set "timeout" to "0": expected 1 to 2147483 seconds`);
+    expectError("timeout 2147484", 1, 9, `expected 1 to 2147483 seconds`);
+    expectError("timeout abc", 1, 9, `"abc" is not a whole number`);
+    expectError("syncrate 10X", 1, 10, `Cannot set "syncrate" to "10X"`);
+    expectError("syncrate 99999999999E", 1, 10, `is too large`);
+  });
+
+  test("bad addresses, paths and names", () => {
+    expectError(lines("resource r {", "  local /dev/x", "  on hosta { remote tcp4://[::1] }",
+      "}"), 3, 21, `Cannot set "remote" to "tcp4://[::1]": tcp4:// cannot take an IPv6 address`);
+    expectError("listen uds:///tmp/l.sock", 1, 8, `expected a TCP address, not uds://`);
+    expectError("control tcp://127.0.0.1", 1, 9, `a TCP control address needs a port`);
+    expectError(lines("resource r {", "  export ftp://x", "}"), 2, 10, `unknown scheme "ftp://"`);
+    expectError(lines("resource r {", "  local dev/x", "}"), 2, 9, `expected an absolute path`);
+    expectError("pidfile hastd.pid", 1, 9, `expected an absolute path`);
+    expectError(lines("resource a/b {", "}"), 1, 10, `Cannot name resource "a/b"`);
+    expectError(lines("resource on {", "}"), 1, 10, `keywords are reserved`);
+    expectError(lines("resource r {", "  name .hidden", "}"), 2, 8,
+      `Cannot set "name" to ".hidden"`);
+    expectError(lines("resource r {", "  on none { }", "}"), 2, 6, `Cannot name a node "none"`);
+  });
+
+  test("unbalanced braces, missing names and end of file inside a section", () => {
+    expectError(R + "}\n", 5, 1, `unexpected "}" (no section is open)`);
+    expectError("{", 1, 1, `expected an option name, found "{"`);
+    expectError(lines("resource data", "  local /dev/x"), 2, 3,
+      `Cannot open "resource" section "data": expected "{", found "local"`);
+    expectError("resource {", 1, 10, `Cannot open "resource" section: name missing (found "{")`);
+    expectError("on", 1, 3, `name missing (found end of file)`);
+    expectError(lines("resource data {", "  local /dev/x", "  on hosta {", "    remote none",
+      "  }"), 6, 1, `end of file inside the resource section "data" opened at line 1`);
+    expectError(lines("on a {", "  pidfile /p"), 3, 1,
+      `end of file inside the top-level "on" section "a" opened at line 1`);
+  });
+
+  test("sections do not nest beyond resource > on", () => {
+    expectError("on a { on b { } }", 1, 8,
+      `Cannot open "on" section in the top-level "on" section`);
+    expectError("resource r { resource s { } }", 1, 14,
+      `Cannot open "resource" section in the resource section: allowed only at the top level`);
+    expectError(lines("resource r {", "  on a {", "    on b {"), 3, 5,
+      `Cannot open "on" section in the resource "on" section`);
+  });
+
+  test("statements may share a line, and comments run to the end of the line", () => {
+    const text = "resource r { local /dev/x # remote 1.2.3.4 }\n on hosta { remote none } }";
+    expect(only(parseConfig(text, "hast.conf", { node: "hosta" })).remote).toBeNull();
+  });
+});
+
+describe("YAML", () => {
+  const SPEC_YAML = lines(
+    "resources:",
+    "  data:",
+    "    local: /dev/ada0",
+    "    on:",
+    "      hosta: { remote: 10.0.0.1 }",
+    "      hostb:",
+    "        remote: 10.0.0.2",
+  );
+
+  test("the spec example in YAML gives the same model as hast.conf for both nodes", () => {
+    for (const node of ["hosta", "hostb"]) {
+      const conf = parseConfig(SPEC_EXAMPLE, "hast.conf", { node });
+      const yaml = parseConfig(SPEC_YAML, "/etc/hast.yaml", { node });
+      expect(yaml).toEqual({ ...conf, file: "/etc/hast.yaml", resources: [
+        { ...only(conf), line: 2 },
+      ] });
+      expect(parseConfig(SPEC_YAML, "hast.YML", { hostname: `${node}.example.com` }).node)
+        .toBe(node);
+    }
+  });
+
+  test("global, node and resource precedence match the hast.conf form", () => {
+    const conf = lines(
+      "control uds:///tmp/x/control",
+      "listen tcp://127.0.0.1:8457",
+      "replication fullsync",
+      "metaflush off",
+      "syncrate 100M",
+      "on hosta { pidfile /tmp/a.pid listen 127.0.0.2 listen [::1]:1 }",
+      "resource data {",
+      "  local /dev/ada0",
+      "  timeout 30",
+      "  checksum sha256",
+      "  pipeline off",
+      "  on hosta { remote 10.0.0.1 metaflush on name p export tcp://[::1]:7 }",
+      "  on hostb { remote none source 10.0.0.2 }",
+      "}",
+    );
+    const yaml = lines(
+      "control: uds:///tmp/x/control   # global keys as in hast.conf",
+      "listen: tcp://127.0.0.1:8457",
+      "replication: fullsync",
+      "metaflush: false",
+      "syncrate: 100M",
+      "on:",
+      "  hosta: { pidfile: /tmp/a.pid, listen: [127.0.0.2, '[::1]:1'] }",
+      "resources:",
+      "  data:",
+      "    local: /dev/ada0",
+      "    timeout: 30",
+      "    checksum: sha256",
+      "    pipeline: off",
+      "    on:",
+      "      hosta: { remote: 10.0.0.1, metaflush: on, name: p, export: 'tcp://[::1]:7' }",
+      "      hostb: { remote: none, source: 10.0.0.2 }",
+    );
+    for (const node of ["hosta", "hostb"]) {
+      const fromConf = parseConfig(conf, "c.conf", { node });
+      const fromYaml = parseConfig(yaml, "c.yml", { node });
+      expect(fromYaml).toEqual({ ...fromConf, file: "c.yml", resources: [
+        { ...only(fromConf), line: 9 },
+      ] });
+    }
+    expect(only(parseConfig(yaml, "c.yml", { node: "hosta" })).metaflush).toBe(true);
+    expect(parseConfig(yaml, "c.yml", { node: "hosta" }).listen.length).toBe(2);
+    expect(only(parseConfig(yaml, "c.yml", { node: "hostb" })).metaflush).toBe(false);
+  });
+
+  test("an empty YAML file and empty sections mean defaults", () => {
+    expect(parseConfig("", "h.yaml", { node: "a" }).resources).toEqual([]);
+    expect(parseConfig("on:\n  a:\n", "h.yaml", { node: "a" }).pidfile)
+      .toBe("/var/run/hastd.pid");
+  });
+
+  test("YAML syntax errors carry the line and column", () => {
+    expectError(lines("replication: async", "pidfile: /a: b"), 2, 10,
+      "Cannot parse YAML: Nested mappings are not allowed", "h.yaml");
+    expectError(lines("timeout: 5", "timeout: 6"), 2, 1, "a key appears twice", "h.yaml");
+    expectError(lines("a: 1", "---", "b: 2"), 2, 1, "multiple documents", "h.yaml");
+  });
+
+  test("YAML semantic errors: unknown key, wrong type, wrong section, missing value", () => {
+    expectError(lines("resources:", "  data:", "    lokal: /dev/x"), 3, 5,
+      `unknown keyword "lokal"`, "h.yaml");
+    expectError(lines("resources:", "  data:", "    local: [a, b]"), 3, 12,
+      `Cannot set "local": expected a single value`, "h.yaml");
+    expectError(lines("resources:", "  data:", "    local: true"), 3, 12,
+      `Cannot set "local": expected a string, found true`, "h.yaml");
+    expectError(lines("resources:", "  data:", "    remote: 10.0.0.1"), 3, 5,
+      `Cannot use "remote" in the resource section`, "h.yaml");
+    expectError(lines("on:", "  hosta:", "    on: {}"), 3, 5,
+      `Cannot open "on" in the top-level "on" section`, "h.yaml");
+    expectError(lines("pidfile:"), 1, 9, `Cannot set "pidfile": value missing`, "h.yaml");
+    expectError(lines("resources: [a]"), 1, 12, `Cannot parse "resources": expected a mapping`,
+      "h.yaml");
+    expectError("- a\n", 1, 1, "Cannot parse the top level: expected a mapping", "h.yaml");
+    expectError(lines("replication: sync"), 1, 14, `expected one of fullsync, memsync, async`,
+      "h.yaml");
+    expectError(lines("timeout: 0"), 1, 10, `expected 1 to 2147483 seconds`, "h.yaml");
+  });
+
+  test("YAML resolution errors point at the resource and on keys", () => {
+    expectError(lines("resources:", "  data:", "    on:", "      hosta: {}"), 2, 3,
+      `Cannot configure resource "data": "local" is missing`, "h.yaml");
+    expectError(lines("resources:", "  data:", "    local: /dev/x", "    on:",
+      "      hosta: {}"), 5, 7, `"remote" is missing`, "h.yaml");
+    expectError(SPEC_YAML, 2, 3, `acceptable node names: "hosta", "hostb"`, "h.yaml",
+      { node: "hostc" });
+  });
+});
+
+describe("loadConfig", () => {
+  test("reads a file (format by extension) and reports unreadable files at line 0", () => {
+    const dir = mkdtempSync(join(tmpdir(), "hast-config-"));
+    try {
+      const conf = join(dir, "hast.conf");
+      writeFileSync(conf, SPEC_EXAMPLE);
+      const config = loadConfig(conf, { node: "hostb" });
+      expect(config.file).toBe(conf);
+      expect(only(config).remote?.host).toBe("10.0.0.2");
+      const yaml = join(dir, "hast.yml");
+      writeFileSync(yaml, "resources:\n  r:\n    on:\n      hosta: { remote: none }\n");
+      const error = (() => {
+        try {
+          loadConfig(yaml, { node: "hosta" });
+        } catch (e) {
+          return e as ConfigError;
+        }
+        throw new Error("expected an error");
+      })();
+      expect(error.message).toBe(`${yaml}:2:3: Cannot configure resource "r": "local" is ` +
+        `missing (set it in the resource or its "on hosta" section)`);
+      const missing = join(dir, "nope.conf");
+      expect(() => loadConfig(missing)).toThrow(ConfigError);
+      try {
+        loadConfig(missing);
+      } catch (e) {
+        const err = e as ConfigError;
+        expect([err.file, err.line, err.column]).toEqual([missing, 0, 0]);
+        expect(err.message).toStartWith(`${missing}:0:0: Cannot read config: `);
+      }
+      const big = join(dir, "big.conf");
+      writeFileSync(big, "#".repeat(1024 * 1024 + 1));
+      expect(() => loadConfig(big)).toThrow("larger than 1048576 bytes");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -1,0 +1,181 @@
+/**
+ * Front end for the YAML form of the config (hast.yaml): the same model as hast.conf, built
+ * into the same section tree so that config.ts validates both with one set of rules.
+ *
+ * ```yaml
+ * listen: [tcp://127.0.0.1:8457]   # global options; listen takes a string or a list
+ * on:
+ *   hosta: { control: uds:///run/hast/control }
+ * resources:
+ *   data:
+ *     local: /dev/ada0
+ *     on:
+ *       hosta: { remote: 10.0.0.1 }
+ * ```
+ */
+
+import {
+  isAlias,
+  isMap,
+  isScalar,
+  isSeq,
+  LineCounter,
+  parseDocument,
+  Scalar,
+  type Document,
+  type Node,
+  type Pair,
+  type YAMLMap,
+} from "yaml";
+import {
+  checkOptionKey,
+  describeSection,
+  fail,
+  type Pos,
+  type Section,
+  type SectionKind,
+  type ValueKind,
+} from "./config_tree.ts";
+
+class YamlFront {
+  constructor(
+    private readonly doc: Document.Parsed,
+    private readonly lines: LineCounter,
+    private readonly file: string,
+  ) {}
+
+  /** Position of a node's first character (1:1 when the node has no range). */
+  pos(node: Node | null | undefined, fallback?: Pos): Pos {
+    const offset = node?.range?.[0];
+    if (offset === undefined) return fallback ?? { line: 1, column: 1 };
+    const { line, col } = this.lines.linePos(offset);
+    return { line, column: col };
+  }
+
+  /** Follows aliases to the node they name. */
+  private deref(node: unknown): Node | null {
+    if (isAlias(node)) return (node.resolve(this.doc) as Node | undefined) ?? null;
+    return (node as Node | null) ?? null;
+  }
+
+  /** A mapping key as text, with its position. */
+  private key(pair: Pair): { text: string; pos: Pos } {
+    const key = this.deref(pair.key);
+    const pos = this.pos(key);
+    if (!isScalar(key) || key.value === null || typeof key.value === "object") {
+      fail(this.file, pos, `Cannot parse key: expected a plain name`);
+    }
+    return { text: String(key.value), pos };
+  }
+
+  /** A mapping (null counts as empty), or an error naming what was expected. */
+  private map(node: Node | null, pos: Pos, what: string): readonly Pair[] {
+    if (node === null || (isScalar(node) && node.value === null)) return [];
+    if (!isMap(node)) fail(this.file, this.pos(node, pos), `Cannot parse ${what}: ` +
+      `expected a mapping`);
+    return (node as YAMLMap).items as Pair[];
+  }
+
+  /** Builds the global section from the document root. */
+  root(): Section {
+    const contents = this.deref(this.doc.contents);
+    const start = { line: 1, column: 1 };
+    const global = newSection("global", "", start, start);
+    this.fill(global, this.map(contents, this.pos(contents), "the top level"));
+    return global;
+  }
+
+  /** Adds the pairs of one YAML mapping to `section` (options and nested sections). */
+  private fill(section: Section, pairs: readonly Pair[]): void {
+    for (const pair of pairs) {
+      const key = this.key(pair);
+      const value = this.deref(pair.value);
+      if (key.text === "on" && section.kind !== "node" && section.kind !== "resourceNode") {
+        const kind = section.kind === "global" ? "node" : "resourceNode";
+        this.children(section, kind, value, key.pos);
+      } else if (key.text === "resources" && section.kind === "global") {
+        this.children(section, "resource", value, key.pos);
+      } else if (key.text === "on" || key.text === "resources") {
+        fail(this.file, key.pos, `Cannot open ${JSON.stringify(key.text)} in the ` +
+          `${describeSection(section.kind)}: sections do not nest here`);
+      } else {
+        this.entries(section, key.text, key.pos, value);
+      }
+    }
+  }
+
+  /** Adds one child section per pair of the mapping under `on:` or `resources:`. */
+  private children(parent: Section, kind: SectionKind, node: Node | null, pos: Pos): void {
+    const what = kind === "resource" ? `"resources"` : `"on"`;
+    for (const pair of this.map(node, pos, what)) {
+      const key = this.key(pair);
+      const value = this.deref(pair.value);
+      const child = newSection(kind, key.text, key.pos, key.pos);
+      this.fill(child, this.map(value, key.pos, `${what} entry ${JSON.stringify(key.text)}`));
+      parent.children.push(child);
+    }
+  }
+
+  /** Adds the entries of one option; `listen` accepts a sequence of values. */
+  private entries(section: Section, key: string, keyPos: Pos, node: Node | null): void {
+    const spec = checkOptionKey(this.file, section.kind, key, keyPos);
+    const items = isSeq(node) && spec.kind === "list"
+      ? node.items.map((item) => this.deref(item))
+      : [node];
+    for (const item of items) {
+      const value = this.scalar(key, spec.kind, item, keyPos);
+      section.entries.push({ key, keyPos, value, valuePos: this.pos(item, keyPos) });
+    }
+  }
+
+  /**
+   * Converts a scalar to the text hast.conf would hold: numbers keep their source text,
+   * booleans become `on`/`off` where the option is on/off, anything else is a type error.
+   */
+  private scalar(key: string, kind: ValueKind, node: Node | null, keyPos: Pos): string {
+    const pos = this.pos(node, keyPos);
+    const name = JSON.stringify(key);
+    if (node === null || (isScalar(node) && node.value === null)) {
+      fail(this.file, pos, `Cannot set ${name}: value missing`);
+    }
+    if (!isScalar(node)) {
+      const expected = kind === "list" ? "a string or a list of strings" : "a single value";
+      fail(this.file, pos, `Cannot set ${name}: expected ${expected}`);
+    }
+    const value = node.value;
+    if (typeof value === "string") return value;
+    if (typeof value === "number") {
+      const plain = node.type === Scalar.PLAIN && typeof node.source === "string";
+      return plain ? node.source as string : String(value);
+    }
+    if (typeof value === "boolean" && kind === "bool") return value ? "on" : "off";
+    return fail(this.file, pos, `Cannot set ${name}: expected ` +
+      `${kind === "bool" ? "on/off or true/false" : "a string"}, found ${String(value)}`);
+  }
+}
+
+function newSection(kind: SectionKind, name: string, pos: Pos, namePos: Pos): Section {
+  return { kind, name, pos, namePos, entries: [], children: [] };
+}
+
+/**
+ * Parses YAML config text into the section tree.
+ *
+ * @param text the file contents
+ * @param file the file name used in messages
+ * @returns the global section; node and resource sections are its children
+ * @throws ConfigError for YAML syntax errors and for keys or types the model does not allow
+ */
+export function parseYamlSyntax(text: string, file: string): Section {
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false, uniqueKeys: true });
+  const error = doc.errors[0];
+  if (error !== undefined) {
+    const { line, col } = lines.linePos(error.pos[0]);
+    const detail = error.code === "DUPLICATE_KEY"
+      ? "a key appears twice in one mapping (options may be set once per section)"
+      : error.message.split("\n")[0];
+    fail(file, { line, column: col }, `Cannot parse YAML: ${detail}`);
+  }
+  return new YamlFront(doc, lines, file).root();
+}

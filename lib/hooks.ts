@@ -1,0 +1,57 @@
+/**
+ * Hooks (spec §10): `exec` runs the operator's program on events, never
+ * waiting for it on the I/O path. Non-zero exits are logged, and so is a hook
+ * still running after HOOK_WARN_MS.
+ */
+import { spawn } from "node:child_process";
+
+export type HookEvent =
+  | "role" | "connect" | "disconnect" | "syncstart" | "syncdone" | "syncintr" | "split-brain";
+
+export const HOOK_WARN_MS = 60_000;
+/** At most this many hooks run at once; further events are logged and dropped. */
+export const MAX_RUNNING_HOOKS = 32;
+
+export interface HookRunner {
+  /** Starts the hook for `event` with extra arguments; returns at once. */
+  run(event: HookEvent, args: string[]): void;
+}
+
+type Log = (level: "info" | "warn" | "error" | "debug", message: string) => void;
+
+/** Runs `program event resource args…` for each event (nothing when program is null). */
+export function execHooks(program: string | null, resource: string, log: Log): HookRunner {
+  let running = 0;
+  return {
+    run(event, args) {
+      if (program === null) return;
+      if (running >= MAX_RUNNING_HOOKS) {
+        log("error", `hook "${program}" not run for ${event}: ${running} hooks still running`);
+        return;
+      }
+      const argv = [event, resource, ...args];
+      const started = Date.now();
+      let child;
+      try {
+        child = spawn(program, argv, { stdio: "ignore", detached: false });
+      } catch (error) {
+        log("error", `hook "${program}" ${argv.join(" ")} failed to start: ${error}`);
+        return;
+      }
+      running++;
+      const warn = setTimeout(() => {
+        log("warn", `hook "${program}" ${argv.join(" ")} still running after ${HOOK_WARN_MS} ms`);
+      }, HOOK_WARN_MS);
+      warn.unref?.();
+      child.on("error", (error) => log("error", `hook "${program}" ${argv.join(" ")}: ${error.message}`));
+      child.on("exit", (code, signal) => {
+        running--;
+        clearTimeout(warn);
+        if (code !== 0) {
+          const how = signal ? `signal ${signal}` : `exit code ${code}`;
+          log("warn", `hook "${program}" ${argv.join(" ")} ended with ${how} after ${Date.now() - started} ms`);
+        }
+      });
+    },
+  };
+}

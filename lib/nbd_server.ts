@@ -1,0 +1,881 @@
+/**
+ * NBD server: serves one export (a BlockDevice) to any number of clients over unix or TCP
+ * sockets, speaking fixed newstyle negotiation and simple replies (see nbd_protocol.ts).
+ *
+ * Requests run concurrently and are answered as they complete, matched by cookie. Per connection
+ * at most `maxInFlight` requests and about `maxInFlightBytes` of READ/WRITE data are
+ * outstanding; beyond that, and while the socket's send buffer is full, the server stops reading
+ * from that client. A client that breaks the framing is logged and disconnected; nothing a
+ * client sends can throw out of this module.
+ *
+ * @module
+ */
+
+import * as fs from "node:fs";
+import * as net from "node:net";
+import {
+  ClientFlag,
+  Command,
+  CommandFlag,
+  decodeInfoRequest,
+  decodeNbdString,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoString,
+  encodeNbdString,
+  encodeOptionReply,
+  encodeServerReplyData,
+  encodeSimpleReply,
+  HandshakeFlag,
+  InfoType,
+  NbdErrno,
+  nbdErrnoName,
+  type NbdClientFrame,
+  type NbdRequest,
+  NbdServerParser,
+  Option,
+  OptionReply,
+  TransmissionFlag,
+} from "./nbd_protocol.ts";
+
+/**
+ * What the NBD server needs from the device behind it. All offsets/lengths are validated by the
+ * server (in range, non-zero, aligned to `minBlockBytes`, READ/WRITE within `maxRequestBytes`)
+ * before these are called. Errors thrown are mapped to NBD errors: an Error with `code`
+ * "EIO" | "ENOSPC" | "EINVAL" | "EPERM" | "EOVERFLOW" | "ESHUTDOWN" maps to that NBD error
+ * ("EDQUOT" and "EFBIG" to ENOSPC, as the spec asks), anything else → EIO.
+ */
+export interface BlockDevice {
+  /** Size of the export; fixed for the life of the server. */
+  readonly sizeBytes: number;
+  /** Resolve with exactly `length` bytes. */
+  read(offset: number, length: number): Promise<Uint8Array>;
+  /** Write `data` (owned by the device from now on); with `fua`, persist before resolving. */
+  write(offset: number, data: Uint8Array, fua: boolean): Promise<void>;
+  /** Persist every write that completed before this call, on any connection. */
+  flush(): Promise<void>;
+  /** Discard a range (a hint; reads of it afterwards are undefined). */
+  trim(offset: number, length: number): Promise<void>;
+  /** Make a range read as zeroes; with `fua`, persist before resolving. Length is not bounded by
+   *  maxRequestBytes (up to 4 GiB - 1); split it if needed. */
+  writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
+}
+
+/** Log sink; the server never throws for client behaviour, it logs. */
+export type NbdLog = (level: "info" | "warn" | "error", message: string) => void;
+
+/** Configuration of an NbdServer. */
+export interface NbdServerOptions {
+  /** Name reported in LIST / INFO; the server accepts "" and this name. */
+  exportName: string;
+  /** Human-readable description (NBD_INFO_DESCRIPTION, details of NBD_REP_SERVER). */
+  description?: string;
+  /** Largest READ/WRITE payload; advertised as the maximum block size. Default 32 MiB. */
+  maxRequestBytes?: number;
+  /** Requests outstanding per connection before the server stops reading it. Default 64. */
+  maxInFlight?: number;
+  /** READ/WRITE bytes outstanding per connection before it stops reading. Default 4 × max. */
+  maxInFlightBytes?: number;
+  /** Concurrent clients; more are accepted and closed at once with a log line. Default 16. */
+  maxClients?: number;
+  /** Advertised minimum block size (power of two ≤ 64 KiB); unaligned requests get EINVAL.
+   *  Default 1: any byte range is served. */
+  minBlockBytes?: number;
+  /** A client that has not finished the handshake by then is disconnected. Default 30 s. */
+  handshakeTimeoutMs?: number;
+  /** Log sink. Default: stderr. */
+  log?: NbdLog;
+}
+
+/** Limits in force, for status output. */
+export interface NbdServerLimits {
+  maxRequestBytes: number;
+  maxInFlight: number;
+  maxClients: number;
+  maxInFlightBytes: number;
+  minBlockBytes: number;
+  maxOptionBytes: number;
+  handshakeTimeoutMs: number;
+}
+
+/** Where to listen. */
+export type NbdListenAddress =
+  | { kind: "unix"; path: string }
+  | { kind: "tcp"; host: string; port: number };
+
+const MIB = 1024 * 1024;
+const DEFAULT_MAX_REQUEST_BYTES = 32 * MIB;
+const DEFAULT_MAX_IN_FLIGHT = 64;
+const DEFAULT_MAX_CLIENTS = 16;
+const DEFAULT_HANDSHAKE_TIMEOUT_MS = 30_000;
+/** Option data limit: a GO names at most a 4 KiB export and a few info types. */
+const MAX_OPTION_BYTES = 64 * 1024;
+/** Options per connection before we call it a denial of service and disconnect. */
+const MAX_OPTIONS_PER_CONNECTION = 256;
+const PREFERRED_BLOCK_BYTES = 4096;
+const MAX_BLOCK_BYTES_LIMIT = 2 ** 32 - 1;
+/** After our FIN, how long the peer may take to close before we drop the socket. */
+const CLOSE_GRACE_MS = 5_000;
+/** Per-connection budget of warn lines about requests, so a broken client cannot flood logs. */
+const REQUEST_LOG_BUDGET = 20;
+
+/**
+ * Transmission flags. CAN_MULTI_CONN is correct because BlockDevice.flush covers every completed
+ * write whichever connection carried it, and FUA writes persist before they complete.
+ */
+const TRANSMISSION_FLAGS =
+  TransmissionFlag.HAS_FLAGS |
+  TransmissionFlag.SEND_FLUSH |
+  TransmissionFlag.SEND_FUA |
+  TransmissionFlag.SEND_TRIM |
+  TransmissionFlag.SEND_WRITE_ZEROES |
+  TransmissionFlag.CAN_MULTI_CONN;
+
+/** Command flags accepted per command; FUA is valid on every command (spec). */
+const ALLOWED_COMMAND_FLAGS = new Map<number, number>([
+  [Command.READ, CommandFlag.FUA],
+  [Command.WRITE, CommandFlag.FUA],
+  [Command.FLUSH, CommandFlag.FUA],
+  [Command.TRIM, CommandFlag.FUA],
+  [Command.WRITE_ZEROES, CommandFlag.FUA | CommandFlag.NO_HOLE],
+]);
+
+const COMMAND_NAMES = new Map<number, string>(Object.entries(Command).map(([k, v]) => [v, k]));
+
+const ERRNO_BY_CODE = new Map<string, number>([
+  ["EIO", NbdErrno.EIO],
+  ["ENOSPC", NbdErrno.ENOSPC],
+  ["EDQUOT", NbdErrno.ENOSPC],
+  ["EFBIG", NbdErrno.ENOSPC],
+  ["EINVAL", NbdErrno.EINVAL],
+  ["EPERM", NbdErrno.EPERM],
+  ["EOVERFLOW", NbdErrno.EOVERFLOW],
+  ["ESHUTDOWN", NbdErrno.ESHUTDOWN],
+]);
+
+/** NBD error value for an error thrown by the device. */
+function nbdErrnoOf(error: unknown): number {
+  const code = (error as { code?: unknown } | null)?.code;
+  return (typeof code === "string" && ERRNO_BY_CODE.get(code)) || NbdErrno.EIO;
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+function defaultLog(level: "info" | "warn" | "error", message: string): void {
+  console.error(`nbd ${level}: ${message}`);
+}
+
+/** Counters exposed by stats(). */
+interface NbdCounters {
+  clients: number;
+  reads: number;
+  writes: number;
+  flushes: number;
+  trims: number;
+  zeroes: number;
+  bytesRead: number;
+  bytesWritten: number;
+  errors: number;
+  inFlight: number;
+  refusedClients: number;
+  protocolErrors: number;
+}
+
+/** What every connection shares with the server. */
+interface ServerContext {
+  readonly device: BlockDevice;
+  readonly exportName: string;
+  readonly description: string;
+  readonly limits: NbdServerLimits;
+  readonly log: NbdLog;
+  readonly counters: NbdCounters;
+}
+
+function positiveInt(value: number, name: string, max: number): number {
+  if (!Number.isSafeInteger(value) || value < 1 || value > max) {
+    throw new RangeError(`Cannot create NBD server: ${name} '${value}' is not in 1..${max}`);
+  }
+  return value;
+}
+
+function resolveLimits(options: NbdServerOptions): NbdServerLimits {
+  const minBlockBytes = positiveInt(options.minBlockBytes ?? 1, "minBlockBytes", 65536);
+  if ((minBlockBytes & (minBlockBytes - 1)) !== 0) {
+    throw new RangeError(`Cannot create NBD server: minBlockBytes '${minBlockBytes}' is not 2^n`);
+  }
+  const maxRequestBytes = positiveInt(
+    options.maxRequestBytes ?? DEFAULT_MAX_REQUEST_BYTES,
+    "maxRequestBytes",
+    MAX_BLOCK_BYTES_LIMIT,
+  );
+  if (maxRequestBytes < Math.max(PREFERRED_BLOCK_BYTES, minBlockBytes)) {
+    throw new RangeError(`Cannot create NBD server: maxRequestBytes '${maxRequestBytes}' < 4096`);
+  }
+  if (maxRequestBytes % minBlockBytes !== 0) {
+    throw new RangeError(
+      `Cannot create NBD server: maxRequestBytes '${maxRequestBytes}' is not a multiple of ` +
+        `minBlockBytes '${minBlockBytes}'`,
+    );
+  }
+  return {
+    maxRequestBytes,
+    minBlockBytes,
+    maxInFlight: positiveInt(options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT, "maxInFlight", 4096),
+    maxInFlightBytes: positiveInt(
+      options.maxInFlightBytes ?? 4 * maxRequestBytes,
+      "maxInFlightBytes",
+      Number.MAX_SAFE_INTEGER,
+    ),
+    maxClients: positiveInt(options.maxClients ?? DEFAULT_MAX_CLIENTS, "maxClients", 65536),
+    maxOptionBytes: MAX_OPTION_BYTES,
+    handshakeTimeoutMs: positiveInt(
+      options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS,
+      "handshakeTimeoutMs",
+      2 ** 31 - 1,
+    ),
+  };
+}
+
+/**
+ * Serves one BlockDevice as a single NBD export.
+ *
+ * ```ts
+ * const server = new NbdServer(device, { exportName: "data" });
+ * await server.listen({ kind: "unix", path: "/run/hast/data.sock" });
+ * // ...
+ * await server.close();
+ * ```
+ */
+export class NbdServer {
+  /** Limits in force (defaults applied). */
+  readonly limits: NbdServerLimits;
+  readonly #context: ServerContext;
+  readonly #connections = new Map<NbdConnection, Promise<void>>();
+  readonly #listeners: Array<{ server: net.Server; unixPath: string | null }> = [];
+  #nextConnectionId = 1;
+  #closing = false;
+
+  /** Validate options (throws RangeError) and prepare; nothing listens until listen(). */
+  constructor(device: BlockDevice, options: NbdServerOptions) {
+    if (!Number.isSafeInteger(device.sizeBytes) || device.sizeBytes < 0) {
+      throw new RangeError(`Cannot create NBD server: device size '${device.sizeBytes}' is bad`);
+    }
+    encodeNbdString(options.exportName, "export name");
+    encodeNbdString(options.description ?? "", "export description");
+    this.limits = resolveLimits(options);
+    this.#context = {
+      device,
+      exportName: options.exportName,
+      description: options.description ?? "",
+      limits: this.limits,
+      log: options.log ?? defaultLog,
+      counters: {
+        clients: 0, reads: 0, writes: 0, flushes: 0, trims: 0, zeroes: 0, bytesRead: 0,
+        bytesWritten: 0, errors: 0, inFlight: 0, refusedClients: 0, protocolErrors: 0,
+      },
+    };
+  }
+
+  /** Serve one connected socket (net.Socket from node:net). Returns when the connection ends
+   *  and every request it started has finished on the device. Never rejects. */
+  async handleConnection(socket: net.Socket): Promise<void> {
+    const { counters, limits, log } = this.#context;
+    if (this.#closing || this.#connections.size >= limits.maxClients) {
+      counters.refusedClients++;
+      const why = this.#closing ? "server is closing" : `${limits.maxClients} clients connected`;
+      log("warn", `nbd: refusing connection: ${why} (maxClients ${limits.maxClients})`);
+      socket.destroy();
+      return;
+    }
+    const connection = new NbdConnection(this.#context, socket, this.#nextConnectionId++);
+    const done = connection.run();
+    this.#connections.set(connection, done);
+    counters.clients++;
+    try {
+      await done;
+    } finally {
+      this.#connections.delete(connection);
+      counters.clients--;
+    }
+  }
+
+  /** Listen on a unix socket path (removing a stale socket file first) or tcp host:port. */
+  async listen(address: NbdListenAddress): Promise<void> {
+    if (this.#closing) throw new Error("Cannot listen: server is closing");
+    const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+      void this.handleConnection(socket);
+    });
+    if (address.kind === "unix") await removeStaleSocket(address.path);
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      const ready = () => {
+        server.off("error", reject);
+        resolve();
+      };
+      if (address.kind === "unix") server.listen(address.path, ready);
+      else server.listen(address.port, address.host, ready);
+    });
+    server.on("error", (error) => this.#context.log("error", `nbd: listener: ${messageOf(error)}`));
+    this.#listeners.push({ server, unixPath: address.kind === "unix" ? address.path : null });
+    const where = address.kind === "unix" ? address.path : `${address.host}:${address.port}`;
+    this.#context.log("info", `nbd: export '${this.#context.exportName}' listening on ${where}`);
+  }
+
+  /** The bound TCP ports (useful after listening on port 0), in listen() order. */
+  tcpPorts(): number[] {
+    const ports: number[] = [];
+    for (const { server, unixPath } of this.#listeners) {
+      const address = server.address();
+      if (unixPath === null && address !== null && typeof address === "object") {
+        ports.push(address.port);
+      }
+    }
+    return ports;
+  }
+
+  /** Stop accepting, end all connections (in-flight requests finish first; requests that arrive
+   *  meanwhile get ESHUTDOWN), remove the unix socket files. */
+  async close(): Promise<void> {
+    this.#closing = true;
+    const listenersClosed = this.#listeners.map(
+      ({ server }) => new Promise<void>((resolve) => server.close(() => resolve())),
+    );
+    for (const connection of this.#connections.keys()) connection.shutdown();
+    await Promise.all(this.#connections.values());
+    await Promise.all(listenersClosed);
+    for (const { unixPath } of this.#listeners) {
+      if (unixPath !== null) fs.rmSync(unixPath, { force: true });
+    }
+    this.#listeners.length = 0;
+  }
+
+  /** Counters for `hast list`: clients, reads, writes, flushes, trims, zeroes, bytesRead,
+   *  bytesWritten, errors (error replies), inFlight, refusedClients, protocolErrors. */
+  stats(): Record<string, number> {
+    return { ...this.#context.counters };
+  }
+}
+
+/** Remove a socket file nobody accepts on; refuse a live socket or a non-socket file. */
+async function removeStaleSocket(path: string): Promise<void> {
+  let stat: fs.Stats;
+  try {
+    stat = fs.lstatSync(path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return;
+    throw error;
+  }
+  if (!stat.isSocket()) throw new Error(`Cannot listen on '${path}': exists and is not a socket`);
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.createConnection(path);
+    probe.once("connect", () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once("error", () => resolve(false));
+  });
+  if (live) throw new Error(`Cannot listen on '${path}': another server accepts connections there`);
+  fs.rmSync(path, { force: true });
+}
+
+type ConnectionState = "handshake" | "transmission" | "closing";
+
+/**
+ * One client. Control flow: socket events feed the parser; pump() turns frames into actions
+ * while the limits allow; each request runs on the device and replies when done; closing waits
+ * for in-flight requests. run() resolves once the socket is closed and nothing is in flight.
+ */
+class NbdConnection {
+  readonly #ctx: ServerContext;
+  readonly #socket: net.Socket;
+  readonly #label: string;
+  readonly #parser: NbdServerParser;
+  readonly #done = Promise.withResolvers<void>();
+  /** Device promises of WRITE/TRIM/WRITE_ZEROES not yet settled; FLUSH waits for them. */
+  readonly #pendingWrites = new Set<Promise<unknown>>();
+  #state: ConnectionState = "handshake";
+  #noZeroes = false;
+  #optionCount = 0;
+  #inFlight = 0;
+  #inFlightBytes = 0;
+  #writeBlocked = false;
+  #readPaused = false;
+  #peerEnded = false;
+  /** The parser had no complete frame left the last time pump() asked. */
+  #parserDrained = true;
+  #ending = false;
+  #socketClosed = false;
+  #shutdownRequested = false;
+  #logBudget = REQUEST_LOG_BUDGET;
+  #handshakeTimer: ReturnType<typeof setTimeout> | null = null;
+  #graceTimer: ReturnType<typeof setTimeout> | null = null;
+
+  constructor(context: ServerContext, socket: net.Socket, id: number) {
+    this.#ctx = context;
+    this.#socket = socket;
+    const peer = socket.remoteAddress ? ` (${socket.remoteAddress}:${socket.remotePort})` : "";
+    this.#label = `nbd client ${id}${peer}`;
+    this.#parser = new NbdServerParser({
+      maxOptionBytes: context.limits.maxOptionBytes,
+      maxPayloadBytes: context.limits.maxRequestBytes,
+    });
+  }
+
+  /** Start serving; resolves when the connection is over. */
+  run(): Promise<void> {
+    const socket = this.#socket;
+    socket.allowHalfOpen = true; // finish in-flight replies after the client's FIN
+    if (socket.remoteAddress) socket.setNoDelay(true);
+    socket.on("data", (chunk: Uint8Array) => this.#onData(chunk));
+    socket.on("end", () => this.#onPeerEnd());
+    socket.on("drain", () => {
+      this.#writeBlocked = false;
+      this.#pump();
+    });
+    socket.on("error", (error) => {
+      this.#ctx.log("info", `${this.#label}: socket error: ${messageOf(error)}`);
+      socket.destroy();
+    });
+    socket.on("close", () => this.#onClose());
+    this.#handshakeTimer = setTimeout(() => {
+      this.#violation(`handshake not finished in ${this.#ctx.limits.handshakeTimeoutMs} ms`);
+    }, this.#ctx.limits.handshakeTimeoutMs);
+    this.#handshakeTimer.unref?.();
+    this.#ctx.log("info", `${this.#label}: connected`);
+    this.#send(encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));
+    return this.#done.promise;
+  }
+
+  /** Server shutdown: answer what is buffered with ESHUTDOWN, let in-flight finish, close. */
+  shutdown(): void {
+    this.#shutdownRequested = true;
+    if (this.#state === "handshake") {
+      this.#ctx.log("info", `${this.#label}: closing during handshake: server shutdown`);
+      this.#hardClose();
+      return;
+    }
+    this.#pump();
+    this.#state = "closing";
+    this.#maybeFinish();
+  }
+
+  #onData(chunk: Uint8Array): void {
+    if (this.#ending || this.#state === "closing") return; // nothing more is expected
+    this.#parser.push(chunk);
+    this.#parserDrained = false;
+    this.#pump();
+  }
+
+  /** The client sent FIN. Frames it sent before are still served (a client may half-close
+   *  and wait for its replies); #maybeFinish ends our side once they are answered. */
+  #onPeerEnd(): void {
+    this.#peerEnded = true;
+    this.#pump();
+  }
+
+  #onClose(): void {
+    this.#socketClosed = true;
+    this.#ending = true;
+    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+    if (this.#graceTimer !== null) clearTimeout(this.#graceTimer);
+    this.#ctx.log("info", `${this.#label}: disconnected`);
+    this.#maybeResolve();
+  }
+
+  #maybeResolve(): void {
+    if (this.#socketClosed && this.#inFlight === 0) this.#done.resolve();
+  }
+
+  /** Turn buffered bytes into actions while the limits allow, then pause or resume reading.
+   *  A bug of ours surfacing here closes this connection only, loudly, not the process. */
+  #pump(): void {
+    try {
+      this.#pumpFrames();
+    } catch (error) {
+      const detail = error instanceof Error ? (error.stack ?? error.message) : String(error);
+      this.#ctx.log("error", `${this.#label}: internal error, closing connection: ${detail}`);
+      this.#hardClose();
+      return;
+    }
+    this.#maybeFinish();
+    const pause = this.#state === "transmission" && !this.#ending && this.#atLimit();
+    if (pause !== this.#readPaused) {
+      this.#readPaused = pause;
+      if (pause) this.#socket.pause();
+      else this.#socket.resume();
+    }
+  }
+
+  #pumpFrames(): void {
+    while (!this.#ending && this.#state !== "closing") {
+      if (this.#state === "transmission" && this.#atLimit() && !this.#shutdownRequested) return;
+      let frame: NbdClientFrame | null;
+      try {
+        frame = this.#parser.next();
+      } catch (error) {
+        return this.#violation(messageOf(error));
+      }
+      if (frame === null) {
+        this.#parserDrained = true;
+        return;
+      }
+      this.#dispatch(frame);
+    }
+  }
+
+  #atLimit(): boolean {
+    const { maxInFlight, maxInFlightBytes } = this.#ctx.limits;
+    return (
+      this.#writeBlocked || this.#inFlight >= maxInFlight || this.#inFlightBytes >= maxInFlightBytes
+    );
+  }
+
+  #dispatch(frame: NbdClientFrame): void {
+    switch (frame.kind) {
+      case "clientFlags":
+        return this.#onClientFlags(frame.flags);
+      case "option":
+        return this.#onOption(frame.option, frame.data);
+      case "optionTooBig":
+        this.#sendOptionReply(
+          frame.option,
+          OptionReply.ERR_TOO_BIG,
+          `option data of ${frame.lengthBytes} bytes exceeds ${this.#ctx.limits.maxOptionBytes}`,
+        );
+        // Graceful: the ERR_TOO_BIG reply must reach the client before the FIN.
+        return this.#violation(
+          `option ${frame.option} carries ${frame.lengthBytes} bytes ` +
+            `(limit ${this.#ctx.limits.maxOptionBytes})`,
+          true,
+        );
+      case "request":
+        return this.#onRequest(frame.request, frame.payload, false);
+      case "oversizedWrite":
+        return this.#onRequest(frame.request, null, true);
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Handshake
+
+  #onClientFlags(flags: number): void {
+    const known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES;
+    if ((flags & ~known) !== 0) {
+      return this.#violation(`unknown client flags 0x${flags.toString(16)}`);
+    }
+    if ((flags & ClientFlag.FIXED_NEWSTYLE) === 0) {
+      return this.#violation(`client flags 0x${flags.toString(16)} lack FIXED_NEWSTYLE`);
+    }
+    this.#noZeroes = (flags & ClientFlag.NO_ZEROES) !== 0;
+  }
+
+  #onOption(option: number, data: Uint8Array): void {
+    if (++this.#optionCount > MAX_OPTIONS_PER_CONNECTION) {
+      return this.#violation(`more than ${MAX_OPTIONS_PER_CONNECTION} options`);
+    }
+    switch (option) {
+      case Option.EXPORT_NAME:
+        return this.#onExportName(data);
+      case Option.ABORT:
+        this.#sendOptionReply(option, OptionReply.ACK);
+        this.#ctx.log("info", `${this.#label}: client aborted negotiation`);
+        return this.#endGracefully();
+      case Option.LIST:
+        return this.#onList(data);
+      case Option.INFO:
+      case Option.GO:
+        return this.#onInfo(option, data);
+      default:
+        // Includes STRUCTURED_REPLY (we send simple replies only, which the spec allows),
+        // STARTTLS (no TLS: the socket is local or the network is trusted), meta contexts and
+        // extended headers, which depend on structured replies.
+        return this.#sendOptionReply(option, OptionReply.ERR_UNSUP, `option ${option} unsupported`);
+    }
+  }
+
+  #onExportName(data: Uint8Array): void {
+    let name: string;
+    try {
+      name = decodeNbdString(data, "export name");
+    } catch (error) {
+      return this.#violation(messageOf(error));
+    }
+    // NBD_OPT_EXPORT_NAME cannot be refused with an error reply: the spec says close.
+    if (!this.#knowsExport(name)) return this.#violation(`unknown export '${name}'`);
+    const { device } = this.#ctx;
+    this.#send(encodeExportNameReply(device.sizeBytes, TRANSMISSION_FLAGS, this.#noZeroes));
+    this.#enterTransmission();
+  }
+
+  #onList(data: Uint8Array): void {
+    if (data.length !== 0) {
+      return this.#sendOptionReply(Option.LIST, OptionReply.ERR_INVALID, "LIST takes no data");
+    }
+    const reply = encodeServerReplyData(this.#ctx.exportName, this.#ctx.description);
+    this.#send(encodeOptionReply(Option.LIST, OptionReply.SERVER, reply));
+    this.#sendOptionReply(Option.LIST, OptionReply.ACK);
+  }
+
+  /** NBD_OPT_INFO / NBD_OPT_GO: requested infos, then block sizes and export info, then ACK. */
+  #onInfo(option: number, data: Uint8Array): void {
+    let request: { name: string; infoTypes: number[] };
+    try {
+      request = decodeInfoRequest(data);
+    } catch (error) {
+      return this.#sendOptionReply(option, OptionReply.ERR_INVALID, messageOf(error));
+    }
+    if (!this.#knowsExport(request.name)) {
+      const known = `this server exports '${this.#ctx.exportName}'`;
+      const message = `Cannot open export '${request.name}': unknown, ${known}`;
+      return this.#sendOptionReply(option, OptionReply.ERR_UNKNOWN, message);
+    }
+    const { device, description, exportName, limits } = this.#ctx;
+    const requested = new Set(request.infoTypes);
+    const infos: Uint8Array[] = [];
+    if (requested.has(InfoType.NAME)) infos.push(encodeInfoString(InfoType.NAME, exportName));
+    if (requested.has(InfoType.DESCRIPTION) && description !== "") {
+      infos.push(encodeInfoString(InfoType.DESCRIPTION, description));
+    }
+    // Sent even when not requested (the spec allows it), so every client learns the limits.
+    const preferred = Math.max(PREFERRED_BLOCK_BYTES, limits.minBlockBytes);
+    infos.push(encodeInfoBlockSize(limits.minBlockBytes, preferred, limits.maxRequestBytes));
+    infos.push(encodeInfoExport(device.sizeBytes, TRANSMISSION_FLAGS));
+    for (const info of infos) this.#send(encodeOptionReply(option, OptionReply.INFO, info));
+    this.#sendOptionReply(option, OptionReply.ACK);
+    if (option === Option.GO) this.#enterTransmission();
+  }
+
+  #knowsExport(name: string): boolean {
+    return name === "" || name === this.#ctx.exportName;
+  }
+
+  #enterTransmission(): void {
+    this.#parser.enterTransmission();
+    this.#state = "transmission";
+    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = null;
+    const size = this.#ctx.device.sizeBytes;
+    this.#ctx.log("info", `${this.#label}: serving '${this.#ctx.exportName}' (${size} bytes)`);
+  }
+
+  #sendOptionReply(option: number, replyType: number, message = ""): void {
+    this.#send(encodeOptionReply(option, replyType, encodeNbdString(message, "message")));
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Transmission
+
+  /**
+   * A WRITE whose declared length exceeds maxRequestBytes is answered EINVAL, and the
+   * connection continues: the length field still frames the stream exactly, so the parser skips
+   * the payload without storing it (no memory cost) and the next header is where the client put
+   * it. The spec lets a server disconnect on a payload large enough to be a denial of service
+   * instead, but advises against it below 32 MiB; skipping is correct at any size and costs only
+   * bandwidth, which a hostile client could spend with valid writes anyway.
+   */
+  #onRequest(request: NbdRequest, payload: Uint8Array | null, oversized: boolean): void {
+    if (request.type === Command.DISC) {
+      this.#ctx.log("info", `${this.#label}: client sent disconnect`);
+      this.#state = "closing";
+      return this.#maybeFinish();
+    }
+    if (this.#shutdownRequested) return this.#reject(request, NbdErrno.ESHUTDOWN, null);
+    if (oversized) {
+      const why = `exceeds maxRequestBytes ${this.#ctx.limits.maxRequestBytes}`;
+      return this.#reject(request, NbdErrno.EINVAL, why);
+    }
+    const [errno, why] = this.#validate(request);
+    if (errno !== 0) return this.#reject(request, errno, why);
+    this.#execute(request, payload);
+  }
+
+  /** [0, ""] if the device may run the request, else [NBD error, reason]. */
+  #validate(request: NbdRequest): [number, string] {
+    const { type, flags, offset, length } = request;
+    const { limits, device } = this.#ctx;
+    const allowed = ALLOWED_COMMAND_FLAGS.get(type);
+    if (allowed === undefined) return [NbdErrno.EINVAL, "unsupported command"];
+    if ((flags & ~allowed) !== 0) return [NbdErrno.EINVAL, `bad flags 0x${flags.toString(16)}`];
+    if (type === Command.FLUSH) return [0, ""]; // offset and length are reserved; ignored
+    if (length === 0) return [NbdErrno.EINVAL, "zero length"];
+    const isData = type === Command.READ || type === Command.WRITE;
+    if (isData && length > limits.maxRequestBytes) {
+      return [NbdErrno.EINVAL, `exceeds maxRequestBytes ${limits.maxRequestBytes}`];
+    }
+    if (offset % limits.minBlockBytes !== 0 || length % limits.minBlockBytes !== 0) {
+      return [NbdErrno.EINVAL, `not aligned to ${limits.minBlockBytes} bytes`];
+    }
+    if (offset + length > device.sizeBytes) {
+      // The spec asks for ENOSPC when a write goes past the end; a read past the end is EINVAL.
+      const errno = type === Command.READ ? NbdErrno.EINVAL : NbdErrno.ENOSPC;
+      return [errno, `beyond the end of the export (${device.sizeBytes} bytes)`];
+    }
+    return [0, ""];
+  }
+
+  #reject(request: NbdRequest, errno: number, why: string | null): void {
+    if (why !== null) this.#logRequest("warn", request, `refused (${nbdErrnoName(errno)}): ${why}`);
+    this.#ctx.counters.errors++;
+    this.#reply(request.cookie, errno, null);
+  }
+
+  #execute(request: NbdRequest, payload: Uint8Array | null): void {
+    const isData = request.type === Command.READ || request.type === Command.WRITE;
+    const costBytes = isData ? request.length : 0;
+    this.#inFlight++;
+    this.#inFlightBytes += costBytes;
+    this.#ctx.counters.inFlight++;
+    const work = this.#perform(request, payload);
+    if (request.type !== Command.READ && request.type !== Command.FLUSH) {
+      this.#pendingWrites.add(work);
+      const forget = () => this.#pendingWrites.delete(work);
+      work.then(forget, forget);
+    }
+    work
+      .then(
+        (data) => this.#complete(request, 0, data),
+        (error) => this.#complete(request, this.#deviceErrno(request, error), null),
+      )
+      .finally(() => {
+        this.#inFlight--;
+        this.#inFlightBytes -= costBytes;
+        this.#ctx.counters.inFlight--;
+        this.#pump();
+        this.#maybeResolve();
+      })
+      .catch((error) => this.#ctx.log("error", `${this.#label}: internal error: ${error}`));
+  }
+
+  /** Run the request on the device; READ resolves with the data, the rest with null. */
+  async #perform(request: NbdRequest, payload: Uint8Array | null): Promise<Uint8Array | null> {
+    const { device } = this.#ctx;
+    const { offset, length } = request;
+    const fua = (request.flags & CommandFlag.FUA) !== 0;
+    switch (request.type) {
+      case Command.READ: {
+        const data = await device.read(offset, length);
+        if (!(data instanceof Uint8Array) || data.length !== length) {
+          const got = data instanceof Uint8Array ? `${data.length} bytes` : typeof data;
+          throw new Error(`device read returned ${got}, expected ${length} bytes`);
+        }
+        return data;
+      }
+      case Command.WRITE:
+        await device.write(offset, payload!, fua);
+        return null;
+      case Command.FLUSH: {
+        // Snapshot taken before the first await: the writes received before this FLUSH.
+        const before = [...this.#pendingWrites];
+        await Promise.allSettled(before);
+        await device.flush();
+        return null;
+      }
+      case Command.TRIM:
+        await device.trim(offset, length);
+        if (fua) await device.flush();
+        return null;
+      case Command.WRITE_ZEROES:
+        await device.writeZeroes(offset, length, fua);
+        return null;
+    }
+    throw new Error(`unreachable: command ${request.type} passed validation`);
+  }
+
+  #complete(request: NbdRequest, errno: number, data: Uint8Array | null): void {
+    const counters = this.#ctx.counters;
+    if (errno !== 0) {
+      counters.errors++;
+    } else if (request.type === Command.READ) {
+      counters.reads++;
+      counters.bytesRead += request.length;
+    } else if (request.type === Command.WRITE) {
+      counters.writes++;
+      counters.bytesWritten += request.length;
+    } else if (request.type === Command.FLUSH) {
+      counters.flushes++;
+    } else if (request.type === Command.TRIM) {
+      counters.trims++;
+    } else {
+      counters.zeroes++;
+    }
+    this.#reply(request.cookie, errno, data);
+  }
+
+  #deviceErrno(request: NbdRequest, error: unknown): number {
+    const errno = nbdErrnoOf(error);
+    this.#logRequest("warn", request, `failed (${nbdErrnoName(errno)}): ${messageOf(error)}`);
+    return errno;
+  }
+
+  #logRequest(level: "warn" | "error", request: NbdRequest, what: string): void {
+    if (this.#logBudget <= 0) return;
+    const name = COMMAND_NAMES.get(request.type) ?? `command ${request.type}`;
+    const where = `offset ${request.offset} length ${request.length}`;
+    this.#ctx.log(level, `${this.#label}: ${name} ${where} ${what}`);
+    if (--this.#logBudget === 0) {
+      this.#ctx.log(level, `${this.#label}: further request messages suppressed`);
+    }
+  }
+
+  /** Simple reply; READ data follows the header. Dropped if the socket is gone. */
+  #reply(cookie: bigint, errno: number, data: Uint8Array | null): void {
+    if (this.#ending) return;
+    const header = encodeSimpleReply(errno, cookie);
+    if (data === null) return this.#send(header);
+    this.#socket.cork();
+    this.#socket.write(header);
+    this.#send(data);
+    this.#socket.uncork();
+  }
+
+  #send(bytes: Uint8Array): void {
+    if (this.#ending || this.#socket.destroyed) return;
+    if (!this.#socket.write(bytes)) this.#writeBlocked = true;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Closing
+
+  /** End our side once idle and either closing (DISC, shutdown) or the client has ended and
+   *  every complete frame it sent has been answered. */
+  #maybeFinish(): void {
+    if (this.#ending || this.#inFlight !== 0) return;
+    if (this.#state === "closing") return this.#endGracefully();
+    if (!this.#peerEnded || !this.#parserDrained) return;
+    const incomplete = this.#parser.incompleteFrame();
+    if (incomplete !== null && this.#parser.phase !== "failed") {
+      this.#ctx.log("warn", `${this.#label}: client closed mid-frame: ${incomplete}`);
+    }
+    this.#endGracefully();
+  }
+
+  /** Send what is queued, FIN, keep reading (discarding) until the peer closes or the grace
+   *  period passes; closing with unread input would reset the connection and lose replies. */
+  #endGracefully(): void {
+    if (this.#ending) return;
+    this.#ending = true;
+    this.#socket.end();
+    if (this.#readPaused) this.#socket.resume();
+    this.#graceTimer = setTimeout(() => this.#socket.destroy(), CLOSE_GRACE_MS);
+    this.#graceTimer.unref?.();
+  }
+
+  /** The client broke the protocol: log why and disconnect (hard unless a final reply is
+   *  queued). In-flight requests still finish on the device; their replies are dropped. */
+  #violation(reason: string, graceful = false): void {
+    if (this.#ending) return;
+    this.#ctx.counters.protocolErrors++;
+    this.#ctx.log("warn", `${this.#label}: closing connection: ${reason}`);
+    if (graceful) this.#endGracefully();
+    else this.#hardClose();
+  }
+
+  #hardClose(): void {
+    this.#ending = true;
+    this.#socket.destroy();
+  }
+}

@@ -1,0 +1,716 @@
+import { afterEach, beforeEach, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as net from "node:net";
+import * as os from "node:os";
+import * as path from "node:path";
+import {
+  ClientFlag,
+  Command,
+  CommandFlag,
+  decodeGreeting,
+  decodeOptionReplyHeader,
+  decodeSimpleReply,
+  encodeClientFlags,
+  encodeInfoRequest,
+  encodeOption,
+  encodeRequest,
+  InfoType,
+  NbdErrno,
+  type NbdRequest,
+  Option,
+  OptionReply,
+} from "./nbd_protocol.ts";
+import { type BlockDevice, NbdServer, type NbdServerOptions } from "./nbd_server.ts";
+
+// ---------------------------------------------------------------------------------------------
+// Test doubles
+
+interface DeviceCall {
+  op: "read" | "write" | "flush" | "trim" | "writeZeroes";
+  offset: number;
+  length: number;
+  fua: boolean;
+}
+
+/** An in-memory device that records calls; while `hold` is set, each call waits for release. */
+class ScriptedDevice implements BlockDevice {
+  readonly data: Uint8Array;
+  readonly calls: DeviceCall[] = [];
+  hold = false;
+  readonly #held: Array<() => void> = [];
+  failNext: unknown = null;
+  shortRead = false;
+
+  constructor(readonly sizeBytes: number) {
+    this.data = new Uint8Array(sizeBytes);
+  }
+
+  get heldCount(): number {
+    return this.#held.length;
+  }
+
+  /** Let the oldest held call (or all) continue. */
+  release(all = false): void {
+    const n = all ? this.#held.length : 1;
+    for (const resume of this.#held.splice(0, n)) resume();
+  }
+
+  /** Let the held call at `index` continue. */
+  releaseAt(index: number): void {
+    this.#held.splice(index, 1)[0]!();
+  }
+
+  async #enter(call: DeviceCall): Promise<void> {
+    this.calls.push(call);
+    if (this.hold) await new Promise<void>((resolve) => this.#held.push(resolve));
+    const failure = this.failNext;
+    this.failNext = null;
+    if (failure !== null) throw failure;
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    await this.#enter({ op: "read", offset, length, fua: false });
+    return this.data.slice(offset, offset + length - (this.shortRead ? 1 : 0));
+  }
+
+  async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+    await this.#enter({ op: "write", offset, length: data.length, fua });
+    this.data.set(data, offset);
+  }
+
+  async flush(): Promise<void> {
+    await this.#enter({ op: "flush", offset: 0, length: 0, fua: false });
+  }
+
+  async trim(offset: number, length: number): Promise<void> {
+    await this.#enter({ op: "trim", offset, length, fua: false });
+  }
+
+  async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    await this.#enter({ op: "writeZeroes", offset, length, fua });
+    this.data.fill(0, offset, offset + length);
+  }
+}
+
+/** A byte-exact NBD client over a raw socket, to send what real clients never would. */
+class RawClient {
+  readonly socket: net.Socket;
+  readonly closed: Promise<void>;
+  #chunks: Buffer[] = [];
+  #buffered = 0;
+  #ended = false;
+  #wake: (() => void) | null = null;
+
+  private constructor(socket: net.Socket) {
+    this.socket = socket;
+    socket.on("data", (chunk: Buffer) => {
+      this.#chunks.push(chunk);
+      this.#buffered += chunk.length;
+      this.#wake?.();
+    });
+    this.closed = new Promise((resolve) => {
+      socket.on("close", () => {
+        this.#ended = true;
+        this.#wake?.();
+        resolve();
+      });
+    });
+    socket.on("error", () => {});
+  }
+
+  static connect(socketPath: string): Promise<RawClient> {
+    return new Promise((resolve, reject) => {
+      const socket = net.createConnection(socketPath);
+      socket.once("connect", () => resolve(new RawClient(socket)));
+      socket.once("error", reject);
+    });
+  }
+
+  write(bytes: Uint8Array): void {
+    this.socket.write(bytes);
+  }
+
+  /** Exactly n bytes; rejects if the server closes first. */
+  async read(n: number): Promise<Uint8Array> {
+    while (this.#buffered < n) {
+      if (this.#ended) throw new Error(`connection closed with ${this.#buffered}/${n} bytes`);
+      await new Promise<void>((resolve) => (this.#wake = resolve));
+      this.#wake = null;
+    }
+    const all = Buffer.concat(this.#chunks);
+    this.#chunks = [all.subarray(n)];
+    this.#buffered -= n;
+    return new Uint8Array(all.subarray(0, n));
+  }
+
+  /** Resolves true if the server closes the connection within timeoutMs. */
+  async closesWithin(timeoutMs: number): Promise<boolean> {
+    const timeout = new Promise<boolean>((r) => setTimeout(() => r(false), timeoutMs));
+    return Promise.race([this.closed.then(() => true), timeout]);
+  }
+
+  /** Greeting and client flags. */
+  async start(flags = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES): Promise<number> {
+    const handshakeFlags = decodeGreeting(await this.read(18));
+    this.write(encodeClientFlags(flags));
+    return handshakeFlags;
+  }
+
+  /** Send an option and collect replies up to the final one. */
+  async option(option: number, data?: Uint8Array): Promise<Array<[number, Uint8Array]>> {
+    this.write(encodeOption(option, data));
+    const replies: Array<[number, Uint8Array]> = [];
+    for (;;) {
+      const header = decodeOptionReplyHeader(await this.read(20));
+      expect(header.option).toBe(option);
+      replies.push([header.replyType, await this.read(header.length)]);
+      const final = header.replyType !== OptionReply.INFO && header.replyType !== 2;
+      if (final) return replies;
+    }
+  }
+
+  /** Start, then NBD_OPT_GO on the default export. */
+  async go(): Promise<void> {
+    await this.start();
+    const replies = await this.option(Option.GO, encodeInfoRequest({ name: "", infoTypes: [] }));
+    expect(replies.at(-1)![0]).toBe(OptionReply.ACK);
+  }
+
+  send(request: Partial<NbdRequest> & { type: number }, payload?: Uint8Array): void {
+    const full = { flags: 0, cookie: 0n, offset: 0, length: payload?.length ?? 0, ...request };
+    this.write(encodeRequest(full));
+    if (payload) this.write(payload);
+  }
+
+  async reply(dataBytes = 0): Promise<{ errno: number; cookie: bigint; data: Uint8Array }> {
+    const { errno, cookie } = decodeSimpleReply(await this.read(16));
+    const data = errno === 0 && dataBytes > 0 ? await this.read(dataBytes) : new Uint8Array(0);
+    return { errno, cookie, data };
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixture
+
+let dir = "";
+let socketPath = "";
+let server: NbdServer | null = null;
+let device = new ScriptedDevice(1);
+let logs: string[] = [];
+const clients: RawClient[] = [];
+
+async function serve(options: Partial<NbdServerOptions> = {}, sizeBytes = 1 << 20) {
+  device = new ScriptedDevice(sizeBytes);
+  server = new NbdServer(device, {
+    exportName: "data",
+    description: "test export",
+    log: (level, message) => logs.push(`${level}: ${message}`),
+    ...options,
+  });
+  await server.listen({ kind: "unix", path: socketPath });
+  return server;
+}
+
+async function connect(): Promise<RawClient> {
+  const client = await RawClient.connect(socketPath);
+  clients.push(client);
+  return client;
+}
+
+async function until(condition: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await Bun.sleep(2);
+  }
+}
+
+beforeEach(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbd-server-test-"));
+  socketPath = path.join(dir, "nbd.sock");
+  logs = [];
+});
+
+afterEach(async () => {
+  for (const client of clients.splice(0)) client.destroy();
+  device.hold = false;
+  device.release(true);
+  await server?.close();
+  server = null;
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+const FLAGS = 0x1 | 0x4 | 0x8 | 0x20 | 0x40 | 0x100;
+
+// ---------------------------------------------------------------------------------------------
+// Handshake
+
+describe("handshake", () => {
+  // Drives every option by hand and checks each reply, so a wrong type, order or length shows.
+  test("GO reports requested name and description, block sizes and the export", async () => {
+    await serve({ maxRequestBytes: 1 << 20 });
+    const client = await connect();
+    expect(await client.start()).toBe(3);
+    const infoTypes = [InfoType.NAME, InfoType.DESCRIPTION, InfoType.BLOCK_SIZE, 999];
+    const replies = await client.option(
+      Option.GO,
+      encodeInfoRequest({ name: "data", infoTypes }),
+    );
+    const text = (b: Uint8Array) => new TextDecoder().decode(b.subarray(2));
+    const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
+    expect(replies.map(([type]) => type)).toEqual([3, 3, 3, 3, OptionReply.ACK]);
+    expect(text(replies[0]![1])).toBe("data");
+    expect(text(replies[1]![1])).toBe("test export");
+    expect(hex(replies[2]![1])).toBe("0003" + "00000001" + "00001000" + "00100000");
+    expect(hex(replies[3]![1])).toBe("0000" + "0000000000100000" + FLAGS.toString(16).padStart(4, "0"));
+    client.send({ type: Command.READ, cookie: 77n, offset: 0, length: 512 });
+    expect((await client.reply(512)).cookie).toBe(77n);
+  });
+
+  test("unknown export, bad INFO data and unsupported options are refused and haggling goes on", async () => {
+    await serve();
+    const client = await connect();
+    await client.start();
+    const unknown = await client.option(
+      Option.INFO,
+      encodeInfoRequest({ name: "nope", infoTypes: [] }),
+    );
+    expect(unknown[0]![0]).toBe(OptionReply.ERR_UNKNOWN);
+    expect(new TextDecoder().decode(unknown[0]![1])).toContain("'nope'");
+    expect((await client.option(Option.GO, new Uint8Array(3)))[0]![0]).toBe(
+      OptionReply.ERR_INVALID,
+    );
+    expect((await client.option(Option.STRUCTURED_REPLY))[0]![0]).toBe(OptionReply.ERR_UNSUP);
+    expect((await client.option(Option.STARTTLS))[0]![0]).toBe(OptionReply.ERR_UNSUP);
+    expect((await client.option(0x7777))[0]![0]).toBe(OptionReply.ERR_UNSUP);
+    expect((await client.option(Option.LIST, new Uint8Array(1)))[0]![0]).toBe(
+      OptionReply.ERR_INVALID,
+    );
+    const list = await client.option(Option.LIST);
+    expect(list.map(([type]) => type)).toEqual([OptionReply.SERVER, OptionReply.ACK]);
+    expect(Buffer.from(list[0]![1]).toString("hex")).toBe(
+      "00000004" + Buffer.from("datatest export").toString("hex"),
+    );
+    const info = await client.option(Option.INFO, encodeInfoRequest({ name: "", infoTypes: [] }));
+    expect(info.map(([type]) => type)).toEqual([3, 3, OptionReply.ACK]);
+    expect((await client.option(Option.ABORT))[0]![0]).toBe(OptionReply.ACK);
+    expect(await client.closesWithin(2000)).toBe(true);
+  });
+
+  test("EXPORT_NAME pads with 124 zeros unless the client asked for NO_ZEROES", async () => {
+    await serve();
+    for (const noZeroes of [false, true]) {
+      const client = await connect();
+      await client.start(ClientFlag.FIXED_NEWSTYLE | (noZeroes ? ClientFlag.NO_ZEROES : 0));
+      client.write(encodeOption(Option.EXPORT_NAME, new TextEncoder().encode("data")));
+      const reply = await client.read(noZeroes ? 10 : 134);
+      expect(Buffer.from(reply.subarray(0, 10)).toString("hex")).toBe(
+        "0000000000100000" + FLAGS.toString(16).padStart(4, "0"),
+      );
+      expect(reply.subarray(10).every((b) => b === 0)).toBe(true);
+      client.send({ type: Command.READ, cookie: 5n, length: 4 });
+      // The reply must follow immediately: any extra padding would corrupt this header.
+      expect(await client.reply(4)).toEqual({ errno: 0, cookie: 5n, data: new Uint8Array(4) });
+    }
+  });
+
+  test("clients without FIXED_NEWSTYLE, with unknown flags or an unknown export are closed", async () => {
+    await serve();
+    const cases: Array<[number, Uint8Array | null, string]> = [
+      [0, null, "lack FIXED_NEWSTYLE"],
+      [ClientFlag.FIXED_NEWSTYLE | 0x80, null, "unknown client flags 0x81"],
+      [1, encodeOption(Option.EXPORT_NAME, new TextEncoder().encode("other")), "unknown export"],
+    ];
+    for (const [flags, then, logged] of cases) {
+      const client = await connect();
+      await client.start(flags);
+      if (then) client.write(then);
+      expect(await client.closesWithin(2000)).toBe(true);
+      expect(logs.some((line) => line.includes(logged))).toBe(true);
+    }
+    expect(server!.stats().protocolErrors).toBe(3);
+  });
+
+  test("an option longer than 64 KiB gets ERR_TOO_BIG, then the connection closes", async () => {
+    await serve();
+    const client = await connect();
+    await client.start();
+    const header = encodeOption(Option.GO);
+    new DataView(header.buffer).setUint32(12, 1 << 30);
+    client.write(header);
+    const reply = decodeOptionReplyHeader(await client.read(20));
+    expect(reply.replyType).toBe(OptionReply.ERR_TOO_BIG);
+    await client.read(reply.length);
+    expect(await client.closesWithin(2000)).toBe(true);
+    expect(logs.join("\n")).toContain("carries 1073741824 bytes");
+  });
+
+  test("a client that never finishes the handshake is dropped after handshakeTimeoutMs", async () => {
+    await serve({ handshakeTimeoutMs: 100 });
+    const client = await connect();
+    await client.read(18);
+    expect(await client.closesWithin(2000)).toBe(true);
+    expect(logs.join("\n")).toContain("handshake not finished in 100 ms");
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Transmission
+
+describe("transmission", () => {
+  test("write then read returns the data; FUA reaches the device", async () => {
+    await serve();
+    const client = await connect();
+    await client.go();
+    const payload = new Uint8Array(3000).map((_, i) => i & 0xff);
+    client.send({ type: Command.WRITE, flags: CommandFlag.FUA, cookie: 1n, offset: 100 }, payload);
+    expect(await client.reply()).toMatchObject({ errno: 0, cookie: 1n });
+    client.send({ type: Command.READ, cookie: 2n, offset: 100, length: 3000 });
+    expect((await client.reply(3000)).data).toEqual(payload);
+    expect(device.calls[0]).toEqual({ op: "write", offset: 100, length: 3000, fua: true });
+    client.send({ type: Command.WRITE_ZEROES, flags: 3, cookie: 3n, offset: 100, length: 10 });
+    client.send({ type: Command.TRIM, flags: 1, cookie: 4n, offset: 0, length: 512 });
+    client.send({ type: Command.FLUSH, cookie: 5n });
+    const cookies = [(await client.reply()).cookie, (await client.reply()).cookie];
+    cookies.push((await client.reply()).cookie);
+    expect(cookies.sort()).toEqual([3n, 4n, 5n]);
+    // TRIM with FUA is followed by a flush, since BlockDevice.trim has no FUA of its own.
+    expect(device.calls.filter((c) => c.op === "flush").length).toBe(2);
+    const stats = server!.stats();
+    expect(stats).toMatchObject({ reads: 1, writes: 1, zeroes: 1, trims: 1, flushes: 1 });
+    expect(stats).toMatchObject({ bytesRead: 3000, bytesWritten: 3000, errors: 0, inFlight: 0 });
+  });
+
+  // Each bad request gets its own error and the next good request still works on the same
+  // connection, which proves the framing survived (including skipped WRITE payloads).
+  test("invalid requests get EINVAL / ENOSPC and the connection carries on", async () => {
+    await serve({ maxRequestBytes: 64 * 1024 }, 1 << 20);
+    const client = await connect();
+    await client.go();
+    const end = 1 << 20;
+    const cases: Array<[Partial<NbdRequest> & { type: number }, number, number]> = [
+      [{ type: Command.CACHE, length: 512 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.BLOCK_STATUS, length: 512 }, 0, NbdErrno.EINVAL],
+      [{ type: 0x4242, length: 512 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.READ, flags: CommandFlag.DF, length: 512 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.WRITE, flags: CommandFlag.NO_HOLE }, 512, NbdErrno.EINVAL],
+      [{ type: Command.WRITE_ZEROES, flags: CommandFlag.FAST_ZERO, length: 8 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.READ, length: 0 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.TRIM, length: 0 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.READ, offset: end - 511, length: 512 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.READ, offset: 2 ** 53 - 1, length: 1 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.WRITE, offset: end - 1 }, 2, NbdErrno.ENOSPC],
+      [{ type: Command.TRIM, offset: end, length: 1 }, 0, NbdErrno.ENOSPC],
+      [{ type: Command.WRITE_ZEROES, offset: 512, length: end }, 0, NbdErrno.ENOSPC],
+      [{ type: Command.READ, length: 64 * 1024 + 1 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.WRITE }, 3 << 20, NbdErrno.EINVAL],
+    ];
+    let cookie = 100n;
+    for (const [request, payloadBytes, errno] of cases) {
+      const payload = payloadBytes ? new Uint8Array(payloadBytes).fill(0xee) : undefined;
+      client.send({ ...request, cookie: ++cookie }, payload);
+      expect(await client.reply()).toMatchObject({ errno, cookie });
+    }
+    expect(device.calls).toEqual([]);
+    expect(device.data.every((b) => b === 0)).toBe(true);
+    client.send({ type: Command.READ, cookie: 1n, offset: end - 512, length: 512 });
+    expect(await client.reply(512)).toMatchObject({ errno: 0, cookie: 1n });
+    expect(server!.stats().errors).toBe(cases.length);
+    expect(logs.join("\n")).toContain("exceeds maxRequestBytes 65536");
+  });
+
+  test("minBlockBytes is advertised and unaligned requests get EINVAL", async () => {
+    await serve({ minBlockBytes: 512 });
+    const client = await connect();
+    await client.start();
+    const replies = await client.option(
+      Option.GO,
+      encodeInfoRequest({ name: "", infoTypes: [InfoType.BLOCK_SIZE] }),
+    );
+    expect(Buffer.from(replies[0]![1]).toString("hex")).toBe("0003000002000000100002000000");
+    client.send({ type: Command.READ, cookie: 1n, offset: 256, length: 512 });
+    expect((await client.reply()).errno).toBe(NbdErrno.EINVAL);
+    client.send({ type: Command.WRITE_ZEROES, cookie: 2n, offset: 512, length: 100 });
+    expect((await client.reply()).errno).toBe(NbdErrno.EINVAL);
+    client.send({ type: Command.READ, cookie: 3n, offset: 512, length: 1024 });
+    expect((await client.reply(1024)).errno).toBe(0);
+  });
+
+  test("device errors map to NBD errors by code, anything else to EIO", async () => {
+    await serve();
+    const client = await connect();
+    await client.go();
+    const cases: Array<[unknown, number]> = [
+      [Object.assign(new Error("full"), { code: "ENOSPC" }), NbdErrno.ENOSPC],
+      [Object.assign(new Error("ro"), { code: "EPERM" }), NbdErrno.EPERM],
+      [Object.assign(new Error("quota"), { code: "EDQUOT" }), NbdErrno.ENOSPC],
+      [Object.assign(new Error("bye"), { code: "ESHUTDOWN" }), NbdErrno.ESHUTDOWN],
+      [Object.assign(new Error("odd"), { code: "ENOENT" }), NbdErrno.EIO],
+      [new Error("disk on fire"), NbdErrno.EIO],
+      ["a string", NbdErrno.EIO],
+    ];
+    let cookie = 0n;
+    for (const [failure, errno] of cases) {
+      device.failNext = failure;
+      client.send({ type: Command.WRITE, cookie: ++cookie }, new Uint8Array(8));
+      expect(await client.reply()).toMatchObject({ errno, cookie });
+    }
+    device.failNext = new Error("read failed");
+    client.send({ type: Command.READ, cookie: 50n, length: 4096 });
+    // A failed READ sends no data: the next reply header must follow at once.
+    expect(await client.reply(4096)).toMatchObject({ errno: NbdErrno.EIO, cookie: 50n });
+    device.shortRead = true;
+    client.send({ type: Command.READ, cookie: 51n, length: 4096 });
+    expect(await client.reply(4096)).toMatchObject({ errno: NbdErrno.EIO, cookie: 51n });
+    expect(logs.join("\n")).toContain("device read returned 4095 bytes, expected 4096");
+    device.shortRead = false;
+    client.send({ type: Command.READ, cookie: 52n, length: 16 });
+    expect(await client.reply(16)).toMatchObject({ errno: 0, cookie: 52n });
+    expect(server!.stats().errors).toBe(cases.length + 2);
+  });
+
+  test("replies come back in completion order, matched by cookie", async () => {
+    await serve();
+    const client = await connect();
+    await client.go();
+    device.data.fill(1, 0, 512);
+    device.data.fill(2, 512, 1024);
+    device.hold = true;
+    client.send({ type: Command.READ, cookie: 10n, offset: 0, length: 512 });
+    client.send({ type: Command.READ, cookie: 20n, offset: 512, length: 512 });
+    await until(() => device.heldCount === 2, "two reads at the device");
+    device.releaseAt(1);
+    const first = await client.reply(512);
+    expect(first.cookie).toBe(20n);
+    expect(first.data.every((b) => b === 2)).toBe(true);
+    device.release();
+    const second = await client.reply(512);
+    expect(second.cookie).toBe(10n);
+    expect(second.data.every((b) => b === 1)).toBe(true);
+  });
+
+  // A FLUSH must cover writes received before it, even if they are still running, and must not
+  // wait for writes received after it.
+  test("FLUSH waits for earlier writes only, then flushes the device", async () => {
+    await serve();
+    const client = await connect();
+    await client.go();
+    device.hold = true;
+    client.send({ type: Command.WRITE, cookie: 1n }, new Uint8Array(512));
+    client.send({ type: Command.TRIM, cookie: 2n, offset: 512, length: 512 });
+    client.send({ type: Command.FLUSH, cookie: 3n });
+    client.send({ type: Command.WRITE, cookie: 4n, offset: 4096 }, new Uint8Array(512));
+    await until(() => device.heldCount === 3, "write, trim and the later write held");
+    expect(device.calls.map((c) => c.op)).toEqual(["write", "trim", "write"]);
+    device.releaseAt(0);
+    expect((await client.reply()).cookie).toBe(1n);
+    await Bun.sleep(20);
+    expect(device.calls.some((c) => c.op === "flush")).toBe(false);
+    device.releaseAt(0);
+    expect((await client.reply()).cookie).toBe(2n);
+    await until(() => device.calls.at(-1)?.op === "flush", "flush at the device");
+    device.hold = false;
+    device.release(true);
+    const rest = [(await client.reply()).cookie, (await client.reply()).cookie].sort();
+    expect(rest).toEqual([3n, 4n]);
+  });
+
+  test("with maxInFlight requests outstanding the server stops reading that client", async () => {
+    await serve({ maxInFlight: 4 });
+    const client = await connect();
+    await client.go();
+    device.hold = true;
+    for (let i = 0; i < 10; i++) client.send({ type: Command.READ, cookie: BigInt(i), length: 8 });
+    await until(() => device.heldCount === 4, "four reads at the device");
+    await Bun.sleep(30);
+    expect(device.calls.length).toBe(4);
+    expect(server!.stats().inFlight).toBe(4);
+    device.release();
+    await until(() => device.calls.length === 5, "a fifth read after one completed");
+    device.hold = false;
+    device.release(true);
+    const cookies: bigint[] = [];
+    for (let i = 0; i < 10; i++) cookies.push((await client.reply(8)).cookie);
+    expect(cookies.sort((a, b) => Number(a - b))).toEqual([...Array(10).keys()].map(BigInt));
+  });
+
+  test("maxInFlightBytes bounds the data held for one client", async () => {
+    await serve({ maxInFlightBytes: 64 * 1024 });
+    const client = await connect();
+    await client.go();
+    device.hold = true;
+    for (let i = 0; i < 4; i++) {
+      client.send({ type: Command.WRITE, cookie: BigInt(i) }, new Uint8Array(32 * 1024));
+    }
+    await until(() => device.heldCount === 2, "two writes at the device");
+    await Bun.sleep(30);
+    expect(device.calls.length).toBe(2);
+    device.hold = false;
+    device.release(true);
+    for (let i = 0; i < 4; i++) expect((await client.reply()).errno).toBe(0);
+  });
+
+  // The client sends many large reads and reads no replies: the server must stop taking
+  // requests once its send buffer is full, instead of queueing every reply in memory.
+  test("a client that does not read its replies stops being served until it does", async () => {
+    const mib4 = 4 << 20;
+    await serve({ maxRequestBytes: mib4, maxInFlightBytes: 1 << 30 }, 64 << 20);
+    const client = await connect();
+    await client.go();
+    client.socket.pause();
+    // One at a time, so each arrives after the earlier replies filled the send buffer.
+    for (let i = 0; i < 16; i++) {
+      client.send({ type: Command.READ, cookie: BigInt(i), offset: i * mib4, length: mib4 });
+      await Bun.sleep(10);
+    }
+    await Bun.sleep(100);
+    expect(device.calls.length).toBeLessThan(4);
+    client.socket.resume();
+    for (let i = 0; i < 16; i++) expect((await client.reply(mib4)).errno).toBe(0);
+    expect(device.calls.length).toBe(16);
+  });
+
+  test("DISC lets in-flight requests finish and reply, then closes", async () => {
+    await serve();
+    const client = await connect();
+    await client.go();
+    device.hold = true;
+    client.send({ type: Command.WRITE, cookie: 1n }, new Uint8Array(512));
+    await until(() => device.heldCount === 1, "the write at the device");
+    client.send({ type: Command.DISC, cookie: 2n });
+    client.send({ type: Command.READ, cookie: 3n, length: 1 }); // ignored: nothing after DISC
+    await Bun.sleep(20);
+    device.release();
+    expect(await client.reply()).toMatchObject({ errno: 0, cookie: 1n });
+    expect(await client.closesWithin(2000)).toBe(true);
+    expect(device.calls.length).toBe(1);
+  });
+
+  test("a client that half-closes still gets replies to everything it sent", async () => {
+    await serve();
+    const client = await connect();
+    await client.go();
+    for (let i = 0; i < 5; i++) client.send({ type: Command.READ, cookie: BigInt(i), length: 64 });
+    client.socket.end();
+    for (let i = 0; i < 5; i++) expect((await client.reply(64)).errno).toBe(0);
+    expect(await client.closesWithin(2000)).toBe(true);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Isolation and lifecycle
+
+describe("server", () => {
+  test("bad request magic closes that connection only; the log names the value", async () => {
+    await serve();
+    const good = await connect();
+    await good.go();
+    const bad = await connect();
+    await bad.go();
+    device.hold = true;
+    good.send({ type: Command.WRITE, cookie: 1n }, new Uint8Array(4096).fill(9));
+    await until(() => device.heldCount === 1, "good client's write at the device");
+    bad.write(new Uint8Array([0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0]));
+    expect(await bad.closesWithin(2000)).toBe(true);
+    expect(logs.join("\n")).toContain("bad magic 0x12345678 (expected 0x25609513)");
+    device.hold = false;
+    device.release(true);
+    expect(await good.reply()).toMatchObject({ errno: 0, cookie: 1n });
+    good.send({ type: Command.READ, cookie: 2n, length: 4096 });
+    expect((await good.reply(4096)).data.every((b) => b === 9)).toBe(true);
+  });
+
+  test("clients beyond maxClients are closed at once with a log line", async () => {
+    await serve({ maxClients: 2 });
+    const a = await connect();
+    const b = await connect();
+    await a.go();
+    await b.go();
+    const c = await connect();
+    expect(await c.closesWithin(2000)).toBe(true);
+    expect(logs.join("\n")).toContain("refusing connection: 2 clients connected");
+    expect(server!.stats()).toMatchObject({ clients: 2, refusedClients: 1 });
+    a.destroy();
+    await until(() => server!.stats().clients === 1, "a's slot to be freed");
+    const d = await connect();
+    await d.go();
+  });
+
+  test("close() finishes in-flight work, answers queued requests ESHUTDOWN, removes the socket", async () => {
+    await serve({ maxInFlight: 1 });
+    const client = await connect();
+    await client.go();
+    device.hold = true;
+    client.send({ type: Command.WRITE, cookie: 1n }, new Uint8Array(512));
+    client.send({ type: Command.READ, cookie: 2n, length: 512 }); // queued behind maxInFlight
+    await until(() => device.heldCount === 1, "the write at the device");
+    await Bun.sleep(20);
+    let closed = false;
+    const closing = server!.close().then(() => (closed = true));
+    expect(await client.reply()).toMatchObject({ errno: NbdErrno.ESHUTDOWN, cookie: 2n });
+    await Bun.sleep(20);
+    expect(closed).toBe(false);
+    device.release();
+    expect(await client.reply()).toMatchObject({ errno: 0, cookie: 1n });
+    await closing;
+    server = null;
+    expect(await client.closesWithin(2000)).toBe(true);
+    expect(fs.existsSync(socketPath)).toBe(false);
+  });
+
+  test("listen removes a stale socket file but refuses a live one or a regular file", async () => {
+    const script = `import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])`;
+    expect(spawnSync("python3", ["-c", script, socketPath]).status).toBe(0);
+    expect(fs.lstatSync(socketPath).isSocket()).toBe(true);
+    await serve();
+    const client = await connect();
+    await client.go();
+    const second = new NbdServer(new ScriptedDevice(512), { exportName: "x", log: () => {} });
+    await expect(second.listen({ kind: "unix", path: socketPath })).rejects.toThrow(
+      "another server accepts connections there",
+    );
+    const plain = path.join(dir, "plain");
+    fs.writeFileSync(plain, "keep me");
+    await expect(second.listen({ kind: "unix", path: plain })).rejects.toThrow(
+      "exists and is not a socket",
+    );
+    expect(fs.readFileSync(plain, "utf8")).toBe("keep me");
+    await second.close();
+  });
+
+  test("tcp listening works on loopback", async () => {
+    device = new ScriptedDevice(4096);
+    server = new NbdServer(device, { exportName: "data", log: () => {} });
+    await server.listen({ kind: "tcp", host: "127.0.0.1", port: 0 });
+    const port = server.tcpPorts()[0]!;
+    const socket = net.createConnection(port, "127.0.0.1");
+    await new Promise((resolve) => socket.once("connect", resolve));
+    const greeting = await new Promise<Buffer>((resolve) => socket.once("data", resolve));
+    expect(decodeGreeting(greeting)).toBe(3);
+    socket.destroy();
+  });
+
+  test("the constructor refuses limits that break the spec", () => {
+    const make = (options: Partial<NbdServerOptions>) =>
+      new NbdServer(new ScriptedDevice(512), { exportName: "x", ...options });
+    expect(() => make({ maxRequestBytes: 1000 })).toThrow(RangeError);
+    expect(() => make({ minBlockBytes: 3 })).toThrow("is not 2^n");
+    expect(() => make({ minBlockBytes: 4096, maxRequestBytes: 6000 })).toThrow("not a multiple");
+    expect(() => make({ maxInFlight: 0 })).toThrow("maxInFlight '0'");
+    expect(() => make({ exportName: "a\0b" })).toThrow(RangeError);
+    expect(make({}).limits).toEqual({
+      maxRequestBytes: 32 << 20,
+      maxInFlight: 64,
+      maxClients: 16,
+      maxInFlightBytes: 128 << 20,
+      minBlockBytes: 1,
+      maxOptionBytes: 65536,
+      handshakeTimeoutMs: 30000,
+    });
+  });
+});

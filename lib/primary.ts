@@ -1,0 +1,537 @@
+/**
+ * The primary: serves the device to applications (as an NBD BlockDevice),
+ * writes locally and replicates to the secondary, keeps the activemap, and
+ * drives connection, handshake and synchronisation (spec §2, §4–§6).
+ *
+ * Storage, network and clock come in as interfaces (DataStore, MetaStore,
+ * Network, Clock) so the logic runs in tests with injected faults.
+ */
+import assert from "node:assert/strict";
+import type { ActiveMap } from "./activemap.ts";
+import type { ReplicationMode, ResourceConfig } from "./config.ts";
+import type { HookRunner } from "./hooks.ts";
+import { RangeLock } from "./range_lock.ts";
+import { LinkDownError, RemoteLink, type Clock, type RemoteCall } from "./remote_link.ts";
+import type { DataStore, MetaStore } from "./storage.ts";
+import { Synchronizer, type SyncProgress } from "./synchronizer.ts";
+import type { Network } from "./transport.ts";
+import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
+import { Errno, FrameFlag, MAX_IO_BYTES, MessageType, errnoName, type Frame } from "./wire.ts";
+
+export const RECONNECT_INTERVAL_MS = 2000;
+export const KEEPALIVE_MS = 10_000;
+export const MAX_REMOTE_IN_FLIGHT = 256;
+
+export type LinkState = "disconnected" | "connecting" | "connected" | "split-brain" | "refused";
+
+export interface PrimaryOptions {
+  config: ResourceConfig;
+  data: DataStore;
+  meta: MetaStore;
+  activemap: ActiveMap;
+  network: Network;
+  clock: Clock;
+  hooks: HookRunner;
+  log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
+}
+
+/** An error carrying an NBD-mappable errno name. */
+export class IoError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+  ) {
+    super(message);
+  }
+}
+
+export class Primary {
+  readonly sizeBytes: number;
+  private readonly lock = new RangeLock();
+  private link: RemoteLink | null = null;
+  private linkState: LinkState = "disconnected";
+  private lastLinkError = "";
+  private stopped = false;
+  private bumpedSinceDisconnect = false;
+  private bumping: Promise<void> | null = null;
+  private mapPending: Promise<void> | null = null;
+  private mapChain: Promise<void> = Promise.resolve();
+  private metaflush: boolean;
+  private syncer: Synchronizer | null = null;
+  private syncSource: "primary" | "secondary" = "primary";
+  private peerCounters: { localcnt: bigint; remotecnt: bigint } | null = null;
+  private stopLoop: () => void = () => {};
+  readonly counters = {
+    reads: 0, writes: 0, deletes: 0, flushes: 0, activemapUpdates: 0,
+    localErrors: 0, remoteErrors: 0, remoteReads: 0,
+  };
+
+  constructor(private readonly o: PrimaryOptions) {
+    this.sizeBytes = o.data.sizeBytes;
+    this.metaflush = o.config.metaflush;
+    assert.equal(o.meta.metadata.datasizeBytes, o.data.sizeBytes);
+  }
+
+  get mode(): ReplicationMode {
+    return this.o.config.replication;
+  }
+
+  /** Starts the connect loop (does nothing when `remote none`). */
+  start(): void {
+    void this.connectLoop();
+  }
+
+  /** Stops reconnecting, closes the link and waits for the sync to stop. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.stopLoop();
+    this.link?.close("resource stopping");
+    await this.syncer?.stopped();
+    await this.mapChain;
+  }
+
+  // ---- BlockDevice (NBD) -------------------------------------------------
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.counters.reads++;
+    if (this.readsFromSecondary(offset, length)) return this.remoteRead(offset, length);
+    try {
+      return await this.o.data.read(offset, length);
+    } catch (error) {
+      this.counters.localErrors++;
+      this.o.log("error", `local read at ${offset}+${length} failed: ${error}`);
+      if (this.link?.isUp) return this.remoteRead(offset, length);
+      throw new IoError(`local read failed: ${error}`, "EIO");
+    }
+  }
+
+  write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+    this.counters.writes++;
+    return this.mutate(offset, data.byteLength, data, fua);
+  }
+
+  trim(offset: number, length: number): Promise<void> {
+    this.counters.deletes++;
+    return this.mutate(offset, length, null, false);
+  }
+
+  writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    this.counters.deletes++;
+    return this.mutate(offset, length, null, fua);
+  }
+
+  async flush(): Promise<void> {
+    this.counters.flushes++;
+    const link = this.link;
+    const remote = link?.isUp ? link.call({ type: MessageType.Flush }).done : null;
+    const localOk = await this.localFlush();
+    if (remote && this.mode !== "async") {
+      const reply = await remote.catch((error: Error) => error);
+      if (reply instanceof Error || reply.error !== 0) {
+        // The remote copy may not be durable: keep everything it might lack dirty.
+        this.o.log("warn", `remote flush failed: ${reply instanceof Error ? reply.message : errnoName(reply.error)}`);
+      }
+    } else if (remote) {
+      remote.catch(() => {});
+    }
+    if (!localOk) throw new IoError("local flush failed", "EIO");
+  }
+
+  // ---- write path ---------------------------------------------------------
+
+  /**
+   * One application write or zeroing: under the range lock, mark the extents
+   * dirty (persisting the map first when it changes), then write locally and
+   * remotely at once, and answer when the replication mode says so (spec §2).
+   * The extents are cleared in the activemap only when both sides finished.
+   */
+  private async mutate(offset: number, length: number, data: Uint8Array | null, fua: boolean) {
+    const release = await this.lock.acquire(offset, length);
+    let remoteDone: Promise<boolean> = Promise.resolve(false);
+    let localResult: Promise<boolean> = Promise.resolve(false);
+    try {
+      await this.beforeWrite(offset, length);
+      const link = this.link?.isUp ? this.link : null;
+      const remote = link ? await this.sendRemote(link, offset, length, data, fua) : null;
+      localResult = this.localMutate(offset, length, data, fua);
+      remoteDone = remote ? remote.done : Promise.resolve(false);
+      // When to answer the application (spec §2): fullsync after both
+      // writes, memsync after the local write and the early "received"
+      // acknowledgement, async after the local write (the frame is queued).
+      const localOk = await localResult;
+      let remoteOk = false;
+      if (remote) remoteOk = this.mode === "fullsync" ? await remote.done : await remote.received;
+      if (!localOk && !remoteOk) throw new IoError("write failed locally and remotely", "EIO");
+    } finally {
+      release();
+      void this.afterWrite(offset, length, localResult, remoteDone);
+    }
+  }
+
+  /** Sends the write in ≤ MAX_IO_BYTES frames; resolves once they are queued. */
+  private async sendRemote(
+    link: RemoteLink, offset: number, length: number, data: Uint8Array | null, fua: boolean,
+  ): Promise<{ received: Promise<boolean>; done: Promise<boolean> }> {
+    const calls: RemoteCall[] = [];
+    for (let at = 0; at < length; ) {
+      const pieceBytes = data ? Math.min(MAX_IO_BYTES, length - at) : Math.min(1 << 30, length - at);
+      try {
+        await link.waitForSlot();
+      } catch {
+        break;
+      }
+      calls.push(link.call({
+        type: data ? MessageType.Write : MessageType.Delete,
+        flags: fua ? FrameFlag.Fua : 0,
+        offset: offset + at,
+        length: pieceBytes,
+        payload: data ? data.subarray(at, at + pieceBytes) : undefined,
+      }));
+      at += pieceBytes;
+    }
+    const complete = calls.length > 0 && (data ? Math.ceil(length / MAX_IO_BYTES) : 1) <= calls.length;
+    const settle = (which: "received" | "done") =>
+      Promise.all(calls.map((c) => which === "done"
+        ? c.done.then((reply: Frame) => reply.error === 0)
+        : c.received.then(() => true)))
+        .then((oks) => complete && oks.every(Boolean))
+        .catch(() => false);
+    if (this.mode === "async") await link.drained();
+    return {
+      received: this.mode === "async" ? Promise.resolve(complete) : settle("received"),
+      done: settle("done"),
+    };
+  }
+
+  private async localMutate(
+    offset: number, length: number, data: Uint8Array | null, fua: boolean,
+  ): Promise<boolean> {
+    try {
+      if (data) await this.o.data.write(offset, data);
+      else await this.o.data.zero(offset, length);
+      if (fua && !(await this.localFlush())) return false;
+      return true;
+    } catch (error) {
+      this.counters.localErrors++;
+      this.o.log("error", `local write at ${offset}+${length} failed: ${error}`);
+      return false;
+    }
+  }
+
+  private async localFlush(): Promise<boolean> {
+    try {
+      await this.o.data.flush();
+      return true;
+    } catch (error) {
+      this.counters.localErrors++;
+      this.o.log("error", `local flush failed: ${error}`);
+      return false;
+    }
+  }
+
+  /** Bumps localcnt on the first write while disconnected, then marks extents dirty. */
+  private async beforeWrite(offset: number, length: number): Promise<void> {
+    if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
+    if (this.o.activemap.writeStart(offset, length)) {
+      try {
+        await this.persistMap();
+      } catch (error) {
+        this.o.activemap.writeComplete(offset, length, { synced: false });
+        throw new IoError(`cannot write activemap: ${error}`, "EIO");
+      }
+    }
+  }
+
+  private bumpLocalcnt(): Promise<void> {
+    if (this.bumping) return this.bumping;
+    this.bumping = (async () => {
+      const localcnt = this.o.meta.metadata.localcnt + 1n;
+      await this.o.meta.write({ localcnt }, { flush: this.metaflush });
+      this.bumpedSinceDisconnect = true;
+      this.o.log("info", `first write while disconnected: localcnt now ${localcnt}`);
+    })().finally(() => {
+      this.bumping = null;
+    });
+    return this.bumping;
+  }
+
+  private async afterWrite(
+    offset: number, length: number, local: Promise<boolean>, remote: Promise<boolean>,
+  ): Promise<void> {
+    const [localOk, remoteOk] = await Promise.all([local, remote]);
+    if (!remoteOk && this.link?.isUp) this.counters.remoteErrors++;
+    // A failed local write leaves the local copy stale; it is resynced like a
+    // remote failure. (Direction is the sync source's; see README.)
+    if (this.o.activemap.writeComplete(offset, length, { synced: localOk && remoteOk })) {
+      this.persistMap().catch((error) => this.o.log("error", `activemap write failed: ${error}`));
+    }
+  }
+
+  /**
+   * Writes the on-disk activemap. Calls coalesce: a write that has not started
+   * yet is shared; its snapshot is taken when it starts, so every caller's
+   * change is on disk when its promise resolves.
+   */
+  persistMap(): Promise<void> {
+    if (this.mapPending) return this.mapPending;
+    const pending = this.mapChain.then(async () => {
+      this.mapPending = null;
+      this.counters.activemapUpdates++;
+      await this.o.meta.writeMap(this.o.activemap.diskMap(), { flush: this.metaflush });
+    });
+    this.mapPending = pending;
+    this.mapChain = pending.catch(() => {});
+    return pending;
+  }
+
+  // ---- reads from the secondary ------------------------------------------
+
+  private readsFromSecondary(offset: number, length: number): boolean {
+    if (!this.link?.isUp || this.syncSource !== "secondary") return false;
+    const am = this.o.activemap;
+    const last = am.extentOf(offset + length - 1);
+    for (let e = am.extentOf(offset); e <= last; e++) if (am.isSyncNeeded(e)) return true;
+    return false;
+  }
+
+  /** Reads a range from the secondary, in ≤ MAX_IO_BYTES pieces. */
+  async remoteRead(offset: number, length: number): Promise<Uint8Array> {
+    const link = this.link;
+    if (!link?.isUp) throw new IoError("secondary not connected", "EIO");
+    this.counters.remoteReads++;
+    const out = new Uint8Array(length);
+    const pieces = [];
+    for (let at = 0; at < length; at += MAX_IO_BYTES) {
+      const pieceBytes = Math.min(MAX_IO_BYTES, length - at);
+      const call = link.call({ type: MessageType.Read, offset: offset + at, length: pieceBytes });
+      pieces.push(call.done.then((reply) => {
+        if (reply.error !== 0 || reply.payload.byteLength !== pieceBytes) {
+          throw new IoError(`remote read failed: ${errnoName(reply.error)}`, "EIO");
+        }
+        out.set(reply.payload, at);
+      }));
+    }
+    try {
+      await Promise.all(pieces);
+    } catch (error) {
+      if (error instanceof LinkDownError) throw new IoError(`remote read: ${error.message}`, "EIO");
+      throw error;
+    }
+    return out;
+  }
+
+  // ---- connection ---------------------------------------------------------
+
+  private async connectLoop(): Promise<void> {
+    const remote = this.o.config.remote;
+    if (remote === null) {
+      this.o.log("info", "remote is 'none': not connecting");
+      return;
+    }
+    while (!this.stopped) {
+      this.linkState = this.linkState === "split-brain" ? "split-brain" : "connecting";
+      const closed = await this.connectOnce().catch((error: Error) => {
+        this.noteLinkError(error.message);
+        return null;
+      });
+      if (closed) await closed;
+      if (this.stopped) break;
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, RECONNECT_INTERVAL_MS);
+        this.stopLoop = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+  }
+
+  private noteLinkError(message: string): void {
+    if (message !== this.lastLinkError) this.o.log("warn", `cannot connect: ${message}`);
+    this.lastLinkError = message;
+    if (this.linkState === "connecting") this.linkState = "disconnected";
+  }
+
+  /** Connects, handshakes, starts the sync; resolves with a promise of the link's end. */
+  private async connectOnce(): Promise<Promise<void> | null> {
+    const remote = this.o.config.remote!;
+    const conn = await this.o.network.connect({
+      host: remote.host,
+      port: remote.port,
+      sourceHost: this.o.config.source?.host,
+      timeoutMs: this.o.config.timeoutSeconds * 1000,
+    });
+    let result: HandshakeResult;
+    try {
+      result = await handshakeAsPrimary(conn, {
+        meta: this.o.meta,
+        config: this.o.config,
+        timeoutMs: this.o.config.timeoutSeconds * 1000,
+        metaflush: this.metaflush,
+      });
+    } catch (error) {
+      conn.close(`handshake failed: ${error}`);
+      throw error;
+    }
+    if (result.kind === "refused") {
+      conn.close("refused");
+      return this.onRefused(result.reason, result.splitBrain);
+    }
+    try {
+      return await this.onConnected(conn, result);
+    } catch (error) {
+      conn.close(`cannot start replication: ${error}`);
+      throw error;
+    }
+  }
+
+  private onRefused(reason: string, splitBrain: boolean): null {
+    if (splitBrain) {
+      if (this.linkState !== "split-brain") {
+        this.o.log("error", `split-brain detected: ${reason}`);
+        this.o.hooks.run("split-brain", []);
+      }
+      this.linkState = "split-brain";
+    } else {
+      if (this.linkState !== "refused" || reason !== this.lastLinkError) {
+        this.o.log("error", `secondary refused the connection: ${reason}`);
+      }
+      this.linkState = "refused";
+    }
+    this.lastLinkError = reason;
+    return null;
+  }
+
+  private async onConnected(
+    conn: import("./transport.ts").Connection,
+    result: Extract<HandshakeResult, { kind: "accepted" }>,
+  ): Promise<Promise<void>> {
+    const am = this.o.activemap;
+    let changed = false;
+    if (result.full) changed = am.markAllNeedsSync();
+    else if (result.secondaryMap.byteLength > 0) {
+      if (result.secondaryMap.byteLength < Math.ceil(am.extentCount / 8)) {
+        throw new Error(`secondary's dirty map has ${result.secondaryMap.byteLength} bytes, too short`);
+      }
+      changed = am.mergeSyncMap(result.secondaryMap);
+    }
+    this.syncSource = result.source;
+    this.peerCounters = { localcnt: result.peer.localcnt, remotecnt: result.peer.remotecnt };
+    if (result.source === "secondary" && am.syncExtentCount() > 0) {
+      await this.o.meta.write({ syncTarget: true }, { flush: this.metaflush });
+    }
+    if (changed) await this.persistMap();
+    let onDown!: () => void;
+    const down = new Promise<void>((resolve) => (onDown = resolve));
+    this.link = new RemoteLink(conn, {
+      timeoutMs: this.o.config.timeoutSeconds * 1000,
+      keepaliveMs: Math.min(KEEPALIVE_MS, (this.o.config.timeoutSeconds * 1000) / 2),
+      maxInFlight: MAX_REMOTE_IN_FLIGHT,
+      clock: this.o.clock,
+      onClose: (reason) => {
+        this.onDisconnected(reason);
+        onDown();
+      },
+    });
+    this.linkState = "connected";
+    this.bumpedSinceDisconnect = false;
+    this.lastLinkError = "";
+    this.o.log("info", `connected to ${conn.remoteAddress} (${result.reason}; sync from ${result.source})`);
+    this.o.hooks.run("connect", []);
+    this.startSync(this.link);
+    return down;
+  }
+
+  private onDisconnected(reason: string): void {
+    this.o.log("warn", `disconnected from secondary: ${reason}`);
+    this.linkState = "disconnected";
+    this.syncSource = "primary";
+    this.o.hooks.run("disconnect", []);
+  }
+
+  private startSync(link: RemoteLink): void {
+    const syncer = new Synchronizer({
+      link,
+      activemap: this.o.activemap,
+      lock: this.lock,
+      data: this.o.data,
+      source: this.syncSource,
+      clock: this.o.clock,
+      rateBytesPerSecond: this.o.config.syncRateBytesPerSecond,
+      persistMap: () => this.persistMap(),
+      hooks: this.o.hooks,
+      log: this.o.log,
+      onComplete: () => this.onSyncComplete(link),
+    });
+    this.syncer = syncer;
+    syncer.start();
+  }
+
+  /**
+   * Both copies are identical: adopt the peer's counters (spec §5) so the
+   * next connect is "in step", and tell the secondary to do the same.
+   */
+  private async onSyncComplete(link: RemoteLink): Promise<void> {
+    const peer = this.peerCounters;
+    assert.ok(peer !== null);
+    const meta = this.o.meta.metadata;
+    await this.o.meta.write({ remotecnt: peer.localcnt, syncTarget: false }, { flush: this.metaflush });
+    this.syncSource = "primary";
+    const reply = await link.call({
+      type: MessageType.SyncDone,
+      payload: new TextEncoder().encode(JSON.stringify({
+        localcnt: String(peer.localcnt), remotecnt: String(meta.localcnt),
+      })),
+    }).done.catch((error: Error) => error);
+    if (reply instanceof Error || reply.error !== 0) {
+      this.o.log("warn", `secondary did not confirm the end of sync: ${reply instanceof Error ? reply.message : errnoName(reply.error)}`);
+    }
+  }
+
+  /** Changes the sync rate limit at run time (0 = unlimited). */
+  setSyncRate(bytesPerSecond: number): void {
+    this.o.config.syncRateBytesPerSecond = bytesPerSecond;
+    this.syncer?.setRate(bytesPerSecond);
+  }
+
+  // ---- status ---------------------------------------------------------------
+
+  status(): PrimaryStatus {
+    const am = this.o.activemap;
+    const connected = this.linkState === "connected";
+    const syncing = this.syncer?.progress().state === "running";
+    const dirtyBytes = am.dirtyBytes();
+    let status: PrimaryStatus["status"] = "complete";
+    if (this.linkState === "split-brain") status = "split-brain";
+    else if (!connected) status = "degraded";
+    else if (syncing || dirtyBytes > 0) status = "syncing";
+    return {
+      status,
+      link: this.linkState,
+      linkError: this.lastLinkError,
+      dirtyBytes,
+      syncSource: this.syncSource,
+      sync: this.syncer?.progress() ?? null,
+      remoteInFlight: this.link?.inFlight ?? 0,
+      metaflush: this.metaflush,
+      lock: this.lock.stats(),
+      counters: { ...this.counters },
+      activemap: am.stats(),
+    };
+  }
+}
+
+export interface PrimaryStatus {
+  status: "complete" | "degraded" | "syncing" | "split-brain";
+  link: LinkState;
+  linkError: string;
+  dirtyBytes: number;
+  syncSource: "primary" | "secondary";
+  sync: SyncProgress | null;
+  remoteInFlight: number;
+  metaflush: boolean;
+  lock: { held: number; waiting: number };
+  counters: Primary["counters"];
+  activemap: ReturnType<ActiveMap["stats"]>;
+}
+

@@ -1,0 +1,219 @@
+// Proves that Provider reads and writes real files and block devices (a loop
+// device set up by the test), locks them exclusively, zeroes ranges so they read
+// back as zeros, and reports operating errors as ProviderError with errno names.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { dlopen, FFIType } from "bun:ffi";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { Provider, ProviderError } from "./provider.ts";
+
+const MiB = 1024 * 1024;
+let dir = "";
+
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "hast-provider-"));
+});
+
+afterAll(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+function pattern(length: number, seed: number): Uint8Array {
+  const out = new Uint8Array(length);
+  for (let i = 0; i < length; i++) out[i] = (i * 31 + seed) & 0xff;
+  return out;
+}
+
+/** The file's bytes as seen through the file system, not through the provider. */
+function fileBytes(file: string): Uint8Array {
+  return new Uint8Array(fs.readFileSync(file));
+}
+
+function makeFile(name: string, sizeBytes: number): string {
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, new Uint8Array(0));
+  fs.truncateSync(file, sizeBytes);
+  return file;
+}
+
+async function expectProviderError(fn: () => unknown, code: string): Promise<ProviderError> {
+  try {
+    await fn();
+  } catch (error) {
+    expect(error).toBeInstanceOf(ProviderError);
+    expect((error as ProviderError).code).toBe(code);
+    return error as ProviderError;
+  }
+  throw new Error(`expected ProviderError ${code}`);
+}
+
+/** Drops a file's clean pages from the page cache, so reads take the slow path. */
+function evictFromCache(file: string): void {
+  const libc = dlopen("libc.so.6", {
+    posix_fadvise: {
+      args: [FFIType.i32, FFIType.i64, FFIType.i64, FFIType.i32],
+      returns: FFIType.i32,
+    },
+  });
+  const fd = fs.openSync(file, "r");
+  try {
+    fs.fdatasyncSync(fd);
+    const POSIX_FADV_DONTNEED = 4;
+    expect(libc.symbols.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)).toBe(0);
+  } finally {
+    fs.closeSync(fd);
+    libc.close();
+  }
+}
+
+describe("regular file", () => {
+  test("writes and reads back at unaligned offsets, cached and uncached", async () => {
+    const file = makeFile("rw.img", 8 * MiB);
+    const p = Provider.open(file);
+    try {
+      expect(p.sizeBytes).toBe(8 * MiB);
+      expect(p.isBlockDevice).toBe(false);
+      const big = pattern(3 * MiB + 123, 7);
+      await p.write(4097, big);
+      await p.write(0, pattern(100, 1));
+      expect(await p.read(4097, big.length)).toEqual(big);
+      expect(await p.flush()).toBe(true);
+      evictFromCache(file);
+      const back: Uint8Array = new Uint8Array(big.length);
+      await p.readInto(4097, back);
+      expect(back).toEqual(big);
+      expect(await p.read(0, 100)).toEqual(pattern(100, 1));
+      // The file itself holds the bytes (not only some cache of ours).
+      expect(fileBytes(file).subarray(4097, 4097 + big.length)).toEqual(big);
+    } finally {
+      p.close();
+    }
+  });
+
+  test("a second exclusive open fails with EBUSY until the first closes", async () => {
+    const file = makeFile("lock.img", MiB);
+    const first = Provider.open(file);
+    try {
+      const error = await expectProviderError(() => Provider.open(file), "EBUSY");
+      expect(error.message).toBe(
+        `Cannot open provider "${file}": in use by another process (locked)`,
+      );
+      await expectProviderError(() => Provider.open(file, { readOnly: true }), "EBUSY");
+      const shared = Provider.open(file, { exclusive: false, readOnly: true });
+      shared.close();
+    } finally {
+      first.close();
+    }
+    Provider.open(file).close();
+  });
+
+  test("open errors carry errno names", async () => {
+    await expectProviderError(() => Provider.open(path.join(dir, "missing")), "ENOENT");
+    const e = await expectProviderError(() => Provider.open(dir, { readOnly: true }), "EINVAL");
+    expect(e.message).toContain("not a regular file or block device");
+    const fifo = path.join(dir, "fifo");
+    Bun.spawnSync(["mkfifo", fifo]);
+    await expectProviderError(() => Provider.open(fifo, { readOnly: true }), "EINVAL");
+    const file = makeFile("ro.img", MiB);
+    fs.chmodSync(file, 0o444);
+    // Root ignores file modes, so use a read-only open to show readOnly works.
+    const ro = Provider.open(file, { readOnly: true });
+    try {
+      await expect(ro.write(0, new Uint8Array(1))).rejects.toThrow("read-only");
+    } finally {
+      ro.close();
+    }
+  });
+
+  test("zero reads back zeros, leaves the surroundings intact", async () => {
+    const file = makeFile("zero.img", 8 * MiB);
+    const p = Provider.open(file);
+    try {
+      const data = pattern(8 * MiB, 3);
+      await p.write(0, data);
+      const ranges = [[1, 10], [4096, 4096], [5000, 3 * MiB + 17], [8 * MiB - 100, 100]];
+      for (const [offset, length] of ranges) await p.zero(offset!, length!);
+      const expected = data.slice();
+      for (const [offset, length] of ranges) expected.fill(0, offset!, offset! + length!);
+      expect(await p.read(0, 8 * MiB)).toEqual(expected);
+      evictFromCache(file);
+      expect(await p.read(0, 8 * MiB)).toEqual(expected);
+      expect(fs.statSync(file).size).toBe(8 * MiB);
+    } finally {
+      p.close();
+    }
+  });
+
+  test("a read past a truncated end fails with EIO instead of returning short", async () => {
+    const file = makeFile("short.img", MiB);
+    const p = Provider.open(file);
+    try {
+      fs.truncateSync(file, 4096);
+      const error = await expectProviderError(() => p.read(0, 8192), "EIO");
+      expect(error.message).toContain("end of file");
+    } finally {
+      p.close();
+    }
+  });
+
+  test("close during a write closes the descriptor only after the write", async () => {
+    const file = makeFile("close.img", 4 * MiB);
+    const p = Provider.open(file);
+    const writing = p.write(0, pattern(4 * MiB, 9));
+    p.close();
+    p.close(); // idempotent
+    await expect(p.read(0, 1)).rejects.toThrow("closed");
+    await writing;
+    expect(fileBytes(file)).toEqual(pattern(4 * MiB, 9));
+    Provider.open(file).close(); // lock released
+  });
+});
+
+function sh(cmd: string[]): string {
+  const r = Bun.spawnSync(cmd);
+  if (r.exitCode !== 0) throw new Error(`${cmd.join(" ")}: ${r.stderr.toString()}`);
+  return r.stdout.toString().trim();
+}
+
+describe("loop device", () => {
+  test("size, exclusive open, I/O and zero on a real block device", async () => {
+    const backing = makeFile("loop.img", 64 * MiB);
+    const device = sh(["losetup", "-f", "--show", backing]);
+    const alias = path.join(dir, "loop-alias");
+    try {
+      const p = Provider.open(device);
+      try {
+        expect(p.isBlockDevice).toBe(true);
+        expect(p.sizeBytes).toBe(64 * MiB);
+        expect([512, 4096]).toContain(p.sectorSizeBytes);
+        const locked = await expectProviderError(() => Provider.open(device), "EBUSY");
+        expect(locked.message).toContain("in use");
+        // Another device node for the same device: flock does not see it, O_EXCL does.
+        const { rdev } = fs.statSync(device);
+        const major = (rdev >> 8) & 0xfff;
+        const minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+        sh(["mknod", alias, "b", String(major), String(minor)]);
+        const claimed = await expectProviderError(() => Provider.open(alias), "EBUSY");
+        expect(claimed.message).toContain("mounted or opened exclusively");
+
+        const data = pattern(4 * MiB, 5);
+        await p.write(MiB, data);
+        expect(await p.read(MiB, data.length)).toEqual(data);
+        const ranges = [[MiB + 100, 300], [MiB + 4096, MiB], [2 * MiB + 7, MiB + 4000]];
+        for (const [offset, length] of ranges) await p.zero(offset!, length!);
+        const expected = data.slice();
+        for (const [o, l] of ranges) expected.fill(0, o! - MiB, o! - MiB + l!);
+        expect(await p.read(MiB, data.length)).toEqual(expected);
+        expect(await p.flush()).toBe(true);
+        expect(fileBytes(backing).subarray(MiB, 5 * MiB)).toEqual(expected);
+      } finally {
+        p.close();
+      }
+      Provider.open(device).close();
+    } finally {
+      fs.rmSync(alias, { force: true });
+      sh(["losetup", "-d", device]);
+    }
+  });
+});

@@ -1,0 +1,220 @@
+/**
+ * The primary's side of one connection to the secondary: numbered requests,
+ * replies matched by seq, the memsync early "received" acknowledgement,
+ * request timeouts and keepalives (spec §7).
+ *
+ * A request is registered in the pending table *before* its frame is sent,
+ * so a fast reply always finds it (spec §11).
+ */
+import assert from "node:assert/strict";
+import type { Connection } from "./transport.ts";
+import { encodeFrame, FrameFlag, MessageType, type Frame } from "./wire.ts";
+
+/** Injectable time source. */
+export interface Clock {
+  now(): number;
+  sleep(ms: number): Promise<void>;
+  setInterval(fn: () => void, ms: number): { stop(): void };
+}
+
+export const systemClock: Clock = {
+  now: () => performance.now(),
+  sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+  setInterval(fn, ms) {
+    const timer = setInterval(fn, ms);
+    timer.unref?.();
+    return { stop: () => clearInterval(timer) };
+  },
+};
+
+/** Thrown into pending requests when the link goes down. */
+export class LinkDownError extends Error {
+  override name = "LinkDownError";
+}
+
+interface Pending {
+  sentAtMs: number;
+  received: Deferred<void>;
+  done: Deferred<Frame>;
+}
+
+interface Deferred<T> {
+  promise: Promise<T>;
+  resolve: (value: T) => void;
+  reject: (error: Error) => void;
+  settled: boolean;
+}
+
+function deferred<T>(): Deferred<T> {
+  let resolve!: (value: T) => void;
+  let reject!: (error: Error) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  const d: Deferred<T> = {
+    promise,
+    settled: false,
+    resolve: (v) => {
+      d.settled = true;
+      resolve(v);
+    },
+    reject: (e) => {
+      d.settled = true;
+      reject(e);
+    },
+  };
+  promise.catch(() => {}); // observed by whoever awaits; never an unhandled rejection
+  return d;
+}
+
+export interface RemoteCall {
+  /** Resolves when the secondary has the data (early ack) or at the final reply. */
+  received: Promise<void>;
+  /** Resolves with the final reply (check `error`); rejects if the link goes down. */
+  done: Promise<Frame>;
+}
+
+export interface RemoteLinkOptions {
+  timeoutMs: number;
+  keepaliveMs: number;
+  maxInFlight: number;
+  clock: Clock;
+  onClose: (reason: string) => void;
+  /** Frames that are not replies (e.g. none today) go here. */
+  onOtherFrame?: (frame: Frame) => void;
+}
+
+export class RemoteLink {
+  private readonly pending = new Map<number, Pending>();
+  private nextSeq = 1;
+  private lastRxMs: number;
+  private lastTxMs: number;
+  private readonly ticker: { stop(): void };
+  private readonly slotWaiters: (() => void)[] = [];
+  private closedReason: string | null = null;
+
+  constructor(
+    private readonly conn: Connection,
+    private readonly options: RemoteLinkOptions,
+  ) {
+    this.lastRxMs = this.lastTxMs = options.clock.now();
+    conn.onFrame = (frame) => this.onFrame(frame);
+    conn.onClose = (reason) => this.shutdown(reason);
+    const tickMs = Math.max(50, Math.min(1000, options.keepaliveMs / 4));
+    this.ticker = options.clock.setInterval(() => this.tick(), tickMs);
+  }
+
+  get isUp(): boolean {
+    return this.closedReason === null;
+  }
+
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  /** Waits until fewer than maxInFlight requests are outstanding (backpressure). */
+  async waitForSlot(): Promise<void> {
+    while (this.isUp && this.pending.size >= this.options.maxInFlight) {
+      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+    }
+    if (!this.isUp) throw new LinkDownError(this.closedReason ?? "link down");
+  }
+
+  /** Sends a request; the seq is assigned here. */
+  call(frame: Partial<Frame> & { type: MessageType }): RemoteCall {
+    if (!this.isUp) {
+      const error = new LinkDownError(this.closedReason ?? "link down");
+      const failed = Promise.reject(error);
+      failed.catch(() => {});
+      return { received: failed as Promise<never>, done: failed as Promise<never> };
+    }
+    const seq = this.nextSeq;
+    this.nextSeq = this.nextSeq >= 0xffffffff ? 1 : this.nextSeq + 1;
+    assert.ok(!this.pending.has(seq), "seq reused while pending");
+    const entry: Pending = {
+      sentAtMs: this.options.clock.now(),
+      received: deferred<void>(),
+      done: deferred<Frame>(),
+    };
+    this.pending.set(seq, entry);
+    this.lastTxMs = entry.sentAtMs;
+    this.conn.send(encodeFrame({ ...frame, seq }));
+    return { received: entry.received.promise, done: entry.done.promise };
+  }
+
+  /** Sends a frame that expects no reply. */
+  post(frame: Partial<Frame> & { type: MessageType }): void {
+    if (!this.isUp) return;
+    this.lastTxMs = this.options.clock.now();
+    this.conn.send(encodeFrame(frame));
+  }
+
+  /** Resolves when the socket's send buffer has drained (socket backpressure). */
+  drained(): Promise<void> {
+    return this.conn.drained();
+  }
+
+  close(reason: string): void {
+    this.conn.close(reason);
+    this.shutdown(reason);
+  }
+
+  private onFrame(frame: Frame): void {
+    this.lastRxMs = this.options.clock.now();
+    if (frame.type === MessageType.Keepalive) return;
+    if (frame.type !== MessageType.Reply) {
+      if (this.options.onOtherFrame) return this.options.onOtherFrame(frame);
+      this.close(`unexpected message type ${frame.type} from secondary`);
+      return;
+    }
+    const entry = this.pending.get(frame.seq);
+    if (entry === undefined) {
+      this.close(`reply for unknown request seq ${frame.seq}`);
+      return;
+    }
+    if (frame.flags & FrameFlag.Received) {
+      entry.received.resolve();
+      return;
+    }
+    this.pending.delete(frame.seq);
+    if (!entry.received.settled) entry.received.resolve();
+    entry.done.resolve(frame);
+    this.wakeSlot();
+  }
+
+  private wakeSlot(): void {
+    const waiter = this.slotWaiters.shift();
+    if (waiter) waiter();
+  }
+
+  private tick(): void {
+    const now = this.options.clock.now();
+    for (const entry of this.pending.values()) {
+      if (now - entry.sentAtMs > this.options.timeoutMs) {
+        this.close(`request unanswered for ${Math.round(now - entry.sentAtMs)} ms (timeout)`);
+        return;
+      }
+      break; // Map iterates in insertion order: the first entry is the oldest
+    }
+    if (now - this.lastRxMs > this.options.timeoutMs) {
+      this.close(`nothing received for ${Math.round(now - this.lastRxMs)} ms (timeout)`);
+      return;
+    }
+    if (now - this.lastTxMs >= this.options.keepaliveMs) this.post({ type: MessageType.Keepalive });
+  }
+
+  private shutdown(reason: string): void {
+    if (this.closedReason !== null) return;
+    this.closedReason = reason;
+    this.ticker.stop();
+    const error = new LinkDownError(reason);
+    for (const entry of this.pending.values()) {
+      entry.received.reject(error);
+      entry.done.reject(error);
+    }
+    this.pending.clear();
+    for (const waiter of this.slotWaiters.splice(0)) waiter();
+    this.options.onClose(reason);
+  }
+}

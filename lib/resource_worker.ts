@@ -1,0 +1,194 @@
+/**
+ * The per-resource worker process (spec §11): one per active resource, so a
+ * crash in one resource cannot take down another. The daemon starts it as
+ * `hast __worker`, talks to it over the Node IPC channel, and hands it the
+ * primary's TCP connections (secondary role) after reading their Hello.
+ *
+ * Messages daemon → worker: start, peer (+ socket), status, syncrate, stop.
+ * Messages worker → daemon: ready, failed, reply.
+ */
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import type { Socket } from "node:net";
+import { ActiveMap } from "./activemap.ts";
+import type { ResourceConfig } from "./config.ts";
+import type { Hello } from "./handshake.ts";
+import { execHooks } from "./hooks.ts";
+import { makeLogger, type Logger } from "./log.ts";
+import { MetadataStore } from "./metadata.ts";
+import { NbdServer } from "./nbd_server.ts";
+import { Primary } from "./primary.ts";
+import { Provider } from "./provider.ts";
+import { systemClock } from "./remote_link.ts";
+import { Secondary } from "./secondary.ts";
+import { providerDataStore } from "./storage.ts";
+import { socketConnection, tcpNetwork } from "./transport.ts";
+
+export type WorkerRole = "primary" | "secondary";
+
+export type ToWorker =
+  | { type: "start"; role: WorkerRole; config: ResourceConfig; force: boolean; debug: number }
+  | { type: "peer"; hello: Hello }
+  | { type: "status"; id: number }
+  | { type: "syncrate"; id: number; bytesPerSecond: number }
+  | { type: "stop" };
+
+export type FromWorker =
+  | { type: "ready"; pid: number }
+  | { type: "failed"; message: string; exitCode: number }
+  | { type: "reply"; id: number; value: unknown };
+
+/** NBD limits of the export, shown by `hast list`. */
+export const NBD_MAX_REQUEST_BYTES = 32 * 1024 * 1024;
+export const NBD_MAX_IN_FLIGHT = 64;
+export const NBD_MAX_CLIENTS = 16;
+
+interface Running {
+  role: WorkerRole;
+  provider: Provider;
+  primary?: Primary;
+  nbd?: NbdServer;
+  secondary?: Secondary;
+  stop(): Promise<void>;
+}
+
+function send(message: FromWorker): void {
+  process.send?.(message);
+}
+
+/** Entry point of `hast __worker`. */
+export function runWorker(): void {
+  let running: Running | null = null;
+  let log: Logger = makeLogger("worker", 0);
+  process.on("message", (message: ToWorker, handle?: Socket) => {
+    void (async () => {
+      switch (message.type) {
+        case "start":
+          log = makeLogger(`${message.config.resource}/${message.role}`, message.debug);
+          try {
+            running = await start(message, log);
+            send({ type: "ready", pid: process.pid });
+          } catch (error) {
+            const exitCode = (error as { exitCode?: number }).exitCode ?? 75;
+            send({ type: "failed", message: (error as Error).message, exitCode });
+            setTimeout(() => process.exit(1), 50);
+          }
+          return;
+        case "peer":
+          if (running?.secondary && handle) {
+            await running.secondary.attach(socketConnection(handle), message.hello);
+          } else {
+            handle?.destroy();
+          }
+          return;
+        case "status":
+          send({ type: "reply", id: message.id, value: running ? statusOf(running) : null });
+          return;
+        case "syncrate":
+          running?.primary?.setSyncRate(message.bytesPerSecond);
+          send({ type: "reply", id: message.id, value: true });
+          return;
+        case "stop":
+          await running?.stop();
+          process.exit(0);
+      }
+    })().catch((error) => {
+      log("error", `worker failure: ${(error as Error).stack ?? error}`);
+      process.exit(70);
+    });
+  });
+  process.on("disconnect", () => {
+    // The daemon is gone: stop serving rather than run unsupervised.
+    void (running as Running | null)?.stop().finally(() => process.exit(0));
+  });
+}
+
+class StartError extends Error {
+  constructor(message: string, readonly exitCode: number) {
+    super(message);
+  }
+}
+
+async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger): Promise<Running> {
+  const { config, role } = message;
+  const provider = Provider.open(config.local, { exclusive: true });
+  try {
+    const meta = await MetadataStore.load(provider, { resource: config.resource });
+    const m = meta.metadata;
+    if (role === "primary" && (m.syncTarget || m.discardPending) && !message.force) {
+      throw new StartError(
+        `Cannot become primary: the local data of "${config.resource}" is stale ` +
+          (m.discardPending ? `(discarded by "hast discard")` : `(it was the target of an unfinished sync)`) +
+          `; use "hast role --force primary ${config.resource}" to promote it anyway`,
+        65,
+      );
+    }
+    await meta.write({ prevrole: role }, { flush: config.metaflush });
+    const data = providerDataStore(provider, m.dataOffsetBytes, m.datasizeBytes);
+    const hooks = execHooks(config.exec, config.resource, log);
+    if (role === "secondary") {
+      const secondary = new Secondary({ config, data, meta, hooks, log });
+      return { role, provider, secondary, stop: async () => {
+        await secondary.stop();
+        provider.close();
+      } };
+    }
+    return await startPrimary(config, provider, meta, log, hooks);
+  } catch (error) {
+    provider.close();
+    throw error;
+  }
+}
+
+async function startPrimary(
+  config: ResourceConfig, provider: Provider, meta: MetadataStore, log: Logger,
+  hooks: ReturnType<typeof execHooks>,
+): Promise<Running> {
+  const m = meta.metadata;
+  const onDisk = await meta.readMap();
+  const activemap = new ActiveMap({
+    extentCount: Math.ceil(m.datasizeBytes / m.extentsizeBytes),
+    extentsizeBytes: m.extentsizeBytes,
+    datasizeBytes: m.datasizeBytes,
+    keepdirty: m.keepdirty,
+    onDisk,
+  });
+  if (activemap.syncExtentCount() > 0) {
+    log("info", `${activemap.syncExtentCount()} extents dirty on disk: they will be synchronised`);
+  }
+  const data = providerDataStore(provider, m.dataOffsetBytes, m.datasizeBytes);
+  const primary = new Primary({
+    config, data, meta, activemap, network: tcpNetwork, clock: systemClock, hooks, log,
+  });
+  const nbd = new NbdServer(primary, {
+    exportName: config.name,
+    description: `hast resource ${config.resource}`,
+    maxRequestBytes: NBD_MAX_REQUEST_BYTES,
+    maxInFlight: NBD_MAX_IN_FLIGHT,
+    maxClients: NBD_MAX_CLIENTS,
+    log: (level, text) => log(level, `nbd: ${text}`),
+  });
+  if (config.export.kind === "unix") mkdirSync(dirname(config.export.path), { recursive: true });
+  await nbd.listen(config.export);
+  primary.start();
+  return {
+    role: "primary", provider, primary, nbd,
+    stop: async () => {
+      await nbd.close();
+      await primary.stop();
+      provider.close();
+    },
+  };
+}
+
+function statusOf(running: Running): unknown {
+  if (running.primary) {
+    return {
+      role: "primary",
+      ...running.primary.status(),
+      nbd: running.nbd?.stats() ?? null,
+      nbdLimits: running.nbd?.limits ?? null,
+    };
+  }
+  return { role: "secondary", ...running.secondary!.status() };
+}

@@ -1,0 +1,203 @@
+/**
+ * The secondary: accepts the primary's connection (handed over by the daemon
+ * after it read the Hello), answers the handshake, and applies requests to
+ * the local disk strictly in arrival order, so its image is always a state
+ * the primary had (spec §2, §7).
+ */
+import type { ResourceConfig } from "./config.ts";
+import { handshakeAsSecondary, type Hello } from "./handshake.ts";
+import type { HookRunner } from "./hooks.ts";
+import type { DataStore, MetaStore } from "./storage.ts";
+import type { Connection } from "./transport.ts";
+import { decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MessageType, type Frame } from "./wire.ts";
+
+/** Requests must be aligned to this (spec §7). */
+export const SECTOR_BYTES = 512;
+
+export interface SecondaryOptions {
+  config: ResourceConfig;
+  data: DataStore;
+  meta: MetaStore;
+  hooks: HookRunner;
+  log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
+}
+
+export type SecondaryLink = "waiting" | "connected" | "split-brain" | "refused";
+
+export class Secondary {
+  private conn: Connection | null = null;
+  private linkState: SecondaryLink = "waiting";
+  private lastRefusal = "";
+  private chain: Promise<void> = Promise.resolve();
+  private queued = 0;
+  private replication = "fullsync";
+  private readonly metaflush: boolean;
+  readonly counters = { reads: 0, writes: 0, deletes: 0, flushes: 0, localErrors: 0, invalid: 0 };
+
+  constructor(private readonly o: SecondaryOptions) {
+    this.metaflush = o.config.metaflush;
+  }
+
+  /** Takes over a connection whose Hello was already read; replaces an older one. */
+  async attach(conn: Connection, hello: Hello): Promise<void> {
+    if (this.conn) {
+      this.conn.close("replaced by a new connection from the primary");
+      await this.chain;
+    }
+    const decision = await handshakeAsSecondary(conn, hello, {
+      meta: this.o.meta, config: this.o.config, metaflush: this.metaflush,
+    });
+    if (decision.kind !== "virgin" && decision.kind !== "sync") {
+      const reason = decision.kind === "mismatch" ? decision.reason : decision.kind;
+      this.refuse(conn, decision.kind === "split-brain", reason);
+      return;
+    }
+    this.conn = conn;
+    this.linkState = "connected";
+    this.replication = hello.replication;
+    const how = decision.kind === "sync" ? `${decision.reason}, sync from ${decision.source}` : "both fresh";
+    this.o.log("info", `primary connected from ${conn.remoteAddress} (${how})`);
+    this.o.hooks.run("connect", []);
+    conn.onFrame = (frame) => this.onFrame(conn, frame);
+    conn.onClose = (reason) => {
+      if (this.conn !== conn) return;
+      this.conn = null;
+      this.linkState = "waiting";
+      this.o.log("warn", `primary disconnected: ${reason}`);
+      this.o.hooks.run("disconnect", []);
+    };
+  }
+
+  private refuse(conn: Connection, splitBrain: boolean, reason: string): void {
+    if (splitBrain) {
+      if (this.linkState !== "split-brain") {
+        this.o.log("error", `split-brain detected; refusing the primary until "hast discard" is run on one side`);
+        this.o.hooks.run("split-brain", []);
+      }
+      this.linkState = "split-brain";
+    } else {
+      this.o.log("error", `refused primary from ${conn.remoteAddress}: ${reason}`);
+      if (this.linkState !== "connected") this.linkState = "refused";
+    }
+    this.lastRefusal = reason;
+    setTimeout(() => conn.close(`refused: ${reason}`), 100);
+  }
+
+  /** Closes the connection (role change). */
+  async stop(): Promise<void> {
+    this.conn?.close("resource stopping");
+    await this.chain;
+  }
+
+  private onFrame(conn: Connection, frame: Frame): void {
+    if (frame.type === MessageType.Keepalive) {
+      conn.send(encodeFrame({ type: MessageType.Keepalive }));
+      return;
+    }
+    const invalid = this.validate(frame);
+    if (invalid) {
+      this.counters.invalid++;
+      this.o.log("warn", `invalid request from primary: ${invalid}`);
+      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, error: Errno.EINVAL }));
+      return;
+    }
+    if (frame.type === MessageType.Write && this.replication === "memsync") {
+      // memsync: acknowledge receipt before writing (spec §2).
+      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, flags: FrameFlag.Received }));
+    }
+    this.queued++;
+    this.chain = this.chain.then(async () => {
+      const reply = await this.apply(frame);
+      this.queued--;
+      if (!conn.closed) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
+    });
+  }
+
+  /** Returns why a request is invalid (→ EINVAL), or null. */
+  private validate(frame: Frame): string | null {
+    const size = this.o.meta.metadata.datasizeBytes;
+    const { type, offset, length } = frame;
+    if (type === MessageType.SyncDone || type === MessageType.Flush) return null;
+    if (type !== MessageType.Read && type !== MessageType.Write && type !== MessageType.Delete) {
+      return `unexpected message type ${type}`;
+    }
+    if (length === 0) return `zero length at offset ${offset}`;
+    if (type !== MessageType.Delete && length > MAX_IO_BYTES) return `length ${length} > ${MAX_IO_BYTES}`;
+    if (offset % SECTOR_BYTES !== 0 || length % SECTOR_BYTES !== 0) {
+      return `offset ${offset} or length ${length} not ${SECTOR_BYTES}-byte aligned`;
+    }
+    if (offset + length > size) return `range ${offset}+${length} beyond datasize ${size}`;
+    if (type === MessageType.Write && frame.payload.byteLength !== length) {
+      return `write payload ${frame.payload.byteLength} bytes, length ${length}`;
+    }
+    return null;
+  }
+
+  private async apply(frame: Frame): Promise<Partial<Frame>> {
+    try {
+      switch (frame.type) {
+        case MessageType.Read:
+          this.counters.reads++;
+          return { payload: await this.o.data.read(frame.offset, frame.length) };
+        case MessageType.Write:
+          this.counters.writes++;
+          await this.o.data.write(frame.offset, frame.payload);
+          if (frame.flags & FrameFlag.Fua) await this.o.data.flush();
+          return {};
+        case MessageType.Delete:
+          this.counters.deletes++;
+          await this.o.data.zero(frame.offset, frame.length);
+          if (frame.flags & FrameFlag.Fua) await this.o.data.flush();
+          return {};
+        case MessageType.Flush:
+          this.counters.flushes++;
+          await this.o.data.flush();
+          return {};
+        case MessageType.SyncDone:
+          await this.syncDone(frame);
+          return {};
+      }
+    } catch (error) {
+      this.counters.localErrors++;
+      this.o.log("error", `local ${frame.type} at ${frame.offset}+${frame.length} failed: ${error}`);
+      return { error: Errno.EIO };
+    }
+    return { error: Errno.EINVAL };
+  }
+
+  /** The primary finished the sync: our copy is complete; commit counters (spec §5). */
+  private async syncDone(frame: Frame): Promise<void> {
+    const body = decodeJson(frame);
+    const remotecnt = BigInt(String(body.remotecnt));
+    await this.o.data.flush();
+    await this.o.meta.writeMap(new Uint8Array(this.o.meta.metadata.mapSizeBytes), { flush: this.metaflush });
+    await this.o.meta.write(
+      { remotecnt, syncTarget: false, discardPending: false },
+      { flush: this.metaflush },
+    );
+    this.o.log("info", `synchronised with primary (remotecnt now ${remotecnt})`);
+  }
+
+  status(): SecondaryStatus {
+    const m = this.o.meta.metadata;
+    let status: SecondaryStatus["status"] = "degraded";
+    if (this.linkState === "split-brain") status = "split-brain";
+    else if (this.linkState === "connected") status = m.syncTarget ? "syncing" : "complete";
+    return {
+      status,
+      link: this.linkState,
+      linkError: this.lastRefusal,
+      queued: this.queued,
+      counters: { ...this.counters },
+    };
+  }
+}
+
+export interface SecondaryStatus {
+  status: "complete" | "degraded" | "syncing" | "split-brain";
+  link: SecondaryLink;
+  linkError: string;
+  queued: number;
+  counters: Secondary["counters"];
+}
+void Errno;

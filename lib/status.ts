@@ -1,0 +1,115 @@
+/**
+ * What `hast status` and `hast list` report for one resource, assembled from
+ * the configuration, the daemon's view (role, worker pid) and the worker's
+ * own status, and how it is printed as text.
+ */
+import { formatAddress, type ResourceConfig } from "./config.ts";
+import { formatSizeBytes } from "./units.ts";
+
+/** The `nbd` URI of an export (libnbd style). */
+export function nbdUri(config: ResourceConfig): string {
+  const e = config.export;
+  if (e.kind === "unix") return `nbd+unix:///?socket=${e.path}`;
+  const host = e.host.includes(":") ? `[${e.host}]` : e.host;
+  return `nbd://${host}:${e.port}/`;
+}
+
+/** One resource's status object (the `--json` shape). */
+export function describeResource(
+  config: ResourceConfig,
+  role: string,
+  worker: Record<string, unknown> | null,
+  options: { full: boolean; pid: number | null; lastError: string },
+): Record<string, unknown> {
+  const running = worker !== null;
+  const base: Record<string, unknown> = {
+    name: config.resource,
+    role,
+    status: role === "init" ? "stopped" : running ? worker.status : "failed",
+    local: config.local,
+    remote: config.remote ? formatAddress(config.remote) : "none",
+    nbd: role === "primary" && running ? nbdUri(config) : null,
+    dirtyBytes: running && typeof worker.dirtyBytes === "number" ? worker.dirtyBytes : null,
+    sync: running ? syncOf(worker) : null,
+    link: running ? worker.link : null,
+    linkError: (running ? worker.linkError : config ? options.lastError : "") || null,
+  };
+  if (!options.full) return base;
+  return {
+    ...base,
+    provider: config.name,
+    source: config.source ? formatAddress(config.source) : null,
+    export: formatAddress(config.export),
+    replication: config.replication,
+    checksum: config.checksum,
+    compression: config.compression,
+    timeoutSeconds: config.timeoutSeconds,
+    metaflush: config.metaflush,
+    syncRateBytesPerSecond: config.syncRateBytesPerSecond,
+    exec: config.exec,
+    workerPid: options.pid,
+    lastError: options.lastError || null,
+    worker: worker ?? null,
+  };
+}
+
+function syncOf(worker: Record<string, unknown>): unknown {
+  const sync = worker.sync as Record<string, unknown> | null | undefined;
+  if (!sync) return null;
+  return {
+    state: sync.state,
+    source: sync.source,
+    doneBytes: sync.doneBytes,
+    totalBytes: sync.totalBytes,
+    bytesPerSecond: sync.bytesPerSecond,
+    etaSeconds: sync.etaSeconds,
+  };
+}
+
+/** `hast status` as text: one row per resource (hastctl's columns plus dirty and sync). */
+export function formatStatusTable(rows: Record<string, unknown>[]): string {
+  const header = ["Name", "Status", "Role", "Components", "Dirty", "Sync"];
+  const lines = rows.map((r) => [
+    String(r.name),
+    String(r.status),
+    String(r.role),
+    `${r.local} ${r.remote}`,
+    typeof r.dirtyBytes === "number" ? formatSizeBytes(r.dirtyBytes) : "-",
+    formatSync(r.sync as Record<string, number | string | null> | null),
+  ]);
+  const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
+  return [header, ...lines]
+    .map((cols) => cols.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd())
+    .join("\n");
+}
+
+function formatSync(sync: Record<string, number | string | null> | null): string {
+  if (!sync) return "-";
+  const done = Number(sync.doneBytes);
+  const total = Number(sync.totalBytes);
+  const percent = total > 0 ? ((done * 100) / total).toFixed(1) : "100.0";
+  const rate = formatSizeBytes(Math.round(Number(sync.bytesPerSecond)));
+  const eta = sync.etaSeconds === null ? "-" : `${sync.etaSeconds}s`;
+  return `${sync.state} ${formatSizeBytes(done)}/${formatSizeBytes(total)} (${percent}%) ${rate}/s eta ${eta}`;
+}
+
+/** `hast list` as text: every field, one resource per block. */
+export function formatList(rows: Record<string, unknown>[]): string {
+  return rows.map((r) => {
+    const lines = [`${r.name}:`];
+    for (const [key, value] of Object.entries(r)) {
+      if (key === "name") continue;
+      lines.push(...formatField(key, value, "  "));
+    }
+    return lines.join("\n");
+  }).join("\n");
+}
+
+function formatField(key: string, value: unknown, indent: string): string[] {
+  if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+    const lines = [`${indent}${key}:`];
+    for (const [k, v] of Object.entries(value)) lines.push(...formatField(k, v, indent + "  "));
+    return lines;
+  }
+  return [`${indent}${key}: ${value === null ? "-" : String(value)}`];
+}

@@ -1,0 +1,40 @@
+/**
+ * The storage interfaces the replication logic is written against, so tests
+ * can inject slow or failing disks, and their implementation over a Provider.
+ */
+import type { Metadata } from "./metadata.ts";
+import type { Provider } from "./provider.ts";
+
+/** The data area of a local provider (offsets relative to the data area). */
+export interface DataStore {
+  readonly sizeBytes: number;
+  read(offset: number, length: number): Promise<Uint8Array>;
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Afterwards the range reads back as zeros. */
+  zero(offset: number, length: number): Promise<void>;
+  /** Returns false when the device does not support flushing. */
+  flush(): Promise<boolean>;
+}
+
+/** Metadata and on-disk activemap persistence. */
+export interface MetaStore {
+  readonly metadata: Metadata;
+  write(update: Partial<Omit<Metadata, "generation">>, options?: { flush?: boolean }): Promise<void>;
+  readMap(): Promise<Uint8Array>;
+  writeMap(bitmap: Uint8Array, options?: { flush?: boolean }): Promise<void>;
+}
+
+/** The data area of `provider` starting at `dataOffsetBytes`. */
+export function providerDataStore(
+  provider: Provider,
+  dataOffsetBytes: number,
+  sizeBytes: number,
+): DataStore {
+  return {
+    sizeBytes,
+    read: (offset, length) => provider.read(dataOffsetBytes + offset, length),
+    write: (offset, data) => provider.write(dataOffsetBytes + offset, data),
+    zero: (offset, length) => provider.zero(dataOffsetBytes + offset, length),
+    flush: () => provider.flush(),
+  };
+}

@@ -1,0 +1,249 @@
+/**
+ * The replication wire protocol between primary and secondary (spec §7).
+ *
+ * Our own framing, not FreeBSD's: every message is a fixed 32-byte header
+ * followed by `payloadBytes` of payload. All integers are big-endian.
+ *
+ *   offset size field
+ *        0    4 magic          0x48415354 ("HAST")
+ *        4    1 version        WIRE_VERSION
+ *        5    1 type           MessageType
+ *        6    2 flags          FrameFlag bits
+ *        8    4 payloadBytes   bytes following the header (≤ MAX_PAYLOAD_BYTES)
+ *       12    4 seq            request sequence number, echoed in the reply
+ *       16    8 offset         byte offset in the data area (or in the bitmap for MAP)
+ *       24    4 length         logical I/O length in bytes
+ *       28    4 error          errno-style code in replies, 0 = success
+ *
+ * The payload length is checked against MAX_PAYLOAD_BYTES before anything is
+ * allocated, so a hostile or corrupt peer cannot make us allocate at will.
+ */
+import assert from "node:assert/strict";
+
+export const WIRE_MAGIC = 0x48415354;
+export const WIRE_VERSION = 1;
+export const HEADER_BYTES = 32;
+/** Largest READ/WRITE on the wire; larger application requests are split. */
+export const MAX_IO_BYTES = 1024 * 1024;
+/** Largest payload: one I/O plus room for a checksum trailer. */
+export const MAX_PAYLOAD_BYTES = MAX_IO_BYTES + 64;
+/** Largest JSON handshake document. */
+export const MAX_JSON_BYTES = 64 * 1024;
+
+export const enum MessageType {
+  /** primary → secondary: JSON Hello. First frame on a connection. */
+  Hello = 1,
+  /** secondary → primary: JSON HelloReply; followed by Map frames when accepted. */
+  HelloReply = 2,
+  Read = 3,
+  Write = 4,
+  /** Trim / write zeroes: the range reads back as zeros afterwards on both sides. */
+  Delete = 5,
+  Flush = 6,
+  /** Sent by an idle primary; no reply. */
+  Keepalive = 7,
+  /** secondary → primary: answer to Read/Write/Delete/Flush/SyncDone (by seq). */
+  Reply = 8,
+  /** primary → secondary: JSON SyncDone; the sync finished, commit counters. */
+  SyncDone = 9,
+  /** secondary → primary: a piece of the secondary's dirty bitmap (offset = byte offset). */
+  Map = 10,
+  /** Either side: JSON {reason}; the sender closes the connection after it. */
+  Goodbye = 11,
+}
+
+export const enum FrameFlag {
+  /** Write: force unit access (flush after writing). */
+  Fua = 1,
+  /** Reply: early "received" acknowledgement (memsync); a final reply follows. */
+  Received = 2,
+  /** Write payload omitted: the data is all zeros (compression "hole"). */
+  Hole = 4,
+  /** Write/Reply payload is lz4-compressed. */
+  Lz4 = 8,
+  /** Payload ends with a 4-byte crc32 of the bytes before it. */
+  Crc32 = 16,
+  /** Payload ends with a 32-byte sha256 of the bytes before it. */
+  Sha256 = 32,
+  /** Map: this is the last piece of the bitmap. */
+  Last = 64,
+}
+
+export interface Frame {
+  type: MessageType;
+  flags: number;
+  seq: number;
+  offset: number;
+  length: number;
+  error: number;
+  payload: Uint8Array;
+}
+
+/** Thrown for any violation of the framing by the peer; the connection is closed. */
+export class ProtocolError extends Error {
+  override name = "ProtocolError";
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** Encodes the 32-byte header of a frame whose payload is `payloadBytes` long. */
+export function encodeHeader(
+  frame: Omit<Frame, "payload">,
+  payloadBytes: number,
+): Uint8Array {
+  assert.ok(payloadBytes >= 0 && payloadBytes <= MAX_PAYLOAD_BYTES, "payload too large");
+  assert.ok(Number.isSafeInteger(frame.offset) && frame.offset >= 0, "bad offset");
+  const header = new Uint8Array(HEADER_BYTES);
+  const view = new DataView(header.buffer);
+  view.setUint32(0, WIRE_MAGIC);
+  view.setUint8(4, WIRE_VERSION);
+  view.setUint8(5, frame.type);
+  view.setUint16(6, frame.flags);
+  view.setUint32(8, payloadBytes);
+  view.setUint32(12, frame.seq >>> 0);
+  view.setBigUint64(16, BigInt(frame.offset));
+  view.setUint32(24, frame.length >>> 0);
+  view.setInt32(28, frame.error | 0);
+  return header;
+}
+
+/** Encodes a whole frame as [header, payload] (no concatenation of large payloads). */
+export function encodeFrame(frame: Partial<Frame> & { type: MessageType }): Uint8Array[] {
+  const payload = frame.payload ?? EMPTY;
+  const full = {
+    type: frame.type,
+    flags: frame.flags ?? 0,
+    seq: frame.seq ?? 0,
+    offset: frame.offset ?? 0,
+    length: frame.length ?? 0,
+    error: frame.error ?? 0,
+  };
+  const header = encodeHeader(full, payload.byteLength);
+  return payload.byteLength === 0 ? [header] : [header, payload];
+}
+
+/** Encodes a JSON message frame (Hello, HelloReply, SyncDone, Goodbye). */
+export function encodeJson(type: MessageType, value: unknown, seq = 0): Uint8Array[] {
+  const payload = new TextEncoder().encode(JSON.stringify(value));
+  assert.ok(payload.byteLength <= MAX_JSON_BYTES, "JSON message too large");
+  return encodeFrame({ type, seq, payload });
+}
+
+/** Decodes a JSON payload, throwing ProtocolError when it is not a JSON object. */
+export function decodeJson(frame: Frame): Record<string, unknown> {
+  if (frame.payload.byteLength > MAX_JSON_BYTES) {
+    throw new ProtocolError(`Cannot decode message: JSON of ${frame.payload.byteLength} bytes`);
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(new TextDecoder().decode(frame.payload));
+  } catch {
+    throw new ProtocolError(`Cannot decode message type ${frame.type}: payload is not JSON`);
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new ProtocolError(`Cannot decode message type ${frame.type}: not a JSON object`);
+  }
+  return value as Record<string, unknown>;
+}
+
+const KNOWN_TYPES = new Set<number>([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+
+/**
+ * Incremental frame parser: feed it chunks with arbitrary boundaries, it calls
+ * `onFrame` for each complete frame. Leftover bytes are kept until the next
+ * chunk. Throws ProtocolError on bad magic, version, type or length; after
+ * that the parser must not be used again (the caller closes the connection).
+ */
+export class FrameParser {
+  private headerBuf = new Uint8Array(HEADER_BYTES);
+  private headerFill = 0;
+  private pending: Omit<Frame, "payload"> | null = null;
+  private payload: Uint8Array = EMPTY;
+  private payloadFill = 0;
+
+  constructor(private readonly onFrame: (frame: Frame) => void) {}
+
+  /** Consumes one chunk of the byte stream. */
+  push(chunk: Uint8Array): void {
+    let at = 0;
+    while (at < chunk.byteLength) {
+      if (this.pending === null) {
+        const take = Math.min(HEADER_BYTES - this.headerFill, chunk.byteLength - at);
+        this.headerBuf.set(chunk.subarray(at, at + take), this.headerFill);
+        this.headerFill += take;
+        at += take;
+        if (this.headerFill < HEADER_BYTES) return;
+        this.headerFill = 0;
+        this.startFrame();
+        if (this.payload.byteLength === 0) this.finishFrame();
+        continue;
+      }
+      const take = Math.min(this.payload.byteLength - this.payloadFill, chunk.byteLength - at);
+      this.payload.set(chunk.subarray(at, at + take), this.payloadFill);
+      this.payloadFill += take;
+      at += take;
+      if (this.payloadFill === this.payload.byteLength) this.finishFrame();
+    }
+  }
+
+  private startFrame(): void {
+    const view = new DataView(this.headerBuf.buffer);
+    const magic = view.getUint32(0);
+    if (magic !== WIRE_MAGIC) {
+      throw new ProtocolError(`Cannot parse frame: bad magic 0x${magic.toString(16)}`);
+    }
+    const version = view.getUint8(4);
+    if (version !== WIRE_VERSION) {
+      throw new ProtocolError(
+        `Cannot parse frame: protocol version ${version}, expected ${WIRE_VERSION}`,
+      );
+    }
+    const type = view.getUint8(5);
+    if (!KNOWN_TYPES.has(type)) throw new ProtocolError(`Cannot parse frame: unknown type ${type}`);
+    const payloadBytes = view.getUint32(8);
+    if (payloadBytes > MAX_PAYLOAD_BYTES) {
+      throw new ProtocolError(
+        `Cannot parse frame: payload of ${payloadBytes} bytes exceeds ${MAX_PAYLOAD_BYTES}`,
+      );
+    }
+    const offset = view.getBigUint64(16);
+    if (offset > BigInt(Number.MAX_SAFE_INTEGER)) {
+      throw new ProtocolError(`Cannot parse frame: offset ${offset} out of range`);
+    }
+    this.pending = {
+      type,
+      flags: view.getUint16(6),
+      seq: view.getUint32(12),
+      offset: Number(offset),
+      length: view.getUint32(24),
+      error: view.getInt32(28),
+    };
+    this.payload = payloadBytes === 0 ? EMPTY : new Uint8Array(payloadBytes);
+    this.payloadFill = 0;
+  }
+
+  private finishFrame(): void {
+    const pending = this.pending;
+    assert.ok(pending !== null);
+    const frame: Frame = { ...pending, payload: this.payload };
+    this.pending = null;
+    this.payload = EMPTY;
+    this.payloadFill = 0;
+    this.onFrame(frame);
+  }
+}
+
+/** errno values used in replies (Linux numbering). */
+export const Errno = {
+  EIO: 5,
+  ENOMEM: 12,
+  EINVAL: 22,
+  ENOSPC: 28,
+  ESHUTDOWN: 108,
+} as const;
+
+/** Name of an errno value for messages. */
+export function errnoName(code: number): string {
+  for (const [name, value] of Object.entries(Errno)) if (value === code) return name;
+  return `errno ${code}`;
+}
