@@ -127,12 +127,16 @@ export class Synchronizer {
     while (this.o.link.isUp) {
       const extent = this.claimNext();
       if (extent < 0) return;
+      am.syncStart(extent);
+      let finished = false;
       try {
         await this.syncExtent(extent);
         // The copy must be durable before the extent may be marked clean.
         await this.flushTarget();
+        finished = true;
         if (am.syncDone(extent)) await this.o.persistMap();
       } catch (error) {
+        if (!finished) am.syncAbort(extent);
         if (error instanceof ChunkFailed) this.o.log("warn", error.message);
         else if (this.o.link.isUp) throw error;
         return;
