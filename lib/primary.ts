@@ -19,6 +19,8 @@ import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
 import { Errno, FrameFlag, MAX_IO_BYTES, MessageType, errnoName, type Frame } from "./wire.ts";
 
 export const RECONNECT_INTERVAL_MS = 2000;
+/** Pause before another sync pass when extents are dirty while connected. */
+export const RESYNC_RETRY_MS = 3000;
 export const KEEPALIVE_MS = 10_000;
 export const MAX_REMOTE_IN_FLIGHT = 256;
 
@@ -428,6 +430,7 @@ export class Primary {
       keepaliveMs: Math.min(KEEPALIVE_MS, (this.o.config.timeoutSeconds * 1000) / 2),
       maxInFlight: MAX_REMOTE_IN_FLIGHT,
       clock: this.o.clock,
+      codec: { compression: this.o.config.compression, checksum: this.o.config.checksum },
       onClose: (reason) => {
         this.onDisconnected(reason);
         onDown();
@@ -465,6 +468,22 @@ export class Primary {
     });
     this.syncer = syncer;
     syncer.start();
+    void syncer.stopped().then(() => this.scheduleResync(link));
+  }
+
+  /**
+   * While connected, extents can become dirty again after a sync ended (a
+   * remote write failed, or the sync itself failed on the secondary's disk):
+   * start another pass after a pause, for as long as the link is up.
+   */
+  private scheduleResync(link: RemoteLink): void {
+    if (this.stopped || !link.isUp || this.link !== link) return;
+    const timer = setTimeout(() => {
+      if (this.stopped || !link.isUp || this.link !== link) return;
+      if (this.o.activemap.syncExtentCount() > 0) this.startSync(link);
+      else this.scheduleResync(link);
+    }, RESYNC_RETRY_MS);
+    timer.unref?.();
   }
 
   /**

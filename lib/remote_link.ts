@@ -8,7 +8,8 @@
  */
 import assert from "node:assert/strict";
 import type { Connection } from "./transport.ts";
-import { encodeFrame, FrameFlag, MessageType, type Frame } from "./wire.ts";
+import { decodePayload, encodePayload, type CodecOptions } from "./payload_codec.ts";
+import { DATA_FLAGS, encodeFrame, FrameFlag, MessageType, ProtocolError, type Frame } from "./wire.ts";
 
 /** Injectable time source. */
 export interface Clock {
@@ -80,6 +81,8 @@ export interface RemoteLinkOptions {
   keepaliveMs: number;
   maxInFlight: number;
   clock: Clock;
+  /** Compression and checksum agreed in the handshake. */
+  codec: CodecOptions;
   onClose: (reason: string) => void;
   /** Frames that are not replies (e.g. none today) go here. */
   onOtherFrame?: (frame: Frame) => void;
@@ -139,7 +142,12 @@ export class RemoteLink {
     };
     this.pending.set(seq, entry);
     this.lastTxMs = entry.sentAtMs;
-    this.conn.send(encodeFrame({ ...frame, seq }));
+    if (frame.type === MessageType.Write && frame.payload) {
+      const { flags, pieces } = encodePayload(frame.payload, this.options.codec);
+      this.conn.send(encodeFrame({ ...frame, payload: undefined, pieces, flags: (frame.flags ?? 0) | flags, seq }));
+    } else {
+      this.conn.send(encodeFrame({ ...frame, seq }));
+    }
     return { received: entry.received.promise, done: entry.done.promise };
   }
 
@@ -178,6 +186,16 @@ export class RemoteLink {
       return;
     }
     this.pending.delete(frame.seq);
+    if (frame.payload.byteLength > 0 || frame.flags & DATA_FLAGS) {
+      try {
+        frame.payload = decodePayload(frame.flags, frame.payload, frame.length, this.options.codec.checksum);
+      } catch (error) {
+        const why = error instanceof ProtocolError ? error.message : String(error);
+        entry.done.reject(new LinkDownError(why));
+        this.close(`bad data from secondary: ${why}`);
+        return;
+      }
+    }
     if (!entry.received.settled) entry.received.resolve();
     entry.done.resolve(frame);
     this.wakeSlot();

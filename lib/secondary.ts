@@ -9,7 +9,10 @@ import { handshakeAsSecondary, type Hello } from "./handshake.ts";
 import type { HookRunner } from "./hooks.ts";
 import type { DataStore, MetaStore } from "./storage.ts";
 import type { Connection } from "./transport.ts";
-import { decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MessageType, type Frame } from "./wire.ts";
+import { decodePayload, encodePayload } from "./payload_codec.ts";
+import {
+  decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MessageType, ProtocolError, type Frame,
+} from "./wire.ts";
 
 /** Requests must be aligned to this (spec §7). */
 export const SECTOR_BYTES = 512;
@@ -94,6 +97,19 @@ export class Secondary {
       conn.send(encodeFrame({ type: MessageType.Keepalive }));
       return;
     }
+    if (frame.type === MessageType.Write && frame.length <= MAX_IO_BYTES) {
+      try {
+        frame.payload = decodePayload(frame.flags, frame.payload, frame.length, this.o.config.checksum);
+      } catch (error) {
+        // Never write data that failed verification: drop the connection; the
+        // primary keeps the extent dirty and resyncs it (spec §7).
+        const why = error instanceof ProtocolError ? error.message : String(error);
+        this.counters.invalid++;
+        this.o.log("error", `dropping connection: write at ${frame.offset}+${frame.length}: ${why}`);
+        conn.close(`bad data: ${why}`);
+        return;
+      }
+    }
     const invalid = this.validate(frame);
     if (invalid) {
       this.counters.invalid++;
@@ -109,7 +125,13 @@ export class Secondary {
     this.chain = this.chain.then(async () => {
       const reply = await this.apply(frame);
       this.queued--;
-      if (!conn.closed) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
+      if (conn.closed) return;
+      if (reply.payload) {
+        const { flags, pieces } = encodePayload(reply.payload, this.o.config);
+        conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, length: frame.length, flags, pieces }));
+      } else {
+        conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
+      }
     });
   }
 

@@ -86,6 +86,9 @@ export class ProtocolError extends Error {
 
 const EMPTY = new Uint8Array(0);
 
+/** Flags that describe how a data payload is encoded (payload_codec.ts). */
+export const DATA_FLAGS = FrameFlag.Hole | FrameFlag.Lz4 | FrameFlag.Crc32 | FrameFlag.Sha256;
+
 /** Encodes the 32-byte header of a frame whose payload is `payloadBytes` long. */
 export function encodeHeader(
   frame: Omit<Frame, "payload">,
@@ -107,9 +110,16 @@ export function encodeHeader(
   return header;
 }
 
-/** Encodes a whole frame as [header, payload] (no concatenation of large payloads). */
-export function encodeFrame(frame: Partial<Frame> & { type: MessageType }): Uint8Array[] {
-  const payload = frame.payload ?? EMPTY;
+/**
+ * Encodes a whole frame as [header, ...payload pieces] (no concatenation of
+ * large payloads). `pieces`, when given, is the payload in several parts.
+ */
+export function encodeFrame(
+  frame: Partial<Frame> & { type: MessageType; pieces?: Uint8Array[] },
+): Uint8Array[] {
+  const pieces = frame.pieces ?? (frame.payload && frame.payload.byteLength ? [frame.payload] : []);
+  let payloadBytes = 0;
+  for (const piece of pieces) payloadBytes += piece.byteLength;
   const full = {
     type: frame.type,
     flags: frame.flags ?? 0,
@@ -118,8 +128,7 @@ export function encodeFrame(frame: Partial<Frame> & { type: MessageType }): Uint
     length: frame.length ?? 0,
     error: frame.error ?? 0,
   };
-  const header = encodeHeader(full, payload.byteLength);
-  return payload.byteLength === 0 ? [header] : [header, payload];
+  return [encodeHeader(full, payloadBytes), ...pieces];
 }
 
 /** Encodes a JSON message frame (Hello, HelloReply, SyncDone, Goodbye). */

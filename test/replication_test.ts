@@ -8,12 +8,18 @@ import { randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { createCluster } from "./cluster.ts";
-import { Cleanup, run } from "./harness.ts";
+import { Cleanup, run, waitFor } from "./harness.ts";
 
-test("nbdcopy through the primary lands byte-identical on the secondary", async () => {
+const CASES = [
+  { replication: "fullsync", codec: ["compression none", "checksum none"] },
+  { replication: "memsync", codec: ["compression lz4", "checksum sha256"] },
+  { replication: "async", codec: ["compression hole", "checksum crc32"] },
+] as const;
+
+test.each(CASES)("nbdcopy through the primary lands byte-identical on the secondary (%o)", async (c0) => {
   const cleanup = new Cleanup();
   try {
-    const c = await createCluster(cleanup, { replication: "fullsync" });
+    const c = await createCluster(cleanup, { replication: c0.replication, resourceLines: [...c0.codec] });
     await c.createBoth();
     await c.startDaemon("a");
     await c.startDaemon("b");
@@ -21,10 +27,20 @@ test("nbdcopy through the primary lands byte-identical on the secondary", async 
     await c.hast("a", ["role", "primary", "data"]);
     const status = await c.waitStatus("a", "primary complete", (s) => s.status === "complete");
     expect(status.nbd).toBe(c.uri("a"));
-    const payload = randomBytes(16 * 1024 * 1024);
+    // Random data, zeros and compressible text, so every codec path is taken.
+    const payload = Buffer.concat([
+      randomBytes(8 * 1024 * 1024), Buffer.alloc(4 * 1024 * 1024), Buffer.alloc(4 * 1024 * 1024, "hast "),
+    ]);
     const file = join(c.dir, "payload.bin");
     writeFileSync(file, payload);
     await run(["nbdcopy", file, c.uri("a")]);
+    await run(["nbdcopy", "--flush", file, c.uri("a")]);
+    await c.waitStatus("a", "all extents clean", (s) => s.dirtyBytes === 0 && s.status === "complete");
+    // async/memsync answer before the secondary wrote: wait until nothing is in flight.
+    await waitFor("no remote writes in flight", async () => {
+      const list = JSON.parse((await c.hast("a", ["list", "--json"])).stdout).resources[0];
+      return list.worker.remoteInFlight === 0;
+    });
     const onA = await c.readData("a", 0, payload.byteLength);
     const onB = await c.readData("b", 0, payload.byteLength);
     expect(Buffer.compare(Buffer.from(onA), payload)).toBe(0);

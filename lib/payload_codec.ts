@@ -1,0 +1,113 @@
+/**
+ * The data stage table of spec §7: on send, compression then checksum (the
+ * checksum covers the compressed bytes); on receive, verify then decompress.
+ *
+ * - compression "hole": all-zero data travels as its length only.
+ * - compression "lz4": hole first; lz4 only for data over 1 KiB, and only if
+ *   it saves at least 1 KiB.
+ * - checksum "crc32" (Bun's native crc32) or "sha256" (node:crypto, native;
+ *   hash-wasm's is 10× slower per platform.md): a trailer after the payload.
+ *
+ * The implementations are chosen here and nowhere else.
+ */
+import { createHash } from "node:crypto";
+import { compressSync, uncompressSync } from "lz4-napi";
+import type { ChecksumKind, CompressionKind } from "./config.ts";
+import { FrameFlag, MAX_IO_BYTES, ProtocolError } from "./wire.ts";
+
+export interface CodecOptions {
+  compression: CompressionKind;
+  checksum: ChecksumKind;
+}
+
+/** lz4 is tried only above this size, and must save at least this much. */
+export const LZ4_MIN_BYTES = 1024;
+
+const ZEROS = new Uint8Array(MAX_IO_BYTES);
+
+/** True when every byte of `data` is zero (memcmp against a zero page). */
+export function isAllZero(data: Uint8Array): boolean {
+  for (let at = 0; at < data.byteLength; at += ZEROS.byteLength) {
+    const piece = data.subarray(at, Math.min(data.byteLength, at + ZEROS.byteLength));
+    if (Buffer.compare(piece, ZEROS.subarray(0, piece.byteLength)) !== 0) return false;
+  }
+  return true;
+}
+
+function checksumOf(kind: ChecksumKind, bytes: Uint8Array): Uint8Array {
+  if (kind === "crc32") {
+    const out = new Uint8Array(4);
+    new DataView(out.buffer).setUint32(0, Bun.hash.crc32(bytes) >>> 0);
+    return out;
+  }
+  return createHash("sha256").update(bytes).digest();
+}
+
+const TRAILER_BYTES: Record<ChecksumKind, number> = { none: 0, crc32: 4, sha256: 32 };
+const CHECKSUM_FLAG: Record<ChecksumKind, number> = { none: 0, crc32: FrameFlag.Crc32, sha256: FrameFlag.Sha256 };
+
+/**
+ * Encodes data for the wire. Returns the flags to set and the payload pieces
+ * (body, then the checksum trailer if any), without copying the body when it
+ * is sent as is.
+ */
+export function encodePayload(data: Uint8Array, options: CodecOptions): { flags: number; pieces: Uint8Array[] } {
+  let flags = 0;
+  let body = data;
+  if (options.compression !== "none" && isAllZero(data)) {
+    flags |= FrameFlag.Hole;
+    body = new Uint8Array(0);
+  } else if (options.compression === "lz4" && data.byteLength > LZ4_MIN_BYTES) {
+    const compressed = compressSync(Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+    if (compressed.byteLength + LZ4_MIN_BYTES <= data.byteLength) {
+      flags |= FrameFlag.Lz4;
+      body = compressed;
+    }
+  }
+  if (options.checksum === "none") return { flags, pieces: body.byteLength ? [body] : [] };
+  flags |= CHECKSUM_FLAG[options.checksum];
+  const trailer = checksumOf(options.checksum, body);
+  return { flags, pieces: body.byteLength ? [body, trailer] : [trailer] };
+}
+
+/**
+ * Decodes a received payload of logical size `length`: verifies the checksum
+ * the flags announce, then expands holes and lz4. Throws ProtocolError on a
+ * mismatch or malformed data (the caller drops the connection).
+ */
+export function decodePayload(flags: number, payload: Uint8Array, length: number, expected: ChecksumKind): Uint8Array {
+  if (length > MAX_IO_BYTES) throw new ProtocolError(`Cannot accept data: length ${length} > ${MAX_IO_BYTES}`);
+  const kind: ChecksumKind = flags & FrameFlag.Sha256 ? "sha256" : flags & FrameFlag.Crc32 ? "crc32" : "none";
+  if (kind !== expected) {
+    throw new ProtocolError(`Cannot accept data: checksum "${kind}" but "${expected}" was agreed`);
+  }
+  const trailerBytes = TRAILER_BYTES[kind];
+  if (payload.byteLength < trailerBytes) throw new ProtocolError(`Cannot accept data: payload shorter than its checksum`);
+  const body = payload.subarray(0, payload.byteLength - trailerBytes);
+  if (kind !== "none") {
+    const got = payload.subarray(payload.byteLength - trailerBytes);
+    if (Buffer.compare(checksumOf(kind, body), got) !== 0) {
+      throw new ProtocolError(`Cannot accept data: ${kind} mismatch (${length} bytes)`);
+    }
+  }
+  if (flags & FrameFlag.Hole) {
+    if (body.byteLength !== 0) throw new ProtocolError("Cannot accept data: hole with a body");
+    return new Uint8Array(length);
+  }
+  if (flags & FrameFlag.Lz4) {
+    let out: Buffer;
+    try {
+      out = uncompressSync(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+    } catch (error) {
+      throw new ProtocolError(`Cannot accept data: lz4 data is corrupt (${error})`);
+    }
+    if (out.byteLength !== length) {
+      throw new ProtocolError(`Cannot accept data: lz4 expanded to ${out.byteLength} bytes, expected ${length}`);
+    }
+    return out;
+  }
+  if (body.byteLength !== length) {
+    throw new ProtocolError(`Cannot accept data: ${body.byteLength} bytes, expected ${length}`);
+  }
+  return body;
+}
