@@ -228,6 +228,20 @@ export class ActiveMap {
     assert(this.#syncing.delete(extent), `extent ${extent} is not syncing`);
   }
 
+  /**
+   * Forgets the keepdirty set: used on a clean shutdown when both copies are
+   * known identical, so the next start does not resync idle extents.
+   * @returns true when the on-disk map changed and should be written
+   */
+  dropKeepdirty(): boolean {
+    const extents = [...this.#lru.keys()];
+    this.#lru.clear();
+    this.#lruNewest = -1;
+    let changed = false;
+    for (const e of extents) changed = this.#refresh(e) || changed;
+    return this.#counted(changed);
+  }
+
   /** True if the extent is in the sync map. */
   isSyncNeeded(extent: number): boolean {
     this.#assertExtent(extent);

@@ -83,13 +83,33 @@ export class Primary {
     void this.connectLoop();
   }
 
-  /** Stops reconnecting, closes the link and waits for the sync to stop. */
+  /**
+   * Stops reconnecting, closes the link and waits for the sync to stop. Call
+   * after the NBD server stopped taking requests. When both copies are known
+   * identical (connected, nothing in flight or to sync, both flushed), the
+   * keepdirty extents are cleared on disk so the next start syncs nothing.
+   */
   async stop(): Promise<void> {
     this.stopped = true;
     this.stopLoop();
+    await this.lock.acquire(0, this.sizeBytes).then((release) => this.cleanShutdown().finally(release));
     this.link?.close("resource stopping");
     await this.syncer?.stopped();
     await this.mapChain;
+  }
+
+  private async cleanShutdown(): Promise<void> {
+    const am = this.o.activemap;
+    const link = this.link;
+    if (!link?.isUp || am.syncExtentCount() > 0 || am.stats().inFlightExtents > 0) return;
+    try {
+      const { localOk, remoteOk } = await this.flushBoth(true);
+      if (!localOk || !remoteOk || !link.isUp || am.syncExtentCount() > 0) return;
+      if (am.dropKeepdirty()) await this.persistMap();
+      this.o.log("info", "clean shutdown: both copies identical, activemap cleared");
+    } catch (error) {
+      this.o.log("warn", `clean shutdown incomplete (extents stay dirty): ${error}`);
+    }
   }
 
   // ---- BlockDevice (NBD) -------------------------------------------------
@@ -124,19 +144,30 @@ export class Primary {
 
   async flush(): Promise<void> {
     this.counters.flushes++;
+    const { localOk } = await this.flushBoth(this.mode !== "async");
+    if (!localOk) throw new IoError("local flush failed", "EIO");
+  }
+
+  /**
+   * Flushes the local disk and, when connected, the secondary's. Waits for
+   * the secondary only when `waitRemote` (async mode does not).
+   */
+  private async flushBoth(waitRemote: boolean): Promise<{ localOk: boolean; remoteOk: boolean }> {
     const link = this.link;
     const remote = link?.isUp ? link.call({ type: MessageType.Flush }).done : null;
     const localOk = await this.localFlush();
-    if (remote && this.mode !== "async") {
-      const reply = await remote.catch((error: Error) => error);
-      if (reply instanceof Error || reply.error !== 0) {
-        // The remote copy may not be durable: keep everything it might lack dirty.
-        this.o.log("warn", `remote flush failed: ${reply instanceof Error ? reply.message : errnoName(reply.error)}`);
-      }
-    } else if (remote) {
+    if (!remote) return { localOk, remoteOk: false };
+    if (!waitRemote) {
       remote.catch(() => {});
+      return { localOk, remoteOk: false };
     }
-    if (!localOk) throw new IoError("local flush failed", "EIO");
+    const reply = await remote.catch((error: Error) => error);
+    if (reply instanceof Error || reply.error !== 0) {
+      const why = reply instanceof Error ? reply.message : errnoName(reply.error);
+      this.o.log("warn", `remote flush failed: ${why}`);
+      return { localOk, remoteOk: false };
+    }
+    return { localOk, remoteOk: true };
   }
 
   // ---- write path ---------------------------------------------------------
