@@ -192,12 +192,16 @@ async function detach(globals: Globals, rest: string[], logFile = "/var/log/hast
   child.unref();
   const deadline = Date.now() + 30_000;
   while (Date.now() < deadline) {
-    if (exited !== null) throw new ExitError(`Cannot start the daemon: it exited with code ${exited}; see ${logFile}`, exited);
+    if (exited !== null) {
+      throw new ExitError(`Cannot start the daemon: it exited with code ${exited}; see ${logFile}`, exited);
+    }
     const ok = await controlRequest(controlPath(cfg), { command: "ping" }, 1000).then((r) => r.ok, () => false);
     if (ok) return 0;
     await Bun.sleep(100);
   }
-  throw new ExitError(`Cannot start the daemon: no answer on the control socket after 30 s; see ${logFile}`, EX_TEMPFAIL);
+  throw new ExitError(
+    `Cannot start the daemon: no answer on the control socket after 30 s; see ${logFile}`, EX_TEMPFAIL,
+  );
 }
 
 // ---- offline commands -----------------------------------------------------------------
@@ -302,7 +306,9 @@ async function statusOrList(globals: Globals, command: "status" | "list", rest: 
 async function syncrate(globals: Globals, rest: string[]): Promise<number> {
   const { positionals } = parse(rest, {});
   const [rate, ...names] = positionals;
-  if (rate === undefined || names.length === 0) throw new ExitError("Cannot set syncrate: give a rate and resource names", EX_USAGE);
+  if (rate === undefined || names.length === 0) {
+    throw new ExitError("Cannot set syncrate: give a rate and resource names", EX_USAGE);
+  }
   const cfg = config(globals);
   await request(cfg, { command: "syncrate", names, bytesPerSecond: parseSizeBytes(rate) });
   return 0;

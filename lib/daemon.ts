@@ -33,6 +33,11 @@ export const WORKER_STOP_MS = 30_000;
 /** Time allowed for a connecting primary to send its Hello. */
 export const HELLO_TIMEOUT_MS = 10_000;
 
+interface Failure {
+  message: string;
+  exitCode: number;
+}
+
 interface Slot {
   config: ResourceConfig;
   role: Role;
@@ -86,7 +91,10 @@ export class Daemon {
     const control = this.config.control;
     if (control.kind !== "unix") throw new Error("Cannot serve control: only uds:// control addresses are supported");
     const alive = await controlRequest(control.path, { command: "ping" }, 2000).then(() => true, () => false);
-    if (alive) throw Object.assign(new Error(`Cannot start: a daemon already answers on "${control.path}"`), { exitCode: 75 });
+    if (alive) {
+      const error = new Error(`Cannot start: a daemon already answers on "${control.path}"`);
+      throw Object.assign(error, { exitCode: 75 });
+    }
     mkdirSync(dirname(control.path), { recursive: true });
     rmSync(control.path, { force: true });
     const server = controlServer((request) => this.handle(request), this.log);
@@ -218,7 +226,7 @@ export class Daemon {
   }
 
   /** Any role to any other: stops the old worker, starts the new one (spec §9). */
-  private async setRole(slot: Slot, role: Role, force: boolean): Promise<{ message: string; exitCode: number } | null> {
+  private async setRole(slot: Slot, role: Role, force: boolean): Promise<Failure | null> {
     const old = slot.role;
     if (old === role && (role === "init" || slot.child)) return null;
     await this.stopWorker(slot);
@@ -233,7 +241,7 @@ export class Daemon {
     return null;
   }
 
-  private startWorker(slot: Slot, role: WorkerRole, force: boolean): Promise<{ message: string; exitCode: number } | null> {
+  private startWorker(slot: Slot, role: WorkerRole, force: boolean): Promise<Failure | null> {
     const { command, args } = selfCommand(["__worker"]);
     const child = spawn(command, args, { stdio: ["ignore", "inherit", "inherit", "ipc"] });
     slot.child = child;
@@ -259,7 +267,8 @@ export class Daemon {
         slot.pending.clear();
         if (!settled) {
           settled = true;
-          resolve({ message: `Cannot start worker for "${slot.config.resource}": exited (${signal ?? code})`, exitCode: 75 });
+          const message = `Cannot start worker for "${slot.config.resource}": exited (${signal ?? code})`;
+          resolve({ message, exitCode: 75 });
           return;
         }
         if (!slot.stopping && !this.shuttingDown) this.onWorkerCrash(slot, role, signal ?? String(code));

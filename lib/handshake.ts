@@ -118,7 +118,9 @@ function collectReply(
     conn.onFrame = (frame) => {
       try {
         if (reply === null) {
-          if (frame.type !== MessageType.HelloReply) throw new ProtocolError(`expected HelloReply, got type ${frame.type}`);
+          if (frame.type !== MessageType.HelloReply) {
+            throw new ProtocolError(`expected HelloReply, got type ${frame.type}`);
+          }
           reply = decodeJson(frame);
           if (reply.accepted !== true) return finish();
           map = new Uint8Array(Number(reply.mapBytes ?? 0));
@@ -164,13 +166,18 @@ export async function handshakeAsSecondary(
     conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason: mismatch }));
     return { kind: "mismatch", reason: mismatch };
   }
-  const primary = { resuid: BigInt(hello.resuid), localcnt: BigInt(hello.localcnt), remotecnt: BigInt(hello.remotecnt) };
+  const primary = {
+    resuid: BigInt(hello.resuid), localcnt: BigInt(hello.localcnt), remotecnt: BigInt(hello.remotecnt),
+  };
   const decision = decideSync(primary, m, { secondaryDiscarded: m.discardPending });
   if (decision.kind === "uid-mismatch" || decision.kind === "split-brain") {
     const reason = decision.kind === "split-brain"
-      ? `split-brain: both sides were written independently (primary localcnt ${primary.localcnt} > secondary's remotecnt ${m.remotecnt}, secondary localcnt ${m.localcnt} > primary's remotecnt ${primary.remotecnt})`
+      ? `split-brain: both sides were written independently (primary localcnt ${primary.localcnt} > ` +
+        `secondary's remotecnt ${m.remotecnt}, secondary localcnt ${m.localcnt} > ` +
+        `primary's remotecnt ${primary.remotecnt})`
       : `resource unique ID mismatch (primary ${primary.resuid}, secondary ${m.resuid})`;
-    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason, splitBrain: decision.kind === "split-brain" }));
+    const splitBrain = decision.kind === "split-brain";
+    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason, splitBrain }));
     return decision;
   }
   const resuid = primary.resuid === 0n ? BigInt(hello.proposedResuid) : primary.resuid;

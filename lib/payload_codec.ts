@@ -82,7 +82,9 @@ export function decodePayload(flags: number, payload: Uint8Array, length: number
     throw new ProtocolError(`Cannot accept data: checksum "${kind}" but "${expected}" was agreed`);
   }
   const trailerBytes = TRAILER_BYTES[kind];
-  if (payload.byteLength < trailerBytes) throw new ProtocolError(`Cannot accept data: payload shorter than its checksum`);
+  if (payload.byteLength < trailerBytes) {
+    throw new ProtocolError(`Cannot accept data: payload shorter than its checksum`);
+  }
   const body = payload.subarray(0, payload.byteLength - trailerBytes);
   if (kind !== "none") {
     const got = payload.subarray(payload.byteLength - trailerBytes);

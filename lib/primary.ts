@@ -534,7 +534,8 @@ export class Primary {
       })),
     }).done.catch((error: Error) => error);
     if (reply instanceof Error || reply.error !== 0) {
-      this.o.log("warn", `secondary did not confirm the end of sync: ${reply instanceof Error ? reply.message : errnoName(reply.error)}`);
+      const why = reply instanceof Error ? reply.message : errnoName(reply.error);
+      this.o.log("warn", `secondary did not confirm the end of sync: ${why}`);
     }
   }
 

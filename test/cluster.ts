@@ -67,7 +67,9 @@ export interface Cluster {
   /** The JSON status object of the resource on a node. */
   status(node: NodeName): Promise<Record<string, any>>;
   /** Polls status until `predicate` holds. */
-  waitStatus(node: NodeName, what: string, predicate: (s: Record<string, any>) => boolean, timeoutMs?: number): Promise<Record<string, any>>;
+  waitStatus(
+    node: NodeName, what: string, predicate: (s: Record<string, any>) => boolean, timeoutMs?: number,
+  ): Promise<Record<string, any>>;
   /** libnbd URI of a node's export. */
   uri(node: NodeName): string;
   /** Reads a node's data area (the bytes the export shows), straight from its image file. */
