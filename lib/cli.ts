@@ -6,28 +6,16 @@ import { spawn } from "node:child_process";
 import { closeSync, existsSync, mkdirSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import { parseArgs } from "node:util";
-import { ConfigError, loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
+import { loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
 import { controlRequest, type ControlRequest } from "./control.ts";
 import { Daemon, selfCommand } from "./daemon.ts";
-import { createMetadata, MetadataError, MetadataStore } from "./metadata.ts";
-import { Provider, ProviderError } from "./provider.ts";
+import { createMetadata, MetadataStore } from "./metadata.ts";
+import { Provider } from "./provider.ts";
+import {
+  EX_CONFIG, EX_TEMPFAIL, EX_USAGE, ExitError, exitCodeOf,
+} from "./exit_codes.ts";
 import { formatList, formatStatusTable } from "./status.ts";
 import { parseSizeBytes } from "./units.ts";
-
-export const EX_USAGE = 64;
-export const EX_DATAERR = 65;
-export const EX_NOINPUT = 66;
-export const EX_SOFTWARE = 70;
-export const EX_IOERR = 74;
-export const EX_TEMPFAIL = 75;
-export const EX_CONFIG = 78;
-
-/** An error that ends the command with a sysexits code. */
-export class ExitError extends Error {
-  constructor(message: string, readonly exitCode: number) {
-    super(message);
-  }
-}
 
 const USAGE = `usage: hast [-c config] [--node name] command [options] [args]
 commands:
@@ -50,6 +38,10 @@ interface Globals {
 
 /** Runs the CLI; returns the exit code. */
 export async function runCli(argv: string[]): Promise<number> {
+  if (argv.length === 1 && (argv[0] === "-h" || argv[0] === "--help" || argv[0] === "help")) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
   try {
     const { globals, command, rest } = splitGlobals(argv);
     return await dispatch(globals, command, rest);
@@ -59,18 +51,6 @@ export async function runCli(argv: string[]): Promise<number> {
     if (code === EX_USAGE) process.stderr.write(`${USAGE}\n`);
     return code;
   }
-}
-
-function exitCodeOf(error: unknown): number {
-  if (error instanceof ExitError) return error.exitCode;
-  if (error instanceof ConfigError) return EX_CONFIG;
-  if (error instanceof MetadataError) return EX_DATAERR;
-  if (error instanceof ProviderError) return error.code === "EBUSY" ? EX_TEMPFAIL : EX_NOINPUT;
-  if (error instanceof RangeError || error instanceof SyntaxError) return EX_DATAERR;
-  const code = (error as { exitCode?: unknown }).exitCode;
-  if (typeof code === "number") return code;
-  if ((error as { code?: string }).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") return EX_USAGE;
-  return EX_SOFTWARE;
 }
 
 function splitGlobals(argv: string[]): { globals: Globals; command: string; rest: string[] } {

@@ -293,6 +293,12 @@ export class Primary {
   ): Promise<void> {
     const [localOk, remoteOk] = await Promise.all([local, remote]);
     if (!remoteOk && this.link?.isUp) this.counters.remoteErrors++;
+    // A write the secondary lacks is a generation of ours it has not seen, even
+    // if the link was up when it started: count it, so a later promotion of
+    // the secondary cannot look "in step" (spec §5).
+    if (localOk && !remoteOk && !this.bumpedSinceDisconnect) {
+      await this.bumpLocalcnt().catch((error) => this.o.log("error", `cannot bump localcnt: ${error}`));
+    }
     // A failed local write leaves the local copy stale; it is resynced like a
     // remote failure. (Direction is the sync source's; see README.)
     if (this.o.activemap.writeComplete(offset, length, { synced: localOk && remoteOk })) {

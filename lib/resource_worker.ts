@@ -13,6 +13,7 @@ import type { Socket } from "node:net";
 import { ActiveMap } from "./activemap.ts";
 import type { ResourceConfig } from "./config.ts";
 import type { Hello } from "./handshake.ts";
+import { exitCodeOf } from "./exit_codes.ts";
 import { execHooks } from "./hooks.ts";
 import { makeLogger, type Logger } from "./log.ts";
 import { MetadataStore } from "./metadata.ts";
@@ -69,7 +70,7 @@ export function runWorker(): void {
             running = await start(message, log);
             send({ type: "ready", pid: process.pid });
           } catch (error) {
-            const exitCode = (error as { exitCode?: number }).exitCode ?? 75;
+            const exitCode = exitCodeOf(error);
             send({ type: "failed", message: (error as Error).message, exitCode });
             setTimeout(() => process.exit(1), 50);
           }
