@@ -1,0 +1,320 @@
+/**
+ * The `hast` command line as an operator meets it, with real processes on a loopback cluster:
+ * every failure ends with its sysexits(3) code and a message that names the offending file,
+ * resource or value; the JSON of status, list and dump has the documented shape; `serve`
+ * without -F detaches and returns only once its control socket answers, and a second daemon for
+ * the same node is refused; a node whose data is stale (after `hast discard`) is not promoted
+ * without --force. Each case runs the real CLI (`bun main.ts`, or $HAST_BIN) and checks exit
+ * code and stderr; daemons are stopped by PID in cleanup.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { controlRequest } from "../lib/control.ts";
+import {
+  NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES,
+} from "../lib/resource_worker.ts";
+import { type Cluster, createCluster, hastCommand, type NodeName } from "./cluster.ts";
+import { Cleanup, makeTempDir, run, type RunResult, waitFor } from "./harness.ts";
+
+const EX_USAGE = 64;
+const EX_DATAERR = 65;
+const EX_SOFTWARE = 70;
+const EX_TEMPFAIL = 75;
+const EX_CONFIG = 78;
+/** Time per test: a few CLI runs (each a fresh Bun process) and maybe a daemon start. */
+const TEST_TIMEOUT_MS = 60_000;
+/** How long a detached daemon gets to exit after SIGTERM before its group gets SIGKILL. */
+const DAEMON_STOP_MS = 10_000;
+
+/** Runs hast with `args` as given (no -c/--node added); never throws on a non-zero exit. */
+function hastRaw(args: string[]): Promise<RunResult> {
+  return run([...hastCommand(), ...args], { allowFailure: true, timeoutMs: 60_000 });
+}
+
+/** Expects exit `code` and a stderr line that matches every pattern. */
+function expectFailure(result: RunResult, code: number | number[], ...patterns: RegExp[]): void {
+  const context = `stderr: ${result.stderr}`;
+  const codes = Array.isArray(code) ? code : [code];
+  expect(codes, context).toContain(result.code);
+  for (const pattern of patterns) expect(result.stderr, context).toMatch(pattern);
+}
+
+/** `"text"` as a RegExp source, for messages that quote the offending value. */
+function quoted(text: string): RegExp {
+  return new RegExp(`"${text.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")}"`);
+}
+
+/** A cluster with a fresh cleanup, torn down after `body` whatever happens. */
+async function withCluster(body: (c: Cluster) => Promise<void>): Promise<void> {
+  const cleanup = new Cleanup();
+  try {
+    await body(await createCluster(cleanup));
+  } finally {
+    await cleanup.run();
+  }
+}
+
+describe("without a daemon", () => {
+  test("an unknown command exits 64 and names it", async () => {
+    const result = await hastRaw(["frobnicate"]);
+    expectFailure(result, EX_USAGE, quoted("frobnicate"), /usage:/);
+  }, TEST_TIMEOUT_MS);
+
+  test("a missing config file exits 78 and names the file", async () => {
+    const cleanup = new Cleanup();
+    try {
+      const path = join(await makeTempDir(cleanup, "hast-cli-"), "missing.conf");
+      const result = await hastRaw(["-c", path, "--node", "a", "status"]);
+      expectFailure(result, EX_CONFIG, new RegExp(path.replace(/[.]/g, "\\.")));
+    } finally {
+      await cleanup.run();
+    }
+  }, TEST_TIMEOUT_MS);
+
+  test("a config syntax error exits 78 with file:line:column", async () => {
+    const cleanup = new Cleanup();
+    try {
+      const path = join(await makeTempDir(cleanup, "hast-cli-"), "bad.conf");
+      // Line 3 opens a section where an option value belongs.
+      writeFileSync(path, "# a comment\nresource data {\n  local /tmp/x {\n  }\n}\n");
+      const result = await hastRaw(["-c", path, "--node", "a", "status"]);
+      expectFailure(result, EX_CONFIG);
+      const match = new RegExp(`${path.replace(/[.]/g, "\\.")}:(\\d+):(\\d+)`).exec(result.stderr);
+      expect(match, `stderr: ${result.stderr}`).not.toBeNull();
+      expect(Number(match![1])).toBe(3);
+      expect(Number(match![2])).toBeGreaterThan(0);
+    } finally {
+      await cleanup.run();
+    }
+  }, TEST_TIMEOUT_MS);
+
+  test("create twice without --force exits 65 naming the resource; --force works", async () => {
+    await withCluster(async (c) => {
+      await c.hast("a", ["create", "data"]);
+      const again = await c.hast("a", ["create", "data"], { allowFailure: true });
+      expectFailure(again, EX_DATAERR, quoted("data"), /force/);
+      const forced = await c.hast("a", ["create", "--force", "-k", "8", "data"]);
+      expect(forced.stdout).toMatch(/data: created/);
+      const dump = await c.dump("a");
+      expect(dump.resource).toBe("data");
+      expect(dump.keepdirty).toBe(8); // the forced create really rewrote the metadata
+    });
+  }, TEST_TIMEOUT_MS);
+
+  test("create with a bad extent size is refused, quoting the value", async () => {
+    await withCluster(async (c) => {
+      const result = await c.hast("a", ["create", "-e", "3000", "data"], { allowFailure: true });
+      expectFailure(result, [EX_USAGE, EX_DATAERR], quoted("3000"));
+      // Nothing was written: there is still no metadata to dump.
+      const dump = await c.hast("a", ["dump", "--json"], { allowFailure: true });
+      expect(dump.code).not.toBe(0);
+    });
+  }, TEST_TIMEOUT_MS);
+
+  test("role with an unknown resource exits 78 or 64 and names it", async () => {
+    await withCluster(async (c) => {
+      const result = await c.hast("a", ["role", "primary", "nosuch"], { allowFailure: true });
+      expectFailure(result, [EX_CONFIG, EX_USAGE], quoted("nosuch"));
+    });
+  }, TEST_TIMEOUT_MS);
+
+  test("role without a running daemon exits 75", async () => {
+    await withCluster(async (c) => {
+      await c.createBoth();
+      const result = await c.hast("a", ["role", "primary", "data"], { allowFailure: true });
+      expectFailure(result, EX_TEMPFAIL, /daemon/);
+    });
+  }, TEST_TIMEOUT_MS);
+});
+
+/** What the detached `serve` of node a did, recorded by beforeAll for the tests below. */
+interface Served {
+  result: RunResult;
+  /** Whether the control socket answered a ping the moment `serve` had returned. */
+  answeredAtOnce: boolean;
+  pid: number | null;
+  log: string;
+}
+
+describe("with daemons (a detached by `serve`, b in the foreground)", () => {
+  const cleanup = new Cleanup();
+  let c: Cluster;
+  let served: Served;
+
+  beforeAll(async () => {
+    c = await createCluster(cleanup);
+    await c.createBoth();
+    served = await serveDetached(cleanup, c, "a");
+    expect(served.result.code, served.result.stderr).toBe(0);
+    await c.startDaemon("b");
+    await c.hast("b", ["role", "secondary", "data"]);
+    await c.hast("a", ["role", "primary", "data"]);
+    await c.waitStatus("a", "a primary complete", (s) => s.status === "complete");
+  }, TEST_TIMEOUT_MS);
+
+  afterAll(() => cleanup.run(), TEST_TIMEOUT_MS);
+
+  test("serve without -F detaches and returns only once control answers", async () => {
+    expect(served.answeredAtOnce).toBe(true);
+    expect(served.pid).not.toBeNull();
+    expect(served.pid).not.toBe(process.pid);
+    const cmdline = readCmdline(served.pid!);
+    expect(cmdline).toContain("serve");
+    expect(cmdline).toContain("-F");
+    expect(existsSync(served.log)).toBe(true);
+  }, TEST_TIMEOUT_MS);
+
+  test("a second `serve -F` for the same node exits 75", async () => {
+    const result = await c.hast("a", ["serve", "-F", "-P", join(c.dir, "second.pid")],
+      { allowFailure: true });
+    expectFailure(result, EX_TEMPFAIL, /already/);
+    expect((await c.status("a")).role).toBe("primary");
+  }, TEST_TIMEOUT_MS);
+
+  test("a second detached `serve` for the same node exits 75", async () => {
+    const log = join(c.dir, "second-serve.log");
+    const result = await c.hast("a", ["serve", "--log", log], { allowFailure: true });
+    const context = `exit ${result.code}; stderr: ${result.stderr}; daemon log: ` +
+      (existsSync(log) ? readFileSync(log, "utf8") : "(none)");
+    expect(result.code, context).toBe(EX_TEMPFAIL);
+    expect(readPidfile(c, "a"), "the first daemon keeps its pidfile").toBe(served.pid);
+    expect((await c.status("a")).role).toBe("primary");
+  }, TEST_TIMEOUT_MS);
+
+  test("create on the provider of a running primary exits 75 (in use)", async () => {
+    const before = await c.dump("a");
+    const result = await c.hast("a", ["create", "--force", "data"], { allowFailure: true });
+    expectFailure(result, EX_TEMPFAIL, /in use|locked/, quoted(c.nodes.a.image));
+    expect((await c.dump("a")).resuid).toBe(before.resuid);
+    expect((await c.status("a")).status).toBe("complete");
+  }, TEST_TIMEOUT_MS);
+
+  test("status --json has one object per resource with the documented fields", async () => {
+    const parsed = JSON.parse((await c.hast("a", ["status", "--json"])).stdout);
+    expect(Object.keys(parsed)).toEqual(["resources"]);
+    expect(parsed.resources).toHaveLength(1);
+    expect(parsed.resources[0]).toMatchObject({
+      name: "data",
+      role: "primary",
+      status: "complete",
+      local: c.nodes.a.image,
+      remote: expect.stringContaining(c.nodes.b.ip),
+      nbd: c.uri("a"),
+      dirtyBytes: 0,
+    });
+    const b = await c.status("b");
+    expect(b).toMatchObject({ name: "data", role: "secondary", local: c.nodes.b.image, nbd: null });
+    expect(b.remote).toContain(c.nodes.a.ip);
+    expect("dirtyBytes" in b).toBe(true);
+  }, TEST_TIMEOUT_MS);
+
+  test("list --json includes the NBD export's limits", async () => {
+    const row = JSON.parse((await c.hast("a", ["list", "--json"])).stdout).resources[0];
+    const limits = row.nbdLimits ?? row.worker?.nbdLimits;
+    expect(limits, JSON.stringify(row)).toMatchObject({
+      maxRequestBytes: NBD_MAX_REQUEST_BYTES,
+      maxInFlight: NBD_MAX_IN_FLIGHT,
+      maxClients: NBD_MAX_CLIENTS,
+    });
+    expect(row).toMatchObject({ name: "data", role: "primary", replication: "fullsync" });
+  }, TEST_TIMEOUT_MS);
+
+  test("dump --json shows the on-disk metadata of both sides", async () => {
+    const [a, b] = [await c.dump("a"), await c.dump("b")];
+    for (const [m, prevrole] of [[a, "primary"], [b, "secondary"]] as const) {
+      expect(m).toMatchObject({
+        resource: "data",
+        extentsizeBytes: 2 * 1024 * 1024,
+        keepdirty: 64,
+        prevrole,
+      });
+      expect(typeof m.datasizeBytes).toBe("number");
+      expect(m.datasizeBytes).toBeGreaterThan(60 * 1024 * 1024);
+      for (const field of ["resuid", "localcnt", "remotecnt"]) {
+        expect(String(m[field]), field).toMatch(/^\d+$/);
+      }
+    }
+    // The first connect gave both sides the same, non-zero resource id.
+    expect(a.resuid).not.toBe("0");
+    expect(b.resuid).toBe(a.resuid);
+    expect(b.datasizeBytes).toBe(a.datasizeBytes);
+  }, TEST_TIMEOUT_MS);
+});
+
+describe("promoting stale data", () => {
+  test("role primary after `discard` is refused with the reason; --force promotes", async () => {
+    await withCluster(async (c) => {
+      await c.createBoth();
+      await c.startDaemon("b");
+      await c.hast("b", ["discard", "data"]);
+      const dump = await c.dump("b");
+      expect(dump.syncTarget || dump.discardPending).toBe(true);
+      const refused = await c.hast("b", ["role", "primary", "data"], { allowFailure: true });
+      expect(refused.code).not.toBe(0);
+      expect(refused.code).not.toBe(EX_SOFTWARE);
+      expect(refused.stderr).toMatch(/stale|discard|sync/);
+      expect(refused.stderr).toMatch(/--force/);
+      expect((await c.status("b")).role).toBe("init");
+      await c.hast("b", ["role", "--force", "primary", "data"]);
+      expect((await c.status("b")).role).toBe("primary");
+    });
+  }, TEST_TIMEOUT_MS);
+});
+
+/**
+ * Runs `hast serve --log <file>` (no -F) for `node` and pings the control socket right after
+ * it returns. Registers, before starting, a stop of whatever PID the pidfile then names.
+ */
+async function serveDetached(cleanup: Cleanup, c: Cluster, node: NodeName): Promise<Served> {
+  const log = join(c.dir, `${node}-detached.log`);
+  let pid: number | null = null;
+  cleanup.add(`stop detached daemon of ${node}`, () => stopDetached(pid ?? readPidfile(c, node)));
+  const result = await c.hast(node, ["serve", "--log", log], { allowFailure: true });
+  const answeredAtOnce = await controlRequest(c.nodes[node].control, { command: "ping" }, 2000)
+    .then((response) => response.ok, () => false);
+  pid = await waitFor(`pidfile of ${node}`, () => readPidfile(c, node) ?? false, {
+    timeoutMs: 5_000,
+  }).catch(() => null);
+  return { result, answeredAtOnce, pid, log };
+}
+
+function readPidfile(c: Cluster, node: NodeName): number | null {
+  const path = `${c.nodes[node].control}.pid`;
+  if (!existsSync(path)) return null;
+  const pid = Number(readFileSync(path, "utf8").trim());
+  return Number.isSafeInteger(pid) && pid > 1 ? pid : null;
+}
+
+function readCmdline(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").join(" ");
+  } catch {
+    return "";
+  }
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return !/^\d+ \(.*\) Z /.test(stat);
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * SIGTERM to a detached daemon (only if its command line is a hast `serve`, so a reused PID is
+ * left alone), then SIGKILL to its process group (it leads one: it was spawned detached) if it
+ * has not exited in time; the group holds its workers.
+ */
+async function stopDetached(pid: number | null): Promise<void> {
+  if (pid === null || !isRunning(pid) || !readCmdline(pid).includes(" serve -F")) return;
+  process.kill(pid, "SIGTERM");
+  const stopped = await waitFor(`daemon ${pid} to exit`, () => !isRunning(pid), {
+    timeoutMs: DAEMON_STOP_MS,
+  }).then(() => true, () => false);
+  if (stopped) return;
+  process.kill(-pid, "SIGKILL");
+  await waitFor(`daemon ${pid} to die`, () => !isRunning(pid), { timeoutMs: DAEMON_STOP_MS });
+}
