@@ -175,8 +175,11 @@ describe("with daemons (a detached by `serve`, b in the foreground)", () => {
   test("a second detached `serve` for the same node exits 75", async () => {
     const log = join(c.dir, "second-serve.log");
     const result = await c.hast("a", ["serve", "--log", log], { allowFailure: true });
-    const context = `exit ${result.code}; stderr: ${result.stderr}; daemon log: ` +
-      (existsSync(log) ? readFileSync(log, "utf8") : "(none)");
+    // For the failure message: what the refused daemon wrote, once it has written anything.
+    const logText = await waitFor("second daemon's log", () => readText(log).trim() || false, {
+      timeoutMs: 3_000,
+    }).catch(() => readText(log));
+    const context = `exit ${result.code}; stderr: ${result.stderr}; daemon log: ${logText}`;
     expect(result.code, context).toBe(EX_TEMPFAIL);
     expect(readPidfile(c, "a"), "the first daemon keeps its pidfile").toBe(served.pid);
     expect((await c.status("a")).role).toBe("primary");
@@ -284,6 +287,10 @@ function readPidfile(c: Cluster, node: NodeName): number | null {
   if (!existsSync(path)) return null;
   const pid = Number(readFileSync(path, "utf8").trim());
   return Number.isSafeInteger(pid) && pid > 1 ? pid : null;
+}
+
+function readText(path: string): string {
+  return existsSync(path) ? readFileSync(path, "utf8") : "";
 }
 
 function readCmdline(pid: number): string {

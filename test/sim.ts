@@ -1,0 +1,212 @@
+/**
+ * In-process simulation of a primary and a secondary with injectable faults:
+ * memory disks that can be slowed, gated or made to fail, and an in-memory
+ * network whose byte stream goes through the real framing and can be
+ * corrupted. Drives the real Primary, Secondary and handshake code.
+ */
+import { ActiveMap } from "../lib/activemap.ts";
+import type { ResourceConfig } from "../lib/config.ts";
+import { parseHello } from "../lib/handshake.ts";
+import type { HookEvent, HookRunner } from "../lib/hooks.ts";
+import { computeLayout, type Metadata } from "../lib/metadata.ts";
+import { Primary } from "../lib/primary.ts";
+import { systemClock } from "../lib/remote_link.ts";
+import { Secondary } from "../lib/secondary.ts";
+import type { DataStore, MetaStore } from "../lib/storage.ts";
+import type { Connection, Network } from "../lib/transport.ts";
+import { FrameParser, type Frame } from "../lib/wire.ts";
+
+/** A disk in memory; `beforeWrite` can delay or fail writes. */
+export class MemoryDisk implements DataStore {
+  readonly bytes: Uint8Array;
+  writes = 0;
+  beforeWrite: (offset: number, data: Uint8Array) => Promise<void> = async () => {};
+
+  constructor(readonly sizeBytes: number) {
+    this.bytes = new Uint8Array(sizeBytes);
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    return this.bytes.slice(offset, offset + length);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.beforeWrite(offset, data);
+    this.bytes.set(data, offset);
+    this.writes++;
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    await this.beforeWrite(offset, new Uint8Array(0));
+    this.bytes.fill(0, offset, offset + length);
+  }
+
+  async flush(): Promise<boolean> {
+    return true;
+  }
+}
+
+/** Metadata and map in memory. */
+export class MemoryMeta implements MetaStore {
+  metadata: Metadata;
+  map: Uint8Array;
+
+  constructor(resource: string, mediasizeBytes: number, extentsizeBytes: number, keepdirty: number) {
+    const layout = computeLayout(mediasizeBytes, extentsizeBytes);
+    this.metadata = {
+      resource, datasizeBytes: layout.datasizeBytes, extentsizeBytes, keepdirty,
+      mapOffsetBytes: layout.mapOffsetBytes, mapSizeBytes: layout.mapSizeBytes,
+      dataOffsetBytes: layout.dataOffsetBytes, resuid: 0n, localcnt: 0n, remotecnt: 0n,
+      prevrole: "init", syncTarget: false, discardPending: false, generation: 1n,
+    };
+    this.map = new Uint8Array(layout.mapSizeBytes);
+  }
+
+  async write(update: Partial<Omit<Metadata, "generation">>): Promise<void> {
+    this.metadata = { ...this.metadata, ...update, generation: this.metadata.generation + 1n };
+  }
+
+  async readMap(): Promise<Uint8Array> {
+    return this.map.slice();
+  }
+
+  async writeMap(bitmap: Uint8Array): Promise<void> {
+    this.map.set(bitmap.subarray(0, this.map.byteLength));
+  }
+}
+
+/** One end of an in-memory connection; bytes pass through `tamper` and the real parser. */
+class MemoryConnection implements Connection {
+  onFrame: (frame: Frame) => void = () => {};
+  onClose: (reason: string) => void = () => {};
+  peer!: MemoryConnection;
+  private isClosed = false;
+  private readonly parser = new FrameParser((frame) => this.onFrame(frame));
+
+  constructor(readonly remoteAddress: string, private readonly tamper: (bytes: Uint8Array) => Uint8Array) {}
+
+  get closed(): boolean {
+    return this.isClosed;
+  }
+
+  send(pieces: Uint8Array[]): boolean {
+    if (this.isClosed) return false;
+    const bytes = this.tamper(new Uint8Array(Buffer.concat(pieces)));
+    const peer = this.peer;
+    setImmediate(() => {
+      if (peer.isClosed) return;
+      try {
+        peer.parser.push(bytes);
+      } catch (error) {
+        peer.close(`protocol violation: ${(error as Error).message}`);
+      }
+    });
+    return true;
+  }
+
+  async drained(): Promise<void> {}
+
+  close(reason: string): void {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    this.onClose(reason);
+    setImmediate(() => this.peer.close(`peer closed: ${reason}`));
+  }
+}
+
+export interface SimOptions {
+  replication: ResourceConfig["replication"];
+  checksum?: ResourceConfig["checksum"];
+  compression?: ResourceConfig["compression"];
+  mediasizeBytes?: number;
+  extentsizeBytes?: number;
+  keepdirty?: number;
+}
+
+/** A primary and a secondary joined by an in-memory network. */
+export class Sim {
+  readonly primaryDisk: MemoryDisk;
+  readonly secondaryDisk: MemoryDisk;
+  readonly primaryMeta: MemoryMeta;
+  readonly secondaryMeta: MemoryMeta;
+  readonly events: string[] = [];
+  readonly logs: string[] = [];
+  /** Applied to primary → secondary bytes (e.g. flip a bit). */
+  tamperToSecondary: (bytes: Uint8Array) => Uint8Array = (b) => b;
+  /** False makes connect attempts fail (partition). */
+  reachable = true;
+  primary!: Primary;
+  secondary!: Secondary;
+  activemap!: ActiveMap;
+
+  constructor(readonly options: SimOptions) {
+    const media = options.mediasizeBytes ?? 16 * 1024 * 1024;
+    const extent = options.extentsizeBytes ?? 1024 * 1024;
+    const keepdirty = options.keepdirty ?? 4;
+    this.primaryMeta = new MemoryMeta("sim", media, extent, keepdirty);
+    this.secondaryMeta = new MemoryMeta("sim", media, extent, keepdirty);
+    this.primaryDisk = new MemoryDisk(this.primaryMeta.metadata.datasizeBytes);
+    this.secondaryDisk = new MemoryDisk(this.secondaryMeta.metadata.datasizeBytes);
+  }
+
+  config(): ResourceConfig {
+    return {
+      resource: "sim", name: "sim", local: "/sim", line: 1,
+      remote: { kind: "tcp", family: "tcp", host: "sim", port: 1 }, source: null,
+      replication: this.options.replication, checksum: this.options.checksum ?? "none",
+      compression: this.options.compression ?? "hole", timeoutSeconds: 5, exec: null,
+      metaflush: true, syncRateBytesPerSecond: 0, pipeline: false,
+      export: { kind: "unix", path: "/sim.sock" },
+    };
+  }
+
+  private hooks(side: string): HookRunner {
+    return { run: (event: HookEvent, args: string[]) => this.events.push([side, event, ...args].join(" ")) };
+  }
+
+  private log(side: string) {
+    return (level: string, message: string) => this.logs.push(`${side} ${level}: ${message}`);
+  }
+
+  /** Starts both sides; the primary connects at once. */
+  start(): void {
+    const config = this.config();
+    this.secondary = new Secondary({
+      config, data: this.secondaryDisk, meta: this.secondaryMeta, hooks: this.hooks("secondary"),
+      log: this.log("secondary"),
+    });
+    const m = this.primaryMeta.metadata;
+    this.activemap = new ActiveMap({
+      extentCount: Math.ceil(m.datasizeBytes / m.extentsizeBytes), extentsizeBytes: m.extentsizeBytes,
+      datasizeBytes: m.datasizeBytes, keepdirty: m.keepdirty, onDisk: this.primaryMeta.map,
+    });
+    this.primary = new Primary({
+      config, data: this.primaryDisk, meta: this.primaryMeta, activemap: this.activemap,
+      network: this.network(), clock: systemClock, hooks: this.hooks("primary"), log: this.log("primary"),
+    });
+    this.primary.start();
+  }
+
+  private network(): Network {
+    return {
+      connect: async () => {
+        if (!this.reachable) throw new Error("unreachable (simulated partition)");
+        const client = new MemoryConnection("secondary", (b) => this.tamperToSecondary(b));
+        const server = new MemoryConnection("primary", (b) => b);
+        client.peer = server;
+        server.peer = client;
+        // As the daemon does: read the Hello, then hand the connection over.
+        server.onFrame = (frame) => {
+          server.onFrame = () => {};
+          void this.secondary.attach(server, parseHello(frame));
+        };
+        return client;
+      },
+    };
+  }
+
+  async stop(): Promise<void> {
+    await this.primary.stop();
+    await this.secondary.stop();
+  }
+}
