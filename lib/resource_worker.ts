@@ -47,6 +47,7 @@ export const NBD_MAX_CLIENTS = 16;
 interface Running {
   role: WorkerRole;
   provider: Provider;
+  meta: MetadataStore;
   primary?: Primary;
   nbd?: NbdServer;
   secondary?: Secondary;
@@ -129,7 +130,7 @@ async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger)
     const hooks = execHooks(config.exec, config.resource, log);
     if (role === "secondary") {
       const secondary = new Secondary({ config, data, meta, hooks, log });
-      return { role, provider, secondary, stop: async () => {
+      return { role, provider, meta, secondary, stop: async () => {
         await secondary.stop();
         provider.close();
       } };
@@ -173,7 +174,7 @@ async function startPrimary(
   await nbd.listen(config.export);
   primary.start();
   return {
-    role: "primary", provider, primary, nbd,
+    role: "primary", provider, meta, primary, nbd,
     stop: async () => {
       await nbd.close();
       await primary.stop();
@@ -183,13 +184,20 @@ async function startPrimary(
 }
 
 function statusOf(running: Running): unknown {
+  const m = running.meta.metadata;
+  const metadata = {
+    datasizeBytes: m.datasizeBytes, extentsizeBytes: m.extentsizeBytes, keepdirty: m.keepdirty,
+    resuid: String(m.resuid), localcnt: String(m.localcnt), remotecnt: String(m.remotecnt),
+    syncTarget: m.syncTarget, discardPending: m.discardPending,
+  };
   if (running.primary) {
     return {
       role: "primary",
+      metadata,
       ...running.primary.status(),
       nbd: running.nbd?.stats() ?? null,
       nbdLimits: running.nbd?.limits ?? null,
     };
   }
-  return { role: "secondary", ...running.secondary!.status() };
+  return { role: "secondary", metadata, ...running.secondary!.status() };
 }

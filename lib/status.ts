@@ -4,7 +4,27 @@
  * own status, and how it is printed as text.
  */
 import { formatAddress, type ResourceConfig } from "./config.ts";
+import { MAX_CONTROL_BYTES } from "./control.ts";
+import { MAX_RUNNING_HOOKS } from "./hooks.ts";
+import { MAX_REMOTE_IN_FLIGHT } from "./primary.ts";
+import { NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES } from "./resource_worker.ts";
+import { SYNC_CHUNK_BYTES, SYNC_WORKERS } from "./synchronizer.ts";
 import { formatSizeBytes } from "./units.ts";
+import { MAX_IO_BYTES, MAX_PAYLOAD_BYTES } from "./wire.ts";
+
+/** Every fixed limit, as `hast list` shows it. */
+export const LIMITS = {
+  nbdMaxRequestBytes: NBD_MAX_REQUEST_BYTES,
+  nbdMaxInFlightPerClient: NBD_MAX_IN_FLIGHT,
+  nbdMaxClients: NBD_MAX_CLIENTS,
+  replicationMaxIoBytes: MAX_IO_BYTES,
+  replicationMaxFramePayloadBytes: MAX_PAYLOAD_BYTES,
+  replicationMaxInFlight: MAX_REMOTE_IN_FLIGHT,
+  syncChunkBytes: SYNC_CHUNK_BYTES,
+  syncParallelExtents: SYNC_WORKERS,
+  controlMaxBytes: MAX_CONTROL_BYTES,
+  hooksMaxRunning: MAX_RUNNING_HOOKS,
+};
 
 /** The `nbd` URI of an export (libnbd style). */
 export function nbdUri(config: ResourceConfig): string {
@@ -49,6 +69,7 @@ export function describeResource(
     exec: config.exec,
     workerPid: options.pid,
     lastError: options.lastError || null,
+    limits: LIMITS,
     worker: worker ?? null,
   };
 }
