@@ -351,18 +351,43 @@ export class Daemon {
         this.slots.set(resource.resource, newSlot(resource));
         continue;
       }
-      const changed = JSON.stringify(slot.config) !== JSON.stringify(resource);
-      slot.config = resource;
-      if (changed && slot.role !== "init") {
-        const role = slot.role;
-        await this.stopWorker(slot);
-        await this.startWorker(slot, role, false);
-      }
+      await this.reconfigure(slot, resource);
     }
+    const listenChanged = JSON.stringify(next.listen) !== JSON.stringify(this.config.listen);
     this.config = next;
+    if (listenChanged) {
+      for (const listener of this.listeners.splice(0)) listener.close();
+      for (const address of next.listen) await this.openListener(address);
+    }
     this.log("info", "configuration reloaded");
   }
 
+  /**
+   * Applies a resource's new settings (spec §9): a change of `name`, `local`
+   * or `export` restarts its worker; anything else is swapped in place by the
+   * worker (which reconnects when remote, source, checksum or compression
+   * changed).
+   */
+  private async reconfigure(slot: Slot, next: ResourceConfig): Promise<void> {
+    const before = slot.config;
+    slot.config = next;
+    if (JSON.stringify(before) === JSON.stringify(next) || slot.role === "init") return;
+    const restart = before.name !== next.name || before.local !== next.local ||
+      JSON.stringify(before.export) !== JSON.stringify(next.export);
+    if (!restart) {
+      slot.child?.send({ type: "reconfigure", config: next } satisfies ToWorker);
+      return;
+    }
+    const role = slot.role;
+    await this.stopWorker(slot);
+    const failure = await this.startWorker(slot, role, false);
+    if (failure) {
+      this.log("error", `resource "${next.resource}": restart after reload failed: ${failure.message}`);
+      slot.role = "init";
+    }
+  }
+
+  /** SIGTERM: stops every worker, removes the control socket and pidfile, exits. */
   async shutdown(why: string): Promise<void> {
     if (this.shuttingDown) return;
     this.shuttingDown = true;

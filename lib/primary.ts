@@ -545,6 +545,21 @@ export class Primary {
     }
   }
 
+  /**
+   * SIGHUP: swaps settings in place (the config object is shared with the
+   * link and sync). A change of peer or wire format closes the link; the
+   * connect loop reconnects with the new settings.
+   */
+  reconfigure(next: ResourceConfig): void {
+    const config = this.o.config;
+    const reconnect = JSON.stringify([config.remote, config.source, config.checksum, config.compression]) !==
+      JSON.stringify([next.remote, next.source, next.checksum, next.compression]);
+    Object.assign(config, next);
+    this.syncer?.setRate(next.syncRateBytesPerSecond);
+    if (reconnect) this.link?.close("configuration changed");
+    this.o.log("info", `configuration reloaded${reconnect ? "; reconnecting" : ""}`);
+  }
+
   /** Changes the sync rate limit at run time (0 = unlimited). */
   setSyncRate(bytesPerSecond: number): void {
     this.o.config.syncRateBytesPerSecond = bytesPerSecond;

@@ -32,6 +32,7 @@ export type ToWorker =
   | { type: "peer"; hello: Hello }
   | { type: "status"; id: number }
   | { type: "syncrate"; id: number; bytesPerSecond: number }
+  | { type: "reconfigure"; config: ResourceConfig }
   | { type: "stop" };
 
 export type FromWorker =
@@ -89,6 +90,10 @@ export function runWorker(): void {
         case "syncrate":
           running?.primary?.setSyncRate(message.bytesPerSecond);
           send({ type: "reply", id: message.id, value: true });
+          return;
+        case "reconfigure":
+          running?.primary?.reconfigure(message.config);
+          running?.secondary?.reconfigure(message.config);
           return;
         case "stop":
           await running?.stop();

@@ -86,6 +86,14 @@ export class Secondary {
     setTimeout(() => conn.close(`refused: ${reason}`), 100);
   }
 
+  /** SIGHUP: swaps settings in place; a change of wire format drops the link. */
+  reconfigure(next: ResourceConfig): void {
+    const config = this.o.config;
+    const reconnect = config.checksum !== next.checksum || config.compression !== next.compression;
+    Object.assign(config, next);
+    if (reconnect) this.conn?.close("configuration changed");
+  }
+
   /** Closes the connection (role change). */
   async stop(): Promise<void> {
     this.conn?.close("resource stopping");

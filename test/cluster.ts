@@ -38,6 +38,11 @@ export interface ClusterOptions {
   nodeLines?: Partial<Record<NodeName, string[]>>;
   /** Port for replication (default: random high port in loopback mode, 8457 in netns). */
   port?: number;
+  /**
+   * A provider path per node used instead of a fresh image file (e.g. a loop device the test
+   * set up); it is neither created nor truncated here, and `image`/`readData` refer to it.
+   */
+  localOverride?: Partial<Record<NodeName, string>>;
 }
 
 export interface ClusterNode {
@@ -87,7 +92,7 @@ export async function createCluster(cleanup: Cleanup, options: ClusterOptions = 
   const port = options.port ?? (options.netns ? 8457 : 20000 + ((process.pid * 7 + portCounter++ * 131) % 20000));
   const mk = (name: NodeName, ip: string, ns?: string): ClusterNode => ({
     name, ip, ns,
-    image: join(dir, `${name}.img`),
+    image: options.localOverride?.[name] ?? join(dir, `${name}.img`),
     control: join(dir, `${name}.ctl`),
     socket: join(dir, `${name}.sock`),
     log: join(dir, `${name}.log`),
@@ -99,6 +104,7 @@ export async function createCluster(cleanup: Cleanup, options: ClusterOptions = 
   };
   const sizeBytes = options.sizeBytes ?? 64 * 1024 * 1024;
   for (const node of Object.values(nodes)) {
+    if (options.localOverride?.[node.name] !== undefined) continue;
     writeFileSync(node.image, "");
     await run(["truncate", "-s", String(sizeBytes), node.image]);
   }
