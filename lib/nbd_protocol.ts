@@ -223,7 +223,7 @@ function getUint64(view: DataView, at: number): number {
 
 function assertUint(value: number, bits: 16 | 32, what: string): void {
   if (!Number.isInteger(value) || value < 0 || value >= 2 ** bits) {
-    throw new RangeError(`Cannot encode ${what}: '${value}' is not an unsigned ${bits}-bit integer`);
+    throw new RangeError(`Cannot encode ${what}: '${value}' is not an unsigned ${bits}-bit int`);
   }
 }
 

@@ -147,7 +147,7 @@ describe("codecs", () => {
 function clientStream(): { bytes: Uint8Array; expected: NbdClientFrame[] } {
   const infoData = encodeInfoRequest({ name: "data", infoTypes: [InfoType.BLOCK_SIZE] });
   const payload = new Uint8Array(1000).map((_, i) => (i * 7) & 0xff);
-  const write: NbdRequest = { flags: 1, type: Command.WRITE, cookie: 2n, offset: 512, length: 1000 };
+  const write: NbdRequest = { flags: 1, type: Command.WRITE, cookie: 2n, offset: 512, length: 1e3 };
   const read: NbdRequest = { flags: 0, type: Command.READ, cookie: 1n, offset: 0, length: 4096 };
   const empty: NbdRequest = { flags: 0, type: Command.WRITE, cookie: 3n, offset: 0, length: 0 };
   const flush: NbdRequest = { flags: 0, type: Command.FLUSH, cookie: 4n, offset: 0, length: 0 };
@@ -223,7 +223,7 @@ describe("NbdServerParser", () => {
     expect(parser.incompleteFrame()).toBe("5 bytes of an incomplete request");
   });
 
-  test("a WRITE longer than maxPayloadBytes is skipped without storing it, then parsing goes on", () => {
+  test("a WRITE over maxPayloadBytes is skipped without storing it, then parsing goes on", () => {
     const parser = new NbdServerParser({ maxOptionBytes: 16, maxPayloadBytes: 64 });
     parser.push(concat([encodeClientFlags(1), encodeOption(Option.EXPORT_NAME)]));
     parser.next();

@@ -267,12 +267,13 @@ describe("handshake", () => {
     expect(text(replies[0]![1])).toBe("data");
     expect(text(replies[1]![1])).toBe("test export");
     expect(hex(replies[2]![1])).toBe("0003" + "00000001" + "00001000" + "00100000");
-    expect(hex(replies[3]![1])).toBe("0000" + "0000000000100000" + FLAGS.toString(16).padStart(4, "0"));
+    const flagsHex = FLAGS.toString(16).padStart(4, "0");
+    expect(hex(replies[3]![1])).toBe("0000" + "0000000000100000" + flagsHex);
     client.send({ type: Command.READ, cookie: 77n, offset: 0, length: 512 });
     expect((await client.reply(512)).cookie).toBe(77n);
   });
 
-  test("unknown export, bad INFO data and unsupported options are refused and haggling goes on", async () => {
+  test("unknown export, bad INFO, unsupported options: refused, haggling goes on", async () => {
     await serve();
     const client = await connect();
     await client.start();
@@ -319,7 +320,7 @@ describe("handshake", () => {
     }
   });
 
-  test("clients without FIXED_NEWSTYLE, with unknown flags or an unknown export are closed", async () => {
+  test("clients without FIXED_NEWSTYLE, with unknown flags or export are closed", async () => {
     await serve();
     const cases: Array<[number, Uint8Array | null, string]> = [
       [0, null, "lack FIXED_NEWSTYLE"],
@@ -350,7 +351,7 @@ describe("handshake", () => {
     expect(logs.join("\n")).toContain("carries 1073741824 bytes");
   });
 
-  test("a client that never finishes the handshake is dropped after handshakeTimeoutMs", async () => {
+  test("a client that never finishes the handshake is dropped after the timeout", async () => {
     await serve({ handshakeTimeoutMs: 100 });
     const client = await connect();
     await client.read(18);
@@ -641,7 +642,7 @@ describe("server", () => {
     await d.go();
   });
 
-  test("close() finishes in-flight work, answers queued requests ESHUTDOWN, removes the socket", async () => {
+  test("close() finishes in-flight work, queued requests get ESHUTDOWN, socket goes", async () => {
     await serve({ maxInFlight: 1 });
     const client = await connect();
     await client.go();
