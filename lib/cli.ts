@@ -161,6 +161,12 @@ async function serve(globals: Globals, rest: string[]): Promise<number> {
 /** Starts `serve -F` in the background and returns once it answers control commands. */
 async function detach(globals: Globals, rest: string[], logFile = "/var/log/hast.log"): Promise<number> {
   const cfg = config(globals); // report config errors here, with the right exit code
+  const running = await pingPid(controlPath(cfg));
+  if (running !== null) {
+    throw new ExitError(
+      `Cannot start the daemon: one already answers on "${controlPath(cfg)}" (pid ${running})`, EX_TEMPFAIL,
+    );
+  }
   mkdirSync(dirname(logFile), { recursive: true });
   const fd = openSync(logFile, "a");
   const globalArgs = ["-c", globals.configPath, ...(globals.node ? ["--node", globals.node] : [])];
@@ -175,13 +181,21 @@ async function detach(globals: Globals, rest: string[], logFile = "/var/log/hast
     if (exited !== null) {
       throw new ExitError(`Cannot start the daemon: it exited with code ${exited}; see ${logFile}`, exited);
     }
-    const ok = await controlRequest(controlPath(cfg), { command: "ping" }, 1000).then((r) => r.ok, () => false);
-    if (ok) return 0;
+    // Only our child counts: another daemon that started meanwhile would make the child exit 75.
+    if ((await pingPid(controlPath(cfg))) === child.pid) return 0;
     await Bun.sleep(100);
   }
   throw new ExitError(
     `Cannot start the daemon: no answer on the control socket after 30 s; see ${logFile}`, EX_TEMPFAIL,
   );
+}
+
+/** The pid of the daemon answering on a control socket, or null if none answers. */
+async function pingPid(socketPath: string): Promise<number | null> {
+  const reply = await controlRequest(socketPath, { command: "ping" }, 1000).catch(() => null);
+  if (!reply?.ok) return null;
+  const pid = (reply.value as { pid?: unknown } | undefined)?.pid;
+  return typeof pid === "number" ? pid : -1;
 }
 
 // ---- offline commands -----------------------------------------------------------------

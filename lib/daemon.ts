@@ -178,7 +178,7 @@ export class Daemon {
   // ---- control commands -------------------------------------------------------
 
   private async handle(request: ControlRequest): Promise<ControlResponse> {
-    if (request.command === "ping") return { ok: true, value: "pong" };
+    if (request.command === "ping") return { ok: true, value: { pid: process.pid } };
     let slots: Slot[];
     try {
       slots = this.select(request.names ?? [], request.command === "role");

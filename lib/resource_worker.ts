@@ -42,6 +42,8 @@ export type FromWorker =
 
 /** NBD limits of the export, shown by `hast list`. */
 export const NBD_MAX_REQUEST_BYTES = 32 * 1024 * 1024;
+/** The wire carries sector-aligned requests only (spec §7): clients do read-modify-write below. */
+export const NBD_MIN_BLOCK_BYTES = 512;
 export const NBD_MAX_IN_FLIGHT = 64;
 export const NBD_MAX_CLIENTS = 16;
 
@@ -171,6 +173,7 @@ async function startPrimary(
     exportName: config.name,
     description: `hast resource ${config.resource}`,
     maxRequestBytes: NBD_MAX_REQUEST_BYTES,
+    minBlockBytes: NBD_MIN_BLOCK_BYTES,
     maxInFlight: NBD_MAX_IN_FLIGHT,
     maxClients: NBD_MAX_CLIENTS,
     log: (level, text) => log(level, `nbd: ${text}`),

@@ -7,7 +7,9 @@ import { formatAddress, type ResourceConfig } from "./config.ts";
 import { MAX_CONTROL_BYTES } from "./control.ts";
 import { MAX_RUNNING_HOOKS } from "./hooks.ts";
 import { MAX_REMOTE_IN_FLIGHT } from "./primary.ts";
-import { NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES } from "./resource_worker.ts";
+import {
+  NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES, NBD_MIN_BLOCK_BYTES,
+} from "./resource_worker.ts";
 import { SYNC_CHUNK_BYTES, SYNC_WORKERS } from "./synchronizer.ts";
 import { formatSizeBytes } from "./units.ts";
 import { MAX_IO_BYTES, MAX_PAYLOAD_BYTES } from "./wire.ts";
@@ -15,6 +17,7 @@ import { MAX_IO_BYTES, MAX_PAYLOAD_BYTES } from "./wire.ts";
 /** Every fixed limit, as `hast list` shows it. */
 export const LIMITS = {
   nbdMaxRequestBytes: NBD_MAX_REQUEST_BYTES,
+  nbdMinBlockBytes: NBD_MIN_BLOCK_BYTES,
   nbdMaxInFlightPerClient: NBD_MAX_IN_FLIGHT,
   nbdMaxClients: NBD_MAX_CLIENTS,
   replicationMaxIoBytes: MAX_IO_BYTES,

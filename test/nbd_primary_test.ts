@@ -46,10 +46,11 @@ describe("NBD clients on a replicating primary", () => {
 
   afterAll(() => cleanup.run(), TEST_TIMEOUT_MS);
 
-  test("nbdinfo --json reports the data size", async () => {
+  test("nbdinfo --json reports the data size and the 512-byte minimum block", async () => {
     const info = JSON.parse((await run(["nbdinfo", "--json", c.uri("a")])).stdout);
     expect(info.exports).toHaveLength(1);
     expect(info.exports[0]["export-size"]).toBe(datasizeBytes);
+    expect(info.exports[0]["block_size_minimum"]).toBe(512);
     expect(info.exports[0]).toMatchObject({ is_read_only: false, can_trim: true, can_zero: true });
   }, TEST_TIMEOUT_MS);
 
@@ -87,7 +88,8 @@ describe("NBD clients on a replicating primary", () => {
 
   // fullsync acknowledges a write only once the secondary wrote it (spec §2), so right after
   // qemu-io returns, the secondary must hold the bytes, without a resync. The export advertises
-  // a minimum block size of 1, so unaligned writes are legal NBD requests.
+  // a minimum block size of 512 (the wire's sector alignment), so qemu-io turns an unaligned
+  // write into an aligned read-modify-write rather than sending a request hast cannot carry.
   test("an unaligned write acknowledged in fullsync is already on the secondary", async () => {
     const before = (await listRow(c)).worker.counters.remoteErrors;
     await run(["qemu-io", "-f", "raw", c.uri("a"), "-c", "write -P 0x3c 40000 1000"]);
