@@ -55,6 +55,9 @@ export class Primary {
   private lastLinkError = "";
   private stopped = false;
   private bumpedSinceDisconnect = false;
+  /** Extents the secondary wrote since its last successful flush began: its page cache may
+   *  still lose them (a failing disk, a crash), so a failed flush or a lost link resyncs them. */
+  private remoteUnflushed = new Set<number>();
   private bumping: Promise<void> | null = null;
   private mapPending: Promise<void> | null = null;
   private mapChain: Promise<void> = Promise.resolve();
@@ -153,21 +156,44 @@ export class Primary {
    * the secondary only when `waitRemote` (async mode does not).
    */
   private async flushBoth(waitRemote: boolean): Promise<{ localOk: boolean; remoteOk: boolean }> {
-    const link = this.link;
-    const remote = link?.isUp ? link.call({ type: MessageType.Flush }).done : null;
+    const link = this.link?.isUp ? this.link : null;
+    let remote: Promise<boolean> | null = null;
+    if (link) {
+      const covered = this.remoteUnflushed;
+      this.remoteUnflushed = new Set();
+      remote = link.call({ type: MessageType.Flush }).done.then(
+        (reply) => reply.error === 0 || this.remoteFlushFailed(covered, errnoName(reply.error)),
+        (error: Error) => this.remoteFlushFailed(covered, error.message),
+      );
+    }
     const localOk = await this.localFlush();
-    if (!remote) return { localOk, remoteOk: false };
-    if (!waitRemote) {
-      remote.catch(() => {});
-      return { localOk, remoteOk: false };
+    if (!remote || !waitRemote) return { localOk, remoteOk: false };
+    return { localOk, remoteOk: await remote };
+  }
+
+  private noteRemoteWritten(offset: number, length: number): true {
+    const am = this.o.activemap;
+    const last = am.extentOf(offset + length - 1);
+    for (let extent = am.extentOf(offset); extent <= last; extent++) this.remoteUnflushed.add(extent);
+    return true;
+  }
+
+  /** The secondary could not make its writes durable: they are resynced, never assumed. */
+  private remoteFlushFailed(extents: Set<number>, why: string): false {
+    this.counters.remoteErrors++;
+    this.o.log("warn", `remote flush failed (${why}): ${extents.size} extents stay dirty until resynced`);
+    this.markUnflushedDirty(extents);
+    return false;
+  }
+
+  private markUnflushedDirty(extents: Set<number>): void {
+    const am = this.o.activemap;
+    let changed = false;
+    for (const extent of extents) {
+      const { offset, length } = am.extentRange(extent);
+      if (am.markNeedsSync(offset, length)) changed = true;
     }
-    const reply = await remote.catch((error: Error) => error);
-    if (reply instanceof Error || reply.error !== 0) {
-      const why = reply instanceof Error ? reply.message : errnoName(reply.error);
-      this.o.log("warn", `remote flush failed: ${why}`);
-      return { localOk, remoteOk: false };
-    }
-    return { localOk, remoteOk: true };
+    if (changed) this.persistMap().catch((error) => this.o.log("error", `activemap write failed: ${error}`));
   }
 
   // ---- write path ---------------------------------------------------------
@@ -187,7 +213,7 @@ export class Primary {
       const link = this.link?.isUp ? this.link : null;
       const remote = link ? await this.sendRemote(link, offset, length, data, fua) : null;
       localResult = this.localMutate(offset, length, data, fua);
-      remoteDone = remote ? remote.done : Promise.resolve(false);
+      remoteDone = remote ? remote.done.then((ok) => ok && this.noteRemoteWritten(offset, length)) : remoteDone;
       // When to answer the application (spec §2): fullsync after both
       // writes, memsync after the local write and the early "received"
       // acknowledgement, async after the local write (the frame is queued).
@@ -281,7 +307,7 @@ export class Primary {
       const localcnt = this.o.meta.metadata.localcnt + 1n;
       await this.o.meta.write({ localcnt }, { flush: this.metaflush });
       this.bumpedSinceDisconnect = true;
-      this.o.log("info", `first write while disconnected: localcnt now ${localcnt}`);
+      this.o.log("info", `first write the secondary lacks: localcnt now ${localcnt}`);
     })().finally(() => {
       this.bumping = null;
     });
@@ -293,6 +319,7 @@ export class Primary {
   ): Promise<void> {
     const [localOk, remoteOk] = await Promise.all([local, remote]);
     if (!remoteOk && this.link?.isUp) this.counters.remoteErrors++;
+
     // A write the secondary lacks is a generation of ours it has not seen, even
     // if the link was up when it started: count it, so a later promotion of
     // the secondary cannot look "in step" (spec §5).
@@ -485,6 +512,9 @@ export class Primary {
   private onDisconnected(reason: string): void {
     this.o.log("warn", `disconnected from secondary: ${reason}`);
     this.linkState = "disconnected";
+    // The secondary may have gone down with these in its cache; resyncing them is cheap.
+    this.markUnflushedDirty(this.remoteUnflushed);
+    this.remoteUnflushed = new Set();
     this.syncSource = "primary";
     this.o.hooks.run("disconnect", []);
   }

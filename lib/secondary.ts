@@ -61,8 +61,21 @@ export class Secondary {
     const how = decision.kind === "sync" ? `${decision.reason}, sync from ${decision.source}` : "both fresh";
     this.o.log("info", `primary connected from ${conn.remoteAddress} (${how})`);
     this.o.hooks.run("connect", []);
-    conn.onFrame = (frame) => this.onFrame(conn, frame);
+    let lastRxMs = Date.now();
+    conn.onFrame = (frame) => {
+      lastRxMs = Date.now();
+      this.onFrame(conn, frame);
+    };
+    // A primary sends something at least every timeout/2 (a keepalive when idle); silence for
+    // the whole timeout means the link or the primary is gone, even if TCP has not noticed.
+    const timeoutMs = this.o.config.timeoutSeconds * 1000;
+    const watchdog = setInterval(() => {
+      const silentMs = Date.now() - lastRxMs;
+      if (silentMs > timeoutMs) conn.close(`nothing received for ${Math.round(silentMs)} ms (timeout)`);
+    }, Math.max(50, Math.min(1000, timeoutMs / 4)));
+    watchdog.unref?.();
     conn.onClose = (reason) => {
+      clearInterval(watchdog);
       if (this.conn !== conn) return;
       this.conn = null;
       this.linkState = "waiting";

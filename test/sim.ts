@@ -41,7 +41,13 @@ export class MemoryDisk implements DataStore {
     this.bytes.fill(0, offset, offset + length);
   }
 
+  /** Set to make flushes fail, as fdatasync does when the disk lost cached writes. */
+  flushError: Error | null = null;
+  flushes = 0;
+
   async flush(): Promise<boolean> {
+    this.flushes++;
+    if (this.flushError) throw this.flushError;
     return true;
   }
 }
@@ -83,7 +89,12 @@ class MemoryConnection implements Connection {
   private isClosed = false;
   private readonly parser = new FrameParser((frame) => this.onFrame(frame));
 
-  constructor(readonly remoteAddress: string, private readonly tamper: (bytes: Uint8Array) => Uint8Array) {}
+  constructor(
+    readonly remoteAddress: string,
+    private readonly tamper: (bytes: Uint8Array) => Uint8Array,
+    /** True while the link silently loses everything, closes included (a pulled cable). */
+    private readonly silent: () => boolean = () => false,
+  ) {}
 
   get closed(): boolean {
     return this.isClosed;
@@ -91,6 +102,7 @@ class MemoryConnection implements Connection {
 
   send(pieces: Uint8Array[]): boolean {
     if (this.isClosed) return false;
+    if (this.silent()) return true;
     const bytes = this.tamper(new Uint8Array(Buffer.concat(pieces)));
     const peer = this.peer;
     setImmediate(() => {
@@ -110,6 +122,7 @@ class MemoryConnection implements Connection {
     if (this.isClosed) return;
     this.isClosed = true;
     this.onClose(reason);
+    if (this.silent()) return;
     setImmediate(() => this.peer.close(`peer closed: ${reason}`));
   }
 }
@@ -121,6 +134,7 @@ export interface SimOptions {
   mediasizeBytes?: number;
   extentsizeBytes?: number;
   keepdirty?: number;
+  timeoutSeconds?: number;
 }
 
 /** A primary and a secondary joined by an in-memory network. */
@@ -135,6 +149,8 @@ export class Sim {
   tamperToSecondary: (bytes: Uint8Array) => Uint8Array = (b) => b;
   /** False makes connect attempts fail (partition). */
   reachable = true;
+  /** True makes established connections lose every byte and close without telling the peer. */
+  silent = false;
   primary!: Primary;
   secondary!: Secondary;
   activemap!: ActiveMap;
@@ -154,7 +170,8 @@ export class Sim {
       resource: "sim", name: "sim", local: "/sim", line: 1,
       remote: { kind: "tcp", family: "tcp", host: "sim", port: 1 }, source: null,
       replication: this.options.replication, checksum: this.options.checksum ?? "none",
-      compression: this.options.compression ?? "hole", timeoutSeconds: 5, exec: null,
+      compression: this.options.compression ?? "hole", timeoutSeconds: this.options.timeoutSeconds ?? 5,
+      exec: null,
       metaflush: true, syncRateBytesPerSecond: 0, pipeline: false,
       export: { kind: "unix", path: "/sim.sock" },
     };
@@ -191,8 +208,9 @@ export class Sim {
     return {
       connect: async () => {
         if (!this.reachable) throw new Error("unreachable (simulated partition)");
-        const client = new MemoryConnection("secondary", (b) => this.tamperToSecondary(b));
-        const server = new MemoryConnection("primary", (b) => b);
+        const silent = () => this.silent;
+        const client = new MemoryConnection("secondary", (b) => this.tamperToSecondary(b), silent);
+        const server = new MemoryConnection("primary", (b) => b, silent);
         client.peer = server;
         server.peer = client;
         // As the daemon does: read the Hello, then hand the connection over.

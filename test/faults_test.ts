@@ -1,0 +1,75 @@
+/**
+ * Link and disk faults the kernel does not report at once, driven in-process
+ * through the real Primary/Secondary (test/sim.ts):
+ * - a silent partition (no FIN, no RST: a pulled cable) is noticed by both
+ *   sides within `timeout`; writes made meanwhile resync after the heal;
+ * - a secondary whose flush fails (its cached writes may be gone) leaves the
+ *   extents written since its last good flush dirty until they are resynced.
+ */
+import { afterEach, expect, test } from "bun:test";
+import { waitFor } from "./harness.ts";
+import { Sim } from "./sim.ts";
+
+const MIB = 1024 * 1024;
+let sim: Sim | null = null;
+afterEach(async () => {
+  await sim?.stop();
+  sim = null;
+});
+
+async function inSync(s: Sim, what: string, timeoutMs = 10_000): Promise<void> {
+  await waitFor(what, () => {
+    const st = s.primary.status();
+    return st.status === "complete" && st.dirtyBytes === 0 ? true : undefined;
+  }, { timeoutMs, intervalMs: 10 });
+}
+
+const pattern = (bytes: number, seed: number) => new Uint8Array(bytes).map((_, i) => (i * seed + 11) & 0xff);
+
+test("a silent partition is noticed by both sides within the timeout and resyncs after the heal", async () => {
+  sim = new Sim({ replication: "fullsync", timeoutSeconds: 1, keepdirty: 0 });
+  sim.start();
+  await inSync(sim, "first connect");
+  await sim.primary.write(0, pattern(4096, 3), false);
+  const started = performance.now();
+  sim.silent = true;
+  sim.reachable = false;
+  await waitFor("secondary notices", () => sim!.secondary.status().link === "waiting" || undefined,
+    { timeoutMs: 5_000, intervalMs: 20 });
+  const secondaryMs = performance.now() - started;
+  expect(sim.logs.some((l) => l.startsWith("secondary warn") && l.includes("nothing received"))).toBe(true);
+  expect(sim.events).toContain("secondary disconnect");
+  // The primary's outstanding requests time out as well, and it keeps serving, degraded.
+  await waitFor("primary notices", () => sim!.primary.status().status === "degraded" || undefined,
+    { timeoutMs: 5_000, intervalMs: 20 });
+  expect(secondaryMs).toBeGreaterThanOrEqual(1_000);
+  await sim.primary.write(5 * MIB, pattern(8192, 5), false);
+  expect(sim.primary.status().dirtyBytes).toBeGreaterThan(0);
+  sim.silent = false;
+  sim.reachable = true;
+  await inSync(sim, "resynced after the heal");
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+});
+
+test("a failed flush on the secondary leaves what it wrote since its last good flush dirty", async () => {
+  sim = new Sim({ replication: "fullsync", keepdirty: 0 });
+  sim.start();
+  await inSync(sim, "first connect");
+  await sim.primary.write(2 * MIB, pattern(65536, 7), false);
+  await sim.primary.flush(); // succeeds on both: nothing is left to doubt
+  await sim.primary.write(7 * MIB, pattern(4096, 9), false);
+  await sim.primary.write(9 * MIB + 4096, pattern(4096, 13), false);
+  expect(sim.primary.status().dirtyBytes).toBe(0);
+  sim.secondaryDisk.flushError = Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
+  // The application's flush succeeds: the primary's own copy is durable (spec §2).
+  await sim.primary.flush();
+  await waitFor("extents marked dirty", () => sim!.primary.status().dirtyBytes === 2 * MIB || undefined,
+    { timeoutMs: 2_000, intervalMs: 10 });
+  expect(sim.logs.some((l) => l.includes("remote flush failed"))).toBe(true);
+  // While the secondary cannot flush, a sync cannot finish either: the extents stay dirty.
+  await Bun.sleep(4_000);
+  expect(sim.primary.status().dirtyBytes).toBe(2 * MIB);
+  sim.secondaryDisk.flushError = null;
+  await inSync(sim, "resynced once the secondary flushes again");
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+});
