@@ -28,6 +28,7 @@ export interface DaemonOptions {
 
 /** A worker that exits on its own is restarted after this delay. */
 export const WORKER_RESTART_MS = 1000;
+export const WORKER_RESTART_MAX_MS = 30_000;
 /** How long a worker may take to stop before it is killed. */
 export const WORKER_STOP_MS = 30_000;
 /** Time allowed for a connecting primary to send its Hello. */
@@ -277,18 +278,23 @@ export class Daemon {
     });
   }
 
-  private onWorkerCrash(slot: Slot, role: WorkerRole, how: string): void {
-    slot.lastError = `worker exited unexpectedly (${how})`;
-    this.log("error", `resource "${slot.config.resource}": ${slot.lastError}; restarting in ${WORKER_RESTART_MS} ms`);
+  /**
+   * Restarts a crashed worker in the same role, retrying with a doubling delay (up to
+   * WORKER_RESTART_MAX_MS) while it cannot start, e.g. while its disk fails. The role the
+   * operator chose is kept; `hast status` shows the last error meanwhile.
+   */
+  private onWorkerCrash(slot: Slot, role: WorkerRole, how: string, attempt = 0): void {
+    if (attempt === 0) slot.lastError = `worker exited unexpectedly (${how})`;
+    const delayMs = Math.min(WORKER_RESTART_MS * 2 ** attempt, WORKER_RESTART_MAX_MS);
+    this.log("error", `resource "${slot.config.resource}": ${slot.lastError}; restarting in ${delayMs} ms`);
     setTimeout(() => {
       if (slot.role !== role || slot.child || this.shuttingDown) return;
       void this.startWorker(slot, role, false).then((failure) => {
-        if (failure) {
-          this.log("error", `resource "${slot.config.resource}": restart failed: ${failure.message}`);
-          slot.role = "init";
-        }
+        if (!failure) return;
+        slot.lastError = `restart failed: ${failure.message}`;
+        this.onWorkerCrash(slot, role, how, attempt + 1);
       });
-    }, WORKER_RESTART_MS);
+    }, delayMs);
   }
 
   private async stopWorker(slot: Slot): Promise<void> {

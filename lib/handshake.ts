@@ -185,8 +185,15 @@ export async function handshakeAsSecondary(
   if (m.resuid === 0n) update.resuid = resuid;
   // While the primary syncs to us our copy is stale: refuse promotion until SyncDone.
   if (decision.kind === "virgin" || decision.source === "primary") update.syncTarget = decision.kind !== "virgin";
-  if (Object.keys(update).length > 0) await ctx.meta.write(update, { flush: ctx.metaflush });
-  const map = decision.kind === "virgin" ? new Uint8Array(0) : await ctx.meta.readMap();
+  let map: Uint8Array;
+  try {
+    if (Object.keys(update).length > 0) await ctx.meta.write(update, { flush: ctx.metaflush });
+    map = decision.kind === "virgin" ? new Uint8Array(0) : await ctx.meta.readMap();
+  } catch (error) {
+    const reason = `secondary cannot use its metadata: ${error instanceof Error ? error.message : error}`;
+    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason }));
+    return { kind: "mismatch", reason };
+  }
   conn.send(encodeJson(MessageType.HelloReply, {
     accepted: true,
     resuid: String(resuid),

@@ -34,6 +34,8 @@ export class Secondary {
   private chain: Promise<void> = Promise.resolve();
   private queued = 0;
   private replication = "fullsync";
+  /** Set when a flush failed in this session; see flushData. */
+  private flushFailed = "";
   private readonly metaflush: boolean;
   readonly counters = { reads: 0, writes: 0, deletes: 0, flushes: 0, localErrors: 0, invalid: 0 };
 
@@ -47,15 +49,24 @@ export class Secondary {
       this.conn.close("replaced by a new connection from the primary");
       await this.chain;
     }
-    const decision = await handshakeAsSecondary(conn, hello, {
-      meta: this.o.meta, config: this.o.config, metaflush: this.metaflush,
-    });
+    let decision: Awaited<ReturnType<typeof handshakeAsSecondary>>;
+    try {
+      decision = await handshakeAsSecondary(conn, hello, {
+        meta: this.o.meta, config: this.o.config, metaflush: this.metaflush,
+      });
+    } catch (error) {
+      // E.g. the metadata cannot be written because the disk fails: refuse this attempt only;
+      // the primary keeps its extents dirty and tries again.
+      this.refuse(conn, false, `handshake failed: ${error instanceof Error ? error.message : error}`);
+      return;
+    }
     if (decision.kind !== "virgin" && decision.kind !== "sync") {
       const reason = decision.kind === "mismatch" ? decision.reason : decision.kind;
       this.refuse(conn, decision.kind === "split-brain", reason);
       return;
     }
     this.conn = conn;
+    this.flushFailed = "";
     this.linkState = "connected";
     this.replication = hello.replication;
     const how = decision.kind === "sync" ? `${decision.reason}, sync from ${decision.source}` : "both fresh";
@@ -147,6 +158,12 @@ export class Secondary {
       const reply = await this.apply(frame);
       this.queued--;
       if (conn.closed) return;
+      if (this.flushFailed) {
+        // Answer first, so the primary sees the error for this request, then drop the link.
+        if (!reply.payload) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
+        conn.close(`flush failed: ${this.flushFailed}`);
+        return;
+      }
       if (reply.payload) {
         const { flags, pieces } = encodePayload(reply.payload, this.o.config);
         conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, length: frame.length, flags, pieces }));
@@ -185,16 +202,16 @@ export class Secondary {
         case MessageType.Write:
           this.counters.writes++;
           await this.o.data.write(frame.offset, frame.payload);
-          if (frame.flags & FrameFlag.Fua) await this.o.data.flush();
+          if (frame.flags & FrameFlag.Fua) await this.flushData();
           return {};
         case MessageType.Delete:
           this.counters.deletes++;
           await this.o.data.zero(frame.offset, frame.length);
-          if (frame.flags & FrameFlag.Fua) await this.o.data.flush();
+          if (frame.flags & FrameFlag.Fua) await this.flushData();
           return {};
         case MessageType.Flush:
           this.counters.flushes++;
-          await this.o.data.flush();
+          await this.flushData();
           return {};
         case MessageType.SyncDone:
           await this.syncDone(frame);
@@ -208,11 +225,27 @@ export class Secondary {
     return { error: Errno.EINVAL };
   }
 
+  /**
+   * A failed flush means a cached write of this session may be lost, and the kernel reports
+   * that to one fdatasync only: a later one would succeed over the loss. So every flush after
+   * a failure fails too, and the link drops (see onFrame); the primary then resyncs all it
+   * wrote since the last good flush, in a new session.
+   */
+  private async flushData(): Promise<void> {
+    if (this.flushFailed) throw new Error(`an earlier flush failed in this session: ${this.flushFailed}`);
+    try {
+      await this.o.data.flush();
+    } catch (error) {
+      this.flushFailed = String(error);
+      throw error;
+    }
+  }
+
   /** The primary finished the sync: our copy is complete; commit counters (spec §5). */
   private async syncDone(frame: Frame): Promise<void> {
     const body = decodeJson(frame);
     const remotecnt = BigInt(String(body.remotecnt));
-    await this.o.data.flush();
+    await this.flushData();
     await this.o.meta.writeMap(new Uint8Array(this.o.meta.metadata.mapSizeBytes), { flush: this.metaflush });
     await this.o.meta.write(
       { remotecnt, syncTarget: false, discardPending: false },
