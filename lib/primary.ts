@@ -8,6 +8,7 @@
  */
 import assert from "node:assert/strict";
 import type { ActiveMap } from "./activemap.ts";
+import type { CodecPipeline } from "./codec_pipeline.ts";
 import type { ReplicationMode, ResourceConfig } from "./config.ts";
 import type { HookRunner } from "./hooks.ts";
 import { RangeLock } from "./range_lock.ts";
@@ -35,6 +36,8 @@ export interface PrimaryOptions {
   clock: Clock;
   hooks: HookRunner;
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
+  /** Codec threads for large payloads (used when the resource's `pipeline` is on). */
+  pipeline?: CodecPipeline | null;
 }
 
 /** An error carrying an NBD-mappable errno name. */
@@ -495,6 +498,7 @@ export class Primary {
       maxInFlight: MAX_REMOTE_IN_FLIGHT,
       clock: this.o.clock,
       codec: { compression: this.o.config.compression, checksum: this.o.config.checksum },
+      pipeline: this.o.config.pipeline ? this.o.pipeline ?? null : null,
       onClose: (reason) => {
         this.onDisconnected(reason);
         onDown();
@@ -615,6 +619,7 @@ export class Primary {
       syncSource: this.syncSource,
       sync: this.syncer?.progress() ?? null,
       remoteInFlight: this.link?.inFlight ?? 0,
+      remoteSendQueue: this.link?.sendQueueDepth ?? 0,
       metaflush: this.metaflush,
       lock: this.lock.stats(),
       counters: { ...this.counters },
@@ -631,6 +636,8 @@ export interface PrimaryStatus {
   syncSource: "primary" | "secondary";
   sync: SyncProgress | null;
   remoteInFlight: number;
+  /** Frames held behind a write still being encoded on the codec threads. */
+  remoteSendQueue: number;
   metaflush: boolean;
   lock: { held: number; waiting: number };
   counters: Primary["counters"];

@@ -8,6 +8,7 @@
  */
 import assert from "node:assert/strict";
 import type { Connection } from "./transport.ts";
+import { CodecPipeline } from "./codec_pipeline.ts";
 import { decodePayload, encodePayload, type CodecOptions } from "./payload_codec.ts";
 import { DATA_FLAGS, encodeFrame, FrameFlag, MessageType, ProtocolError, type Frame } from "./wire.ts";
 
@@ -83,6 +84,8 @@ export interface RemoteLinkOptions {
   clock: Clock;
   /** Compression and checksum agreed in the handshake. */
   codec: CodecOptions;
+  /** Where large payloads are encoded off the event loop; null encodes everything inline. */
+  pipeline?: CodecPipeline | null;
   onClose: (reason: string) => void;
   /** Frames that are not replies (e.g. none today) go here. */
   onOtherFrame?: (frame: Frame) => void;
@@ -96,6 +99,11 @@ export class RemoteLink {
   private readonly ticker: { stop(): void };
   private readonly slotWaiters: (() => void)[] = [];
   private closedReason: string | null = null;
+  /**
+   * Frames in call order whose encoding is still running on the pipeline, with those behind
+   * them: the secondary applies frames in arrival order, so none may overtake another.
+   */
+  private readonly sendQueue: { pieces: Uint8Array[] | null }[] = [];
 
   constructor(
     private readonly conn: Connection,
@@ -142,11 +150,20 @@ export class RemoteLink {
     };
     this.pending.set(seq, entry);
     this.lastTxMs = entry.sentAtMs;
-    if (frame.type === MessageType.Write && frame.payload) {
-      const { flags, pieces } = encodePayload(frame.payload, this.options.codec);
-      this.conn.send(encodeFrame({ ...frame, payload: undefined, pieces, flags: (frame.flags ?? 0) | flags, seq }));
+    const pipeline = this.options.pipeline;
+    const payload = frame.type === MessageType.Write ? frame.payload : undefined;
+    if (payload && pipeline && CodecPipeline.wants(payload.byteLength, this.options.codec)) {
+      const queued: { pieces: Uint8Array[] | null } = { pieces: null };
+      this.sendQueue.push(queued);
+      pipeline.encode(payload, this.options.codec).then(({ flags, pieces }) => {
+        queued.pieces = encodeFrame({ ...frame, payload: undefined, pieces, flags: (frame.flags ?? 0) | flags, seq });
+        this.sendReady();
+      }, (error: Error) => this.close(`cannot encode a write: ${error.message}`));
+    } else if (payload) {
+      const { flags, pieces } = encodePayload(payload, this.options.codec);
+      this.transmit(encodeFrame({ ...frame, payload: undefined, pieces, flags: (frame.flags ?? 0) | flags, seq }));
     } else {
-      this.conn.send(encodeFrame({ ...frame, seq }));
+      this.transmit(encodeFrame({ ...frame, seq }));
     }
     return { received: entry.received.promise, done: entry.done.promise };
   }
@@ -155,7 +172,26 @@ export class RemoteLink {
   post(frame: Partial<Frame> & { type: MessageType }): void {
     if (!this.isUp) return;
     this.lastTxMs = this.options.clock.now();
-    this.conn.send(encodeFrame(frame));
+    this.transmit(encodeFrame(frame));
+  }
+
+  /** Sends at once unless frames still being encoded are ahead. */
+  private transmit(pieces: Uint8Array[]): void {
+    if (this.sendQueue.length === 0) this.conn.send(pieces);
+    else this.sendQueue.push({ pieces });
+  }
+
+  /** Sends the queued frames whose encoding finished, up to the first that has not. */
+  private sendReady(): void {
+    if (!this.isUp) return;
+    while (this.sendQueue.length > 0 && this.sendQueue[0]!.pieces !== null) {
+      this.conn.send(this.sendQueue.shift()!.pieces!);
+    }
+  }
+
+  /** Frames waiting behind an encoding (shown in `hast list`). */
+  get sendQueueDepth(): number {
+    return this.sendQueue.length;
   }
 
   /** Resolves when the socket's send buffer has drained (socket backpressure). */
@@ -232,6 +268,7 @@ export class RemoteLink {
       entry.done.reject(error);
     }
     this.pending.clear();
+    this.sendQueue.length = 0;
     for (const waiter of this.slotWaiters.splice(0)) waiter();
     this.options.onClose(reason);
   }

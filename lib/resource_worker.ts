@@ -11,6 +11,7 @@ import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import type { Socket } from "node:net";
 import { ActiveMap } from "./activemap.ts";
+import { CodecPipeline } from "./codec_pipeline.ts";
 import type { ResourceConfig } from "./config.ts";
 import type { Hello } from "./handshake.ts";
 import { exitCodeOf } from "./exit_codes.ts";
@@ -54,6 +55,7 @@ interface Running {
   primary?: Primary;
   nbd?: NbdServer;
   secondary?: Secondary;
+  pipeline: CodecPipeline | null;
   stop(): Promise<void>;
 }
 
@@ -135,14 +137,18 @@ async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger)
     await meta.write({ prevrole: role }, { flush: config.metaflush });
     const data = providerDataStore(provider, m.dataOffsetBytes, m.datasizeBytes);
     const hooks = execHooks(config.exec, config.resource, log);
+    // Codec threads only where there is codec work to move off the event loop.
+    const codecWork = config.checksum !== "none" || config.compression === "lz4";
+    const pipeline = config.pipeline && codecWork ? CodecPipeline.start() : null;
     if (role === "secondary") {
-      const secondary = new Secondary({ config, data, meta, hooks, log });
-      return { role, provider, meta, secondary, stop: async () => {
+      const secondary = new Secondary({ config, data, meta, hooks, log, pipeline });
+      return { role, provider, meta, secondary, pipeline, stop: async () => {
         await secondary.stop();
+        await pipeline?.close();
         provider.close();
       } };
     }
-    return await startPrimary(config, provider, meta, log, hooks);
+    return await startPrimary(config, provider, meta, log, hooks, pipeline);
   } catch (error) {
     provider.close();
     throw error;
@@ -151,7 +157,7 @@ async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger)
 
 async function startPrimary(
   config: ResourceConfig, provider: Provider, meta: MetadataStore, log: Logger,
-  hooks: ReturnType<typeof execHooks>,
+  hooks: ReturnType<typeof execHooks>, pipeline: CodecPipeline | null,
 ): Promise<Running> {
   const m = meta.metadata;
   const onDisk = await meta.readMap();
@@ -167,7 +173,7 @@ async function startPrimary(
   }
   const data = providerDataStore(provider, m.dataOffsetBytes, m.datasizeBytes);
   const primary = new Primary({
-    config, data, meta, activemap, network: tcpNetwork, clock: systemClock, hooks, log,
+    config, data, meta, activemap, network: tcpNetwork, clock: systemClock, hooks, log, pipeline,
   });
   const nbd = new NbdServer(primary, {
     exportName: config.name,
@@ -182,10 +188,11 @@ async function startPrimary(
   await nbd.listen(config.export);
   primary.start();
   return {
-    role: "primary", provider, meta, primary, nbd,
+    role: "primary", provider, meta, primary, nbd, pipeline,
     stop: async () => {
       await nbd.close();
       await primary.stop();
+      await pipeline?.close();
       provider.close();
     },
   };
@@ -205,7 +212,10 @@ function statusOf(running: Running): unknown {
       ...running.primary.status(),
       nbd: running.nbd?.stats() ?? null,
       nbdLimits: running.nbd?.limits ?? null,
+      pipeline: running.pipeline?.stats() ?? null,
     };
   }
-  return { role: "secondary", metadata, ...running.secondary!.status() };
+  return {
+    role: "secondary", metadata, ...running.secondary!.status(), pipeline: running.pipeline?.stats() ?? null,
+  };
 }

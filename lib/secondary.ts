@@ -9,6 +9,7 @@ import { handshakeAsSecondary, type Hello } from "./handshake.ts";
 import type { HookRunner } from "./hooks.ts";
 import type { DataStore, MetaStore } from "./storage.ts";
 import type { Connection } from "./transport.ts";
+import { CodecPipeline } from "./codec_pipeline.ts";
 import { decodePayload, encodePayload } from "./payload_codec.ts";
 import {
   decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MessageType, ProtocolError, type Frame,
@@ -22,6 +23,8 @@ export interface SecondaryOptions {
   data: DataStore;
   meta: MetaStore;
   hooks: HookRunner;
+  /** Codec threads for large payloads (used when the resource's `pipeline` is on). */
+  pipeline?: CodecPipeline | null;
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
 }
 
@@ -129,32 +132,14 @@ export class Secondary {
       conn.send(encodeFrame({ type: MessageType.Keepalive }));
       return;
     }
-    if (frame.type === MessageType.Write && frame.length <= MAX_IO_BYTES) {
-      try {
-        frame.payload = decodePayload(frame.flags, frame.payload, frame.length, this.o.config.checksum);
-      } catch (error) {
-        // Never write data that failed verification: drop the connection; the
-        // primary keeps the extent dirty and resyncs it (spec §7).
-        const why = error instanceof ProtocolError ? error.message : String(error);
-        this.counters.invalid++;
-        this.o.log("error", `dropping connection: write at ${frame.offset}+${frame.length}: ${why}`);
-        conn.close(`bad data: ${why}`);
-        return;
-      }
-    }
-    const invalid = this.validate(frame);
-    if (invalid) {
-      this.counters.invalid++;
-      this.o.log("warn", `invalid request from primary: ${invalid}`);
-      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, error: Errno.EINVAL }));
-      return;
-    }
-    if (frame.type === MessageType.Write && this.replication === "memsync") {
-      // memsync: acknowledge receipt before writing (spec §2).
-      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, flags: FrameFlag.Received }));
-    }
+    const admitted = this.decodeAndAdmit(conn, frame);
+    if (admitted === false) return;
     this.queued++;
     this.chain = this.chain.then(async () => {
+      if (!(await admitted)) {
+        this.queued--;
+        return;
+      }
       const reply = await this.apply(frame);
       this.queued--;
       if (conn.closed) return;
@@ -171,6 +156,59 @@ export class Secondary {
         conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
       }
     });
+  }
+
+  /**
+   * Verifies and expands a write's payload (on the codec threads when it is large and the
+   * codec has work), then admits the frame. False (or a promise of it) if it must not be
+   * applied. Frames still go to the apply chain in arrival order, so a write decoded on a
+   * thread is applied in its place, not when its decoding ends.
+   */
+  private decodeAndAdmit(conn: Connection, frame: Frame): boolean | Promise<boolean> {
+    if (frame.type !== MessageType.Write || frame.length > MAX_IO_BYTES) return this.admit(conn, frame);
+    const config = this.o.config;
+    const pipeline = config.pipeline ? this.o.pipeline : null;
+    if (pipeline && CodecPipeline.wants(frame.payload.byteLength, config)) {
+      return pipeline.decode(frame.flags, frame.payload, frame.length, config.checksum).then(
+        (payload) => {
+          frame.payload = payload;
+          return !conn.closed && this.admit(conn, frame);
+        },
+        (error) => this.dropForBadData(conn, frame, error),
+      );
+    }
+    try {
+      frame.payload = decodePayload(frame.flags, frame.payload, frame.length, config.checksum);
+    } catch (error) {
+      return this.dropForBadData(conn, frame, error);
+    }
+    return this.admit(conn, frame);
+  }
+
+  /** Never write data that failed verification: drop the connection; the primary keeps the
+   *  extent dirty and resyncs it (spec §7). */
+  private dropForBadData(conn: Connection, frame: Frame, error: unknown): false {
+    const why = error instanceof ProtocolError ? error.message : String(error);
+    this.counters.invalid++;
+    this.o.log("error", `dropping connection: write at ${frame.offset}+${frame.length}: ${why}`);
+    conn.close(`bad data: ${why}`);
+    return false;
+  }
+
+  /** Validates a request (EINVAL reply if invalid); sends memsync's early acknowledgement. */
+  private admit(conn: Connection, frame: Frame): boolean {
+    const invalid = this.validate(frame);
+    if (invalid) {
+      this.counters.invalid++;
+      this.o.log("warn", `invalid request from primary: ${invalid}`);
+      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, error: Errno.EINVAL }));
+      return false;
+    }
+    if (frame.type === MessageType.Write && this.replication === "memsync") {
+      // memsync: acknowledge receipt before writing (spec §2).
+      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, flags: FrameFlag.Received }));
+    }
+    return true;
   }
 
   /** Returns why a request is invalid (→ EINVAL), or null. */

@@ -3,6 +3,9 @@
  * the configuration, the daemon's view (role, worker pid) and the worker's
  * own status, and how it is printed as text.
  */
+import {
+  PIPELINE_MIN_BYTES, PIPELINE_REGION_BYTES, PIPELINE_SLOTS, PIPELINE_THREADS,
+} from "./codec_pipeline.ts";
 import { formatAddress, type ResourceConfig } from "./config.ts";
 import { MAX_CONTROL_BYTES } from "./control.ts";
 import { MAX_RUNNING_HOOKS } from "./hooks.ts";
@@ -24,6 +27,10 @@ export const LIMITS = {
   replicationMaxFramePayloadBytes: MAX_PAYLOAD_BYTES,
   replicationMaxInFlight: MAX_REMOTE_IN_FLIGHT,
   syncChunkBytes: SYNC_CHUNK_BYTES,
+  pipelineThreads: PIPELINE_THREADS,
+  pipelineSlots: PIPELINE_SLOTS,
+  pipelineSlotBytes: 2 * PIPELINE_REGION_BYTES,
+  pipelineMinPayloadBytes: PIPELINE_MIN_BYTES,
   syncParallelExtents: SYNC_WORKERS,
   controlMaxBytes: MAX_CONTROL_BYTES,
   hooksMaxRunning: MAX_RUNNING_HOOKS,
@@ -66,6 +73,7 @@ export function describeResource(
     replication: config.replication,
     checksum: config.checksum,
     compression: config.compression,
+    pipeline: config.pipeline,
     timeoutSeconds: config.timeoutSeconds,
     metaflush: config.metaflush,
     syncRateBytesPerSecond: config.syncRateBytesPerSecond,

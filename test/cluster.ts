@@ -6,7 +6,7 @@
  *
  * The hast command is `$HAST_BIN` when set (e.g. dist/hast), else `bun main.ts`.
  */
-import { openSync, readSync, closeSync, writeFileSync } from "node:fs";
+import { closeSync, openSync, readFileSync, readSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import {
   type Cleanup, createHostPair, type HostPair, makeTempDir, run, type RunResult, spawnProcess,
@@ -199,4 +199,23 @@ function renderConfig(nodes: Record<NodeName, ClusterNode>, port: number, option
   }
   lines.push("}");
   return lines.join("\n") + "\n";
+}
+
+/**
+ * Compiles hast the way `npm run build` does (same entrypoints, read from package.json's build
+ * script), but into a temp dir so the tree's dist/ is left alone.
+ * @returns the path of the executable.
+ */
+export async function buildHastBinary(cleanup: Cleanup): Promise<string> {
+  const pkg = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as {
+    scripts: Record<string, string>;
+  };
+  const script = pkg.scripts.build ?? "";
+  const entries = script.split(/\s+/).filter((word) => word.endsWith(".ts"));
+  if (!entries.includes("main.ts")) throw new Error(`Cannot build: no main.ts in "${script}"`);
+  const dir = await makeTempDir(cleanup, "hast-bin-");
+  const outfile = join(dir, "hast");
+  await run([process.execPath, "build", "--compile", ...entries.map((e) => join(ROOT, e)),
+    "--outfile", outfile], { timeoutMs: 90_000 });
+  return outfile;
 }

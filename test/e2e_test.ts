@@ -9,15 +9,12 @@
  * `finally`, whether the story passes or not.
  */
 import { expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
-import { join, resolve } from "node:path";
-import { type Cluster, createCluster, type NodeName } from "./cluster.ts";
+import { buildHastBinary, type Cluster, createCluster, type NodeName } from "./cluster.ts";
 import {
   attachLoop, Cleanup, fsckClean, hashTree, makeTempDir, mkfsExt4, mountFs, nbdfuseMount, run,
   waitFor, writeTree,
 } from "./harness.ts";
 
-const ROOT = resolve(import.meta.dir, "..");
 const MIB = 1024 * 1024;
 /** Provider size per node: room for ext4 and the tree (about 4 MiB of files). */
 const PROVIDER_BYTES = 96 * MIB;
@@ -35,7 +32,7 @@ test("quick start on two netns hosts, failover to b (from source)", async () => 
 test("quick start on two netns hosts, failover to b (compiled binary)", async () => {
   const cleanup = new Cleanup();
   try {
-    const bin = await buildBinary(cleanup);
+    const bin = await buildHastBinary(cleanup);
     await withHastBin(bin, (inner) => quickStart(inner));
   } finally {
     await cleanup.run();
@@ -61,25 +58,6 @@ async function withHastBin(
       else process.env.HAST_BIN = saved;
     }
   }
-}
-
-/**
- * Compiles hast the way `npm run build` does (same entrypoints, read from package.json's build
- * script), but into a temp dir so the tree's dist/ is left alone.
- * @returns the path of the executable.
- */
-async function buildBinary(cleanup: Cleanup): Promise<string> {
-  const pkg = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as {
-    scripts: Record<string, string>;
-  };
-  const script = pkg.scripts.build ?? "";
-  const entries = script.split(/\s+/).filter((word) => word.endsWith(".ts"));
-  expect(entries).toContain("main.ts");
-  const dir = await makeTempDir(cleanup, "hast-bin-");
-  const outfile = join(dir, "hast");
-  await run([process.execPath, "build", "--compile", ...entries.map((e) => join(ROOT, e)),
-    "--outfile", outfile], { timeoutMs: 90_000 });
-  return outfile;
 }
 
 /** The story itself; everything it creates is registered with `cleanup`. */

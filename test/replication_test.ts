@@ -1,24 +1,38 @@
 /**
  * Replication over loopback with two real daemons: data written through the
  * primary's NBD export with nbdcopy appears byte-identical in the secondary's
- * data area (fullsync), and status reports the pair complete.
+ * data area in every mode, with the codecs on the event loop or on the codec
+ * threads (also in the compiled binary), and status reports the pair complete.
  */
 import { expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { createCluster } from "./cluster.ts";
+import { buildHastBinary, createCluster } from "./cluster.ts";
 import { Cleanup, run, waitFor } from "./harness.ts";
 
-const CASES = [
-  { replication: "fullsync", codec: ["compression none", "checksum none"] },
-  { replication: "memsync", codec: ["compression lz4", "checksum sha256"] },
-  { replication: "async", codec: ["compression hole", "checksum crc32"] },
-] as const;
+interface Case {
+  replication: "fullsync" | "memsync" | "async";
+  codec: string[];
+  /** The codec threads should carry the large writes (pipeline on and a checksum or lz4). */
+  threaded: boolean;
+  /** Run the compiled binary (its codec threads are an extra entry point of the build). */
+  compiled?: boolean;
+}
+
+const CASES: Case[] = [
+  { replication: "fullsync", codec: ["compression none", "checksum none"], threaded: false },
+  { replication: "memsync", codec: ["compression lz4", "checksum sha256"], threaded: true },
+  { replication: "async", codec: ["compression hole", "checksum crc32"], threaded: true },
+  { replication: "fullsync", codec: ["compression lz4", "checksum sha256", "pipeline off"], threaded: false },
+  { replication: "fullsync", codec: ["compression lz4", "checksum crc32"], threaded: true, compiled: true },
+];
 
 test.each(CASES)("nbdcopy through the primary lands byte-identical on the secondary (%o)", async (c0) => {
   const cleanup = new Cleanup();
+  const savedBin = process.env.HAST_BIN;
   try {
+    if (c0.compiled) process.env.HAST_BIN = await buildHastBinary(cleanup);
     const c = await createCluster(cleanup, { replication: c0.replication, resourceLines: [...c0.codec] });
     await c.createBoth();
     await c.startDaemon("a");
@@ -48,7 +62,21 @@ test.each(CASES)("nbdcopy through the primary lands byte-identical on the second
     const after = await c.status("a");
     expect(after.dirtyBytes).toBe(0);
     expect(after.status).toBe("complete");
+    // Large writes went through the codec threads on both sides exactly when they should.
+    const pipelineOf = async (node: "a" | "b") =>
+      JSON.parse((await c.hast(node, ["list", "--json"])).stdout).resources[0].worker.pipeline;
+    const [onPrimary, onSecondary] = [await pipelineOf("a"), await pipelineOf("b")];
+    if (c0.threaded) {
+      expect(onPrimary.encoded).toBeGreaterThanOrEqual(8);
+      expect(onSecondary.decoded).toBeGreaterThanOrEqual(8);
+      expect(onPrimary).toMatchObject({ slotsInUse: 0, waitingForSlot: 0 });
+    } else {
+      expect(onPrimary).toBeNull();
+      expect(onSecondary).toBeNull();
+    }
   } finally {
+    if (savedBin === undefined) delete process.env.HAST_BIN;
+    else process.env.HAST_BIN = savedBin;
     await cleanup.run();
   }
 });

@@ -1,0 +1,101 @@
+/**
+ * The codec stage on worker threads gives exactly the bytes the inline codec
+ * gives (every compression × checksum, holes, compressible and random data),
+ * rejects corrupt input with the inline codec's reason, queues callers when
+ * every slot is busy and completes each of them once, and leaves no slot in
+ * use afterwards.
+ */
+import { afterEach, expect, test } from "bun:test";
+import { randomBytes } from "node:crypto";
+import { CHECKSUMS, CodecPipeline, COMPRESSIONS, PIPELINE_MIN_BYTES } from "./codec_pipeline.ts";
+import { decodePayload, encodePayload, type CodecOptions } from "./payload_codec.ts";
+import { MAX_IO_BYTES, ProtocolError } from "./wire.ts";
+
+let pipeline: CodecPipeline | null = null;
+afterEach(async () => {
+  await pipeline?.close();
+  pipeline = null;
+});
+
+const concat = (pieces: Uint8Array[]) => new Uint8Array(Buffer.concat(pieces));
+
+function samples(): Uint8Array[] {
+  const text = new Uint8Array(MAX_IO_BYTES).map((_, i) => "hast replicates blocks "[i % 23]!.charCodeAt(0));
+  return [new Uint8Array(PIPELINE_MIN_BYTES), text, new Uint8Array(randomBytes(MAX_IO_BYTES)),
+    new Uint8Array(randomBytes(PIPELINE_MIN_BYTES + 512))];
+}
+
+test("encode and decode on threads match the inline codec byte for byte", async () => {
+  pipeline = CodecPipeline.start();
+  for (const compression of COMPRESSIONS) {
+    for (const checksum of CHECKSUMS) {
+      const codec: CodecOptions = { compression, checksum };
+      for (const data of samples()) {
+        const inline = encodePayload(data, codec);
+        const threaded = await pipeline.encode(data, codec);
+        const what = `${compression}/${checksum}/${data.byteLength}`;
+        expect(threaded.flags, what).toBe(inline.flags);
+        expect(Buffer.compare(concat(threaded.pieces), concat(inline.pieces)), what).toBe(0);
+        const decoded = await pipeline.decode(inline.flags, concat(inline.pieces), data.byteLength, checksum);
+        expect(Buffer.compare(decoded, data), what).toBe(0);
+      }
+    }
+  }
+  const stats = pipeline.stats();
+  expect(stats.encoded).toBe(36);
+  expect(stats.decoded).toBe(36);
+  expect(stats.slotsInUse).toBe(0);
+});
+
+test("a flipped bit is rejected with the same reason as inline, and the pipeline goes on", async () => {
+  pipeline = CodecPipeline.start();
+  const data = new Uint8Array(randomBytes(256 * 1024));
+  for (const checksum of ["crc32", "sha256"] as const) {
+    const { flags, pieces } = encodePayload(data, { compression: "lz4", checksum });
+    const wire = concat(pieces);
+    wire[1000]! ^= 0x10;
+    let inlineError = "";
+    try {
+      decodePayload(flags, wire, data.byteLength, checksum);
+    } catch (error) {
+      inlineError = (error as Error).message;
+    }
+    expect(inlineError).toContain(`${checksum} mismatch`);
+    const threaded = pipeline.decode(flags, wire, data.byteLength, checksum);
+    await expect(threaded).rejects.toBeInstanceOf(ProtocolError);
+    await expect(threaded).rejects.toThrow(inlineError);
+  }
+  const ok = await pipeline.encode(data, { compression: "none", checksum: "crc32" });
+  expect(ok.pieces[0]!.byteLength).toBe(data.byteLength + 4);
+});
+
+test("with more callers than slots, callers wait in turn and each completes once", async () => {
+  pipeline = CodecPipeline.start({ threads: 2, slots: 2 });
+  const codec: CodecOptions = { compression: "lz4", checksum: "sha256" };
+  const inputs = Array.from({ length: 24 }, (_, i) => new Uint8Array(128 * 1024).fill(i + 1));
+  const runs = inputs.map((data) => pipeline!.encode(data, codec));
+  expect(pipeline.stats().waitingForSlot).toBe(22);
+  expect(pipeline.stats().slotsInUse).toBe(2);
+  const results = await Promise.all(runs);
+  results.forEach((result, i) => {
+    const inline = encodePayload(inputs[i]!, codec);
+    expect(Buffer.compare(concat(result.pieces), concat(inline.pieces))).toBe(0);
+  });
+  const stats = pipeline.stats();
+  expect(stats).toMatchObject({ slotsInUse: 0, waitingForSlot: 0, encoded: 24, threadQueueDepths: [0, 0] });
+  expect(stats.completionsPerWake).toBeGreaterThanOrEqual(1);
+});
+
+test("only large payloads with a checksum or lz4 are worth the hand-off", () => {
+  expect(CodecPipeline.wants(4096, { compression: "lz4", checksum: "sha256" })).toBe(false);
+  expect(CodecPipeline.wants(MAX_IO_BYTES, { compression: "hole", checksum: "none" })).toBe(false);
+  expect(CodecPipeline.wants(MAX_IO_BYTES, { compression: "none", checksum: "crc32" })).toBe(true);
+  expect(CodecPipeline.wants(PIPELINE_MIN_BYTES, { compression: "lz4", checksum: "none" })).toBe(true);
+});
+
+test("a closed pipeline refuses work with a clear error", async () => {
+  pipeline = CodecPipeline.start({ threads: 1, slots: 1 });
+  await pipeline.close();
+  await expect(pipeline.encode(new Uint8Array(PIPELINE_MIN_BYTES), { compression: "none", checksum: "crc32" }))
+    .rejects.toThrow("closed");
+});
