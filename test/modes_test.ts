@@ -80,9 +80,15 @@ test("memsync: the early acknowledgement is sent before the secondary writes", a
   expect(order).toEqual(["received", "answered", "final"]);
 });
 
-for (const checksum of ["crc32", "sha256"] as const) {
-  test(`${checksum}: a flipped bit is caught, never written, and the extent resyncs`, async () => {
-    sim = new Sim({ replication: "fullsync", checksum, compression: "none" });
+const BIT_FLIP_CASES = [
+  { checksum: "crc32", pipeline: false }, { checksum: "sha256", pipeline: false },
+  { checksum: "crc32", pipeline: true }, { checksum: "sha256", pipeline: true },
+] as const;
+
+for (const { checksum, pipeline } of BIT_FLIP_CASES) {
+  const where = pipeline ? "on the codec threads" : "inline";
+  test(`${checksum} ${where}: a flipped bit is caught, never written, and the extent resyncs`, async () => {
+    sim = new Sim({ replication: "fullsync", checksum, compression: "none", pipeline });
     sim.start();
     await connected(sim);
     const data = new Uint8Array(65536).map((_, i) => (i * 31) & 0xff);
@@ -110,5 +116,9 @@ for (const checksum of ["crc32", "sha256"] as const) {
     }, { timeoutMs: 10_000, intervalMs: 20 });
     expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
     expect(sim.events).toContain("primary syncstart");
+    // With the pipeline on, the 64 KiB write and the 1 MiB sync chunk were encoded on the
+    // threads, and only the intact chunk decoded there.
+    const stats = sim.pipeline?.stats();
+    expect([stats?.encoded ?? 0, stats?.decoded ?? 0]).toEqual(pipeline ? [2, 1] : [0, 0]);
   });
 }

@@ -5,6 +5,7 @@
  * corrupted. Drives the real Primary, Secondary and handshake code.
  */
 import { ActiveMap } from "../lib/activemap.ts";
+import { CodecPipeline } from "../lib/codec_pipeline.ts";
 import type { ResourceConfig } from "../lib/config.ts";
 import { parseHello } from "../lib/handshake.ts";
 import type { HookEvent, HookRunner } from "../lib/hooks.ts";
@@ -135,6 +136,8 @@ export interface SimOptions {
   extentsizeBytes?: number;
   keepdirty?: number;
   timeoutSeconds?: number;
+  /** Encode and decode large payloads on codec threads, as a resource with `pipeline on`. */
+  pipeline?: boolean;
 }
 
 /** A primary and a secondary joined by an in-memory network. */
@@ -153,6 +156,7 @@ export class Sim {
   silent = false;
   primary!: Primary;
   secondary!: Secondary;
+  pipeline: CodecPipeline | null = null;
   activemap!: ActiveMap;
 
   constructor(readonly options: SimOptions) {
@@ -172,7 +176,7 @@ export class Sim {
       replication: this.options.replication, checksum: this.options.checksum ?? "none",
       compression: this.options.compression ?? "hole", timeoutSeconds: this.options.timeoutSeconds ?? 5,
       exec: null,
-      metaflush: true, syncRateBytesPerSecond: 0, pipeline: false,
+      metaflush: true, syncRateBytesPerSecond: 0, pipeline: this.options.pipeline ?? false,
       export: { kind: "unix", path: "/sim.sock" },
     };
   }
@@ -188,9 +192,11 @@ export class Sim {
   /** Starts both sides; the primary connects at once. */
   start(): void {
     const config = this.config();
+    this.pipeline = config.pipeline ? CodecPipeline.start() : null;
+    const pipeline = this.pipeline;
     this.secondary = new Secondary({
       config, data: this.secondaryDisk, meta: this.secondaryMeta, hooks: this.hooks("secondary"),
-      log: this.log("secondary"),
+      log: this.log("secondary"), pipeline,
     });
     const m = this.primaryMeta.metadata;
     this.activemap = new ActiveMap({
@@ -200,6 +206,7 @@ export class Sim {
     this.primary = new Primary({
       config, data: this.primaryDisk, meta: this.primaryMeta, activemap: this.activemap,
       network: this.network(), clock: systemClock, hooks: this.hooks("primary"), log: this.log("primary"),
+      pipeline,
     });
     this.primary.start();
   }
@@ -226,5 +233,6 @@ export class Sim {
   async stop(): Promise<void> {
     await this.primary.stop();
     await this.secondary.stop();
+    await this.pipeline?.close();
   }
 }
