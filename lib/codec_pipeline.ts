@@ -48,6 +48,9 @@ export const enum CodecOp {
   Decode = 2,
 }
 
+/** Meta word: 1 when the result's body is the input unchanged (only a trailer was written). */
+export const BODY_IS_INPUT = SlotMeta.CookieLo;
+
 /** Ring entry that tells a thread to exit. */
 export const STOP_ENTRY = 0xffffffff;
 
@@ -164,9 +167,11 @@ export class CodecPipeline {
     const meta = this.pool.meta(slot);
     const flags = meta[SlotMeta.Flags]!;
     const out = this.output(slot).slice(0, meta[SlotMeta.OutLength]!);
+    const bodyIsInput = meta[BODY_IS_INPUT] === 1;
     this.release(slot);
     this.encodedCount++;
-    return { flags, pieces: out.byteLength > 0 ? [out] : [] };
+    const pieces = bodyIsInput ? [data, out] : [out];
+    return { flags, pieces: pieces.filter((piece) => piece.byteLength > 0) };
   }
 
   /**
@@ -180,8 +185,12 @@ export class CodecPipeline {
     const codec: CodecOptions = { compression: "none", checksum };
     const slot = await this.submit(CodecOp.Decode, payload, flags, length, codec);
     const meta = this.pool.meta(slot);
-    const out = this.output(slot).slice(0, meta[SlotMeta.OutLength]!);
     const failed = meta[SlotMeta.Error]! !== 0;
+    const outBytes = meta[SlotMeta.OutLength]!;
+    // A body that needed no expansion is the front of the payload we already hold.
+    const out = meta[BODY_IS_INPUT] === 1 && !failed
+      ? payload.subarray(0, outBytes)
+      : this.output(slot).slice(0, outBytes);
     this.release(slot);
     if (failed) throw new ProtocolError(new TextDecoder().decode(out));
     this.decodedCount++;

@@ -66,7 +66,8 @@ test("a flipped bit is rejected with the same reason as inline, and the pipeline
     await expect(threaded).rejects.toThrow(inlineError);
   }
   const ok = await pipeline.encode(data, { compression: "none", checksum: "crc32" });
-  expect(ok.pieces[0]!.byteLength).toBe(data.byteLength + 4);
+  expect(concat(ok.pieces).byteLength).toBe(data.byteLength + 4);
+  expect(ok.pieces[0]).toBe(data); // unchanged body: the caller's own bytes, not a copy
 });
 
 test("with more callers than slots, callers wait in turn and each completes once", async () => {

@@ -3,16 +3,17 @@
  * checksum covers the compressed bytes); on receive, verify then decompress.
  *
  * - compression "hole": all-zero data travels as its length only.
- * - compression "lz4": hole first; lz4 only for data over 1 KiB, and only if
- *   it saves at least 1 KiB.
+ * - compression "lz4" (lib/lz4.ts, the LZ4 block format): hole first; lz4 only
+ *   for data over 1 KiB, and only if it saves at least 1 KiB (compression is
+ *   abandoned as soon as the output grows past that).
  * - checksum "crc32" (Bun's native crc32) or "sha256" (node:crypto, native;
  *   hash-wasm's is 10× slower per platform.md): a trailer after the payload.
  *
  * The implementations are chosen here and nowhere else.
  */
 import { createHash } from "node:crypto";
-import { compressSync, uncompressSync } from "lz4-napi";
 import type { ChecksumKind, CompressionKind } from "./config.ts";
+import { compressBlock, decompressBlock } from "./lz4.ts";
 import { FrameFlag, MAX_IO_BYTES, ProtocolError } from "./wire.ts";
 
 export interface CodecOptions {
@@ -24,6 +25,8 @@ export interface CodecOptions {
 export const LZ4_MIN_BYTES = 1024;
 
 const ZEROS = new Uint8Array(MAX_IO_BYTES);
+/** Compression output, per thread (encodePayload is synchronous). */
+const scratch = new Uint8Array(MAX_IO_BYTES);
 
 /** True when every byte of `data` is zero (memcmp against a zero page). */
 export function isAllZero(data: Uint8Array): boolean {
@@ -58,10 +61,10 @@ export function encodePayload(data: Uint8Array, options: CodecOptions): { flags:
     flags |= FrameFlag.Hole;
     body = new Uint8Array(0);
   } else if (options.compression === "lz4" && data.byteLength > LZ4_MIN_BYTES) {
-    const compressed = compressSync(Buffer.from(data.buffer, data.byteOffset, data.byteLength));
-    if (compressed.byteLength + LZ4_MIN_BYTES <= data.byteLength) {
+    const size = compressBlock(data, scratch.subarray(0, data.byteLength - LZ4_MIN_BYTES));
+    if (size >= 0) {
       flags |= FrameFlag.Lz4;
-      body = compressed;
+      body = scratch.slice(0, size); // the scratch is reused by the next call
     }
   }
   if (options.checksum === "none") return { flags, pieces: body.byteLength ? [body] : [] };
@@ -97,14 +100,15 @@ export function decodePayload(flags: number, payload: Uint8Array, length: number
     return new Uint8Array(length);
   }
   if (flags & FrameFlag.Lz4) {
-    let out: Buffer;
+    const out = new Uint8Array(length);
+    let size: number;
     try {
-      out = uncompressSync(Buffer.from(body.buffer, body.byteOffset, body.byteLength));
+      size = decompressBlock(body, out);
     } catch (error) {
-      throw new ProtocolError(`Cannot accept data: lz4 data is corrupt (${error})`);
+      throw new ProtocolError(`Cannot accept data: lz4 data is corrupt (${(error as Error).message})`);
     }
-    if (out.byteLength !== length) {
-      throw new ProtocolError(`Cannot accept data: lz4 expanded to ${out.byteLength} bytes, expected ${length}`);
+    if (size !== length) {
+      throw new ProtocolError(`Cannot accept data: lz4 expanded to ${size} bytes, expected ${length}`);
     }
     return out;
   }

@@ -6,7 +6,7 @@
  */
 import { workerData } from "node:worker_threads";
 import {
-  CHECKSUMS, CodecOp, COMPRESSIONS, type CodecWorkerData, PIPELINE_REGION_BYTES, STOP_ENTRY,
+  BODY_IS_INPUT, CHECKSUMS, CodecOp, COMPRESSIONS, type CodecWorkerData, PIPELINE_REGION_BYTES, STOP_ENTRY,
 } from "../lib/codec_pipeline.ts";
 import { decodePayload, encodePayload } from "../lib/payload_codec.ts";
 import { SpscRing } from "../lib/ring.ts";
@@ -31,10 +31,14 @@ function work(slot: number): void {
   const output = data.subarray(PIPELINE_REGION_BYTES);
   const codec = { compression: COMPRESSIONS[meta[SlotMeta.User1]!]!, checksum: CHECKSUMS[meta[SlotMeta.User2]!]! };
   try {
+    // When the body is the input unchanged (nothing compressed), only the checksum trailer is
+    // written out and the event loop keeps using its own copy of the data.
     if (meta[SlotMeta.Command] === CodecOp.Encode) {
       const { flags, pieces } = encodePayload(input, codec);
+      const bodyIsInput = pieces[0] === input;
+      meta[BODY_IS_INPUT] = bodyIsInput ? 1 : 0;
       let at = 0;
-      for (const piece of pieces) {
+      for (const piece of bodyIsInput ? pieces.slice(1) : pieces) {
         output.set(piece, at);
         at += piece.byteLength;
       }
@@ -42,7 +46,9 @@ function work(slot: number): void {
       meta[SlotMeta.OutLength] = at;
     } else {
       const decoded = decodePayload(meta[SlotMeta.Flags]!, input, meta[SlotMeta.Length]!, codec.checksum);
-      output.set(decoded, 0);
+      const bodyIsInput = decoded.buffer === input.buffer && decoded.byteOffset === input.byteOffset;
+      meta[BODY_IS_INPUT] = bodyIsInput ? 1 : 0;
+      if (!bodyIsInput) output.set(decoded, 0);
       meta[SlotMeta.OutLength] = decoded.byteLength;
     }
     meta[SlotMeta.Error] = 0;
