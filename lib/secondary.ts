@@ -1,8 +1,9 @@
 /**
  * The secondary: accepts the primary's connection (handed over by the daemon
  * after it read the Hello), answers the handshake, and applies requests to
- * the local disk strictly in arrival order, so its image is always a state
- * the primary had (spec §2, §7).
+ * the local disk: in memsync and async strictly in arrival order, so its image
+ * is always a state the primary had (spec §2, §7); in fullsync disjoint writes
+ * in parallel (see applyConcurrently).
  */
 import type { ResourceConfig } from "./config.ts";
 import { handshakeAsSecondary, type Hello } from "./handshake.ts";
@@ -10,6 +11,7 @@ import type { HookRunner } from "./hooks.ts";
 import type { DataStore, MetaStore } from "./storage.ts";
 import type { Connection } from "./transport.ts";
 import { CodecPipeline } from "./codec_pipeline.ts";
+import { RangeLock } from "./range_lock.ts";
 import { decodePayload, encodePayload } from "./payload_codec.ts";
 import {
   decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MessageType, ProtocolError, type Frame,
@@ -35,6 +37,9 @@ export class Secondary {
   private linkState: SecondaryLink = "waiting";
   private lastRefusal = "";
   private chain: Promise<void> = Promise.resolve();
+  /** fullsync: requests being applied in parallel, and the lock that orders overlapping ones. */
+  private readonly applying = new Set<Promise<void>>();
+  private readonly lock = new RangeLock();
   private queued = 0;
   private replication = "fullsync";
   /** Set when a flush failed in this session; see flushData. */
@@ -50,7 +55,7 @@ export class Secondary {
   async attach(conn: Connection, hello: Hello): Promise<void> {
     if (this.conn) {
       this.conn.close("replaced by a new connection from the primary");
-      await this.chain;
+      await this.settled();
     }
     let decision: Awaited<ReturnType<typeof handshakeAsSecondary>>;
     try {
@@ -124,7 +129,13 @@ export class Secondary {
   /** Closes the connection (role change). */
   async stop(): Promise<void> {
     this.conn?.close("resource stopping");
+    await this.settled();
+  }
+
+  /** Resolves once every request received so far has been applied. */
+  private async settled(): Promise<void> {
     await this.chain;
+    await Promise.all([...this.applying]);
   }
 
   private onFrame(conn: Connection, frame: Frame): void {
@@ -135,27 +146,56 @@ export class Secondary {
     const admitted = this.decodeAndAdmit(conn, frame);
     if (admitted === false) return;
     this.queued++;
-    this.chain = this.chain.then(async () => {
-      if (!(await admitted)) {
-        this.queued--;
-        return;
+    if (this.replication === "fullsync") this.applyConcurrently(conn, frame, admitted);
+    else this.chain = this.chain.then(() => this.applyAndReply(conn, frame, admitted));
+  }
+
+  /**
+   * fullsync: the primary answers the application only after our write, so writes to disjoint
+   * ranges carry no order between them and run in parallel. Overlapping ones keep their
+   * arrival order (the range lock grants in FIFO order, registered here on arrival), and
+   * Flush and SyncDone wait for everything that arrived before them. memsync and async keep
+   * the strict arrival order of the chain: there the application may have been answered
+   * before we wrote, so our image must always be a prefix of the primary's history.
+   */
+  private applyConcurrently(conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>): void {
+    const ranged = frame.type === MessageType.Write || frame.type === MessageType.Delete ||
+      frame.type === MessageType.Read;
+    const locked = ranged && frame.length > 0 ? this.lock.acquire(frame.offset, frame.length) : null;
+    const before = ranged ? [] : [...this.applying];
+    const task = (async () => {
+      const release = locked ? await locked : null;
+      try {
+        await Promise.all(before);
+        await this.applyAndReply(conn, frame, admitted);
+      } finally {
+        release?.();
       }
-      const reply = await this.apply(frame);
+    })();
+    this.applying.add(task);
+    void task.finally(() => this.applying.delete(task));
+  }
+
+  private async applyAndReply(conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>) {
+    if (!(await admitted)) {
       this.queued--;
-      if (conn.closed) return;
-      if (this.flushFailed) {
-        // Answer first, so the primary sees the error for this request, then drop the link.
-        if (!reply.payload) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
-        conn.close(`flush failed: ${this.flushFailed}`);
-        return;
-      }
-      if (reply.payload) {
-        const { flags, pieces } = encodePayload(reply.payload, this.o.config);
-        conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, length: frame.length, flags, pieces }));
-      } else {
-        conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
-      }
-    });
+      return;
+    }
+    const reply = await this.apply(frame);
+    this.queued--;
+    if (conn.closed) return;
+    if (this.flushFailed) {
+      // Answer first, so the primary sees the error for this request, then drop the link.
+      if (!reply.payload) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
+      conn.close(`flush failed: ${this.flushFailed}`);
+      return;
+    }
+    if (reply.payload) {
+      const { flags, pieces } = encodePayload(reply.payload, this.o.config);
+      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, length: frame.length, flags, pieces }));
+    } else {
+      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
+    }
   }
 
   /**

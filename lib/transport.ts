@@ -34,6 +34,11 @@ export interface ConnectOptions {
   timeoutMs: number;
 }
 
+/** Queued frames up to this many bytes in total are copied into one buffer for one write. */
+const COALESCE_BYTES_MAX = 64 * 1024;
+/** After close(), queued bytes get this long to leave before the socket is destroyed. */
+const CLOSE_LINGER_MS = 2_000;
+
 /** Wraps a connected socket in a framed Connection. Parsing starts immediately. */
 export function socketConnection(socket: net.Socket): Connection {
   socket.setNoDelay(true);
@@ -47,12 +52,16 @@ export function socketConnection(socket: net.Socket): Connection {
     },
     send(pieces) {
       if (closed) return false;
-      if (pieces.length === 1) return socket.write(pieces[0]!);
-      socket.cork();
-      let ok = true;
-      for (const piece of pieces) ok = socket.write(piece);
-      socket.uncork();
-      return ok;
+      for (const piece of pieces) {
+        if (piece.byteLength === 0) continue;
+        outbox.push(piece);
+        outboxBytes += piece.byteLength;
+      }
+      if (!flushScheduled) {
+        flushScheduled = true;
+        setImmediate(flushOutbox);
+      }
+      return !socket.writableNeedDrain;
     },
     drained() {
       if (closed || !socket.writableNeedDrain) return Promise.resolve();
@@ -67,9 +76,34 @@ export function socketConnection(socket: net.Socket): Connection {
       });
     },
     close(reason) {
+      flushOutbox(); // e.g. the error reply that explains why we close
       finish(reason);
-      socket.destroy();
+      socket.end();
+      setTimeout(() => socket.destroy(), CLOSE_LINGER_MS).unref();
     },
+  };
+  // Frames queued in one turn of the event loop leave in one write: a syscall per 32-byte
+  // reply would cap small-request throughput. Small pieces are copied into one buffer; large
+  // ones (data) are written as they are, corked together.
+  let outbox: Uint8Array[] = [];
+  let outboxBytes = 0;
+  let flushScheduled = false;
+  const flushOutbox = () => {
+    flushScheduled = false;
+    const parts = outbox;
+    const total = outboxBytes;
+    outbox = [];
+    outboxBytes = 0;
+    if (parts.length === 0 || socket.destroyed) return;
+    if (parts.length === 1) {
+      socket.write(parts[0]!);
+    } else if (total <= COALESCE_BYTES_MAX) {
+      socket.write(Buffer.concat(parts, total));
+    } else {
+      socket.cork();
+      for (const part of parts) socket.write(part);
+      socket.uncork();
+    }
   };
   const finish = (reason: string) => {
     if (closed) return;
