@@ -349,6 +349,35 @@ export class Provider {
     }
   }
 
+  /**
+   * Writes all of `data` at `offset` on this thread, blocking it until the kernel took the
+   * bytes (a page-cache copy, ~4 µs for 4 KiB, unless dirty-page throttling makes the kernel
+   * wait). For a caller with nothing else to do meanwhile (the secondary applying one request
+   * after another) this saves two thread hand-offs per write; see the table above for why
+   * the primary does not use it.
+   */
+  writeBlocking(offset: number, data: Uint8Array): void {
+    assert(!this.#readOnly, "write on a read-only provider");
+    this.#assertRange(offset, data.length);
+    this.#assertOpen();
+    let done = 0;
+    while (done < data.length) {
+      let bytesWritten: number;
+      try {
+        bytesWritten = fs.writeSync(this.fd, data, done, data.length - done, offset + done);
+      } catch (error) {
+        throw ioError("write", this.path, error);
+      }
+      if (bytesWritten === 0) {
+        throw new ProviderError(
+          "EIO",
+          `Cannot write provider "${this.path}": no progress at offset "${offset + done}"`,
+        );
+      }
+      done += bytesWritten;
+    }
+  }
+
   /** The write loop, for callers that already count as a pending operation. */
   async #writeAll(offset: number, data: Uint8Array): Promise<void> {
     let done = 0;
