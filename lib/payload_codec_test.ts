@@ -60,3 +60,17 @@ test("a checksum other than the agreed one is refused", () => {
   const { flags, pieces } = encodePayload(samples.text, { compression: "none", checksum: "crc32" });
   expect(() => decodePayload(flags, new Uint8Array(Buffer.concat(pieces)), 65536, "sha256")).toThrow(/agreed/);
 });
+
+// Large payloads that barely compress (3% saved, like fio's buffers) travel uncompressed: the
+// 64 KiB sample does not shrink by 1/8. A payload whose start compresses well is compressed.
+test("large, barely compressible payloads skip lz4; compressible ones use it", () => {
+  const barely = new Uint8Array(randomBytes(1024 * 1024));
+  for (let at = 512; at + 16 <= barely.byteLength; at += 512) barely.copyWithin(at, at - 512, at - 496);
+  const options = { compression: "lz4", checksum: "none" } as const;
+  expect(encodePayload(barely, options).flags & FrameFlag.Lz4).toBe(0);
+  const text = new Uint8Array(Buffer.alloc(1024 * 1024, "hast "));
+  const packed = encodePayload(text, options);
+  expect(packed.flags & FrameFlag.Lz4).toBe(FrameFlag.Lz4);
+  const body = new Uint8Array(Buffer.concat(packed.pieces));
+  expect(Buffer.compare(decodePayload(packed.flags, body, text.byteLength, "none"), text)).toBe(0);
+});
