@@ -183,7 +183,17 @@ export class Secondary {
     void task.finally(() => this.applying.delete(task));
   }
 
+  /** Never rejects (the chain would stop): an unexpected failure drops the connection. */
   private async applyAndReply(conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>) {
+    try {
+      await this.applyAndReplyOrThrow(conn, frame, admitted);
+    } catch (error) {
+      this.o.log("error", `request ${frame.type} at ${frame.offset}+${frame.length} failed: ${error}`);
+      conn.close(`internal error: ${error}`);
+    }
+  }
+
+  private async applyAndReplyOrThrow(conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>) {
     if (!(await admitted)) {
       this.queued--;
       return;
