@@ -91,6 +91,41 @@ describe("regular file", () => {
     }
   });
 
+  test("small page-aligned writes take the blocking path; others and writes after a slow one do not", async () => {
+    const file = makeFile("blocking.img", 4 * MiB);
+    const p = Provider.open(file);
+    try {
+      // Whole pages up to 128 KiB: written before write() returns.
+      const page = pattern(4096, 3);
+      const pending = p.write(8192, page);
+      expect(fileBytes(file).subarray(8192, 8192 + 4096)).toEqual(page);
+      await pending;
+      await p.write(0, pattern(128 * 1024, 4));
+      expect([p.blockingWrites, p.slowBlockingWrites]).toEqual([2, 0]);
+      // Unaligned, partial-page or large writes go through the thread pool.
+      await p.write(512, pattern(4096, 5));
+      await p.write(4096, pattern(512, 6));
+      await p.write(0, pattern(128 * 1024 + 4096, 7));
+      expect(p.blockingWrites).toBe(2);
+      expect(await p.read(0, 128 * 1024 + 4096)).toEqual(pattern(128 * 1024 + 4096, 7));
+    } finally {
+      p.close();
+    }
+    // With a threshold of 0 ms every blocking write counts as slow: the next ones within
+    // a second go through the thread pool, and still land.
+    const q = Provider.open(file, { blockingWriteSlowMs: 0 });
+    try {
+      await q.write(0, pattern(4096, 8));
+      await q.write(4096, pattern(4096, 9));
+      await q.write(8192, pattern(4096, 10));
+      expect([q.blockingWrites, q.slowBlockingWrites]).toEqual([1, 1]);
+      expect(await q.read(0, 3 * 4096)).toEqual(
+        new Uint8Array([...pattern(4096, 8), ...pattern(4096, 9), ...pattern(4096, 10)]));
+    } finally {
+      q.close();
+    }
+  });
+
   test("a second exclusive open fails with EBUSY until the first closes", async () => {
     const file = makeFile("lock.img", MiB);
     const first = Provider.open(file);

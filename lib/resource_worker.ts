@@ -205,10 +205,15 @@ function statusOf(running: Running): unknown {
     resuid: String(m.resuid), localcnt: String(m.localcnt), remotecnt: String(m.remotecnt),
     syncTarget: m.syncTarget, discardPending: m.discardPending,
   };
+  const local = {
+    blockingWrites: running.provider.blockingWrites,
+    slowBlockingWrites: running.provider.slowBlockingWrites,
+  };
   if (running.primary) {
     return {
       role: "primary",
       metadata,
+      local,
       ...running.primary.status(),
       nbd: running.nbd?.stats() ?? null,
       nbdLimits: running.nbd?.limits ?? null,
@@ -216,6 +221,7 @@ function statusOf(running: Running): unknown {
     };
   }
   return {
-    role: "secondary", metadata, ...running.secondary!.status(), pipeline: running.pipeline?.stats() ?? null,
+    role: "secondary", metadata, local, ...running.secondary!.status(),
+    pipeline: running.pipeline?.stats() ?? null,
   };
 }

@@ -20,13 +20,6 @@ import {
 /** Requests must be aligned to this (spec §7). */
 export const SECTOR_BYTES = 512;
 
-/**
- * Writes up to this size are applied with a blocking write on the event loop: the secondary
- * has nothing else to do meanwhile, and it saves two thread hand-offs (≈ 50 µs here) per
- * write. Larger ones go through the thread pool, several at a time in fullsync.
- */
-export const BLOCKING_WRITE_MAX_BYTES = 128 * 1024;
-
 export interface SecondaryOptions {
   config: ResourceConfig;
   data: DataStore;
@@ -296,11 +289,7 @@ export class Secondary {
           return { payload: await this.o.data.read(frame.offset, frame.length) };
         case MessageType.Write:
           this.counters.writes++;
-          if (this.o.data.writeBlocking && frame.payload.byteLength <= BLOCKING_WRITE_MAX_BYTES) {
-            this.o.data.writeBlocking(frame.offset, frame.payload);
-          } else {
-            await this.o.data.write(frame.offset, frame.payload);
-          }
+          await this.o.data.write(frame.offset, frame.payload);
           if (frame.flags & FrameFlag.Fua) await this.flushData();
           return {};
         case MessageType.Delete:

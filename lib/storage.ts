@@ -10,8 +10,6 @@ export interface DataStore {
   readonly sizeBytes: number;
   read(offset: number, length: number): Promise<Uint8Array>;
   write(offset: number, data: Uint8Array): Promise<void>;
-  /** Optional synchronous write (see Provider.writeBlocking); throws like `write` rejects. */
-  writeBlocking?(offset: number, data: Uint8Array): void;
   /** Afterwards the range reads back as zeros. */
   zero(offset: number, length: number): Promise<void>;
   /** Returns false when the device does not support flushing. */
@@ -36,7 +34,6 @@ export function providerDataStore(
     sizeBytes,
     read: (offset, length) => provider.read(dataOffsetBytes + offset, length),
     write: (offset, data) => provider.write(dataOffsetBytes + offset, data),
-    writeBlocking: (offset, data) => provider.writeBlocking(dataOffsetBytes + offset, data),
     zero: (offset, length) => provider.zero(dataOffsetBytes + offset, length),
     flush: () => provider.flush(),
   };
