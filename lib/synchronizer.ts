@@ -19,6 +19,15 @@ import { errnoName, MAX_IO_BYTES, MessageType } from "./wire.ts";
 export const SYNC_WORKERS = 4;
 /** Largest sync chunk (never crosses an extent). */
 export const SYNC_CHUNK_BYTES = MAX_IO_BYTES;
+/**
+ * Copied extents are marked clean only after a flush of the target covers them; one
+ * flush is issued per SYNC_FLUSH_BYTES copied or SYNC_FLUSH_INTERVAL_MS elapsed, and
+ * one when nothing is left to copy. A flush per extent cost a quarter of the resync
+ * rate (1 GiB: 3.5 s instead of 2.7 s here); an interruption redoes at most what was
+ * copied since the last flush.
+ */
+export const SYNC_FLUSH_BYTES = 64 * 1024 * 1024;
+export const SYNC_FLUSH_INTERVAL_MS = 1000;
 const RATE_WINDOW_MS = 5000;
 
 export interface SyncProgress {
@@ -52,7 +61,13 @@ export class Synchronizer {
   private doneBytes = 0;
   private totalBytes = 0;
   private cursor = 0;
+  /** Extents being copied or copied and waiting for a flush: no other worker takes them. */
   private readonly claimed = new Set<number>();
+  /** Copied extents no flush covers yet. */
+  private unflushed: number[] = [];
+  private unflushedBytes = 0;
+  private lastFlushMs = 0;
+  private readonly flushes = new Set<Promise<void>>();
   private nextFreeMs = 0;
   private samples: { atMs: number; doneBytes: number }[] = [];
   private finished: Promise<void> = Promise.resolve();
@@ -103,8 +118,17 @@ export class Synchronizer {
       this.o.hooks.run("syncstart", []);
     }
     this.samples.push({ atMs: this.o.clock.now(), doneBytes: 0 });
-    const workers = Array.from({ length: SYNC_WORKERS }, () => this.worker());
-    await Promise.all(workers);
+    this.lastFlushMs = this.o.clock.now();
+    const workers = await Promise.allSettled(Array.from({ length: SYNC_WORKERS }, () => this.worker()));
+    // Copied extents no flush covered (the link failed): they stay sync-needed.
+    for (const extent of this.unflushed) {
+      am.syncAbort(extent);
+      this.claimed.delete(extent);
+    }
+    this.unflushed = [];
+    this.unflushedBytes = 0;
+    const failed = workers.find((w) => w.status === "rejected");
+    if (failed) throw failed.reason;
     if (!this.o.link.isUp || am.syncExtentCount() > 0) {
       this.state = "interrupted";
       if (started) {
@@ -121,29 +145,82 @@ export class Synchronizer {
     }
   }
 
-  /** Takes extents off the sync map until none is left or the link fails. */
+  /**
+   * Takes extents off the sync map until none is left or the link fails. A copied
+   * extent stays claimed (and syncing in the activemap) until a flush of the target
+   * covers it; only then is it marked clean.
+   */
   private async worker(): Promise<void> {
     const am = this.o.activemap;
     while (this.o.link.isUp) {
       const extent = this.claimNext();
-      if (extent < 0) return;
+      if (extent < 0) {
+        if (this.unflushed.length === 0 && this.flushes.size === 0) return;
+        // Flush what is copied (or wait for the flush in progress): an extent written
+        // again meanwhile is sync-needed once more and is taken on the next pass.
+        if (!(await this.flushCopied())) return;
+        continue;
+      }
       am.syncStart(extent);
-      let finished = false;
       try {
         await this.syncExtent(extent);
-        // The copy must be durable before the extent may be marked clean.
-        await this.flushTarget();
-        finished = true;
-        if (am.syncDone(extent)) await this.o.persistMap();
       } catch (error) {
-        if (!finished) am.syncAbort(extent);
+        am.syncAbort(extent);
+        this.claimed.delete(extent);
         if (error instanceof ChunkFailed) this.o.log("warn", error.message);
         else if (this.o.link.isUp) throw error;
         return;
-      } finally {
+      }
+      this.unflushed.push(extent);
+      this.unflushedBytes += am.extentRange(extent).length;
+      const due = this.unflushedBytes >= SYNC_FLUSH_BYTES ||
+        this.o.clock.now() - this.lastFlushMs >= SYNC_FLUSH_INTERVAL_MS;
+      if (due && !(await this.flushCopied())) return;
+    }
+  }
+
+  /**
+   * Flushes the target for every copied extent (or, with none waiting, waits for the
+   * flushes in progress), then marks the covered extents clean and writes the map.
+   * Returns false when the flush failed: those extents stay sync-needed.
+   */
+  private async flushCopied(): Promise<boolean> {
+    if (this.unflushed.length === 0) {
+      await Promise.all(this.flushes);
+      return this.o.link.isUp;
+    }
+    const batch = this.unflushed;
+    this.unflushed = [];
+    this.unflushedBytes = 0;
+    this.lastFlushMs = this.o.clock.now();
+    const am = this.o.activemap;
+    let ok = false;
+    const flush = (async () => {
+      let failure: unknown = null;
+      try {
+        // The copy must be durable before the extents may be marked clean.
+        await this.flushTarget();
+        ok = true;
+      } catch (error) {
+        failure = error;
+      }
+      let changed = false;
+      for (const extent of batch) {
+        if (ok) changed = am.syncDone(extent) || changed;
+        else am.syncAbort(extent);
         this.claimed.delete(extent);
       }
+      if (changed) await this.o.persistMap();
+      if (failure instanceof ChunkFailed) this.o.log("warn", failure.message);
+      else if (failure !== null && this.o.link.isUp) throw failure;
+    })();
+    this.flushes.add(flush);
+    try {
+      await flush;
+    } finally {
+      this.flushes.delete(flush);
     }
+    return ok;
   }
 
   /** The next unclaimed extent needing sync, scanning on from the cursor and wrapping once. */
