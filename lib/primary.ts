@@ -24,6 +24,12 @@ export const RECONNECT_INTERVAL_MS = 2000;
 export const RESYNC_RETRY_MS = 3000;
 export const KEEPALIVE_MS = 10_000;
 export const MAX_REMOTE_IN_FLIGHT = 256;
+/**
+ * Data bytes in flight to the secondary at most. In async mode the application is answered
+ * before the secondary replies, so this (not the application) bounds the memory held for
+ * replication: 256 requests of 1 MiB let the worker's peak RSS reach 648 MiB.
+ */
+export const MAX_REMOTE_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 
 export type LinkState = "disconnected" | "connecting" | "connected" | "split-brain" | "refused";
 
@@ -238,7 +244,7 @@ export class Primary {
     for (let at = 0; at < length; ) {
       const pieceBytes = data ? Math.min(MAX_IO_BYTES, length - at) : Math.min(1 << 30, length - at);
       try {
-        await link.waitForSlot();
+        await link.waitForSlot(data ? pieceBytes : 0);
       } catch {
         break;
       }
@@ -496,6 +502,7 @@ export class Primary {
       timeoutMs: this.o.config.timeoutSeconds * 1000,
       keepaliveMs: Math.min(KEEPALIVE_MS, (this.o.config.timeoutSeconds * 1000) / 2),
       maxInFlight: MAX_REMOTE_IN_FLIGHT,
+      maxInFlightBytes: MAX_REMOTE_IN_FLIGHT_BYTES,
       clock: this.o.clock,
       codec: { compression: this.o.config.compression, checksum: this.o.config.checksum },
       pipeline: this.o.config.pipeline ? this.o.pipeline ?? null : null,
@@ -619,6 +626,7 @@ export class Primary {
       syncSource: this.syncSource,
       sync: this.syncer?.progress() ?? null,
       remoteInFlight: this.link?.inFlight ?? 0,
+      remoteInFlightBytes: this.link?.inFlightBytes ?? 0,
       remoteSendQueue: this.link?.sendQueueDepth ?? 0,
       metaflush: this.metaflush,
       lock: this.lock.stats(),
@@ -636,6 +644,7 @@ export interface PrimaryStatus {
   syncSource: "primary" | "secondary";
   sync: SyncProgress | null;
   remoteInFlight: number;
+  remoteInFlightBytes: number;
   /** Frames held behind a write still being encoded on the codec threads. */
   remoteSendQueue: number;
   metaflush: boolean;

@@ -36,6 +36,8 @@ export class LinkDownError extends Error {
 
 interface Pending {
   sentAtMs: number;
+  /** Data bytes the request holds in memory until its reply (write payload or read length). */
+  bytes: number;
   received: Deferred<void>;
   done: Deferred<Frame>;
 }
@@ -81,6 +83,8 @@ export interface RemoteLinkOptions {
   timeoutMs: number;
   keepaliveMs: number;
   maxInFlight: number;
+  /** Data bytes outstanding at most (a larger single request still goes alone). */
+  maxInFlightBytes: number;
   clock: Clock;
   /** Compression and checksum agreed in the handshake. */
   codec: CodecOptions;
@@ -93,6 +97,7 @@ export interface RemoteLinkOptions {
 
 export class RemoteLink {
   private readonly pending = new Map<number, Pending>();
+  private pendingBytes = 0;
   private nextSeq = 1;
   private lastRxMs: number;
   private lastTxMs: number;
@@ -124,9 +129,18 @@ export class RemoteLink {
     return this.pending.size;
   }
 
-  /** Waits until fewer than maxInFlight requests are outstanding (backpressure). */
-  async waitForSlot(): Promise<void> {
-    while (this.isUp && this.pending.size >= this.options.maxInFlight) {
+  /** Data bytes of the outstanding requests. */
+  get inFlightBytes(): number {
+    return this.pendingBytes;
+  }
+
+  /**
+   * Waits until fewer than maxInFlight requests are outstanding and `bytes` more fit under
+   * maxInFlightBytes (backpressure: in async mode this is what bounds the memory).
+   */
+  async waitForSlot(bytes = 0): Promise<void> {
+    while (this.isUp && (this.pending.size >= this.options.maxInFlight ||
+      (this.pendingBytes > 0 && this.pendingBytes + bytes > this.options.maxInFlightBytes))) {
       await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
     }
     if (!this.isUp) throw new LinkDownError(this.closedReason ?? "link down");
@@ -143,12 +157,16 @@ export class RemoteLink {
     const seq = this.nextSeq;
     this.nextSeq = this.nextSeq >= 0xffffffff ? 1 : this.nextSeq + 1;
     assert.ok(!this.pending.has(seq), "seq reused while pending");
+    const bytes = frame.type === MessageType.Write ? (frame.payload?.byteLength ?? 0)
+      : frame.type === MessageType.Read ? (frame.length ?? 0) : 0;
     const entry: Pending = {
       sentAtMs: this.options.clock.now(),
+      bytes,
       received: deferred<void>(),
       done: deferred<Frame>(),
     };
     this.pending.set(seq, entry);
+    this.pendingBytes += bytes;
     this.lastTxMs = entry.sentAtMs;
     const pipeline = this.options.pipeline;
     const payload = frame.type === MessageType.Write ? frame.payload : undefined;
@@ -222,6 +240,7 @@ export class RemoteLink {
       return;
     }
     this.pending.delete(frame.seq);
+    this.pendingBytes -= entry.bytes;
     if (frame.payload.byteLength > 0 || frame.flags & DATA_FLAGS) {
       try {
         frame.payload = decodePayload(frame.flags, frame.payload, frame.length, this.options.codec.checksum);
@@ -237,9 +256,9 @@ export class RemoteLink {
     this.wakeSlot();
   }
 
+  /** Every waiter checks again (a freed request may or may not leave room for its bytes). */
   private wakeSlot(): void {
-    const waiter = this.slotWaiters.shift();
-    if (waiter) waiter();
+    for (const waiter of this.slotWaiters.splice(0)) waiter();
   }
 
   private tick(): void {
@@ -268,6 +287,7 @@ export class RemoteLink {
       entry.done.reject(error);
     }
     this.pending.clear();
+    this.pendingBytes = 0;
     this.sendQueue.length = 0;
     for (const waiter of this.slotWaiters.splice(0)) waiter();
     this.options.onClose(reason);

@@ -9,11 +9,11 @@ import {
 import { formatAddress, type ResourceConfig } from "./config.ts";
 import { MAX_CONTROL_BYTES } from "./control.ts";
 import { MAX_RUNNING_HOOKS } from "./hooks.ts";
-import { MAX_REMOTE_IN_FLIGHT } from "./primary.ts";
+import { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES } from "./primary.ts";
 import {
   NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES, NBD_MIN_BLOCK_BYTES,
 } from "./resource_worker.ts";
-import { SYNC_CHUNK_BYTES, SYNC_WORKERS } from "./synchronizer.ts";
+import { SYNC_CHUNK_BYTES, SYNC_FLUSH_BYTES, SYNC_FLUSH_INTERVAL_MS, SYNC_WORKERS } from "./synchronizer.ts";
 import { formatSizeBytes } from "./units.ts";
 import { MAX_IO_BYTES, MAX_PAYLOAD_BYTES } from "./wire.ts";
 
@@ -26,12 +26,15 @@ export const LIMITS = {
   replicationMaxIoBytes: MAX_IO_BYTES,
   replicationMaxFramePayloadBytes: MAX_PAYLOAD_BYTES,
   replicationMaxInFlight: MAX_REMOTE_IN_FLIGHT,
+  replicationMaxInFlightBytes: MAX_REMOTE_IN_FLIGHT_BYTES,
   syncChunkBytes: SYNC_CHUNK_BYTES,
   pipelineThreads: PIPELINE_THREADS,
   pipelineSlots: PIPELINE_SLOTS,
   pipelineSlotBytes: 2 * PIPELINE_REGION_BYTES,
   pipelineMinPayloadBytes: PIPELINE_MIN_BYTES,
   syncParallelExtents: SYNC_WORKERS,
+  syncFlushBytes: SYNC_FLUSH_BYTES,
+  syncFlushIntervalMs: SYNC_FLUSH_INTERVAL_MS,
   controlMaxBytes: MAX_CONTROL_BYTES,
   hooksMaxRunning: MAX_RUNNING_HOOKS,
 };

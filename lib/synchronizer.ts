@@ -258,7 +258,7 @@ export class Synchronizer {
     let done;
     try {
       const data = await this.o.data.read(offset, length);
-      await this.o.link.waitForSlot();
+      await this.o.link.waitForSlot(length);
       done = this.o.link.call({ type: MessageType.Write, offset, length, payload: data }).done;
     } finally {
       release();
@@ -273,7 +273,7 @@ export class Synchronizer {
   private async pullChunk(offset: number, length: number): Promise<void> {
     const release = await this.o.lock.acquire(offset, length);
     try {
-      await this.o.link.waitForSlot();
+      await this.o.link.waitForSlot(length);
       const reply = await this.o.link.call({ type: MessageType.Read, offset, length }).done;
       if (reply.error !== 0 || reply.payload.byteLength !== length) {
         throw new ChunkFailed(`sync read at ${offset}+${length} failed on secondary: ${errnoName(reply.error)}`);

@@ -3,6 +3,7 @@
  * Primary/Secondary with injected disks and network (test/sim.ts):
  * - with the secondary's disk writes held back, fullsync writes wait for them
  *   and memsync/async writes do not; memsync's early ack precedes the write;
+ * - async holds at most 64 MiB for the secondary: the next write waits for room;
  * - a bit flipped on the wire is caught by crc32 and sha256, the corrupt data
  *   is never written, the connection drops, and the extent is resynchronised.
  */
@@ -56,6 +57,28 @@ for (const mode of ["fullsync", "memsync", "async"] as const) {
     expect(sim.secondaryDisk.bytes.subarray(8192, 8192 + 4096)).toEqual(block(7));
   });
 }
+
+test("async: at most 64 MiB wait for the secondary; the next write waits for room", async () => {
+  const MIB = 1024 * 1024;
+  sim = new Sim({ replication: "async", mediasizeBytes: 80 * MIB, keepdirty: 0 });
+  sim.start();
+  await connected(sim);
+  const g = gate(sim);
+  const fill = (i: number) => new Uint8Array(MIB).fill(i + 1);
+  // Answered at once (async), although the secondary holds every one of them.
+  for (let i = 0; i < 64; i++) await sim.primary.write(i * MIB, fill(i), false);
+  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  let answered = false;
+  const next = sim.primary.write(64 * MIB, fill(64), false).then(() => (answered = true));
+  await Bun.sleep(200);
+  expect(answered).toBe(false);
+  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  g.open();
+  await next;
+  await waitFor("secondary caught up", () => sim!.primary.status().dirtyBytes === 0 &&
+    sim!.primary.status().remoteInFlight === 0 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+}, 30_000);
 
 test("memsync: the early acknowledgement is sent before the secondary writes", async () => {
   sim = new Sim({ replication: "memsync" });
