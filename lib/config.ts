@@ -20,7 +20,7 @@
 import assert from "node:assert";
 import { closeSync, openSync, readSync } from "node:fs";
 import { isIPv4, isIPv6 } from "node:net";
-import { hostname as osHostname } from "node:os";
+import { availableParallelism, hostname as osHostname } from "node:os";
 import { parseConfSyntax } from "./config_conf.ts";
 import {
   checkOptionKey,
@@ -82,7 +82,7 @@ export interface ResourceConfig {
   metaflush: boolean;
   /** `syncrate` (k/M/G suffixes, powers of 1024); 0 means unlimited. */
   syncRateBytesPerSecond: number;
-  /** `pipeline on|off`. */
+  /** `pipeline on|off|auto` (auto: on with PIPELINE_AUTO_MIN_CORES cores or more). */
   pipeline: boolean;
   /** Where the primary serves NBD. */
   export: Address;
@@ -123,8 +123,20 @@ const DEFAULTS = {
   compression: "hole",
   timeoutSeconds: 20,
   metaflush: true,
-  pipeline: true,
 } as const;
+
+/**
+ * `pipeline auto` (the default) turns the codec threads on only with at least this many
+ * cores: on the 2-core benchmark machine, where the primary, the secondary and the
+ * client share the cores, fullsync with sha256 + lz4 wrote 1 MiB blocks ~25% slower with
+ * the threads (bench/RESULTS.md); they pay where cores are idle.
+ */
+export const PIPELINE_AUTO_MIN_CORES = 3;
+
+/** What `pipeline auto` means on this machine. */
+export function pipelineAuto(): boolean {
+  return availableParallelism() >= PIPELINE_AUTO_MIN_CORES;
+}
 
 /** Default listen addresses: every IPv4 and every IPv6 address on port 8457. */
 function defaultListen(): TcpAddress[] {
@@ -292,7 +304,11 @@ function applyEntry(file: string, values: Values, entry: Entry): void {
     case "timeout": values.timeoutSeconds = timeout(file, entry); return;
     case "exec": values.exec = absolutePath(file, entry); return;
     case "metaflush": values.metaflush = choice(file, entry) === "on"; return;
-    case "pipeline": values.pipeline = choice(file, entry) === "on"; return;
+    case "pipeline": {
+      const value = choice(file, entry);
+      values.pipeline = value === "auto" ? pipelineAuto() : value === "on";
+      return;
+    }
     case "syncrate": values.syncRateBytesPerSecond = unit(file, entry, parseSizeBytes); return;
     case "name": checkPlainName(file, `set "name" to`, v, entry.valuePos); values.name = v; return;
     case "local": values.local = absolutePath(file, entry); return;
@@ -444,7 +460,7 @@ function resolveResource(
     exec: res.exec ?? global.exec ?? null,
     metaflush: node.metaflush ?? res.metaflush ?? global.metaflush ?? DEFAULTS.metaflush,
     syncRateBytesPerSecond: res.syncRateBytesPerSecond ?? global.syncRateBytesPerSecond ?? 0,
-    pipeline: res.pipeline ?? global.pipeline ?? DEFAULTS.pipeline,
+    pipeline: res.pipeline ?? global.pipeline ?? pipelineAuto(),
     export: node.export ?? res.export ?? { kind: "unix", path: `/run/hast/${name}.sock` },
     line: section.pos.line,
   };

@@ -6,7 +6,7 @@
 
 import { describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import {
   ConfigError,
@@ -14,6 +14,7 @@ import {
   loadConfig,
   parseAddress,
   parseConfig,
+  pipelineAuto,
   type NodeConfig,
   type ResourceConfig,
 } from "./config.ts";
@@ -93,7 +94,7 @@ describe("spec example and node matching", () => {
         exec: null,
         metaflush: true,
         syncRateBytesPerSecond: 0,
-        pipeline: true,
+        pipeline: pipelineAuto(),
         export: { kind: "unix", path: "/run/hast/data.sock" },
         line: 1,
       }],
@@ -231,7 +232,7 @@ describe("precedence and defaults", () => {
       exec: null,
       metaflush: true,
       syncRateBytesPerSecond: 0,
-      pipeline: true,
+      pipeline: pipelineAuto(),
       source: null,
     });
   });
@@ -440,7 +441,7 @@ describe("hast.conf errors name the line and column", () => {
     expectError("compression lzf", 1, 13,
       `expected one of none, hole, lz4 (HAST's lzf is replaced by lz4)`);
     expectError("metaflush yes", 1, 11, `expected one of on, off`);
-    expectError("pipeline none", 1, 10, `expected one of on, off`);
+    expectError("pipeline none", 1, 10, `expected one of on, off, auto`);
   });
 
   test("bad numbers: timeout must be > 0, syncrate a size", () => {
@@ -643,5 +644,23 @@ describe("loadConfig", () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe("pipeline auto", () => {
+  test("auto (and the default) means on with 3 cores or more, off below; on and off are kept", () => {
+    const text = (value: string | null) => [
+      ...(value === null ? [] : [`pipeline ${value}`]),
+      "resource data {",
+      "  on hosta {", "    local /dev/a", "    remote 10.0.0.2", "  }",
+      "}",
+    ].join("\n") + "\n";
+    const pipeline = (value: string | null) =>
+      parseConfig(text(value), "hast.conf", { node: "hosta" }).resources[0]!.pipeline;
+    expect(pipelineAuto()).toBe(availableParallelism() >= 3);
+    expect(pipeline("auto")).toBe(pipelineAuto());
+    expect(pipeline(null)).toBe(pipelineAuto());
+    expect(pipeline("on")).toBe(true);
+    expect(pipeline("off")).toBe(false);
   });
 });

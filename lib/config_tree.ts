@@ -96,7 +96,7 @@ export const OPTION_SPECS: Readonly<Record<string, OptionSpec>> = {
   timeout: { kind: "word", values: [], sections: [G, R] },
   exec: { kind: "word", values: [], sections: [G, R] },
   syncrate: { kind: "word", values: [], sections: [G, R] },
-  pipeline: { kind: "bool", values: ON_OFF, sections: [G, R] },
+  pipeline: { kind: "bool", values: [...ON_OFF, "auto"], sections: [G, R] },
   metaflush: { kind: "bool", values: ON_OFF, sections: [G, R, RN] },
   name: { kind: "word", values: [], sections: [R, RN] },
   local: { kind: "word", values: [], sections: [R, RN] },

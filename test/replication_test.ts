@@ -5,6 +5,7 @@
  * threads (also in the compiled binary), and status reports the pair complete.
  */
 import { expect, test } from "bun:test";
+import { availableParallelism } from "node:os";
 import { randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -22,10 +23,13 @@ interface Case {
 
 const CASES: Case[] = [
   { replication: "fullsync", codec: ["compression none", "checksum none"], threaded: false },
-  { replication: "memsync", codec: ["compression lz4", "checksum sha256"], threaded: true },
-  { replication: "async", codec: ["compression hole", "checksum crc32"], threaded: true },
+  { replication: "memsync", codec: ["compression lz4", "checksum sha256", "pipeline on"], threaded: true },
+  { replication: "async", codec: ["compression hole", "checksum crc32", "pipeline on"], threaded: true },
   { replication: "fullsync", codec: ["compression lz4", "checksum sha256", "pipeline off"], threaded: false },
-  { replication: "fullsync", codec: ["compression lz4", "checksum crc32"], threaded: true, compiled: true },
+  { replication: "fullsync", codec: ["compression lz4", "checksum crc32", "pipeline on"], threaded: true,
+    compiled: true },
+  // The default is `pipeline auto`: threads only with 3 cores or more.
+  { replication: "memsync", codec: ["compression lz4", "checksum crc32"], threaded: availableParallelism() >= 3 },
 ];
 
 test.each(CASES)("nbdcopy through the primary lands byte-identical on the secondary (%o)", async (c0) => {
