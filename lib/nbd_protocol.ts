@@ -684,7 +684,9 @@ export class NbdServerParser {
       this.#consume(REQUEST_HEADER_BYTES);
       if (request.type !== Command.WRITE) return { kind: "request", request, payload: null };
       const stored = request.length <= this.#options.maxPayloadBytes;
-      const buffer = stored ? new Uint8Array(request.length) : null;
+      // Not zeroed: every byte is received before the payload is handed out (memset was
+      // 6% of the event loop's time under 1 MiB writes).
+      const buffer = stored ? Bun.allocUnsafe(request.length) : null;
       this.#pending = { request, buffer, filledBytes: 0 };
     }
     return this.#fillPayload(this.#pending);
