@@ -69,7 +69,7 @@ const BLKGETSIZE64 = 0x80081272; // _IOR(0x12, 114, size_t)
 const BLKSSZGET = 0x1268; // _IO(0x12, 104): logical sector size
 const BLKZEROOUT = 0x127f; // _IO(0x12, 127)
 /** Largest write that may take the blocking path (see the table above). */
-export const BLOCKING_WRITE_MAX_BYTES = 128 * 1024;
+const BLOCKING_WRITE_MAX_BYTES = 128 * 1024;
 /** Blocking writes must cover whole pages: a partial page may need a read first. */
 const BLOCKING_WRITE_ALIGN_BYTES = 4096;
 /** A blocking write slower than this means the kernel waited for the device... */
@@ -374,7 +374,7 @@ export class Provider {
     this.#assertRange(offset, data.length);
     if (this.#mayBlock(offset, data.length)) {
       const startedMs = performance.now();
-      this.writeBlocking(offset, data);
+      this.#writeBlocking(offset, data);
       const endedMs = performance.now();
       this.blockingWrites++;
       if (endedMs - startedMs >= this.#blockingWriteSlowMs) {
@@ -400,12 +400,9 @@ export class Provider {
   /**
    * Writes all of `data` at `offset` on this thread, blocking it until the kernel took the
    * bytes (a page-cache copy, ~4 µs for 4 KiB, unless dirty-page throttling makes the kernel
-   * wait). `write` uses it for small writes; callers should prefer `write`.
+   * wait). Only `write` calls it, after its own checks.
    */
-  writeBlocking(offset: number, data: Uint8Array): void {
-    assert(!this.#readOnly, "write on a read-only provider");
-    this.#assertRange(offset, data.length);
-    this.#assertOpen();
+  #writeBlocking(offset: number, data: Uint8Array): void {
     let done = 0;
     while (done < data.length) {
       let bytesWritten: number;

@@ -121,12 +121,7 @@ export class Synchronizer {
     this.lastFlushMs = this.o.clock.now();
     const workers = await Promise.allSettled(Array.from({ length: SYNC_WORKERS }, () => this.worker()));
     // Copied extents no flush covered (the link failed): they stay sync-needed.
-    for (const extent of this.unflushed) {
-      am.syncAbort(extent);
-      this.claimed.delete(extent);
-    }
-    this.unflushed = [];
-    this.unflushedBytes = 0;
+    for (const extent of this.takeUnflushed()) this.release(extent, false);
     const failed = workers.find((w) => w.status === "rejected");
     if (failed) throw failed.reason;
     if (!this.o.link.isUp || am.syncExtentCount() > 0) {
@@ -165,8 +160,7 @@ export class Synchronizer {
       try {
         await this.syncExtent(extent);
       } catch (error) {
-        am.syncAbort(extent);
-        this.claimed.delete(extent);
+        this.release(extent, false);
         if (error instanceof ChunkFailed) this.o.log("warn", error.message);
         else if (this.o.link.isUp) throw error;
         return;
@@ -189,11 +183,8 @@ export class Synchronizer {
       await Promise.all(this.flushes);
       return this.o.link.isUp;
     }
-    const batch = this.unflushed;
-    this.unflushed = [];
-    this.unflushedBytes = 0;
+    const batch = this.takeUnflushed();
     this.lastFlushMs = this.o.clock.now();
-    const am = this.o.activemap;
     let ok = false;
     const flush = (async () => {
       let failure: unknown = null;
@@ -205,11 +196,7 @@ export class Synchronizer {
         failure = error;
       }
       let changed = false;
-      for (const extent of batch) {
-        if (ok) changed = am.syncDone(extent) || changed;
-        else am.syncAbort(extent);
-        this.claimed.delete(extent);
-      }
+      for (const extent of batch) changed = this.release(extent, ok) || changed;
       if (changed) await this.o.persistMap();
       if (failure instanceof ChunkFailed) this.o.log("warn", failure.message);
       else if (failure !== null && this.o.link.isUp) throw failure;
@@ -221,6 +208,24 @@ export class Synchronizer {
       this.flushes.delete(flush);
     }
     return ok;
+  }
+
+  private takeUnflushed(): number[] {
+    const batch = this.unflushed;
+    this.unflushed = [];
+    this.unflushedBytes = 0;
+    return batch;
+  }
+
+  /**
+   * Ends a claimed extent's sync: clean when its copy is durable (`copied`), else it stays
+   * sync-needed. Returns true when the on-disk map changed.
+   */
+  private release(extent: number, copied: boolean): boolean {
+    this.claimed.delete(extent);
+    if (copied) return this.o.activemap.syncDone(extent);
+    this.o.activemap.syncAbort(extent);
+    return false;
   }
 
   /** The next unclaimed extent needing sync, scanning on from the cursor and wrapping once. */
