@@ -2,9 +2,9 @@
  * The activemap (spec §4): which extents may differ between the two copies.
  *
  * A pure data structure, like hastd's activemap.c: it never does I/O. Every
- * mutating call returns true when the on-disk bitmap changed; the caller then
- * writes {@link ActiveMap.diskMap} (before dispatching the data write, for
- * writeStart) and carries on.
+ * mutating call that can change the on-disk bitmap returns true when it did;
+ * the caller then writes {@link ActiveMap.diskMap} (before dispatching the data
+ * write, for writeStart) and carries on.
  *
  * An extent is dirty on disk while any of these holds:
  * - in flight: a write or trim to it has started and not completed on both sides;
@@ -12,7 +12,16 @@
  *   dirty while idle so a hot extent does not cost two map writes per write;
  * - sync-needed: the copies may differ (remote write failed, peer absent, crash,
  *   peer's map merged) until a sync of the whole extent completes.
- * The on-disk map is rewritten only when that set changes.
+ *
+ * Setting a bit is urgent (the write waits for it); clearing one is not. An
+ * extent that becomes clean keeps its disk bit until the next clear round
+ * (beginClear … finishClear, which the primary runs about once a second after
+ * flushing its data), so a burst of writes over more extents than keepdirty
+ * costs one map write per extent first touched, not one per LRU miss (in
+ * HAST, each miss waits for a map write and a flush). syncDone and
+ * dropKeepdirty clear at once. The on-disk map is therefore always a superset
+ * of the dirty set, and is rewritten only when a bit must be set or a round
+ * (or syncDone, dropKeepdirty) clears one.
  *
  * Sync versus concurrent failures: a write that fails remotely while its extent
  * is being synced would be lost if syncDone then cleared the extent. So
@@ -43,6 +52,8 @@ export interface ActiveMapStats {
   inFlightExtents: number;
   keepdirtyExtents: number;
   syncExtents: number;
+  /** Clean extents whose disk bit waits for the next clear round. */
+  clearPendingExtents: number;
 }
 
 function bitGet(bits: Uint8Array, i: number): boolean {
@@ -72,6 +83,10 @@ export class ActiveMap {
   /** Extents being synced → redirty (re-marked while syncing). */
   readonly #syncing = new Map<number, boolean>();
   #syncCount = 0;
+  /** Clean extents still set on disk, for the next clear round. */
+  #clearable = new Set<number>();
+  /** The clear round in progress (beginClear … finishClear), or null. */
+  #clearing: Set<number> | null = null;
   #inflightExtents = 0;
   #updates = 0;
 
@@ -131,18 +146,17 @@ export class ActiveMap {
   /**
    * A write or trim completed on both sides (`synced: true`), or on one side
    * only or without a peer (`synced: false`: its extents go to the sync map).
-   * @returns true when the on-disk map changed and should be written
+   * Never changes the on-disk map: the extents were set at writeStart, and an
+   * extent that is now clean waits for the next clear round.
    */
-  writeComplete(offset: number, length: number, result: { synced: boolean }): boolean {
+  writeComplete(offset: number, length: number, result: { synced: boolean }): void {
     const [first, last] = this.#extents(offset, length);
-    let changed = false;
     for (let e = first; e <= last; e++) {
       assert(this.#inflight[e]! > 0, `extent ${e}: completion without start`);
       if (--this.#inflight[e]! === 0) this.#inflightExtents--;
       if (!result.synced) this.#markSync(e);
-      changed = this.#refresh(e) || changed;
+      assert(!this.#refresh(e), `extent ${e}: was not set on disk while in flight`);
     }
-    return this.#counted(changed);
   }
 
   /** Marks a range as needing sync; it stays dirty on disk until syncDone. */
@@ -219,7 +233,8 @@ export class ActiveMap {
     assert(bitGet(this.#sync, extent));
     bitClear(this.#sync, extent);
     this.#syncCount--;
-    return this.#counted(this.#refresh(extent));
+    this.#refresh(extent);
+    return this.#counted(this.#clearNow(extent));
   }
 
   /** The sync of an extent was interrupted (e.g. disconnect): it stays sync-needed. */
@@ -229,17 +244,55 @@ export class ActiveMap {
   }
 
   /**
-   * Forgets the keepdirty set: used on a clean shutdown when both copies are
-   * known identical, so the next start does not resync idle extents.
+   * Forgets the keepdirty set and clears every clean extent at once: used on a
+   * clean shutdown when both copies are known identical (and flushed), so the
+   * next start does not resync idle extents.
    * @returns true when the on-disk map changed and should be written
    */
   dropKeepdirty(): boolean {
     const extents = [...this.#lru.keys()];
     this.#lru.clear();
     this.#lruNewest = -1;
+    for (const e of extents) this.#refresh(e);
     let changed = false;
-    for (const e of extents) changed = this.#refresh(e) || changed;
+    for (const e of [...this.#clearable]) changed = this.#clearNow(e) || changed;
     return this.#counted(changed);
+  }
+
+  /**
+   * Starts a clear round: takes the clean extents still set on disk. The
+   * caller then makes the local data durable (their last writes are in it)
+   * and calls finishClear, or abortClear if that failed. A write that starts
+   * on one of them meanwhile keeps it set.
+   * @returns the number of extents taken
+   */
+  beginClear(): number {
+    assert(this.#clearing === null, "clear round already running");
+    this.#clearing = this.#clearable;
+    this.#clearable = new Set();
+    return this.#clearing.size;
+  }
+
+  /**
+   * Clears the disk bits of the round's extents that were not written since
+   * beginClear and are still clean.
+   * @returns true when the on-disk map changed and should be written
+   */
+  finishClear(): boolean {
+    const clearing = this.#clearing;
+    assert(clearing !== null, "no clear round running");
+    let changed = false;
+    for (const e of clearing) changed = this.#clearNow(e) || changed;
+    this.#clearing = null;
+    return this.#counted(changed);
+  }
+
+  /** Ends a clear round without clearing: its extents wait for the next one. */
+  abortClear(): void {
+    const clearing = this.#clearing;
+    assert(clearing !== null, "no clear round running");
+    this.#clearing = null;
+    for (const e of clearing) this.#refresh(e);
   }
 
   /** True if the extent is in the sync map. */
@@ -273,6 +326,7 @@ export class ActiveMap {
       inFlightExtents: this.#inflightExtents,
       keepdirtyExtents: this.#lru.size,
       syncExtents: this.#syncCount,
+      clearPendingExtents: this.#clearable.size + (this.#clearing?.size ?? 0),
     };
   }
 
@@ -299,12 +353,33 @@ export class ActiveMap {
     return this.#refresh(oldest);
   }
 
-  /** Recomputes the disk bit of `e`; true if it changed. */
+  #isDirty(e: number): boolean {
+    return this.#inflight[e]! > 0 || this.#lru.has(e) || bitGet(this.#sync, e);
+  }
+
+  /**
+   * Brings the disk bit of `e` up to date, except that a clean extent only
+   * joins the next clear round; true if the bit was set.
+   */
   #refresh(e: number): boolean {
-    const dirty = this.#inflight[e]! > 0 || this.#lru.has(e) || bitGet(this.#sync, e);
-    if (dirty === bitGet(this.#disk, e)) return false;
-    if (dirty) bitSet(this.#disk, e);
-    else bitClear(this.#disk, e);
+    const onDisk = bitGet(this.#disk, e);
+    if (this.#isDirty(e)) {
+      this.#clearable.delete(e);
+      this.#clearing?.delete(e);
+      if (onDisk) return false;
+      bitSet(this.#disk, e);
+      return true;
+    }
+    if (onDisk) this.#clearable.add(e);
+    return false;
+  }
+
+  /** Clears the disk bit of a clean extent now; true if it was set. */
+  #clearNow(e: number): boolean {
+    if (this.#isDirty(e) || !bitGet(this.#disk, e)) return false;
+    bitClear(this.#disk, e);
+    this.#clearable.delete(e);
+    this.#clearing?.delete(e);
     return true;
   }
 

@@ -1,8 +1,10 @@
-// Proves the activemap's contract: the on-disk map is (in flight ∪ keepdirty LRU
-// ∪ sync-needed) and changes only when that set changes, crash maps and failed
-// writes land in the sync map, and a sync never clears an extent re-marked while
-// it was syncing. Scenario tests pin single behaviours; a seeded random run
-// compares every call against a small, obviously-correct model.
+// Proves the activemap's contract: the on-disk map holds (in flight ∪ keepdirty LRU
+// ∪ sync-needed) at all times, sets bits only when that set grows, clears clean
+// extents only in a clear round (or at syncDone / dropKeepdirty), never one
+// written since the round began; crash maps and failed writes land in the sync
+// map, and a sync never clears an extent re-marked while it was syncing. Scenario
+// tests pin single behaviours; a seeded random run compares every call against a
+// small, obviously-correct model.
 import { describe, expect, test } from "bun:test";
 import { ActiveMap } from "./activemap.ts";
 
@@ -26,13 +28,15 @@ describe("scenarios", () => {
   test("a hot extent costs one map write for many writes", () => {
     const am = makeMap(16, 4);
     expect(am.writeStart(3 * EXT + 100, 4096)).toBe(true);
-    expect(am.writeComplete(3 * EXT + 100, 4096, { synced: true })).toBe(false);
+    am.writeComplete(3 * EXT + 100, 4096, { synced: true });
     for (let i = 0; i < 1000; i++) {
       expect(am.writeStart(3 * EXT + (i % 16) * 4096, 4096)).toBe(false);
-      expect(am.writeComplete(3 * EXT + (i % 16) * 4096, 4096, { synced: true })).toBe(false);
+      am.writeComplete(3 * EXT + (i % 16) * 4096, 4096, { synced: true });
     }
     expect(bits(am.diskMap())).toEqual([3]);
-    const stats = { updates: 1, inFlightExtents: 0, keepdirtyExtents: 1, syncExtents: 0 };
+    const stats = {
+      updates: 1, inFlightExtents: 0, keepdirtyExtents: 1, syncExtents: 0, clearPendingExtents: 0,
+    };
     expect(am.stats()).toEqual(stats);
   });
 
@@ -46,26 +50,79 @@ describe("scenarios", () => {
     expect(write(0)).toBe(true);
     expect(write(1)).toBe(true);
     expect(write(0)).toBe(false); // 0 is now the newest; 1 the oldest
-    expect(write(2)).toBe(true); // evicts 1
-    expect(bits(am.diskMap())).toEqual([0, 2]);
+    expect(write(2)).toBe(true); // evicts 1: clean, but set until a clear round
+    expect(bits(am.diskMap())).toEqual([0, 1, 2]);
+    expect(am.stats().clearPendingExtents).toBe(1);
+    expect(write(1)).toBe(false); // still set: no map write to touch it again (evicts 0)
+    expect(am.beginClear()).toBe(1); // 0
+    expect(am.finishClear()).toBe(true);
+    expect(bits(am.diskMap())).toEqual([1, 2]);
     // An extent evicted while in flight stays dirty until its write completes.
-    expect(am.writeStart(0, 10)).toBe(false);
-    expect(am.writeStart(5 * EXT, 10)).toBe(true); // evicts 2
-    expect(am.writeStart(6 * EXT, 10)).toBe(true); // evicts 0, still in flight
-    expect(bits(am.diskMap())).toEqual([0, 5, 6]);
-    expect(am.writeComplete(0, 10, { synced: true })).toBe(true);
+    expect(am.writeStart(2 * EXT, 10)).toBe(false);
+    expect(am.writeStart(5 * EXT, 10)).toBe(true); // evicts 1
+    expect(am.writeStart(6 * EXT, 10)).toBe(true); // evicts 2, still in flight
+    expect(am.stats().clearPendingExtents).toBe(1); // 1 only
+    am.writeComplete(2 * EXT, 10, { synced: true });
+    expect(am.stats().clearPendingExtents).toBe(2);
+    expect(bits(am.diskMap())).toEqual([1, 2, 5, 6]);
+    expect(am.beginClear()).toBe(2);
+    expect(am.finishClear()).toBe(true);
     expect(bits(am.diskMap())).toEqual([5, 6]);
     expect(am.stats().keepdirtyExtents).toBe(2);
   });
 
-  test("keepdirty 0: an extent is clean as soon as its last write completes", () => {
+  test("a clear round keeps what is written or marked during it; abort keeps everything", () => {
+    const am = makeMap(8, 0);
+    for (const e of [0, 1, 2, 3]) {
+      expect(am.writeStart(e * EXT, 10)).toBe(true);
+      am.writeComplete(e * EXT, 10, { synced: true });
+    }
+    expect(am.beginClear()).toBe(4);
+    expect(() => am.beginClear()).toThrow(); // one round at a time
+    // While the round flushes: a write to 0 starts and completes (its data may
+    // be after the flush), a write to 1 is still in flight, 2 is marked.
+    expect(am.writeStart(0, 10)).toBe(false);
+    am.writeComplete(0, 10, { synced: true });
+    expect(am.writeStart(EXT, 10)).toBe(false);
+    expect(am.markNeedsSync(2 * EXT, 1)).toBe(false);
+    expect(am.stats().clearPendingExtents).toBe(2); // 0 for the next round, 3 in this one
+    expect(am.finishClear()).toBe(true);
+    expect(bits(am.diskMap())).toEqual([0, 1, 2]);
+    am.writeComplete(EXT, 10, { synced: true });
+    expect(am.beginClear()).toBe(2); // 0 and 1
+    am.abortClear();
+    expect(bits(am.diskMap())).toEqual([0, 1, 2]);
+    expect(am.beginClear()).toBe(2);
+    expect(am.finishClear()).toBe(true);
+    expect(bits(am.diskMap())).toEqual([2]);
+    expect(am.beginClear()).toBe(0);
+    expect(am.finishClear()).toBe(false);
+    expect(() => am.finishClear()).toThrow(); // no round
+  });
+
+  test("keepdirty 0: an extent is cleared by the first round after its last write completes", () => {
     const am = makeMap(4, 0);
     expect(am.writeStart(0, 2 * EXT)).toBe(true);
     expect(am.writeStart(EXT, 10)).toBe(false);
-    expect(am.writeComplete(0, 2 * EXT, { synced: true })).toBe(true); // extent 0 clean
+    am.writeComplete(0, 2 * EXT, { synced: true }); // extent 0 clean
+    expect(am.beginClear()).toBe(1);
+    expect(am.finishClear()).toBe(true);
     expect(bits(am.diskMap())).toEqual([1]);
-    expect(am.writeComplete(EXT, 10, { synced: true })).toBe(true);
+    am.writeComplete(EXT, 10, { synced: true });
+    expect(bits(am.diskMap())).toEqual([1]);
+    am.beginClear();
+    expect(am.finishClear()).toBe(true);
     expect(bits(am.diskMap())).toEqual([]);
+  });
+
+  test("dropKeepdirty clears every clean extent at once", () => {
+    const am = makeMap(8, 2);
+    for (const e of [0, 1, 2, 3]) am.writeStart(e * EXT, 10);
+    for (const e of [0, 1, 2]) am.writeComplete(e * EXT, 10, { synced: true });
+    expect(bits(am.diskMap())).toEqual([0, 1, 2, 3]); // 2 in keepdirty, 0 and 1 pending
+    expect(am.dropKeepdirty()).toBe(true);
+    expect(bits(am.diskMap())).toEqual([3]); // in flight
+    expect(am.stats().clearPendingExtents).toBe(0);
   });
 
   test("a dirty map found at start (crash) becomes the sync map", () => {
@@ -87,7 +144,7 @@ describe("scenarios", () => {
   test("failed writes stay dirty through keepdirty eviction until synced", () => {
     const am = makeMap(8, 1);
     am.writeStart(2 * EXT, 10);
-    expect(am.writeComplete(2 * EXT, 10, { synced: false })).toBe(false);
+    am.writeComplete(2 * EXT, 10, { synced: false });
     am.writeStart(3 * EXT, 10); // evicts 2 from keepdirty, but it needs sync
     expect(bits(am.diskMap())).toEqual([2, 3]);
     am.syncStart(2);
@@ -145,25 +202,33 @@ function prng(seed: number): () => number {
   };
 }
 
-/** The obvious model: plain arrays and sets, recomputed from scratch. */
+/** The obvious model: plain arrays and sets. */
 class Model {
   inflight: number[];
   lru: number[] = []; // oldest first
   sync = new Set<number>();
   syncing = new Map<number, boolean>();
+  onDisk = new Set<number>();
+  /** The clear round's candidates, or null. */
+  clearing: Set<number> | null = null;
   constructor(readonly n: number, readonly keepdirty: number) {
     this.inflight = new Array(n).fill(0);
   }
+  dirty(e: number): boolean {
+    return this.inflight[e]! > 0 || this.lru.includes(e) || this.sync.has(e);
+  }
   disk(): number[] {
-    const out: number[] = [];
-    for (let e = 0; e < this.n; e++) {
-      if (this.inflight[e]! > 0 || this.lru.includes(e) || this.sync.has(e)) out.push(e);
-    }
-    return out;
+    return [...this.onDisk].sort((a, b) => a - b);
+  }
+  /** Clean extents set on disk. */
+  clearable(): number[] {
+    return this.disk().filter((e) => !this.dirty(e));
   }
   start(first: number, last: number) {
     for (let e = first; e <= last; e++) {
       this.inflight[e]!++;
+      this.onDisk.add(e);
+      this.clearing?.delete(e);
       if (this.keepdirty === 0) continue;
       this.lru = this.lru.filter((x) => x !== e);
       this.lru.push(e);
@@ -172,7 +237,12 @@ class Model {
   }
   mark(e: number) {
     this.sync.add(e);
+    this.onDisk.add(e);
+    this.clearing?.delete(e);
     if (this.syncing.has(e)) this.syncing.set(e, true);
+  }
+  clearIfClean(e: number) {
+    if (!this.dirty(e)) this.onDisk.delete(e);
   }
 }
 
@@ -195,7 +265,24 @@ function randomStep(am: ActiveMap, model: Model, rnd: () => number, pending: num
       model.inflight[e]!--;
       if (!synced) model.mark(e);
     }
-    return am.writeComplete(offset!, length!, { synced });
+    am.writeComplete(offset!, length!, { synced });
+    return false;
+  }
+  if (r < 0.77) {
+    if (model.clearing === null) {
+      const candidates = model.clearable();
+      model.clearing = new Set(candidates);
+      expect(am.beginClear()).toBe(candidates.length);
+      return false;
+    }
+    const clearing = model.clearing;
+    model.clearing = null;
+    if (rnd() < 0.2) {
+      am.abortClear();
+      return false;
+    }
+    for (const e of clearing) model.clearIfClean(e);
+    return am.finishClear();
   }
   if (r < 0.8) {
     const e = Math.floor(rnd() * n);
@@ -222,13 +309,16 @@ function randomStep(am: ActiveMap, model: Model, rnd: () => number, pending: num
     am.syncAbort(e);
     return false;
   }
-  if (!redirty) model.sync.delete(e);
+  if (!redirty) {
+    model.sync.delete(e);
+    model.clearIfClean(e);
+  }
   return am.syncDone(e);
 }
 
 describe("randomized against a model", () => {
   for (const seed of [1, 2, 3, 42, 1234]) {
-    test(`seed ${seed}: disk map equals in-flight ∪ keepdirty ∪ sync after every call`, () => {
+    test(`seed ${seed}: disk map ⊇ in-flight ∪ keepdirty ∪ sync, cleared only by rounds, after every call`, () => {
       const rnd = prng(seed);
       const n = 5 + Math.floor(rnd() * 60);
       const keepdirty = Math.floor(rnd() * 6);
@@ -248,6 +338,7 @@ describe("randomized against a model", () => {
           if (model.inflight[e]! > 0 || model.sync.has(e)) expect(disk).toContain(e);
         }
         expect(am.stats().keepdirtyExtents).toBeLessThanOrEqual(keepdirty);
+        expect(am.stats().clearPendingExtents).toBe(model.clearable().length);
         expect(am.syncExtentCount()).toBe(model.sync.size);
         before = after;
       }

@@ -239,13 +239,11 @@ async function dump(globals: Globals, rest: string[]): Promise<number> {
     try {
       const store = await MetadataStore.load(provider);
       const m = store.metadata;
-      const map = await store.readMap();
-      let dirtyExtents = 0;
-      for (const byte of map) for (let b = byte; b; b &= b - 1) dirtyExtents++;
+      const dirty = setBits(await store.readMap());
       out.push({
         name: resource.resource, provider: resource.local, ...m,
         resuid: String(m.resuid), localcnt: String(m.localcnt), remotecnt: String(m.remotecnt),
-        generation: String(m.generation), dirtyExtents,
+        generation: String(m.generation), dirtyExtents: dirty.length, dirtyExtentList: formatRanges(dirty),
       });
     } finally {
       provider.close();
@@ -254,6 +252,27 @@ async function dump(globals: Globals, rest: string[]): Promise<number> {
   if (values.json) process.stdout.write(JSON.stringify({ resources: out }, null, 2) + "\n");
   else process.stdout.write(formatList(out) + "\n");
   return 0;
+}
+
+/** Indices of the bits set in an LSB-first bitmap, ascending. */
+function setBits(map: Uint8Array): number[] {
+  const out: number[] = [];
+  for (let byte = 0; byte < map.length; byte++) {
+    for (let bit = 0; bit < 8; bit++) if (map[byte]! & (1 << bit)) out.push(byte * 8 + bit);
+  }
+  return out;
+}
+
+/** Ascending integers as ranges: [0, 1, 2, 5] → "0-2,5" ("" when empty). */
+export function formatRanges(sorted: number[]): string {
+  const parts: string[] = [];
+  for (let i = 0; i < sorted.length; ) {
+    let j = i;
+    while (j + 1 < sorted.length && sorted[j + 1] === sorted[j]! + 1) j++;
+    parts.push(i === j ? `${sorted[i]}` : `${sorted[i]}-${sorted[j]}`);
+    i = j + 1;
+  }
+  return parts.join(",");
 }
 
 async function discard(globals: Globals, rest: string[]): Promise<number> {

@@ -30,6 +30,14 @@ export const MAX_REMOTE_IN_FLIGHT = 256;
  * replication: 256 requests of 1 MiB let the worker's peak RSS reach 648 MiB.
  */
 export const MAX_REMOTE_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/**
+ * How often extents that became clean are cleared from the on-disk activemap
+ * (one local flush and one map write per round). An extent therefore stays
+ * dirty on disk for up to two intervals after its last write, beyond the
+ * keepdirty most recently written ones; in exchange, writes that move across
+ * more extents than keepdirty do not each wait for a map write and a flush.
+ */
+export const ACTIVEMAP_CLEAR_INTERVAL_MS = 1000;
 
 export type LinkState = "disconnected" | "connecting" | "connected" | "split-brain" | "refused";
 
@@ -70,6 +78,11 @@ export class Primary {
   private bumping: Promise<void> | null = null;
   private mapPending: Promise<void> | null = null;
   private mapChain: Promise<void> = Promise.resolve();
+  /** The last map write requested, and how many requested writes have not settled. */
+  private mapLatest: Promise<void> = Promise.resolve();
+  private mapUnsettled = 0;
+  private clearTimer: { stop(): void } | null = null;
+  private clearRun: Promise<void> | null = null;
   private metaflush: boolean;
   private syncer: Synchronizer | null = null;
   private syncSource: "primary" | "secondary" = "primary";
@@ -92,6 +105,7 @@ export class Primary {
 
   /** Starts the connect loop (does nothing when `remote none`). */
   start(): void {
+    this.clearTimer = this.o.clock.setInterval(() => void this.clearRound(), ACTIVEMAP_CLEAR_INTERVAL_MS);
     void this.connectLoop();
   }
 
@@ -104,6 +118,8 @@ export class Primary {
   async stop(): Promise<void> {
     this.stopped = true;
     this.stopLoop();
+    this.clearTimer?.stop();
+    await this.clearRun;
     await this.lock.acquire(0, this.sizeBytes).then((release) => this.cleanShutdown().finally(release));
     this.link?.close("resource stopping");
     await this.syncer?.stopped();
@@ -300,13 +316,16 @@ export class Primary {
   /** Bumps localcnt on the first write while disconnected, then marks extents dirty. */
   private async beforeWrite(offset: number, length: number): Promise<void> {
     if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
-    if (this.o.activemap.writeStart(offset, length)) {
-      try {
-        await this.persistMap();
-      } catch (error) {
-        this.o.activemap.writeComplete(offset, length, { synced: false });
-        throw new IoError(`cannot write activemap: ${error}`, "EIO");
-      }
+    // The extents must be dirty on disk before the data is written. When the
+    // map did not change, another write may have set their bits and still be
+    // writing the map: wait for that too (the latest write covers all before it).
+    const changed = this.o.activemap.writeStart(offset, length);
+    if (!changed && this.mapUnsettled === 0) return;
+    try {
+      await (changed ? this.persistMap() : this.mapLatest);
+    } catch (error) {
+      this.o.activemap.writeComplete(offset, length, { synced: false });
+      throw new IoError(`cannot write activemap: ${error}`, "EIO");
     }
   }
 
@@ -336,10 +355,33 @@ export class Primary {
       await this.bumpLocalcnt().catch((error) => this.o.log("error", `cannot bump localcnt: ${error}`));
     }
     // A failed local write leaves the local copy stale; it is resynced like a
-    // remote failure. (Direction is the sync source's; see README.)
-    if (this.o.activemap.writeComplete(offset, length, { synced: localOk && remoteOk })) {
-      this.persistMap().catch((error) => this.o.log("error", `activemap write failed: ${error}`));
-    }
+    // remote failure. (Direction is the sync source's; see README.) The map
+    // does not change here: clean extents wait for the next clear round.
+    this.o.activemap.writeComplete(offset, length, { synced: localOk && remoteOk });
+  }
+
+  /**
+   * One clear round (every ACTIVEMAP_CLEAR_INTERVAL_MS): flushes the local
+   * data, so the last writes to the extents that became clean are on disk,
+   * then clears those extents in the on-disk map. Public for tests.
+   */
+  clearRound(): Promise<void> {
+    if (this.clearRun) return this.clearRun;
+    const am = this.o.activemap;
+    if (am.stats().clearPendingExtents === 0) return Promise.resolve();
+    this.clearRun = (async () => {
+      am.beginClear();
+      if (this.metaflush && !(await this.localFlush())) {
+        am.abortClear();
+        return;
+      }
+      if (am.finishClear()) await this.persistMap();
+    })()
+      .catch((error) => this.o.log("error", `activemap write failed: ${error}`))
+      .finally(() => {
+        this.clearRun = null;
+      });
+    return this.clearRun;
   }
 
   /**
@@ -355,7 +397,11 @@ export class Primary {
       await this.o.meta.writeMap(this.o.activemap.diskMap(), { flush: this.metaflush });
     });
     this.mapPending = pending;
-    this.mapChain = pending.catch(() => {});
+    this.mapLatest = pending;
+    this.mapUnsettled++;
+    this.mapChain = pending.catch(() => {}).finally(() => {
+      this.mapUnsettled--;
+    });
     return pending;
   }
 

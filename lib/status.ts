@@ -9,7 +9,7 @@ import {
 import { formatAddress, type ResourceConfig } from "./config.ts";
 import { MAX_CONTROL_BYTES } from "./control.ts";
 import { MAX_RUNNING_HOOKS } from "./hooks.ts";
-import { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES } from "./primary.ts";
+import { ACTIVEMAP_CLEAR_INTERVAL_MS, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES } from "./primary.ts";
 import {
   NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES, NBD_MIN_BLOCK_BYTES,
 } from "./resource_worker.ts";
@@ -35,6 +35,7 @@ export const LIMITS = {
   syncParallelExtents: SYNC_WORKERS,
   syncFlushBytes: SYNC_FLUSH_BYTES,
   syncFlushIntervalMs: SYNC_FLUSH_INTERVAL_MS,
+  activemapClearIntervalMs: ACTIVEMAP_CLEAR_INTERVAL_MS,
   controlMaxBytes: MAX_CONTROL_BYTES,
   hooksMaxRunning: MAX_RUNNING_HOOKS,
 };

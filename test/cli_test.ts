@@ -15,7 +15,7 @@ import {
   NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES,
 } from "../lib/resource_worker.ts";
 import { type Cluster, createCluster, hastCommand, type NodeName } from "./cluster.ts";
-import { Cleanup, makeTempDir, run, type RunResult, waitFor } from "./harness.ts";
+import { Cleanup, expandRanges, makeTempDir, run, type RunResult, waitFor } from "./harness.ts";
 
 const EX_USAGE = 64;
 const EX_DATAERR = 65;
@@ -237,6 +237,8 @@ describe("with daemons (a detached by `serve`, b in the foreground)", () => {
       for (const field of ["resuid", "localcnt", "remotecnt"]) {
         expect(String(m[field]), field).toMatch(/^\d+$/);
       }
+      expect(m.dirtyExtentList).toMatch(/^(\d+(-\d+)?(,\d+(-\d+)?)*)?$/);
+      expect(expandRanges(m.dirtyExtentList).length).toBe(m.dirtyExtents);
     }
     // The first connect gave both sides the same, non-zero resource id.
     expect(a.resuid).not.toBe("0");

@@ -769,3 +769,13 @@ export async function waitFor<T>(
     await sleep(Math.min(intervalMs, Math.max(0, deadline - Date.now())));
   }
 }
+
+/** Expands `hast dump`'s dirtyExtentList ("0-2,5") to the extent numbers. */
+export function expandRanges(list: string): number[] {
+  const out: number[] = [];
+  for (const part of list === "" ? [] : list.split(",")) {
+    const [first, last = first] = part.split("-").map(Number);
+    for (let e = first!; e <= last!; e++) out.push(e);
+  }
+  return out;
+}

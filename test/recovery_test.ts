@@ -13,10 +13,11 @@ import { expect, test } from "bun:test";
 import { chmodSync, closeSync, existsSync, openSync, readFileSync, readSync } from "node:fs";
 import { rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { ACTIVEMAP_CLEAR_INTERVAL_MS } from "../lib/primary.ts";
 import { SYNC_FLUSH_INTERVAL_MS, SYNC_WORKERS } from "../lib/synchronizer.ts";
 import { type Cluster, type ClusterOptions, createCluster, type NodeName } from "./cluster.ts";
 import {
-  attachLoop, Cleanup, fsckClean, hashTree, makeTempDir, mountFs, nbdfuseMount, run,
+  attachLoop, Cleanup, expandRanges, fsckClean, hashTree, makeTempDir, mountFs, nbdfuseMount, run,
   spawnProcess, waitFor, writeTree,
 } from "./harness.ts";
 
@@ -281,10 +282,11 @@ async function checkFileSystem(cleanup: Cleanup, c: Cluster, manifest: Map<strin
 }
 
 // Proves a crash of the primary (daemon and worker SIGKILLed as one process group while fio
-// writes to the second half of the device) loses nothing: after a restart the extents dirty on
-// disk (at most keepdirty + fio's queue depth) are resynced, not the whole device, the data
-// areas end byte-identical, and an ext4 made and filled in the first half before the crash
-// passes e2fsck -n and holds the same files.
+// writes to the second half of the device) loses nothing: after a restart the extents set in
+// the on-disk map are resynced, and they are all in fio's half (the file system's half, idle
+// for more than two clear rounds, was cleared), the data areas end byte-identical, and an
+// ext4 made and filled in the first half before the crash passes e2fsck -n and holds the same
+// files.
 test("SIGKILL of the primary's process group: crash-dirty extents resync", async () => {
   await scenario(async (cleanup, clusters) => {
     const c = await startPair(cleanup, clusters);
@@ -294,22 +296,26 @@ test("SIGKILL of the primary's process group: crash-dirty extents resync", async
       `--uri=${c.uri("a")}`, "--rw=randwrite", "--bs=64k", `--offset=${FS_BYTES}`, `--size=${DEVICE_BYTES - FS_BYTES}`,
       `--iodepth=${FIO_DEPTH}`, "--time_based", "--runtime=60"]);
     const before = (await list(c, "a")).worker.counters.writes as number;
-    await waitFor("fio writing", async () => {
+    const fioStarted = performance.now();
+    await waitFor("fio writing for more than two clear rounds", async () => {
       if (fio.hasExited()) throw new Error(`fio exited early: ${await fio.readLog()}`);
-      return (await list(c, "a")).worker.counters.writes > before + 200;
+      return (await list(c, "a")).worker.counters.writes > before + 200 &&
+        performance.now() - fioStarted > 2 * ACTIVEMAP_CLEAR_INTERVAL_MS + 1000;
     }, { timeoutMs: 20_000 });
     await killGroup(c, "a");
     await waitFor("fio to fail", () => fio.hasExited(), { timeoutMs: 20_000 });
     const crashed = await c.dump("a");
-    const boundExtents = KEEPDIRTY + FIO_DEPTH;
-    expect(crashed.dirtyExtents).toBeGreaterThan(0);
-    expect(crashed.dirtyExtents).toBeLessThanOrEqual(boundExtents);
+    const dirty = expandRanges(crashed.dirtyExtentList);
+    const fioExtents = { first: FS_BYTES / EXTENT_BYTES, count: (DEVICE_BYTES - FS_BYTES) / EXTENT_BYTES };
+    expect(dirty.length).toBeGreaterThan(0);
+    expect(dirty.length).toBe(crashed.dirtyExtents);
+    expect(dirty.filter((e) => e < fioExtents.first)).toEqual([]);
     await c.startDaemon("a");
     await c.hast("a", ["role", "primary", "data"]);
     const healed = await waitClean(c);
     expect(healed.sync.totalBytes).toBeGreaterThan(0);
-    expect(healed.sync.totalBytes).toBeLessThanOrEqual(boundExtents * EXTENT_BYTES);
-    expect(healed.sync.doneBytes).toBeLessThanOrEqual(boundExtents * EXTENT_BYTES);
+    expect(healed.sync.totalBytes).toBeLessThanOrEqual(dirty.length * EXTENT_BYTES);
+    expect(healed.sync.doneBytes).toBeLessThanOrEqual(fioExtents.count * EXTENT_BYTES);
     await expectIdentical(c);
     await checkFileSystem(cleanup, c, manifest);
   });

@@ -45,18 +45,22 @@ export class MemoryDisk implements DataStore {
   /** Set to make flushes fail, as fdatasync does when the disk lost cached writes. */
   flushError: Error | null = null;
   flushes = 0;
+  beforeFlush: () => Promise<void> = async () => {};
 
   async flush(): Promise<boolean> {
+    await this.beforeFlush();
     this.flushes++;
     if (this.flushError) throw this.flushError;
     return true;
   }
 }
 
-/** Metadata and map in memory. */
+/** Metadata and map in memory; `beforeWriteMap` can delay or fail map writes. */
 export class MemoryMeta implements MetaStore {
   metadata: Metadata;
   map: Uint8Array;
+  mapWrites = 0;
+  beforeWriteMap: (bitmap: Uint8Array) => Promise<void> = async () => {};
 
   constructor(resource: string, mediasizeBytes: number, extentsizeBytes: number, keepdirty: number) {
     const layout = computeLayout(mediasizeBytes, extentsizeBytes);
@@ -78,7 +82,10 @@ export class MemoryMeta implements MetaStore {
   }
 
   async writeMap(bitmap: Uint8Array): Promise<void> {
-    this.map.set(bitmap.subarray(0, this.map.byteLength));
+    const copy = bitmap.slice();
+    await this.beforeWriteMap(copy);
+    this.map.set(copy.subarray(0, this.map.byteLength));
+    this.mapWrites++;
   }
 }
 

@@ -1,0 +1,131 @@
+/**
+ * When the primary writes its on-disk activemap, driven in-process through the
+ * real Primary (test/sim.ts) with map writes and flushes that can be held:
+ * - no data write reaches the disk before its extent is set in the on-disk map,
+ *   also when another write to the same extent is the one writing the map;
+ * - an extent that became clean stays set on disk until a clear round, which
+ *   flushes the local data first, skips extents written during that flush,
+ *   and keeps everything when the flush fails; the round runs on its own
+ *   about once per ACTIVEMAP_CLEAR_INTERVAL_MS.
+ */
+import { afterEach, expect, test } from "bun:test";
+import { ACTIVEMAP_CLEAR_INTERVAL_MS } from "../lib/primary.ts";
+import { waitFor } from "./harness.ts";
+import { Sim } from "./sim.ts";
+
+const MIB = 1024 * 1024;
+let sim: Sim | null = null;
+afterEach(async () => {
+  await sim?.stop();
+  sim = null;
+});
+
+/** Extents set in the sim primary's on-disk map. */
+function onDisk(s: Sim): number[] {
+  const out: number[] = [];
+  const map = s.primaryMeta.map;
+  for (let i = 0; i < map.length * 8; i++) if (map[i >> 3]! & (1 << (i & 7))) out.push(i);
+  return out;
+}
+
+/** A promise and the function that settles it. */
+function gate(): { wait: Promise<void>; open: () => void } {
+  let open!: () => void;
+  const wait = new Promise<void>((resolve) => (open = resolve));
+  return { wait, open };
+}
+
+/** Waits until no write is in flight (the application is answered before the map is updated). */
+async function settled(s: Sim): Promise<void> {
+  await waitFor("writes settled", () => s.primary.status().activemap.inFlightExtents === 0 || undefined,
+    { timeoutMs: 5_000, intervalMs: 1 });
+}
+
+async function started(replication: "fullsync" | "async", keepdirty: number): Promise<Sim> {
+  const s = new Sim({ replication, keepdirty });
+  s.start();
+  await waitFor("connected and clean", () => {
+    const st = s.primary.status();
+    return st.status === "complete" && st.dirtyBytes === 0 ? true : undefined;
+  }, { timeoutMs: 10_000, intervalMs: 10 });
+  return s;
+}
+
+test("a write to an extent whose map write another write started waits for that map write", async () => {
+  sim = await started("async", 4);
+  const held = gate();
+  const mapWritten: number[][] = [];
+  sim.primaryMeta.beforeWriteMap = async (bitmap) => {
+    await held.wait;
+    mapWritten.push([...bitmap.subarray(0, 2)]);
+  };
+  const dataBefore = sim.primaryDisk.writes;
+  // Both writes go to extent 3; the first one sets it and writes the map.
+  const first = sim.primary.write(3 * MIB, new Uint8Array(4096).fill(1), false);
+  const second = sim.primary.write(3 * MIB + 65536, new Uint8Array(4096).fill(2), false);
+  await Bun.sleep(100);
+  expect(sim.primaryDisk.writes).toBe(dataBefore); // neither may reach the disk yet
+  held.open();
+  await Promise.all([first, second]);
+  expect(sim.primaryDisk.writes).toBe(dataBefore + 2);
+  expect(mapWritten.length).toBe(1);
+  expect(mapWritten[0]![0]! & (1 << 3)).not.toBe(0);
+});
+
+test("clean extents stay set on disk until a clear round, which flushes the data first", async () => {
+  sim = await started("fullsync", 0);
+  const mapWritesBefore = sim.primaryMeta.mapWrites;
+  for (const extent of [1, 2, 5]) await sim.primary.write(extent * MIB, new Uint8Array(4096).fill(extent), false);
+  await settled(sim);
+  expect(sim.primaryMeta.mapWrites).toBe(mapWritesBefore + 3); // one per extent set, none to clear
+  expect(onDisk(sim)).toEqual([1, 2, 5]);
+  expect(sim.primary.status().activemap.clearPendingExtents).toBe(3);
+  // A round may not clear anything before the data of those writes is durable.
+  const flushesSeen: number[] = [];
+  sim.primaryMeta.beforeWriteMap = async () => void flushesSeen.push(sim!.primaryDisk.flushes);
+  const flushesBefore = sim.primaryDisk.flushes;
+  await sim.primary.clearRound();
+  expect(onDisk(sim)).toEqual([]);
+  expect(flushesSeen).toEqual([flushesBefore + 1]);
+  expect(sim.primary.status().activemap.clearPendingExtents).toBe(0);
+  await sim.primary.clearRound(); // nothing to clear: no flush, no map write
+  expect(flushesSeen.length).toBe(1);
+  expect(sim.primaryDisk.flushes).toBe(flushesBefore + 1);
+});
+
+test("a clear round keeps an extent written during its flush, and everything when the flush fails", async () => {
+  sim = await started("fullsync", 0);
+  for (const extent of [1, 2]) await sim.primary.write(extent * MIB, new Uint8Array(4096).fill(extent), false);
+  await settled(sim);
+  const held = gate();
+  sim.primaryDisk.beforeFlush = () => held.wait;
+  const round = sim.primary.clearRound();
+  await Bun.sleep(20);
+  // Extent 1 is written again while the round's flush is outstanding: its new
+  // data is not covered by that flush, so it must stay set.
+  sim.primaryDisk.beforeFlush = async () => {};
+  await sim.primary.write(1 * MIB + 8192, new Uint8Array(4096).fill(9), false);
+  await settled(sim);
+  held.open();
+  await round;
+  expect(onDisk(sim)).toEqual([1]);
+  // A failed flush: nothing is cleared, and the next good round clears it.
+  sim.primaryDisk.flushError = Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
+  const errorsBefore = sim.primary.status().counters.localErrors;
+  await sim.primary.clearRound();
+  expect(onDisk(sim)).toEqual([1]);
+  expect(sim.primary.status().counters.localErrors).toBe(errorsBefore + 1);
+  sim.primaryDisk.flushError = null;
+  await sim.primary.clearRound();
+  expect(onDisk(sim)).toEqual([]);
+});
+
+test("the primary runs clear rounds by itself", async () => {
+  sim = await started("fullsync", 0);
+  await sim.primary.write(4 * MIB, new Uint8Array(4096).fill(4), false);
+  expect(onDisk(sim)).toEqual([4]);
+  const at = performance.now();
+  await waitFor("extent cleared", () => onDisk(sim!).length === 0 || undefined,
+    { timeoutMs: 3 * ACTIVEMAP_CLEAR_INTERVAL_MS, intervalMs: 10 });
+  expect(performance.now() - at).toBeLessThanOrEqual(2 * ACTIVEMAP_CLEAR_INTERVAL_MS + 500);
+});
