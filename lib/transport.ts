@@ -34,10 +34,37 @@ export interface ConnectOptions {
   timeoutMs: number;
 }
 
-/** Queued frames up to this many bytes in total are copied into one buffer for one write. */
-const COALESCE_BYTES_MAX = 64 * 1024;
+/**
+ * Queued pieces smaller than this are copied together into one buffer per run; larger ones
+ * (payloads) are written as they are. Bun's cork()/uncork() is not used: sending 1 MiB frames
+ * corked as header + payload cost twice the sender CPU of two plain writes (bench: 540 vs
+ * 290 ms per GiB on this machine), and copying the payload into one buffer cost 1.5×.
+ */
+const COALESCE_PIECE_MAX = 16 * 1024;
 /** After close(), queued bytes get this long to leave before the socket is destroyed. */
 const CLOSE_LINGER_MS = 2_000;
+
+/** Writes `pieces` in order: runs of small ones copied into one buffer, large ones as they are. */
+export function writePieces(socket: net.Socket, pieces: Uint8Array[]): void {
+  let run: Uint8Array[] = [];
+  let runBytes = 0;
+  const writeRun = () => {
+    if (run.length === 1) socket.write(run[0]!);
+    else if (run.length > 1) socket.write(Buffer.concat(run, runBytes));
+    run = [];
+    runBytes = 0;
+  };
+  for (const piece of pieces) {
+    if (piece.byteLength >= COALESCE_PIECE_MAX) {
+      writeRun();
+      socket.write(piece);
+    } else {
+      run.push(piece);
+      runBytes += piece.byteLength;
+    }
+  }
+  writeRun();
+}
 
 /** Wraps a connected socket in a framed Connection. Parsing starts immediately. */
 export function socketConnection(socket: net.Socket): Connection {
@@ -55,7 +82,6 @@ export function socketConnection(socket: net.Socket): Connection {
       for (const piece of pieces) {
         if (piece.byteLength === 0) continue;
         outbox.push(piece);
-        outboxBytes += piece.byteLength;
       }
       if (!flushScheduled) {
         flushScheduled = true;
@@ -82,28 +108,16 @@ export function socketConnection(socket: net.Socket): Connection {
       setTimeout(() => socket.destroy(), CLOSE_LINGER_MS).unref();
     },
   };
-  // Frames queued in one turn of the event loop leave in one write: a syscall per 32-byte
-  // reply would cap small-request throughput. Small pieces are copied into one buffer; large
-  // ones (data) are written as they are, corked together.
+  // Frames queued in one turn of the event loop leave in few writes: a syscall per 32-byte
+  // reply would cap small-request throughput. See COALESCE_PIECE_MAX.
   let outbox: Uint8Array[] = [];
-  let outboxBytes = 0;
   let flushScheduled = false;
   const flushOutbox = () => {
     flushScheduled = false;
     const parts = outbox;
-    const total = outboxBytes;
     outbox = [];
-    outboxBytes = 0;
     if (parts.length === 0 || socket.destroyed) return;
-    if (parts.length === 1) {
-      socket.write(parts[0]!);
-    } else if (total <= COALESCE_BYTES_MAX) {
-      socket.write(Buffer.concat(parts, total));
-    } else {
-      socket.cork();
-      for (const part of parts) socket.write(part);
-      socket.uncork();
-    }
+    writePieces(socket, parts);
   };
   const finish = (reason: string) => {
     if (closed) return;
