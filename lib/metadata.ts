@@ -336,7 +336,7 @@ export class MetadataStore {
     this.#provider = provider;
     this.#metadata = metadata;
     this.#slot = slot;
-    this.#map = new MapWriter(provider, metadata, () => this.#flush());
+    this.#map = new MapWriter(provider, metadata, () => this.#flushSupported);
   }
 
   /**
@@ -440,8 +440,12 @@ export class MetadataStore {
 
   /**
    * Writes the activemap (`bitmap` may be shorter than mapSizeBytes: the rest
-   * is zero), only the 4096-byte pages that changed since the last write, then
-   * flushes unless `flush: false`. Safe to call concurrently (coalesced).
+   * is zero), only the 4096-byte pages that changed since the last write, and
+   * unless `flush: false` returns once those pages are durable. That makes the
+   * map durable, not the data: they are written with Provider.writeDurable, so
+   * the data written since the last flush is not written back first (a caller
+   * that needs it, like a clear round, flushes before). Safe to call
+   * concurrently (coalesced).
    */
   writeMap(bitmap: Uint8Array, options: { flush?: boolean } = {}): Promise<void> {
     return this.#map.write(bitmap, options.flush ?? true);
@@ -463,18 +467,19 @@ class MapWriter {
   readonly #writing: Uint8Array;
   /** What the disk holds, or null when unknown (never read, or a write failed). */
   #onDisk: Uint8Array | null = null;
-  readonly #flush: () => Promise<void>;
+  /** False once the provider cannot flush: map pages are then written without O_DSYNC. */
+  readonly #canFlush: () => boolean;
   #round: { promise: Promise<void>; resolve: () => void; reject: (e: unknown) => void } | null =
     null;
   #roundFlush = false;
   #running = false;
 
-  constructor(provider: Provider, m: Metadata, flush: () => Promise<void>) {
+  constructor(provider: Provider, m: Metadata, canFlush: () => boolean) {
     this.#provider = provider;
     this.#offsetBytes = m.mapOffsetBytes;
     this.#next = new Uint8Array(m.mapSizeBytes);
     this.#writing = new Uint8Array(m.mapSizeBytes);
-    this.#flush = flush;
+    this.#canFlush = canFlush;
   }
 
   async read(): Promise<Uint8Array> {
@@ -511,8 +516,7 @@ class MapWriter {
       this.#round = null;
       this.#writing.set(this.#next);
       try {
-        await this.#writeChangedPages();
-        if (flush) await this.#flush();
+        await this.#writeChangedPages(flush && this.#canFlush());
         this.#onDisk ??= new Uint8Array(this.#writing.length);
         this.#onDisk.set(this.#writing);
         round.resolve();
@@ -525,7 +529,7 @@ class MapWriter {
   }
 
   /** Writes the runs of 4096-byte pages where #writing differs from #onDisk. */
-  async #writeChangedPages(): Promise<void> {
+  async #writeChangedPages(durable: boolean): Promise<void> {
     const page = LAYOUT_ALIGN_BYTES;
     const pages = this.#writing.length / page;
     let runStart = -1;
@@ -534,7 +538,8 @@ class MapWriter {
       if (changed && runStart < 0) runStart = p;
       if (!changed && runStart >= 0) {
         const bytes = this.#writing.subarray(runStart * page, p * page);
-        await this.#provider.write(this.#offsetBytes + runStart * page, bytes);
+        const offset = this.#offsetBytes + runStart * page;
+        await (durable ? this.#provider.writeDurable(offset, bytes) : this.#provider.write(offset, bytes));
         runStart = -1;
       }
     }

@@ -192,6 +192,37 @@ describe("regular file", () => {
     }
   });
 
+  test("writeDurable writes through a second, O_DSYNC descriptor that close releases", async () => {
+    const file = makeFile("durable.img", MiB);
+    const fdsBefore = fs.readdirSync("/proc/self/fd").length;
+    const p = Provider.open(file);
+    await p.write(0, pattern(8192, 1));
+    await p.writeDurable(4096, pattern(4096, 2));
+    expect(await p.read(0, 8192)).toEqual(new Uint8Array([...pattern(4096, 1), ...pattern(4096, 2)]));
+    // Two descriptors now; the second one is O_DSYNC (octal 010000 in fdinfo's flags).
+    const mine = fs.readdirSync("/proc/self/fd").filter((fd) => {
+      try {
+        return fs.readlinkSync(`/proc/self/fd/${fd}`) === file;
+      } catch {
+        return false; // the directory's own descriptor, gone already
+      }
+    });
+    expect(mine.length).toBe(2);
+    const dsync = mine.filter((fd) => {
+      const flags = /flags:\s+([0-7]+)/.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, "utf8"))![1]!;
+      return (parseInt(flags, 8) & fs.constants.O_DSYNC) !== 0;
+    });
+    expect(dsync.length).toBe(1);
+    p.close();
+    expect(fs.readdirSync("/proc/self/fd").length).toBe(fdsBefore);
+    const ro = Provider.open(file, { readOnly: true, exclusive: false });
+    try {
+      await expect(ro.writeDurable(0, pattern(4096, 3))).rejects.toThrow("read-only");
+    } finally {
+      ro.close();
+    }
+  });
+
   test("close during a write closes the descriptor only after the write", async () => {
     const file = makeFile("close.img", 4 * MiB);
     const p = Provider.open(file);
@@ -242,6 +273,9 @@ describe("loop device", () => {
         expect(await p.read(MiB, data.length)).toEqual(expected);
         expect(await p.flush()).toBe(true);
         expect(fileBytes(backing).subarray(MiB, 5 * MiB)).toEqual(expected);
+        // The O_DSYNC descriptor is a second, non-exclusive open of the claimed device.
+        await p.writeDurable(0, pattern(8192, 6));
+        expect(fileBytes(backing).subarray(0, 8192)).toEqual(pattern(8192, 6));
       } finally {
         p.close();
       }

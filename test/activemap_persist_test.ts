@@ -6,7 +6,9 @@
  * - an extent that became clean stays set on disk until a clear round, which
  *   flushes the local data first, skips extents written during that flush,
  *   and keeps everything when the flush fails; the round runs on its own
- *   about once per ACTIVEMAP_CLEAR_INTERVAL_MS.
+ *   about once per ACTIVEMAP_CLEAR_INTERVAL_MS;
+ * - a sync marks an extent clean only once both copies are flushed (the map write does not
+ *   flush data).
  */
 import { afterEach, expect, test } from "bun:test";
 import { ACTIVEMAP_CLEAR_INTERVAL_MS } from "../lib/primary.ts";
@@ -128,4 +130,33 @@ test("the primary runs clear rounds by itself", async () => {
   await waitFor("extent cleared", () => onDisk(sim!).length === 0 || undefined,
     { timeoutMs: 3 * ACTIVEMAP_CLEAR_INTERVAL_MS, intervalMs: 10 });
   expect(performance.now() - at).toBeLessThanOrEqual(2 * ACTIVEMAP_CLEAR_INTERVAL_MS + 500);
+});
+
+test("sync marks an extent clean only after the source's copy is flushed as well", async () => {
+  sim = new Sim({ replication: "fullsync", keepdirty: 0 });
+  sim.reachable = false;
+  sim.start();
+  // Written while degraded: the data may be only in the primary's page cache. (The first
+  // connect then syncs the whole device, fresh secondary.)
+  await sim.primary.write(6 * MIB, new Uint8Array(65536).fill(6), false);
+  await settled(sim);
+  const held = gate();
+  sim.primaryDisk.beforeFlush = () => held.wait;
+  try {
+    sim.reachable = true;
+    const copied = () => sim!.primary.status().sync?.doneBytes === sim!.primary.sizeBytes || undefined;
+    await waitFor("everything copied", copied, { timeoutMs: 10_000, intervalMs: 10 });
+    expect(sim.secondaryDisk.bytes[6 * MIB]).toBe(6);
+    await Bun.sleep(300);
+    // The secondary's flush succeeded; the source's is still outstanding: nothing is clean.
+    expect(sim.primary.status().dirtyBytes).toBe(sim.primary.sizeBytes);
+    expect(onDisk(sim)).toContain(6);
+  } finally {
+    held.open();
+  }
+  const clean = () => sim!.primary.status().dirtyBytes === 0 || undefined;
+  await waitFor("clean", clean, { timeoutMs: 10_000, intervalMs: 10 });
+  await sim.primary.clearRound();
+  expect(onDisk(sim)).toEqual([]);
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
 });
