@@ -146,19 +146,25 @@ export class Secondary {
     const admitted = this.decodeAndAdmit(conn, frame);
     if (admitted === false) return;
     this.queued++;
-    if (this.replication === "fullsync") this.applyConcurrently(conn, frame, admitted);
-    else this.chain = this.chain.then(() => this.applyAndReply(conn, frame, admitted));
+    const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0;
+    const task = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
+    if (ordered) this.chain = task;
   }
 
   /**
+   * Applies a request once the requests it must follow are done. Every request takes the
+   * range lock of its range on arrival (granted in FIFO order), so overlapping requests keep
+   * their arrival order; Flush and SyncDone wait for everything that arrived before them.
    * fullsync: the primary answers the application only after our write, so writes to disjoint
-   * ranges carry no order between them and run in parallel. Overlapping ones keep their
-   * arrival order (the range lock grants in FIFO order, registered here on arrival), and
-   * Flush and SyncDone wait for everything that arrived before them. memsync and async keep
-   * the strict arrival order of the chain: there the application may have been answered
-   * before we wrote, so our image must always be a prefix of the primary's history.
+   * ranges carry no order between them and run in parallel; so do sync copies (FrameFlag.Sync)
+   * in every mode, since the image is not consistent before the sync ends anyway. memsync and
+   * async writes also wait for the previous one of the chain (`after`): there the application
+   * may have been answered before we wrote, so our image must always be a prefix of the
+   * primary's history (also if this process dies: its page cache then holds a prefix).
    */
-  private applyConcurrently(conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>): void {
+  private schedule(
+    conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, after: Promise<void> | null,
+  ): Promise<void> {
     const ranged = frame.type === MessageType.Write || frame.type === MessageType.Delete ||
       frame.type === MessageType.Read;
     const locked = ranged && frame.length > 0 ? this.lock.acquire(frame.offset, frame.length) : null;
@@ -166,6 +172,7 @@ export class Secondary {
     const task = (async () => {
       const release = locked ? await locked : null;
       try {
+        await after;
         await Promise.all(before);
         await this.applyAndReply(conn, frame, admitted);
       } finally {
@@ -174,6 +181,7 @@ export class Secondary {
     })();
     this.applying.add(task);
     void task.finally(() => this.applying.delete(task));
+    return task;
   }
 
   /** Never rejects (the chain would stop): an unexpected failure drops the connection. */
@@ -254,7 +262,7 @@ export class Secondary {
       conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, error: Errno.EINVAL }));
       return false;
     }
-    if (frame.type === MessageType.Write && this.replication === "memsync") {
+    if (frame.type === MessageType.Write && this.replication === "memsync" && !(frame.flags & FrameFlag.Sync)) {
       // memsync: acknowledge receipt before writing (spec §2).
       conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, flags: FrameFlag.Received }));
     }

@@ -13,7 +13,7 @@ import type { HookRunner } from "./hooks.ts";
 import type { RangeLock } from "./range_lock.ts";
 import type { Clock, RemoteLink } from "./remote_link.ts";
 import type { DataStore } from "./storage.ts";
-import { errnoName, MAX_IO_BYTES, MessageType } from "./wire.ts";
+import { errnoName, FrameFlag, MAX_IO_BYTES, MessageType } from "./wire.ts";
 
 /** Extents copied concurrently. */
 export const SYNC_WORKERS = 4;
@@ -264,7 +264,7 @@ export class Synchronizer {
     try {
       const data = await this.o.data.read(offset, length);
       await this.o.link.waitForSlot(length);
-      done = this.o.link.call({ type: MessageType.Write, offset, length, payload: data }).done;
+      done = this.o.link.call({ type: MessageType.Write, flags: FrameFlag.Sync, offset, length, payload: data }).done;
     } finally {
       release();
     }

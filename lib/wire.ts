@@ -67,6 +67,12 @@ export const enum FrameFlag {
   Sha256 = 32,
   /** Map: this is the last piece of the bitmap. */
   Last = 64,
+  /**
+   * Write: a sync copy (spec §6), not an application write. The target's image is no
+   * consistent state until the sync ends (it is marked stale), so the secondary applies these
+   * concurrently with other writes to disjoint ranges, in every mode, and sends no early ack.
+   */
+  Sync = 128,
 }
 
 export interface Frame {

@@ -4,6 +4,8 @@
  * - with the secondary's disk writes held back, fullsync writes wait for them
  *   and memsync/async writes do not; memsync's early ack precedes the write;
  * - async holds at most 64 MiB for the secondary: the next write waits for room;
+ * - in memsync and async the secondary applies application writes one at a time in arrival
+ *   order, but sync copies (FrameFlag.Sync) in parallel;
  * - a bit flipped on the wire is caught by crc32 and sha256, the corrupt data
  *   is never written, the connection drops, and the extent is resynchronised.
  */
@@ -102,6 +104,75 @@ test("memsync: the early acknowledgement is sent before the secondary writes", a
   await waitFor("final reply", () => order.includes("final") || undefined, { timeoutMs: 2000 });
   expect(order).toEqual(["received", "answered", "final"]);
 });
+
+for (const mode of ["memsync", "async"] as const) {
+  test(`${mode}: application writes reach the secondary's disk one at a time, in order; sync copies in parallel`,
+    async () => {
+      const MIB = 1024 * 1024;
+      sim = new Sim({ replication: mode, keepdirty: 0 });
+      let open!: () => void;
+      let opened = new Promise<void>((resolve) => (open = resolve));
+      let waiting = 0;
+      let mostWaiting = 0;
+      const applied: number[] = [];
+      sim.secondaryDisk.beforeWrite = async (offset) => {
+        mostWaiting = Math.max(mostWaiting, ++waiting);
+        await opened;
+        waiting--;
+        applied.push(offset);
+      };
+      // Written while the secondary is unreachable: four extents to sync once it is back.
+      sim.reachable = false;
+      sim.start();
+      for (const extent of [2, 4, 6, 8]) await sim.primary.write(extent * MIB, block(extent), false);
+      sim.reachable = true;
+      await waitFor("sync copies held at the secondary's disk", () => waiting >= 2 || undefined,
+        { timeoutMs: 10_000, intervalMs: 5 });
+      open();
+      await connected(sim);
+      opened = new Promise<void>((resolve) => (open = resolve));
+      mostWaiting = 0;
+      applied.length = 0;
+      const offsets = [5, 1, 9, 3].map((extent) => extent * MIB);
+      // Answered before the secondary writes (memsync: after its early ack), so all are queued there.
+      for (const [i, offset] of offsets.entries()) await sim.primary.write(offset, block(i + 1), false);
+      await Bun.sleep(100);
+      expect(waiting).toBe(1);
+      open();
+      await waitFor("all applied", () => applied.length === offsets.length || undefined, { timeoutMs: 2000 });
+      expect(applied).toEqual(offsets);
+      expect(mostWaiting).toBe(1);
+      expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+    }, 20_000);
+}
+
+test("memsync: an application write to a range whose sync copy is still held lands after that copy", async () => {
+  const MIB = 1024 * 1024;
+  sim = new Sim({ replication: "memsync", keepdirty: 0 });
+  let open!: () => void;
+  const opened = new Promise<void>((resolve) => (open = resolve));
+  const held: number[] = [];
+  sim.secondaryDisk.beforeWrite = async (offset, data) => {
+    if (data.byteLength !== MIB) return; // only the sync copy of the extent is held
+    held.push(offset);
+    await opened;
+  };
+  sim.reachable = false;
+  sim.start();
+  await sim.primary.write(2 * MIB, new Uint8Array(MIB).fill(2), false);
+  sim.reachable = true;
+  await waitFor("the sync copy of extent 2 held", () => held.includes(2 * MIB) || undefined,
+    { timeoutMs: 10_000, intervalMs: 5 });
+  // The primary released the range when the copy was queued; this write follows it on the wire.
+  await sim.primary.write(2 * MIB + 4096, block(7), false);
+  await Bun.sleep(100);
+  open();
+  await connected(sim);
+  await waitFor("nothing in flight", () => sim!.primary.status().remoteInFlight === 0 || undefined,
+    { timeoutMs: 5000, intervalMs: 5 });
+  expect(sim.secondaryDisk.bytes.subarray(2 * MIB + 4096, 2 * MIB + 8192)).toEqual(block(7));
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+}, 20_000);
 
 const BIT_FLIP_CASES = [
   { checksum: "crc32", pipeline: false }, { checksum: "sha256", pipeline: false },
