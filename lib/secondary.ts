@@ -146,7 +146,8 @@ export class Secondary {
     const admitted = this.decodeAndAdmit(conn, frame);
     if (admitted === false) return;
     this.queued++;
-    const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0;
+    const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0 &&
+      frame.type !== MessageType.Read;
     const task = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
     if (ordered) this.chain = task;
   }
@@ -157,8 +158,9 @@ export class Secondary {
    * their arrival order; Flush and SyncDone wait for everything that arrived before them.
    * fullsync: the primary answers the application only after our write, so writes to disjoint
    * ranges carry no order between them and run in parallel; so do sync copies (FrameFlag.Sync)
-   * in every mode, since the image is not consistent before the sync ends anyway. memsync and
-   * async writes also wait for the previous one of the chain (`after`): there the application
+   * in every mode, since the image is not consistent before the sync ends anyway, and reads
+   * (the range lock orders them after the writes they overlap). memsync and async writes, and
+   * their flushes, also wait for the previous one of the chain (`after`): there the application
    * may have been answered before we wrote, so our image must always be a prefix of the
    * primary's history (also if this process dies: its page cache then holds a prefix).
    */

@@ -27,7 +27,11 @@ export class MemoryDisk implements DataStore {
     this.bytes = new Uint8Array(sizeBytes);
   }
 
+  /** Set to make reads fail (a failing local disk). */
+  readError: Error | null = null;
+
   async read(offset: number, length: number): Promise<Uint8Array> {
+    if (this.readError) throw this.readError;
     return this.bytes.slice(offset, offset + length);
   }
 
