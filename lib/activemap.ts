@@ -155,7 +155,8 @@ export class ActiveMap {
       assert(this.#inflight[e]! > 0, `extent ${e}: completion without start`);
       if (--this.#inflight[e]! === 0) this.#inflightExtents--;
       if (!result.synced) this.#markSync(e);
-      assert(!this.#refresh(e), `extent ${e}: was not set on disk while in flight`);
+      const set = this.#refresh(e);
+      assert(!set, `extent ${e}: was not set on disk while in flight`);
     }
   }
 

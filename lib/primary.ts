@@ -78,9 +78,8 @@ export class Primary {
   private bumping: Promise<void> | null = null;
   private mapPending: Promise<void> | null = null;
   private mapChain: Promise<void> = Promise.resolve();
-  /** The last map write requested, and how many requested writes have not settled. */
-  private mapLatest: Promise<void> = Promise.resolve();
-  private mapUnsettled = 0;
+  /** The last map write requested, until it settles (map writes settle in order). */
+  private mapLatest: Promise<void> | null = null;
   private clearTimer: { stop(): void } | null = null;
   private clearRun: Promise<void> | null = null;
   private metaflush: boolean;
@@ -320,9 +319,10 @@ export class Primary {
     // map did not change, another write may have set their bits and still be
     // writing the map: wait for that too (the latest write covers all before it).
     const changed = this.o.activemap.writeStart(offset, length);
-    if (!changed && this.mapUnsettled === 0) return;
+    const wait = changed ? this.persistMap() : this.mapLatest;
+    if (!wait) return;
     try {
-      await (changed ? this.persistMap() : this.mapLatest);
+      await wait;
     } catch (error) {
       this.o.activemap.writeComplete(offset, length, { synced: false });
       throw new IoError(`cannot write activemap: ${error}`, "EIO");
@@ -398,9 +398,8 @@ export class Primary {
     });
     this.mapPending = pending;
     this.mapLatest = pending;
-    this.mapUnsettled++;
     this.mapChain = pending.catch(() => {}).finally(() => {
-      this.mapUnsettled--;
+      if (this.mapLatest === pending) this.mapLatest = null;
     });
     return pending;
   }

@@ -174,7 +174,7 @@ export class Synchronizer {
   }
 
   /**
-   * Flushes the target for every copied extent (or, with none waiting, waits for the
+   * Flushes both copies for every copied extent (or, with none waiting, waits for the
    * flushes in progress), then marks the covered extents clean and writes the map.
    * Returns false when the flush failed: those extents stay sync-needed.
    */
