@@ -302,6 +302,16 @@ export class ActiveMap {
     return bitGet(this.#sync, extent);
   }
 
+  /**
+   * True when both copies of [offset, offset+length) are known to hold the
+   * same data: no write in flight and nothing to sync in any of its extents.
+   */
+  inStep(offset: number, length: number): boolean {
+    const [first, last] = this.#extents(offset, length);
+    for (let e = first; e <= last; e++) if (this.#inflight[e]! > 0 || bitGet(this.#sync, e)) return false;
+    return true;
+  }
+
   /** Number of extents in the sync map. */
   syncExtentCount(): number {
     return this.#syncCount;

@@ -40,6 +40,20 @@ describe("scenarios", () => {
     expect(am.stats()).toEqual(stats);
   });
 
+  test("inStep: no write in flight and nothing to sync in any extent of the range", () => {
+    const am = makeMap(8, 2);
+    expect(am.inStep(0, 8 * EXT)).toBe(true);
+    am.writeStart(EXT, 4096);
+    expect(am.inStep(EXT + 8192, 4096)).toBe(false); // same extent, another block
+    expect(am.inStep(0, EXT)).toBe(true);
+    am.writeComplete(EXT, 4096, { synced: true });
+    expect(am.inStep(0, 2 * EXT)).toBe(true); // keepdirty alone: both copies written
+    am.writeStart(3 * EXT, 4096);
+    am.writeComplete(3 * EXT, 4096, { synced: false });
+    expect(am.inStep(2 * EXT, 2 * EXT)).toBe(false);
+    expect(am.inStep(4 * EXT, 4 * EXT)).toBe(true);
+  });
+
   test("keepdirty evicts the least recently used idle extent", () => {
     const am = makeMap(16, 2);
     const write = (e: number) => {

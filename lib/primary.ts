@@ -149,7 +149,9 @@ export class Primary {
     } catch (error) {
       this.counters.localErrors++;
       this.o.log("error", `local read at ${offset}+${length} failed: ${error}`);
-      if (this.link?.isUp) return this.remoteRead(offset, length);
+      // The secondary's copy answers only where it is known to be current:
+      // a dirty extent there may hold older data than the application wrote.
+      if (this.link?.isUp && this.o.activemap.inStep(offset, length)) return this.remoteRead(offset, length);
       throw new IoError(`local read failed: ${error}`, "EIO");
     }
   }
@@ -241,10 +243,13 @@ export class Primary {
       // When to answer the application (spec §2): fullsync after both
       // writes, memsync after the local write and the early "received"
       // acknowledgement, async after the local write (the frame is queued).
+      // A failed remote write only leaves the extents dirty. A failed local
+      // write fails the request even when the secondary has the data: reads
+      // are served and syncs are sourced from the local copy, so answering
+      // success would hand back, and later resync, the old data.
       const localOk = await localResult;
-      let remoteOk = false;
-      if (remote) remoteOk = this.mode === "fullsync" ? await remote.done : await remote.received;
-      if (!localOk && !remoteOk) throw new IoError("write failed locally and remotely", "EIO");
+      if (remote) await (this.mode === "fullsync" ? remote.done : remote.received);
+      if (!localOk) throw new IoError("local write failed", "EIO");
     } finally {
       release();
       void this.afterWrite(offset, length, localResult, remoteDone);
@@ -354,9 +359,9 @@ export class Primary {
     if (localOk && !remoteOk && !this.bumpedSinceDisconnect) {
       await this.bumpLocalcnt().catch((error) => this.o.log("error", `cannot bump localcnt: ${error}`));
     }
-    // A failed local write leaves the local copy stale; it is resynced like a
-    // remote failure. (Direction is the sync source's; see README.) The map
-    // does not change here: clean extents wait for the next clear round.
+    // A failed local write (answered EIO) leaves the copies differing; it is
+    // resynced like a remote failure, from the sync source. The map does not
+    // change here: clean extents wait for the next clear round.
     this.o.activemap.writeComplete(offset, length, { synced: localOk && remoteOk });
   }
 

@@ -7,7 +7,10 @@
  *   extents written since its last good flush dirty until they are resynced;
  * - sync marks an extent clean only after a flush of the secondary covers it: a
  *   link lost while the flush is outstanding, or before one was issued, leaves
- *   the copied extents dirty, and the next sync copies them.
+ *   the copied extents dirty, and the next sync copies them;
+ * - a write that fails on the primary's disk is an I/O error in every mode (the
+ *   secondary's copy is resynced from the primary's), and a local read error
+ *   falls back to the secondary only where both copies are in step.
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
@@ -149,3 +152,64 @@ test("a link lost before any flush covered the copied extents leaves them dirty;
   expect(sim.logs.filter((l) => l.includes("sync failed"))).toEqual([]);
   expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
 }, 30_000);
+
+const EIO = () => Object.assign(new Error("EIO: i/o error"), { code: "EIO" });
+
+for (const mode of ["fullsync", "memsync", "async"] as const) {
+  test(`${mode}: a write that fails on the primary's disk is an I/O error even though the secondary took it`,
+    async () => {
+    sim = new Sim({ replication: mode, keepdirty: 0 });
+    sim.start();
+    await inSync(sim, "first connect");
+    await sim.primary.write(3 * MIB, pattern(8192, 3), false);
+    sim.primaryDisk.beforeWrite = async () => {
+      throw EIO();
+    };
+    const failed = await sim.primary.write(3 * MIB, pattern(8192, 5), false).then(() => null, (e: Error) => e);
+    sim.primaryDisk.beforeWrite = async () => {};
+    // Success here would be a lie: reads come from the local copy, which still holds the old data.
+    expect(failed?.message).toContain("local write failed");
+    expect(await sim.primary.read(3 * MIB, 8192)).toEqual(pattern(8192, 3));
+    // The secondary's copy differs: the extent resyncs from the primary, so both hold one version.
+    await waitFor("extent marked dirty", () => sim!.primary.status().dirtyBytes === MIB || undefined,
+      { timeoutMs: 5_000, intervalMs: 5 });
+    await inSync(sim, "resynced");
+    expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+    await sim.primary.write(3 * MIB, pattern(8192, 7), false);
+    await waitFor("replicated", () => sim!.primary.status().remoteInFlight === 0 || undefined,
+      { timeoutMs: 5_000, intervalMs: 5 });
+    expect(sim.secondaryDisk.bytes.subarray(3 * MIB, 3 * MIB + 8192)).toEqual(pattern(8192, 7));
+  });
+}
+
+test("a local read error falls back to the secondary only where both copies are in step", async () => {
+  sim = new Sim({ replication: "memsync", keepdirty: 0 });
+  sim.start();
+  await inSync(sim, "first connect");
+  await sim.primary.write(1 * MIB, pattern(4096, 3), false);
+  await sim.primary.write(2 * MIB, pattern(4096, 5), false);
+  let release = () => {};
+  const held = new Promise<void>((resolve) => (release = resolve));
+  sim.secondaryDisk.beforeWrite = (offset) => (offset === 2 * MIB ? held : Promise.resolve());
+  try {
+    // Answered after the early ack; the secondary has not written it yet.
+    await sim.primary.write(2 * MIB, pattern(4096, 9), false);
+    sim.primaryDisk.readError = EIO();
+    expect(await sim.primary.read(1 * MIB, 4096)).toEqual(pattern(4096, 3));
+    // The secondary's copy of extent 2 is not current: no older data, an error.
+    const error = await sim.primary.read(2 * MIB, 4096).then(() => null, (e: Error) => e);
+    expect(error?.message).toContain("local read failed");
+  } finally {
+    release();
+    sim.primaryDisk.readError = null;
+    sim.secondaryDisk.beforeWrite = async () => {};
+  }
+  await waitFor("written on the secondary", () => sim!.primary.status().remoteInFlight === 0 || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  sim.primaryDisk.readError = EIO();
+  try {
+    expect(await sim.primary.read(2 * MIB, 4096)).toEqual(pattern(4096, 9));
+  } finally {
+    sim.primaryDisk.readError = null;
+  }
+});
