@@ -80,6 +80,8 @@ export class Primary {
   private mapChain: Promise<void> = Promise.resolve();
   /** The last map write requested, until it settles (map writes settle in order). */
   private mapLatest: Promise<void> | null = null;
+  /** The last map write failed: the on-disk map may lack bits set in memory. */
+  private mapFailed = false;
   private clearTimer: { stop(): void } | null = null;
   private clearRun: Promise<void> | null = null;
   private metaflush: boolean;
@@ -234,7 +236,10 @@ export class Primary {
     const release = await this.lock.acquire(offset, length);
     let remoteDone: Promise<boolean> = Promise.resolve(false);
     let localResult: Promise<boolean> = Promise.resolve(false);
+    let started = false;
     try {
+      if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
+      started = true; // from here on, afterWrite completes the activemap's writeStart
       await this.beforeWrite(offset, length);
       const link = this.link?.isUp ? this.link : null;
       const remote = link ? await this.sendRemote(link, offset, length, data, fua) : null;
@@ -252,7 +257,7 @@ export class Primary {
       if (!localOk) throw new IoError("local write failed", "EIO");
     } finally {
       release();
-      void this.afterWrite(offset, length, localResult, remoteDone);
+      if (started) void this.afterWrite(offset, length, localResult, remoteDone);
     }
   }
 
@@ -317,19 +322,21 @@ export class Primary {
     }
   }
 
-  /** Bumps localcnt on the first write while disconnected, then marks extents dirty. */
+  /**
+   * Marks the extents dirty, on disk before the data is written. On failure
+   * the caller's afterWrite still completes the writeStart (as not synced).
+   */
   private async beforeWrite(offset: number, length: number): Promise<void> {
-    if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
     // The extents must be dirty on disk before the data is written. When the
     // map did not change, another write may have set their bits and still be
     // writing the map: wait for that too (the latest write covers all before it).
+    // After a failed map write the disk may lack bits the memory map has set.
     const changed = this.o.activemap.writeStart(offset, length);
-    const wait = changed ? this.persistMap() : this.mapLatest;
+    const wait = changed || this.mapFailed ? this.persistMap() : this.mapLatest;
     if (!wait) return;
     try {
       await wait;
     } catch (error) {
-      this.o.activemap.writeComplete(offset, length, { synced: false });
       throw new IoError(`cannot write activemap: ${error}`, "EIO");
     }
   }
@@ -399,7 +406,13 @@ export class Primary {
     const pending = this.mapChain.then(async () => {
       this.mapPending = null;
       this.counters.activemapUpdates++;
-      await this.o.meta.writeMap(this.o.activemap.diskMap(), { flush: this.metaflush });
+      try {
+        await this.o.meta.writeMap(this.o.activemap.diskMap(), { flush: this.metaflush });
+        this.mapFailed = false; // a whole snapshot landed
+      } catch (error) {
+        this.mapFailed = true;
+        throw error;
+      }
     });
     this.mapPending = pending;
     this.mapLatest = pending;

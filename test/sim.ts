@@ -22,6 +22,8 @@ export class MemoryDisk implements DataStore {
   readonly bytes: Uint8Array;
   writes = 0;
   beforeWrite: (offset: number, data: Uint8Array) => Promise<void> = async () => {};
+  /** Called synchronously right after bytes change (a write or zeroing landed). */
+  onChange: (offset: number, length: number) => void = () => {};
 
   constructor(readonly sizeBytes: number) {
     this.bytes = new Uint8Array(sizeBytes);
@@ -39,11 +41,13 @@ export class MemoryDisk implements DataStore {
     await this.beforeWrite(offset, data);
     this.bytes.set(data, offset);
     this.writes++;
+    this.onChange(offset, data.byteLength);
   }
 
   async zero(offset: number, length: number): Promise<void> {
     await this.beforeWrite(offset, new Uint8Array(0));
     this.bytes.fill(0, offset, offset + length);
+    this.onChange(offset, length);
   }
 
   /** Set to make flushes fail, as fdatasync does when the disk lost cached writes. */
@@ -65,6 +69,8 @@ export class MemoryMeta implements MetaStore {
   map: Uint8Array;
   mapWrites = 0;
   beforeWriteMap: (bitmap: Uint8Array) => Promise<void> = async () => {};
+  /** Called synchronously right after a map write landed. */
+  onMapWritten: () => void = () => {};
 
   constructor(resource: string, mediasizeBytes: number, extentsizeBytes: number, keepdirty: number) {
     const layout = computeLayout(mediasizeBytes, extentsizeBytes);
@@ -90,6 +96,7 @@ export class MemoryMeta implements MetaStore {
     await this.beforeWriteMap(copy);
     this.map.set(copy.subarray(0, this.map.byteLength));
     this.mapWrites++;
+    this.onMapWritten();
   }
 }
 
@@ -169,6 +176,8 @@ export class Sim {
   secondary!: Secondary;
   pipeline: CodecPipeline | null = null;
   activemap!: ActiveMap;
+  /** Primary-side ends of the connections made so far. */
+  private readonly links: MemoryConnection[] = [];
 
   constructor(readonly options: SimOptions) {
     const media = options.mediasizeBytes ?? 16 * 1024 * 1024;
@@ -231,6 +240,7 @@ export class Sim {
         const server = new MemoryConnection("primary", (b) => b, silent);
         client.peer = server;
         server.peer = client;
+        this.links.push(client);
         // As the daemon does: read the Hello, then hand the connection over.
         server.onFrame = (frame) => {
           server.onFrame = () => {};
@@ -239,6 +249,14 @@ export class Sim {
         return client;
       },
     };
+  }
+
+  /** Closes the live connection (both sides see it at once, as on a reset); returns false if none. */
+  dropLink(reason: string): boolean {
+    const live = this.links.filter((c) => !c.closed);
+    for (const c of live) c.close(reason);
+    this.links.length = 0;
+    return live.length > 0;
   }
 
   async stop(): Promise<void> {
