@@ -18,10 +18,12 @@
  * (beginClear … finishClear, which the primary runs about once a second after
  * flushing its data), so a burst of writes over more extents than keepdirty
  * costs one map write per extent first touched, not one per LRU miss (in
- * HAST, each miss waits for a map write and a flush). syncDone and
- * dropKeepdirty clear at once. The on-disk map is therefore always a superset
- * of the dirty set, and is rewritten only when a bit must be set or a round
- * (or syncDone, dropKeepdirty) clears one.
+ * HAST, each miss waits for a map write and a flush). Extents a sync made
+ * clean wait for the round too (a write may have landed after the sync's
+ * flush); only dropKeepdirty, on a clean shutdown after flushing both copies,
+ * clears at once. The on-disk map is therefore always a superset of the dirty
+ * set, and is rewritten only when a bit must be set or a round (or
+ * dropKeepdirty) clears one.
  *
  * Sync versus concurrent failures: a write that fails remotely while its extent
  * is being synced would be lost if syncDone then cleared the extent. So
@@ -221,21 +223,22 @@ export class ActiveMap {
   }
 
   /**
-   * All chunks of a syncing extent were copied: clears it from the sync map,
-   * unless it was marked again while syncing (then it stays for another pass).
-   * @returns true when the on-disk map changed and should be written
+   * All chunks of a syncing extent were copied and flushed: clears it from the
+   * sync map, unless it was marked again while syncing (then it stays for
+   * another pass). Its disk bit waits for the next clear round like any clean
+   * extent's: an application write that landed after the sync's flush is only
+   * durable once the round's flush covers it. Never changes the on-disk map.
    */
-  syncDone(extent: number): boolean {
+  syncDone(extent: number): void {
     this.#assertExtent(extent);
     const redirty = this.#syncing.get(extent);
     assert(redirty !== undefined, `extent ${extent} is not syncing`);
     this.#syncing.delete(extent);
-    if (redirty) return false;
+    if (redirty) return;
     assert(bitGet(this.#sync, extent));
     bitClear(this.#sync, extent);
     this.#syncCount--;
     this.#refresh(extent);
-    return this.#counted(this.#clearNow(extent));
   }
 
   /** The sync of an extent was interrupted (e.g. disconnect): it stays sync-needed. */

@@ -1,6 +1,6 @@
 // Proves the activemap's contract: the on-disk map holds (in flight ∪ keepdirty LRU
 // ∪ sync-needed) at all times, sets bits only when that set grows, clears clean
-// extents only in a clear round (or at syncDone / dropKeepdirty), never one
+// extents only in a clear round (or at dropKeepdirty), never one
 // written since the round began; crash maps and failed writes land in the sync
 // map, and a sync never clears an extent re-marked while it was syncing. Scenario
 // tests pin single behaviours; a seeded random run compares every call against a
@@ -162,9 +162,12 @@ describe("scenarios", () => {
     am.writeStart(3 * EXT, 10); // evicts 2 from keepdirty, but it needs sync
     expect(bits(am.diskMap())).toEqual([2, 3]);
     am.syncStart(2);
-    expect(am.syncDone(2)).toBe(true);
-    expect(bits(am.diskMap())).toEqual([3]);
+    am.syncDone(2);
     expect(am.nextSyncExtent(0)).toBe(-1);
+    expect(bits(am.diskMap())).toEqual([2, 3]); // clean now; cleared by the next round
+    am.beginClear();
+    expect(am.finishClear()).toBe(true);
+    expect(bits(am.diskMap())).toEqual([3]);
   });
 
   test("a re-mark during sync keeps the extent for another pass; abort keeps it", () => {
@@ -174,14 +177,18 @@ describe("scenarios", () => {
     // A write to the extent fails remotely while its chunks are being copied.
     am.writeStart(4 * EXT + 4096, 4096);
     am.writeComplete(4 * EXT + 4096, 4096, { synced: false });
-    expect(am.syncDone(4)).toBe(false);
+    am.syncDone(4);
     expect(am.isSyncNeeded(4)).toBe(true);
     am.syncStart(4);
     am.markNeedsSync(4 * EXT, 1);
     am.syncAbort(4);
     expect(am.isSyncNeeded(4)).toBe(true);
     am.syncStart(4);
-    expect(am.syncDone(4)).toBe(true);
+    am.syncDone(4);
+    expect(am.isSyncNeeded(4)).toBe(false);
+    expect(am.stats().clearPendingExtents).toBe(1);
+    am.beginClear();
+    expect(am.finishClear()).toBe(true);
     expect(bits(am.diskMap())).toEqual([]);
     expect(() => am.syncDone(4)).toThrow(); // not syncing
     expect(() => am.syncStart(4)).toThrow(); // not sync-needed
@@ -323,11 +330,9 @@ function randomStep(am: ActiveMap, model: Model, rnd: () => number, pending: num
     am.syncAbort(e);
     return false;
   }
-  if (!redirty) {
-    model.sync.delete(e);
-    model.clearIfClean(e);
-  }
-  return am.syncDone(e);
+  if (!redirty) model.sync.delete(e);
+  am.syncDone(e);
+  return false;
 }
 
 describe("randomized against a model", () => {

@@ -602,7 +602,6 @@ export class Primary {
       source: this.syncSource,
       clock: this.o.clock,
       rateBytesPerSecond: this.o.config.syncRateBytesPerSecond,
-      persistMap: () => this.persistMap(),
       hooks: this.o.hooks,
       log: this.o.log,
       onComplete: () => this.onSyncComplete(link),

@@ -48,7 +48,6 @@ export interface SynchronizerOptions {
   source: "primary" | "secondary";
   clock: Clock;
   rateBytesPerSecond: number;
-  persistMap: () => Promise<void>;
   hooks: HookRunner;
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
   onComplete: () => Promise<void>;
@@ -195,9 +194,8 @@ export class Synchronizer {
       } catch (error) {
         failure = error;
       }
-      let changed = false;
-      for (const extent of batch) changed = this.release(extent, ok) || changed;
-      if (changed) await this.o.persistMap();
+      // Clean extents leave the on-disk map in the primary's next clear round.
+      for (const extent of batch) this.release(extent, ok);
       if (failure instanceof ChunkFailed) this.o.log("warn", failure.message);
       else if (failure !== null && this.o.link.isUp) throw failure;
     })();
@@ -217,15 +215,11 @@ export class Synchronizer {
     return batch;
   }
 
-  /**
-   * Ends a claimed extent's sync: clean when its copy is durable (`copied`), else it stays
-   * sync-needed. Returns true when the on-disk map changed.
-   */
-  private release(extent: number, copied: boolean): boolean {
+  /** Ends a claimed extent's sync: clean when its copy is durable (`copied`), else it stays sync-needed. */
+  private release(extent: number, copied: boolean): void {
     this.claimed.delete(extent);
-    if (copied) return this.o.activemap.syncDone(extent);
-    this.o.activemap.syncAbort(extent);
-    return false;
+    if (copied) this.o.activemap.syncDone(extent);
+    else this.o.activemap.syncAbort(extent);
   }
 
   /** The next unclaimed extent needing sync, scanning on from the cursor and wrapping once. */

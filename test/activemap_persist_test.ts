@@ -9,7 +9,8 @@
  *   and keeps everything when the flush fails; the round runs on its own
  *   about once per ACTIVEMAP_CLEAR_INTERVAL_MS;
  * - a sync marks an extent clean only once both copies are flushed (the map write does not
- *   flush data).
+ *   flush data), and its disk bit waits for a clear round: an application write may have
+ *   landed after the sync's flush.
  */
 import { afterEach, expect, test } from "bun:test";
 import { ACTIVEMAP_CLEAR_INTERVAL_MS } from "../lib/primary.ts";
@@ -184,4 +185,46 @@ test("sync marks an extent clean only after the source's copy is flushed as well
   await sim.primary.clearRound();
   expect(onDisk(sim)).toEqual([]);
   expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+});
+
+test("an extent a sync made clean leaves the disk map only after a flush that covers later writes to it", async () => {
+  sim = new Sim({ replication: "fullsync", keepdirty: 1 });
+  sim.reachable = false;
+  sim.start();
+  await sim.primary.write(5 * MIB, new Uint8Array(4096).fill(1), false); // degraded: extent 5 needs a sync
+  await settled(sim);
+  // Once the sync's flush of the primary is outstanding, write extent 5 again (both copies get
+  // it, the flush does not cover it) and push it out of keepdirty with a write to extent 7.
+  const held = gate();
+  let flushHeld = false;
+  sim.primaryDisk.beforeFlush = async () => {
+    flushHeld = true;
+    await held.wait;
+  };
+  let lastWriteTo5 = -1;
+  let flushStarts = 0;
+  const flush = sim.primaryDisk.flush.bind(sim.primaryDisk);
+  sim.primaryDisk.flush = () => (flushStarts++, flush());
+  const cleared: { coveredByFlush: boolean }[] = [];
+  sim.primaryMeta.beforeWriteMap = async (bitmap) => {
+    if ((bitmap[0]! & (1 << 5)) !== 0 || lastWriteTo5 < 0) return;
+    cleared.push({ coveredByFlush: flushStarts > lastWriteTo5 });
+  };
+  try {
+    sim.reachable = true;
+    await waitFor("the sync flushes", () => flushHeld || undefined, { timeoutMs: 10_000, intervalMs: 5 });
+    sim.primaryDisk.beforeFlush = async () => {};
+    lastWriteTo5 = flushStarts;
+    await sim.primary.write(5 * MIB + 8192, new Uint8Array(4096).fill(2), false);
+    await sim.primary.write(7 * MIB, new Uint8Array(4096).fill(3), false);
+    await settled(sim);
+  } finally {
+    held.open();
+  }
+  await waitFor("synced", () => sim!.primary.status().dirtyBytes === 0 || undefined,
+    { timeoutMs: 10_000, intervalMs: 5 });
+  await sim.primary.clearRound();
+  expect(onDisk(sim)).not.toContain(5);
+  expect(cleared.length).toBeGreaterThan(0);
+  expect(cleared.every((c) => c.coveredByFlush)).toBe(true);
 });
