@@ -5,7 +5,9 @@
  * the same bytes in the primary's page cache, on the primary's disk (what the
  * last flushes made durable) and on the secondary. Otherwise a crash of the
  * primary at that instant would restart without resyncing an extent whose
- * copies differ: silent divergence.
+ * copies differ: silent divergence. And while the link is down (the secondary
+ * may have crashed), every extent the primary holds in step is on the
+ * secondary's disk, not only in its cache.
  *
  * The real Primary and Secondary run in-process (test/sim.ts) under random
  * concurrent writes, zeroings, trims, FUA writes, flushes and reads, while a
@@ -97,7 +99,8 @@ class DurableTracker {
   }
 }
 
-type Fault = "pWriteFail" | "sWriteFail" | "pFlushFail" | "mapFail" | "flip";
+type Fault = "pWriteFail" | "sWriteFail" | "pFlushFail" | "sFlushFail" | "mapFail" | "flip";
+type OneShot = Exclude<Fault, "pWriteFail" | "sWriteFail">;
 
 /** One seeded run: the pair, the fault switches, the checker, the load and the model. */
 class ChaosRun {
@@ -108,9 +111,12 @@ class ChaosRun {
   drops = 0;
   readonly counts = { ok: 0, failed: 0, reads: 0 };
   /** Faults that actually fired. */
-  readonly fired = { pWriteFail: 0, sWriteFail: 0, pFlushFail: 0, mapFail: 0, flip: 0 };
-  private readonly faults = { pWriteFail: 0, sWriteFail: 0, pFlushFail: false, mapFail: false, flip: false };
+  readonly fired = { pWriteFail: 0, sWriteFail: 0, pFlushFail: 0, sFlushFail: 0, mapFail: 0, flip: 0 };
+  private readonly faults = {
+    pWriteFail: 0, sWriteFail: 0, pFlushFail: false, sFlushFail: false, mapFail: false, flip: false,
+  };
   private readonly durable: DurableTracker;
+  private readonly sDurable: DurableTracker;
   private pendingMap: Uint8Array | null = null;
   /** What the application was told is on the device; `unknown` marks sectors a failed request left undefined. */
   private readonly model: Uint8Array;
@@ -126,6 +132,7 @@ class ChaosRun {
       mediasizeBytes: MEDIA, extentsizeBytes: EXTENT, keepdirty: 3, timeoutSeconds: 2,
     });
     this.durable = new DurableTracker(this.sim.primaryDisk.bytes);
+    this.sDurable = new DurableTracker(this.sim.secondaryDisk.bytes);
     this.model = new Uint8Array(this.sim.primaryDisk.sizeBytes);
     this.unknown = new Uint8Array(this.model.byteLength / SECTOR);
     this.installHooks();
@@ -153,6 +160,24 @@ class ChaosRun {
       }
       if (this.violation) return;
     }
+    if (this.sim.primary?.status().link !== "connected") this.checkSecondaryCrash(when);
+  }
+
+  /**
+   * With the link down, the secondary may have crashed: every extent the
+   * primary holds in step (nothing to resync) must be on the secondary's disk.
+   */
+  private checkSecondaryCrash(when: string): void {
+    const { primaryDisk: P, activemap } = this.sim;
+    for (let from = 0; from < P.sizeBytes; from += EXTENT) {
+      const to = Math.min(P.sizeBytes, from + EXTENT);
+      if (!activemap.inStep(from, to - from)) continue;
+      if (Buffer.compare(P.bytes.subarray(from, to), this.sDurable.bytes.subarray(from, to)) !== 0) {
+        this.violation = `after ${when}, link down: extent ${from / EXTENT} is in step, ` +
+          "but the secondary's disk lacks writes the primary will not resync";
+        return;
+      }
+    }
   }
 
   /** Faults and delays on both disks, the map and the wire; the checker after every change. */
@@ -171,16 +196,23 @@ class ChaosRun {
       this.durable.changed(offset, length);
       this.check("a primary disk write");
     };
-    S.onChange = () => this.check("a secondary disk write");
-    const flush = P.flush.bind(P);
-    P.flush = async () => {
-      const snap = this.durable.snapshot();
-      await failing(this.once("pFlushFail") ? 1 : 0, "pFlushFail");
-      const ok = await flush();
-      this.durable.commit(snap);
-      this.check("a primary flush");
-      return ok;
+    S.onChange = (offset, length) => {
+      this.sDurable.changed(offset, length);
+      this.check("a secondary disk write");
     };
+    const tracked = (disk: typeof P, durable: DurableTracker, fault: "pFlushFail" | "sFlushFail") => {
+      const flush = disk.flush.bind(disk);
+      disk.flush = async () => {
+        const snap = durable.snapshot();
+        await failing(this.once(fault) ? 1 : 0, fault);
+        const ok = await flush();
+        durable.commit(snap);
+        this.check(`a ${fault === "pFlushFail" ? "primary" : "secondary"} flush`);
+        return ok;
+      };
+    };
+    tracked(P, this.durable, "pFlushFail");
+    tracked(S, this.sDurable, "sFlushFail");
     primaryMeta.beforeWriteMap = async (bitmap) => {
       this.pendingMap = bitmap;
       this.check("a map write began");
@@ -203,7 +235,7 @@ class ChaosRun {
   }
 
   /** True once after a one-shot fault was armed. */
-  private once(fault: "pFlushFail" | "mapFail" | "flip"): boolean {
+  private once(fault: OneShot): boolean {
     const armed = this.faults[fault];
     this.faults[fault] = false;
     return armed;
@@ -215,20 +247,30 @@ class ChaosRun {
       while (!this.chaosOver && !this.violation) await this.oneRequest();
     };
     await Promise.all([this.chaos(), client(), client(), client(), client()]);
-    Object.assign(this.faults, { pWriteFail: 0, sWriteFail: 0, pFlushFail: false, mapFail: false, flip: false });
+    Object.assign(this.faults, {
+      pWriteFail: 0, sWriteFail: 0, pFlushFail: false, sFlushFail: false, mapFail: false, flip: false,
+    });
     this.sim.reachable = true;
   }
 
-  /** Every action once in a shuffled order, then at random. */
+  /** Every action once in a shuffled order, then at random until CHAOS_MS passed. */
   private async chaos(): Promise<void> {
     const s = this.sim;
+    // A window of failing writes, held open until one failed (or 5 s more passed).
     const during = (fault: "pWriteFail" | "sWriteFail", rate: number) => async () => {
-      await this.connected();
+      const before = this.fired[fault];
       this.faults[fault] = rate;
       await Bun.sleep(300 + this.pick(500));
+      await this.firedSince(fault, before);
       this.faults[fault] = 0;
     };
-    const arm = (fault: Exclude<Fault, "pWriteFail" | "sWriteFail">) => () => void (this.faults[fault] = true);
+    // A one-shot fault, armed until it fires; the loop waits for that (up to 5 s).
+    const arm = (fault: OneShot) => async () => {
+      const before = this.fired[fault];
+      this.faults[fault] = true;
+      if (fault === "mapFail") this.hotExtent = this.pick(this.model.byteLength / EXTENT); // new extents: map writes
+      await this.firedSince(fault, before);
+    };
     const actions: (() => Promise<void> | void)[] = [
       async () => {
         await this.connected(); // else a reset finds no link (e.g. still reconnecting after a flip)
@@ -240,7 +282,8 @@ class ChaosRun {
         await Bun.sleep(200 + this.pick(800));
         s.reachable = true;
       },
-      during("sWriteFail", 0.05), during("pWriteFail", 0.03), arm("pFlushFail"), arm("mapFail"),
+      during("sWriteFail", 0.05), during("pWriteFail", 0.03), arm("pFlushFail"), arm("sFlushFail"),
+      arm("mapFail"),
       this.c.checksum === "none" ? () => {} : arm("flip"),
       () => s.primary.clearRound(), () => s.primary.clearRound(),
       () => void (this.hotExtent = this.pick(this.model.byteLength / EXTENT)),
@@ -248,11 +291,16 @@ class ChaosRun {
     ];
     const order = actions.map((_, i) => i).sort(() => this.random() - 0.5);
     const end = performance.now() + CHAOS_MS;
-    for (let step = 0; performance.now() < end && !this.violation; step++) {
+    for (let step = 0; (step < order.length || performance.now() < end) && !this.violation; step++) {
       await Bun.sleep(20 + this.pick(150));
       await actions[order[step] ?? this.pick(actions.length)]!();
     }
     this.chaosOver = true;
+  }
+
+  /** Waits until `fault` fired more than `before` times, up to 5 s. */
+  private async firedSince(fault: Fault, before: number): Promise<void> {
+    for (let waited = 0; this.fired[fault] === before && waited < 5_000; waited += 20) await Bun.sleep(20);
   }
 
   /** Waits up to 5 s for the primary to be connected. */
@@ -286,7 +334,7 @@ class ChaosRun {
     try {
       const roll = this.random();
       if (roll < 0.15) await this.read(range.from, range.to);
-      else if (roll < 0.22) await this.sim.primary.flush().catch(() => {});
+      else if (roll < 0.152) await this.sim.primary.flush().catch(() => {});
       else await this.mutate(roll, range.from, range.to);
     } finally {
       this.busy.splice(this.busy.indexOf(range), 1);
