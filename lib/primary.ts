@@ -87,6 +87,12 @@ export class Primary {
   private metaflush: boolean;
   private syncer: Synchronizer | null = null;
   private syncSource: "primary" | "secondary" = "primary";
+  /**
+   * This run found the local copy behind the secondary's (sync from the
+   * secondary, unfinished): its sync-needed extents hold older data and are
+   * never served from the local disk, also after the link is lost.
+   */
+  private localBehind = false;
   private peerCounters: { localcnt: bigint; remotecnt: bigint } | null = null;
   private stopLoop: () => void = () => {};
   readonly counters = {
@@ -146,6 +152,9 @@ export class Primary {
   async read(offset: number, length: number): Promise<Uint8Array> {
     this.counters.reads++;
     if (this.readsFromSecondary(offset, length)) return this.remoteRead(offset, length);
+    if (this.localBehind && this.anySyncNeeded(offset, length)) {
+      throw new IoError("the local copy of this range is older than the secondary's, which is not connected", "EIO");
+    }
     try {
       return await this.o.data.read(offset, length);
     } catch (error) {
@@ -425,7 +434,10 @@ export class Primary {
   // ---- reads from the secondary ------------------------------------------
 
   private readsFromSecondary(offset: number, length: number): boolean {
-    if (!this.link?.isUp || this.syncSource !== "secondary") return false;
+    return this.link?.isUp === true && this.syncSource === "secondary" && this.anySyncNeeded(offset, length);
+  }
+
+  private anySyncNeeded(offset: number, length: number): boolean {
     const am = this.o.activemap;
     const last = am.extentOf(offset + length - 1);
     for (let e = am.extentOf(offset); e <= last; e++) if (am.isSyncNeeded(e)) return true;
@@ -555,9 +567,9 @@ export class Primary {
     }
     this.syncSource = result.source;
     this.peerCounters = { localcnt: result.peer.localcnt, remotecnt: result.peer.remotecnt };
-    if (result.source === "secondary" && am.syncExtentCount() > 0) {
-      await this.o.meta.write({ syncTarget: true }, { flush: this.metaflush });
-    }
+    // Syncing from the primary makes its copy the one both will hold.
+    this.localBehind = result.source === "secondary" && am.syncExtentCount() > 0;
+    if (this.localBehind) await this.o.meta.write({ syncTarget: true }, { flush: this.metaflush });
     if (changed) await this.persistMap();
     let onDown!: () => void;
     const down = new Promise<void>((resolve) => (onDown = resolve));
@@ -606,8 +618,9 @@ export class Primary {
       log: this.o.log,
       onComplete: () => this.onSyncComplete(link),
     });
+    const previous = this.syncer?.stopped();
     this.syncer = syncer;
-    syncer.start();
+    syncer.start(previous);
     void syncer.stopped().then(() => this.scheduleResync(link));
   }
 
@@ -636,6 +649,7 @@ export class Primary {
     const meta = this.o.meta.metadata;
     await this.o.meta.write({ remotecnt: peer.localcnt, syncTarget: false }, { flush: this.metaflush });
     this.syncSource = "primary";
+    this.localBehind = false;
     const reply = await link.call({
       type: MessageType.SyncDone,
       payload: new TextEncoder().encode(JSON.stringify({

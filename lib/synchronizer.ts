@@ -29,6 +29,8 @@ export const SYNC_CHUNK_BYTES = MAX_IO_BYTES;
 export const SYNC_FLUSH_BYTES = 64 * 1024 * 1024;
 export const SYNC_FLUSH_INTERVAL_MS = 1000;
 const RATE_WINDOW_MS = 5000;
+/** Longest single sleep of the rate limiter (it rechecks the link after each). */
+const THROTTLE_SLICE_MS = 100;
 
 export interface SyncProgress {
   state: "running" | "done" | "interrupted";
@@ -73,9 +75,15 @@ export class Synchronizer {
 
   constructor(private readonly o: SynchronizerOptions) {}
 
-  start(): void {
-    this.totalBytes = this.o.activemap.dirtyBytes();
-    this.finished = this.run().catch((error) => {
+  /**
+   * Starts copying once `after` settled: the previous sync (of an earlier
+   * connection) must have released its extents before this one claims any.
+   */
+  start(after: Promise<void> = Promise.resolve()): void {
+    this.finished = after.then(() => {
+      this.totalBytes = this.o.activemap.dirtyBytes();
+      return this.run();
+    }).catch((error) => {
       this.o.log("error", `sync failed: ${error}`);
       this.state = "interrupted";
     });
@@ -297,13 +305,20 @@ export class Synchronizer {
     if (reply.error !== 0) throw new ChunkFailed(`sync flush failed on ${side}: ${errnoName(reply.error)}`);
   }
 
-  /** Token-bucket pacing: each chunk starts no earlier than the rate allows. */
+  /**
+   * Token-bucket pacing: each chunk starts no earlier than the rate allows.
+   * Waits in slices of at most THROTTLE_SLICE_MS and ends early when the link
+   * goes down, so a slow sync of a lost connection stops (and releases its
+   * extents) promptly.
+   */
   private async throttle(bytes: number): Promise<void> {
     const rate = this.o.rateBytesPerSecond;
     if (rate <= 0) return;
     const now = this.o.clock.now();
     const startMs = Math.max(this.nextFreeMs, now);
     this.nextFreeMs = startMs + (bytes * 1000) / rate;
-    if (startMs > now) await this.o.clock.sleep(startMs - now);
+    for (let left = startMs - now; left > 0 && this.o.link.isUp; left = startMs - this.o.clock.now()) {
+      await this.o.clock.sleep(Math.min(left, THROTTLE_SLICE_MS));
+    }
   }
 }

@@ -10,7 +10,11 @@
  *   the copied extents dirty, and the next sync copies them;
  * - a write that fails on the primary's disk is an I/O error in every mode (the
  *   secondary's copy is resynced from the primary's), and a local read error
- *   falls back to the secondary only where both copies are in step.
+ *   falls back to the secondary only where both copies are in step;
+ * - a primary found behind the secondary (it syncs from it) answers reads of its
+ *   older extents with an error once the link is lost, never with older data;
+ * - the sync of a new connection starts only after the previous one stopped
+ *   (a rate-limited sync notices a lost link at once).
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
@@ -212,4 +216,67 @@ test("a local read error falls back to the secondary only where both copies are 
   } finally {
     sim.primaryDisk.readError = null;
   }
+});
+
+test("a primary behind the secondary never serves its older extents, also after the link is lost", async () => {
+  sim = new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
+  // The secondary was primary meanwhile and wrote extents 2 and 3 (the counters say so).
+  const shared = { resuid: 77n, remotecnt: 1n };
+  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
+  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+  sim.secondaryMeta.map[0] = 0b1100;
+  sim.secondaryDisk.bytes.fill(9, 2 * MIB, 4 * MIB);
+  sim.primaryDisk.bytes.fill(1, 2 * MIB, 4 * MIB);
+  sim.primaryDisk.bytes.fill(5, 6 * MIB, 7 * MIB);
+  sim.secondaryDisk.bytes.fill(5, 6 * MIB, 7 * MIB);
+  sim.start();
+  sim.primary.setSyncRate(64 * 1024); // the sync of extent 2 alone takes 16 s
+  await waitFor("syncing from the secondary", () => sim!.primary.status().syncSource === "secondary" || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  expect(sim.primaryMeta.metadata.syncTarget).toBe(true);
+  expect(await sim.primary.read(3 * MIB, 4096)).toEqual(new Uint8Array(4096).fill(9)); // from the secondary
+  sim.reachable = false;
+  expect(sim.dropLink("test: link lost")).toBe(true);
+  await waitFor("disconnected", () => sim!.primary.status().status === "degraded" || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  // Its own copy of extent 3 is older: an error, not the old data. Extents in step still read.
+  const error = await sim.primary.read(3 * MIB, 4096).then(() => null, (e: Error) => e);
+  expect(error?.message).toContain("older than the secondary's");
+  expect(await sim.primary.read(6 * MIB, 4096)).toEqual(new Uint8Array(4096).fill(5));
+  // Back in touch, the sync finishes and the local copy is current again.
+  sim.primary.setSyncRate(0);
+  sim.reachable = true;
+  await inSync(sim, "synced from the secondary");
+  sim.dropLink("test: link lost again");
+  expect(await sim.primary.read(3 * MIB, 4096)).toEqual(new Uint8Array(4096).fill(9));
+  expect(sim.primaryMeta.metadata.syncTarget).toBe(false);
+}, 30_000);
+
+test("a sync of a lost connection that has not stopped yet holds off the next connection's sync", async () => {
+  sim = new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
+  sim.start();
+  await inSync(sim, "first connect");
+  sim.reachable = false;
+  sim.dropLink("test: partition");
+  for (const e of [1, 2]) await sim.primary.write(e * MIB, pattern(MIB, e), false);
+  // The sync's first reads of the local copy hang until released.
+  let release = () => {};
+  const held = new Promise<void>((resolve) => (release = resolve));
+  let readsHeld = 0;
+  sim.primaryDisk.beforeRead = () => (readsHeld++, held);
+  try {
+    sim.reachable = true;
+    await waitFor("sync reading", () => readsHeld > 0 || undefined, { timeoutMs: 5_000, intervalMs: 5 });
+    sim.primaryDisk.beforeRead = async () => {};
+    expect(sim.dropLink("test: link lost mid-sync")).toBe(true);
+    // The primary reconnects within 2 s while the old sync still holds its extents.
+    await waitFor("reconnected", () => sim!.primary.status().link === "connected" || undefined,
+      { timeoutMs: 5_000, intervalMs: 5 });
+    await Bun.sleep(200);
+  } finally {
+    release();
+  }
+  await inSync(sim, "resynced");
+  expect(sim.logs.filter((l) => l.includes("sync failed"))).toEqual([]);
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
 });

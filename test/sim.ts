@@ -32,7 +32,11 @@ export class MemoryDisk implements DataStore {
   /** Set to make reads fail (a failing local disk). */
   readError: Error | null = null;
 
+  /** Can delay reads (e.g. hold a sync's read of its source). */
+  beforeRead: (offset: number, length: number) => Promise<void> = async () => {};
+
   async read(offset: number, length: number): Promise<Uint8Array> {
+    await this.beforeRead(offset, length);
     if (this.readError) throw this.readError;
     return this.bytes.slice(offset, offset + length);
   }
