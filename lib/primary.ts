@@ -190,9 +190,10 @@ export class Primary {
 
   /**
    * Flushes the local disk and, when connected, the secondary's. Waits for
-   * the secondary only when `waitRemote` (async mode does not).
+   * the secondary only when `waitRemote` (async mode does not); `remoteOk` is
+   * null when not connected (or not waited for).
    */
-  private async flushBoth(waitRemote: boolean): Promise<{ localOk: boolean; remoteOk: boolean }> {
+  private async flushBoth(waitRemote: boolean): Promise<{ localOk: boolean; remoteOk: boolean | null }> {
     const link = this.link?.isUp ? this.link : null;
     let remote: Promise<boolean> | null = null;
     if (link) {
@@ -204,7 +205,7 @@ export class Primary {
       );
     }
     const localOk = await this.localFlush();
-    if (!remote || !waitRemote) return { localOk, remoteOk: false };
+    if (!remote || !waitRemote) return { localOk, remoteOk: null };
     return { localOk, remoteOk: await remote };
   }
 
@@ -382,9 +383,12 @@ export class Primary {
   }
 
   /**
-   * One clear round (every ACTIVEMAP_CLEAR_INTERVAL_MS): flushes the local
-   * data, so the last writes to the extents that became clean are on disk,
-   * then clears those extents in the on-disk map. Public for tests.
+   * One clear round (every ACTIVEMAP_CLEAR_INTERVAL_MS): flushes both copies,
+   * so the last writes to the extents that became clean are on both disks
+   * (a power loss of both hosts must not leave a clean extent that differs),
+   * then clears those extents in the on-disk map. Without a link only the
+   * local copy is flushed: what the secondary had not flushed when the link
+   * was lost was marked for sync then. Public for tests.
    */
   clearRound(): Promise<void> {
     if (this.clearRun) return this.clearRun;
@@ -392,9 +396,12 @@ export class Primary {
     if (am.stats().clearPendingExtents === 0) return Promise.resolve();
     this.clearRun = (async () => {
       am.beginClear();
-      if (this.metaflush && !(await this.localFlush())) {
-        am.abortClear();
-        return;
+      if (this.metaflush) {
+        const { localOk, remoteOk } = await this.flushBoth(true);
+        if (!localOk || remoteOk === false) {
+          am.abortClear();
+          return;
+        }
       }
       if (am.finishClear()) await this.persistMap();
     })()

@@ -5,7 +5,7 @@
  *   also when another write to the same extent is the one writing the map, and
  *   when the last map write failed;
  * - an extent that became clean stays set on disk until a clear round, which
- *   flushes the local data first, skips extents written during that flush,
+ *   flushes both copies first, skips extents written during that flush,
  *   and keeps everything when the flush fails; the round runs on its own
  *   about once per ACTIVEMAP_CLEAR_INTERVAL_MS;
  * - a sync marks an extent clean only once both copies are flushed (the map write does not
@@ -227,4 +227,28 @@ test("an extent a sync made clean leaves the disk map only after a flush that co
   expect(onDisk(sim)).not.toContain(5);
   expect(cleared.length).toBeGreaterThan(0);
   expect(cleared.every((c) => c.coveredByFlush)).toBe(true);
+});
+
+test("a clear round flushes the secondary's copy as well; when that fails it clears nothing", async () => {
+  sim = await started("fullsync", 0);
+  for (const extent of [1, 2]) await sim.primary.write(extent * MIB, new Uint8Array(4096).fill(extent), false);
+  await settled(sim);
+  const remoteFlushes = sim.secondaryDisk.flushes;
+  await sim.primary.clearRound();
+  expect(sim.secondaryDisk.flushes).toBe(remoteFlushes + 1);
+  expect(onDisk(sim)).toEqual([]);
+  // The secondary cannot flush: its cached copy of extent 3 may be lost, so extent 3 stays set
+  // (and is resynced once the secondary flushes again).
+  await sim.primary.write(3 * MIB, new Uint8Array(4096).fill(3), false);
+  await settled(sim);
+  sim.secondaryDisk.flushError = Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
+  await sim.primary.clearRound();
+  expect(onDisk(sim)).toEqual([3]);
+  sim.secondaryDisk.flushError = null;
+  await waitFor("resynced", () => {
+    const st = sim!.primary.status();
+    return st.status === "complete" && st.dirtyBytes === 0 ? true : undefined;
+  }, { timeoutMs: 10_000, intervalMs: 10 });
+  await sim.primary.clearRound();
+  expect(onDisk(sim)).toEqual([]);
 });

@@ -157,6 +157,8 @@ class ChaosRun {
         this.violation = `after ${when}: extent ${e} is clean on disk but the secondary's copy differs`;
       } else if (Buffer.compare(live, this.durable.bytes.subarray(from, to)) !== 0) {
         this.violation = `after ${when}: extent ${e} is clean on disk but the primary's disk lacks cached writes`;
+      } else if (Buffer.compare(live, this.sDurable.bytes.subarray(from, to)) !== 0) {
+        this.violation = `after ${when}: extent ${e} is clean on disk but the secondary's disk lacks cached writes`;
       }
       if (this.violation) return;
     }
@@ -363,11 +365,11 @@ class ChaosRun {
     const primary = this.sim.primary;
     let data: Uint8Array | null = null;
     let op: Promise<void>;
-    if (roll < 0.3) op = primary.writeZeroes(from, to - from, this.random() < 0.5);
+    if (roll < 0.3) op = primary.writeZeroes(from, to - from, this.random() < 0.05);
     else if (roll < 0.35) op = primary.trim(from, to - from);
     else {
       data = this.randomData(to - from);
-      op = primary.write(from, data, this.random() < 0.1);
+      op = primary.write(from, data, this.random() < 0.005);
     }
     const ok = await op.then(() => true, () => false);
     this.unknown.fill(ok ? 0 : 1, from / SECTOR, to / SECTOR);
