@@ -149,7 +149,9 @@ export class Secondary {
     const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0 &&
       frame.type !== MessageType.Read;
     const task = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
-    if (ordered) this.chain = task;
+    // A flush waits for the writes before it; the writes after it need not wait for the flush
+    // (an fdatasync of a lot of dirty data would stall them, and the primary flushes every second).
+    if (ordered && frame.type !== MessageType.Flush) this.chain = task;
   }
 
   /**
@@ -160,7 +162,7 @@ export class Secondary {
    * ranges carry no order between them and run in parallel; so do sync copies (FrameFlag.Sync)
    * in every mode, since the image is not consistent before the sync ends anyway, and reads
    * (the range lock orders them after the writes they overlap). memsync and async writes, and
-   * their flushes, also wait for the previous one of the chain (`after`): there the application
+   * their flushes, also wait for the previous write of the chain (`after`): there the application
    * may have been answered before we wrote, so our image must always be a prefix of the
    * primary's history (also if this process dies: its page cache then holds a prefix).
    */

@@ -655,6 +655,12 @@ async function waitForLinks(hosts: Host[], operstate: "UP" | "DOWN"): Promise<vo
 // ---------------------------------------------------------------------------------------------
 // File trees
 
+/** A seeded PRNG returning numbers in [0, 1), so a randomized test replays from its seed. */
+export function seededRandom(seed: number): () => number {
+  const next = prng(seed);
+  return () => next() / 2 ** 32;
+}
+
 /** mulberry32: a tiny seeded PRNG; returns uint32 values. */
 function prng(seed: number): () => number {
   let state = seed >>> 0;

@@ -3,9 +3,10 @@
  * of a seeded random run: at every instant, an extent that is clean in the
  * on-disk activemap (the map last written, and the one being written) holds
  * the same bytes in the primary's page cache, on the primary's disk (what the
- * last flushes made durable) and on the secondary. Otherwise a crash of the
- * primary at that instant would restart without resyncing an extent whose
- * copies differ: silent divergence. And while the link is down (the secondary
+ * last flushes made durable) and on the secondary, in its cache and on its
+ * disk. Otherwise a crash of the primary, or a power loss of both hosts, at
+ * that instant would restart without resyncing an extent whose copies
+ * differ: silent divergence. And while the link is down (the secondary
  * may have crashed), every extent the primary holds in step is on the
  * secondary's disk, not only in its cache.
  *
@@ -21,7 +22,7 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import type { ResourceConfig } from "../lib/config.ts";
-import { waitFor } from "./harness.ts";
+import { seededRandom, waitFor } from "./harness.ts";
 import { Sim } from "./sim.ts";
 
 const KIB = 1024;
@@ -37,18 +38,6 @@ afterEach(async () => {
   await sim?.stop();
   sim = null;
 });
-
-/** Small, fast, seedable PRNG (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const EIO = (fault: string) => Object.assign(new Error(`EIO: i/o error (injected ${fault})`), { code: "EIO" });
 
@@ -126,7 +115,7 @@ class ChaosRun {
   private hotExtent = 0;
 
   constructor(readonly c: Case, readonly seed: number) {
-    this.random = prng(seed);
+    this.random = seededRandom(seed);
     this.sim = new Sim({
       replication: c.replication, checksum: c.checksum, compression: c.compression,
       mediasizeBytes: MEDIA, extentsizeBytes: EXTENT, keepdirty: 3, timeoutSeconds: 2,

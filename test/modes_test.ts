@@ -5,7 +5,8 @@
  *   and memsync/async writes do not; memsync's early ack precedes the write;
  * - async holds at most 64 MiB for the secondary: the next write waits for room;
  * - in memsync and async the secondary applies application writes one at a time in arrival
- *   order, but sync copies (FrameFlag.Sync) and reads in parallel;
+ *   order, but sync copies (FrameFlag.Sync) and reads in parallel; a flush waits for the
+ *   writes before it, and the writes after it do not wait for the flush;
  * - a bit flipped on the wire is caught by crc32 and sha256, the corrupt data
  *   is never written, the connection drops, and the extent is resynchronised.
  */
@@ -236,5 +237,33 @@ for (const { checksum, pipeline } of BIT_FLIP_CASES) {
     // threads, and only the intact chunk decoded there.
     const stats = sim.pipeline?.stats();
     expect([stats?.encoded ?? 0, stats?.decoded ?? 0]).toEqual(pipeline ? [2, 1] : [0, 0]);
+  });
+}
+
+for (const mode of ["memsync", "async"] as const) {
+  test(`${mode}: a flush on the secondary waits for the writes before it, not the writes after it`, async () => {
+    sim = new Sim({ replication: mode, keepdirty: 0 });
+    sim.start();
+    await connected(sim);
+    const applied: string[] = [];
+    sim.secondaryDisk.onChange = (offset) => void applied.push(`write ${offset / 4096}`); // landed
+    let release = () => {};
+    const held = new Promise<void>((resolve) => (release = resolve));
+    sim.secondaryDisk.beforeFlush = async () => {
+      applied.push("flush");
+      await held;
+    };
+    try {
+      await sim.primary.write(1 * 4096, block(1), false);
+      const flushed = sim.primary.flush(); // memsync waits for the secondary's flush; async does not
+      await sim.primary.write(2 * 4096, block(2), false);
+      await waitFor("the write after the flush applied", () => applied.includes("write 2") || undefined,
+        { timeoutMs: 2_000, intervalMs: 5 });
+      expect(applied).toEqual(["write 1", "flush", "write 2"]);
+      release();
+      await flushed;
+    } finally {
+      release();
+    }
   });
 }
