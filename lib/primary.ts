@@ -13,7 +13,7 @@ import type { ReplicationMode, ResourceConfig } from "./config.ts";
 import type { HookRunner } from "./hooks.ts";
 import { RangeLock } from "./range_lock.ts";
 import { LinkDownError, RemoteLink, type Clock, type RemoteCall } from "./remote_link.ts";
-import type { DataStore, MetaStore } from "./storage.ts";
+import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
 import { Synchronizer, type SyncProgress } from "./synchronizer.ts";
 import type { Network } from "./transport.ts";
 import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
@@ -66,6 +66,8 @@ export class IoError extends Error {
 
 export class Primary {
   readonly sizeBytes: number;
+  /** The local data; once a flush of it failed, every later flush fails (see stickyFlushFailure). */
+  private readonly data: ReturnType<typeof stickyFlushFailure>;
   private readonly lock = new RangeLock();
   private link: RemoteLink | null = null;
   private linkState: LinkState = "disconnected";
@@ -102,6 +104,7 @@ export class Primary {
 
   constructor(private readonly o: PrimaryOptions) {
     this.sizeBytes = o.data.sizeBytes;
+    this.data = stickyFlushFailure(o.data);
     this.metaflush = o.config.metaflush;
     assert.equal(o.meta.metadata.datasizeBytes, o.data.sizeBytes);
   }
@@ -156,7 +159,7 @@ export class Primary {
       throw new IoError("the local copy of this range is older than the secondary's, which is not connected", "EIO");
     }
     try {
-      return await this.o.data.read(offset, length);
+      return await this.data.read(offset, length);
     } catch (error) {
       this.counters.localErrors++;
       this.o.log("error", `local read at ${offset}+${length} failed: ${error}`);
@@ -310,8 +313,8 @@ export class Primary {
     offset: number, length: number, data: Uint8Array | null, fua: boolean,
   ): Promise<boolean> {
     try {
-      if (data) await this.o.data.write(offset, data);
-      else await this.o.data.zero(offset, length);
+      if (data) await this.data.write(offset, data);
+      else await this.data.zero(offset, length);
       if (fua && !(await this.localFlush())) return false;
       return true;
     } catch (error) {
@@ -323,7 +326,7 @@ export class Primary {
 
   private async localFlush(): Promise<boolean> {
     try {
-      await this.o.data.flush();
+      await this.data.flush();
       return true;
     } catch (error) {
       this.counters.localErrors++;
@@ -617,7 +620,7 @@ export class Primary {
       link,
       activemap: this.o.activemap,
       lock: this.lock,
-      data: this.o.data,
+      data: this.data,
       source: this.syncSource,
       clock: this.o.clock,
       rateBytesPerSecond: this.o.config.syncRateBytesPerSecond,
@@ -638,6 +641,8 @@ export class Primary {
    */
   private scheduleResync(link: RemoteLink): void {
     if (this.stopped || !link.isUp || this.link !== link) return;
+    // No sync can finish (it must flush this disk) until the resource restarts.
+    if (this.data.failure() !== null) return;
     const timer = setTimeout(() => {
       if (this.stopped || !link.isUp || this.link !== link) return;
       if (this.o.activemap.syncExtentCount() > 0) this.startSync(link);
@@ -712,6 +717,7 @@ export class Primary {
       remoteInFlightBytes: this.link?.inFlightBytes ?? 0,
       remoteSendQueue: this.link?.sendQueueDepth ?? 0,
       metaflush: this.metaflush,
+      localFlushFailure: this.data.failure(),
       lock: this.lock.stats(),
       counters: { ...this.counters },
       activemap: am.stats(),
@@ -731,6 +737,8 @@ export interface PrimaryStatus {
   /** Frames held behind a write still being encoded on the codec threads. */
   remoteSendQueue: number;
   metaflush: boolean;
+  /** The first failed flush of the local disk (every later flush fails too), or null. */
+  localFlushFailure: string | null;
   lock: { held: number; waiting: number };
   counters: Primary["counters"];
   activemap: ReturnType<ActiveMap["stats"]>;

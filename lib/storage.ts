@@ -38,3 +38,31 @@ export function providerDataStore(
     flush: () => provider.flush(),
   };
 }
+
+/**
+ * Wraps `data` so that after one failed flush every later flush fails too.
+ * A failed fdatasync means cached writes may never reach the disk, and Linux
+ * reports that to one fdatasync of a descriptor only: the next would succeed
+ * over the loss, and a clear round (or a sync) would then mark extents clean
+ * whose data is not on disk, or an application's flush would report success.
+ * `failure()` is the first flush error, or null.
+ */
+export function stickyFlushFailure(data: DataStore): DataStore & { failure(): string | null } {
+  let failure: string | null = null;
+  return {
+    sizeBytes: data.sizeBytes,
+    read: (offset, length) => data.read(offset, length),
+    write: (offset, bytes) => data.write(offset, bytes),
+    zero: (offset, length) => data.zero(offset, length),
+    async flush() {
+      if (failure !== null) throw new Error(`an earlier flush failed (${failure}); cached writes may be lost`);
+      try {
+        return await data.flush();
+      } catch (error) {
+        failure = String(error);
+        throw error;
+      }
+    },
+    failure: () => failure,
+  };
+}

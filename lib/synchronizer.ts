@@ -299,7 +299,10 @@ export class Synchronizer {
   private async flushCopies(): Promise<void> {
     const remote = this.o.link.call({ type: MessageType.Flush }).done;
     remote.catch(() => {}); // awaited below, after the local flush
-    await this.o.data.flush();
+    const sideHere = this.o.source === "primary" ? "primary (source)" : "primary (target)";
+    await this.o.data.flush().catch((error: Error) => {
+      throw new ChunkFailed(`sync flush failed on ${sideHere}: ${error.message}`);
+    });
     const reply = await remote;
     const side = this.o.source === "primary" ? "secondary (target)" : "secondary (source)";
     if (reply.error !== 0) throw new ChunkFailed(`sync flush failed on ${side}: ${errnoName(reply.error)}`);

@@ -6,7 +6,7 @@
  *   when the last map write failed;
  * - an extent that became clean stays set on disk until a clear round, which
  *   flushes both copies first, skips extents written during that flush,
- *   and keeps everything when the flush fails; the round runs on its own
+ *   and keeps everything once a flush failed; the round runs on its own
  *   about once per ACTIVEMAP_CLEAR_INTERVAL_MS;
  * - a sync marks an extent clean only once both copies are flushed (the map write does not
  *   flush data), and its disk bit waits for a clear round: an application write may have
@@ -121,7 +121,7 @@ test("clean extents stay set on disk until a clear round, which flushes the data
   expect(sim.primaryDisk.flushes).toBe(flushesBefore + 1);
 });
 
-test("a clear round keeps an extent written during its flush, and everything when the flush fails", async () => {
+test("a clear round keeps an extent written during its flush, and everything once a flush failed", async () => {
   sim = await started("fullsync", 0);
   for (const extent of [1, 2]) await sim.primary.write(extent * MIB, new Uint8Array(4096).fill(extent), false);
   await settled(sim);
@@ -137,7 +137,8 @@ test("a clear round keeps an extent written during its flush, and everything whe
   held.open();
   await round;
   expect(onDisk(sim)).toEqual([1]);
-  // A failed flush: nothing is cleared, and the next good round clears it.
+  // A failed flush: nothing is cleared, also by later rounds whose flush of the disk would
+  // succeed (the kernel reports a lost cached write once): until the resource restarts.
   sim.primaryDisk.flushError = Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
   const errorsBefore = sim.primary.status().counters.localErrors;
   await sim.primary.clearRound();
@@ -145,7 +146,7 @@ test("a clear round keeps an extent written during its flush, and everything whe
   expect(sim.primary.status().counters.localErrors).toBe(errorsBefore + 1);
   sim.primaryDisk.flushError = null;
   await sim.primary.clearRound();
-  expect(onDisk(sim)).toEqual([]);
+  expect(onDisk(sim)).toEqual([1]);
 });
 
 test("the primary runs clear rounds by itself", async () => {

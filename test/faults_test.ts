@@ -14,7 +14,9 @@
  * - a primary found behind the secondary (it syncs from it) answers reads of its
  *   older extents with an error once the link is lost, never with older data;
  * - the sync of a new connection starts only after the previous one stopped
- *   (a rate-limited sync notices a lost link at once).
+ *   (a rate-limited sync notices a lost link at once);
+ * - after one failed flush of the primary's disk every later flush fails (the
+ *   kernel reports a lost cached write once), so nothing is cleared again.
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
@@ -279,4 +281,27 @@ test("a sync of a lost connection that has not stopped yet holds off the next co
   await inSync(sim, "resynced");
   expect(sim.logs.filter((l) => l.includes("sync failed"))).toEqual([]);
   expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+});
+
+test("after a failed flush of the primary's disk every later flush fails, and nothing is cleared again", async () => {
+  sim = new Sim({ replication: "fullsync", keepdirty: 0 });
+  sim.start();
+  await inSync(sim, "first connect");
+  await sim.primary.write(4 * MIB, pattern(4096, 3), false);
+  await waitFor("settled", () => sim!.primary.status().activemap.inFlightExtents === 0 || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  // One fdatasync fails (cached writes may be lost); the disk's next one would succeed.
+  sim.primaryDisk.flushError = EIO();
+  await sim.primary.clearRound();
+  sim.primaryDisk.flushError = null;
+  expect(sim.primary.status().localFlushFailure).toContain("EIO");
+  // The application learns of it at its next flush, and keeps learning: no flush succeeds again.
+  for (let i = 0; i < 2; i++) {
+    const error = await sim.primary.flush().then(() => null, (e: Error) => e);
+    expect(error?.message).toContain("local flush failed");
+  }
+  // Extent 4 may lack its write on disk: it stays set, so a restart resyncs it.
+  await sim.primary.clearRound();
+  const map = sim.primaryMeta.map;
+  expect(map[0]! & (1 << 4)).not.toBe(0);
 });

@@ -244,7 +244,7 @@ class ChaosRun {
     this.sim.reachable = true;
   }
 
-  /** Every action once in a shuffled order, then at random until CHAOS_MS passed. */
+  /** Every action once in a shuffled order, then at random until CHAOS_MS passed, then a failed local flush. */
   private async chaos(): Promise<void> {
     const s = this.sim;
     // A window of failing writes, held open until one failed (or 5 s more passed).
@@ -273,7 +273,7 @@ class ChaosRun {
         await Bun.sleep(200 + this.pick(800));
         s.reachable = true;
       },
-      during("sWriteFail", 0.05), during("pWriteFail", 0.03), arm("pFlushFail"), arm("sFlushFail"),
+      during("sWriteFail", 0.05), during("pWriteFail", 0.03), arm("sFlushFail"),
       arm("mapFail"),
       this.c.checksum === "none" ? () => {} : arm("flip"),
       () => s.primary.clearRound(), () => s.primary.clearRound(),
@@ -291,6 +291,10 @@ class ChaosRun {
       await Bun.sleep(20 + this.pick(150));
       await actions[order[step] ?? this.pick(actions.length)]!();
     }
+    // Last, as it ends all clearing and syncing until the primary restarts: a failed local flush,
+    // with load going on for a while after it.
+    await arm("pFlushFail")();
+    await Bun.sleep(500);
     this.chaosOver = true;
   }
 
@@ -404,6 +408,10 @@ for (const c of CASES) {
     await waitFor("first connect", () => run.sim.primary.status().status === "complete" || undefined,
       { timeoutMs: 5_000, intervalMs: 10 });
     await run.run();
+    // After its failed flush the primary flushes (and so clears and syncs) nothing more until
+    // it restarts, as the daemon restarts a resource's worker; it resumes from its on-disk map.
+    expect(run.sim.primary.status().localFlushFailure).toContain("injected pFlushFail");
+    await run.sim.restartPrimary();
     await waitFor("resynced after the faults", () => {
       const st = run.sim.primary.status();
       return st.status === "complete" && st.dirtyBytes === 0 && st.remoteInFlight === 0 ? true : undefined;

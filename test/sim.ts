@@ -222,17 +222,29 @@ export class Sim {
       config, data: this.secondaryDisk, meta: this.secondaryMeta, hooks: this.hooks("secondary"),
       log: this.log("secondary"), pipeline,
     });
+    this.startPrimary();
+  }
+
+  /** A new Primary over the same disk and metadata; its activemap starts from the on-disk map. */
+  private startPrimary(): void {
     const m = this.primaryMeta.metadata;
     this.activemap = new ActiveMap({
       extentCount: Math.ceil(m.datasizeBytes / m.extentsizeBytes), extentsizeBytes: m.extentsizeBytes,
       datasizeBytes: m.datasizeBytes, keepdirty: m.keepdirty, onDisk: this.primaryMeta.map,
     });
     this.primary = new Primary({
-      config, data: this.primaryDisk, meta: this.primaryMeta, activemap: this.activemap,
+      config: this.config(), data: this.primaryDisk, meta: this.primaryMeta, activemap: this.activemap,
       network: this.network(), clock: systemClock, hooks: this.hooks("primary"), log: this.log("primary"),
-      pipeline,
+      pipeline: this.pipeline,
     });
     this.primary.start();
+  }
+
+  /** Stops the primary and starts it again (as the daemon restarts a resource's worker). */
+  async restartPrimary(): Promise<void> {
+    await this.primary.stop();
+    this.dropLink("primary restarting");
+    this.startPrimary();
   }
 
   private network(): Network {
