@@ -616,6 +616,11 @@ export class Primary {
   }
 
   private startSync(link: RemoteLink): void {
+    // No sync can finish (it must flush this disk) until the resource restarts.
+    if (this.data.failure() !== null) {
+      this.o.log("warn", "not syncing: a flush of the local disk failed; restart the resource");
+      return;
+    }
     const syncer = new Synchronizer({
       link,
       activemap: this.o.activemap,
@@ -641,8 +646,6 @@ export class Primary {
    */
   private scheduleResync(link: RemoteLink): void {
     if (this.stopped || !link.isUp || this.link !== link) return;
-    // No sync can finish (it must flush this disk) until the resource restarts.
-    if (this.data.failure() !== null) return;
     const timer = setTimeout(() => {
       if (this.stopped || !link.isUp || this.link !== link) return;
       if (this.o.activemap.syncExtentCount() > 0) this.startSync(link);

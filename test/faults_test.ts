@@ -304,4 +304,10 @@ test("after a failed flush of the primary's disk every later flush fails, and no
   await sim.primary.clearRound();
   const map = sim.primaryMeta.map;
   expect(map[0]! & (1 << 4)).not.toBe(0);
+  // A sync could never mark anything clean: after a reconnect none starts.
+  const syncsBefore = sim.events.filter((e) => e === "primary syncstart").length;
+  sim.dropLink("test: reconnect");
+  await waitFor("reconnected, not syncing", () => sim!.logs.some((l) => l.includes("not syncing")) || undefined,
+    { timeoutMs: 5_000, intervalMs: 10 });
+  expect(sim.events.filter((e) => e === "primary syncstart").length).toBe(syncsBefore);
 });
