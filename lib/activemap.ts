@@ -305,6 +305,13 @@ export class ActiveMap {
     return bitGet(this.#sync, extent);
   }
 
+  /** True if any extent of [offset, offset+length) is in the sync map. */
+  anySyncNeeded(offset: number, length: number): boolean {
+    const [first, last] = this.#extents(offset, length);
+    for (let e = first; e <= last; e++) if (bitGet(this.#sync, e)) return true;
+    return false;
+  }
+
   /**
    * True when both copies of [offset, offset+length) are known to hold the
    * same data: no write in flight and nothing to sync in any of its extents.

@@ -40,7 +40,7 @@ describe("scenarios", () => {
     expect(am.stats()).toEqual(stats);
   });
 
-  test("inStep: no write in flight and nothing to sync in any extent of the range", () => {
+  test("inStep: no write in flight and nothing to sync in any extent of the range; anySyncNeeded", () => {
     const am = makeMap(8, 2);
     expect(am.inStep(0, 8 * EXT)).toBe(true);
     am.writeStart(EXT, 4096);
@@ -52,6 +52,8 @@ describe("scenarios", () => {
     am.writeComplete(3 * EXT, 4096, { synced: false });
     expect(am.inStep(2 * EXT, 2 * EXT)).toBe(false);
     expect(am.inStep(4 * EXT, 4 * EXT)).toBe(true);
+    expect(am.anySyncNeeded(0, 3 * EXT + 1)).toBe(true);
+    expect(am.anySyncNeeded(0, 3 * EXT)).toBe(false);
   });
 
   test("keepdirty evicts the least recently used idle extent", () => {

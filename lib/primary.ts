@@ -32,7 +32,7 @@ export const MAX_REMOTE_IN_FLIGHT = 256;
 export const MAX_REMOTE_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 /**
  * How often extents that became clean are cleared from the on-disk activemap
- * (one local flush and one map write per round). An extent therefore stays
+ * (one flush of each copy and one map write per round). An extent therefore stays
  * dirty on disk for up to two intervals after its last write, beyond the
  * keepdirty most recently written ones; in exchange, writes that move across
  * more extents than keepdirty do not each wait for a map write and a flush.
@@ -155,7 +155,7 @@ export class Primary {
   async read(offset: number, length: number): Promise<Uint8Array> {
     this.counters.reads++;
     if (this.readsFromSecondary(offset, length)) return this.remoteRead(offset, length);
-    if (this.localBehind && this.anySyncNeeded(offset, length)) {
+    if (this.localBehind && this.o.activemap.anySyncNeeded(offset, length)) {
       throw new IoError("the local copy of this range is older than the secondary's, which is not connected", "EIO");
     }
     try {
@@ -444,14 +444,8 @@ export class Primary {
   // ---- reads from the secondary ------------------------------------------
 
   private readsFromSecondary(offset: number, length: number): boolean {
-    return this.link?.isUp === true && this.syncSource === "secondary" && this.anySyncNeeded(offset, length);
-  }
-
-  private anySyncNeeded(offset: number, length: number): boolean {
-    const am = this.o.activemap;
-    const last = am.extentOf(offset + length - 1);
-    for (let e = am.extentOf(offset); e <= last; e++) if (am.isSyncNeeded(e)) return true;
-    return false;
+    return this.link?.isUp === true && this.syncSource === "secondary" &&
+      this.o.activemap.anySyncNeeded(offset, length);
   }
 
   /** Reads a range from the secondary, in ≤ MAX_IO_BYTES pieces. */
@@ -577,7 +571,7 @@ export class Primary {
     }
     this.syncSource = result.source;
     this.peerCounters = { localcnt: result.peer.localcnt, remotecnt: result.peer.remotecnt };
-    // Syncing from the primary makes its copy the one both will hold.
+    // Behind only when syncing from the secondary; syncing from here makes our copy the one both hold.
     this.localBehind = result.source === "secondary" && am.syncExtentCount() > 0;
     if (this.localBehind) await this.o.meta.write({ syncTarget: true }, { flush: this.metaflush });
     if (changed) await this.persistMap();

@@ -8,7 +8,7 @@
 import type { ResourceConfig } from "./config.ts";
 import { handshakeAsSecondary, type Hello } from "./handshake.ts";
 import type { HookRunner } from "./hooks.ts";
-import type { DataStore, MetaStore } from "./storage.ts";
+import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
 import type { Connection } from "./transport.ts";
 import { CodecPipeline } from "./codec_pipeline.ts";
 import { RangeLock } from "./range_lock.ts";
@@ -42,13 +42,19 @@ export class Secondary {
   private readonly lock = new RangeLock();
   private queued = 0;
   private replication = "fullsync";
-  /** Set when a flush failed in this session; see flushData. */
-  private flushFailed = "";
+  /**
+   * The data, per session: a failed flush means a cached write of this session may be lost,
+   * and the kernel reports that to one fdatasync only, so every later flush of the session
+   * fails too and the link drops (see applyAndReplyOrThrow); the primary then resyncs all it
+   * wrote since the last good flush, in a new session.
+   */
+  private data: ReturnType<typeof stickyFlushFailure>;
   private readonly metaflush: boolean;
   readonly counters = { reads: 0, writes: 0, deletes: 0, flushes: 0, localErrors: 0, invalid: 0 };
 
   constructor(private readonly o: SecondaryOptions) {
     this.metaflush = o.config.metaflush;
+    this.data = stickyFlushFailure(o.data);
   }
 
   /** Takes over a connection whose Hello was already read; replaces an older one. */
@@ -74,7 +80,7 @@ export class Secondary {
       return;
     }
     this.conn = conn;
-    this.flushFailed = "";
+    this.data = stickyFlushFailure(this.o.data);
     this.linkState = "connected";
     this.replication = hello.replication;
     const how = decision.kind === "sync" ? `${decision.reason}, sync from ${decision.source}` : "both fresh";
@@ -206,10 +212,11 @@ export class Secondary {
     const reply = await this.apply(frame);
     this.queued--;
     if (conn.closed) return;
-    if (this.flushFailed) {
+    const flushFailure = this.data.failure();
+    if (flushFailure !== null) {
       // Answer first, so the primary sees the error for this request, then drop the link.
       if (!reply.payload) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
-      conn.close(`flush failed: ${this.flushFailed}`);
+      conn.close(`flush failed: ${flushFailure}`);
       return;
     }
     if (reply.payload) {
@@ -298,20 +305,20 @@ export class Secondary {
       switch (frame.type) {
         case MessageType.Read:
           this.counters.reads++;
-          return { payload: await this.o.data.read(frame.offset, frame.length) };
+          return { payload: await this.data.read(frame.offset, frame.length) };
         case MessageType.Write:
           this.counters.writes++;
-          await this.o.data.write(frame.offset, frame.payload);
-          if (frame.flags & FrameFlag.Fua) await this.flushData();
+          await this.data.write(frame.offset, frame.payload);
+          if (frame.flags & FrameFlag.Fua) await this.data.flush();
           return {};
         case MessageType.Delete:
           this.counters.deletes++;
-          await this.o.data.zero(frame.offset, frame.length);
-          if (frame.flags & FrameFlag.Fua) await this.flushData();
+          await this.data.zero(frame.offset, frame.length);
+          if (frame.flags & FrameFlag.Fua) await this.data.flush();
           return {};
         case MessageType.Flush:
           this.counters.flushes++;
-          await this.flushData();
+          await this.data.flush();
           return {};
         case MessageType.SyncDone:
           await this.syncDone(frame);
@@ -325,27 +332,11 @@ export class Secondary {
     return { error: Errno.EINVAL };
   }
 
-  /**
-   * A failed flush means a cached write of this session may be lost, and the kernel reports
-   * that to one fdatasync only: a later one would succeed over the loss. So every flush after
-   * a failure fails too, and the link drops (see onFrame); the primary then resyncs all it
-   * wrote since the last good flush, in a new session.
-   */
-  private async flushData(): Promise<void> {
-    if (this.flushFailed) throw new Error(`an earlier flush failed in this session: ${this.flushFailed}`);
-    try {
-      await this.o.data.flush();
-    } catch (error) {
-      this.flushFailed = String(error);
-      throw error;
-    }
-  }
-
   /** The primary finished the sync: our copy is complete; commit counters (spec §5). */
   private async syncDone(frame: Frame): Promise<void> {
     const body = decodeJson(frame);
     const remotecnt = BigInt(String(body.remotecnt));
-    await this.flushData();
+    await this.data.flush();
     await this.o.meta.writeMap(new Uint8Array(this.o.meta.metadata.mapSizeBytes), { flush: this.metaflush });
     await this.o.meta.write(
       { remotecnt, syncTarget: false, discardPending: false },

@@ -182,7 +182,8 @@ export class Synchronizer {
 
   /**
    * Flushes both copies for every copied extent (or, with none waiting, waits for the
-   * flushes in progress), then marks the covered extents clean and writes the map.
+   * flushes in progress), then marks the covered extents clean (the primary's next clear
+   * round clears them in the on-disk map).
    * Returns false when the flush failed: those extents stay sync-needed.
    */
   private async flushCopied(): Promise<boolean> {
@@ -202,7 +203,6 @@ export class Synchronizer {
       } catch (error) {
         failure = error;
       }
-      // Clean extents leave the on-disk map in the primary's next clear round.
       for (const extent of batch) this.release(extent, ok);
       if (failure instanceof ChunkFailed) this.o.log("warn", failure.message);
       else if (failure !== null && this.o.link.isUp) throw failure;

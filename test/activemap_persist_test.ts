@@ -15,7 +15,7 @@
 import { afterEach, expect, test } from "bun:test";
 import { ACTIVEMAP_CLEAR_INTERVAL_MS } from "../lib/primary.ts";
 import { waitFor } from "./harness.ts";
-import { Sim } from "./sim.ts";
+import { eio, Sim } from "./sim.ts";
 
 const MIB = 1024 * 1024;
 let sim: Sim | null = null;
@@ -82,7 +82,7 @@ test("a failed map write: that write fails; the next write to the extent writes 
   sim.primaryMeta.beforeWriteMap = async () => {
     if (failNext) {
       failNext = false;
-      throw Object.assign(new Error("EIO: i/o error, write (injected)"), { code: "EIO" });
+      throw eio("write (injected)");
     }
   };
   const dataBefore = sim.primaryDisk.writes;
@@ -139,7 +139,7 @@ test("a clear round keeps an extent written during its flush, and everything onc
   expect(onDisk(sim)).toEqual([1]);
   // A failed flush: nothing is cleared, also by later rounds whose flush of the disk would
   // succeed (the kernel reports a lost cached write once): until the resource restarts.
-  sim.primaryDisk.flushError = Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
+  sim.primaryDisk.flushError = eio("fdatasync");
   const errorsBefore = sim.primary.status().counters.localErrors;
   await sim.primary.clearRound();
   expect(onDisk(sim)).toEqual([1]);
@@ -242,7 +242,7 @@ test("a clear round flushes the secondary's copy as well; when that fails it cle
   // (and is resynced once the secondary flushes again).
   await sim.primary.write(3 * MIB, new Uint8Array(4096).fill(3), false);
   await settled(sim);
-  sim.secondaryDisk.flushError = Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
+  sim.secondaryDisk.flushError = eio("fdatasync");
   await sim.primary.clearRound();
   expect(onDisk(sim)).toEqual([3]);
   sim.secondaryDisk.flushError = null;

@@ -20,7 +20,7 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { Sim } from "./sim.ts";
+import { eio, Sim } from "./sim.ts";
 
 const MIB = 1024 * 1024;
 let sim: Sim | null = null;
@@ -72,7 +72,7 @@ test("a failed flush on the secondary leaves what it wrote since its last good f
   await sim.primary.write(7 * MIB, pattern(4096, 9), false);
   await sim.primary.write(9 * MIB + 4096, pattern(4096, 13), false);
   expect(sim.primary.status().dirtyBytes).toBe(0);
-  sim.secondaryDisk.flushError = Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
+  sim.secondaryDisk.flushError = eio("fdatasync");
   // The application's flush succeeds: the primary's own copy is durable (spec §2).
   await sim.primary.flush();
   await waitFor("extents marked dirty", () => sim!.primary.status().dirtyBytes === 2 * MIB || undefined,
@@ -159,8 +159,6 @@ test("a link lost before any flush covered the copied extents leaves them dirty;
   expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
 }, 30_000);
 
-const EIO = () => Object.assign(new Error("EIO: i/o error"), { code: "EIO" });
-
 for (const mode of ["fullsync", "memsync", "async"] as const) {
   test(`${mode}: a write that fails on the primary's disk is an I/O error even though the secondary took it`,
     async () => {
@@ -169,7 +167,7 @@ for (const mode of ["fullsync", "memsync", "async"] as const) {
     await inSync(sim, "first connect");
     await sim.primary.write(3 * MIB, pattern(8192, 3), false);
     sim.primaryDisk.beforeWrite = async () => {
-      throw EIO();
+      throw eio("write");
     };
     const failed = await sim.primary.write(3 * MIB, pattern(8192, 5), false).then(() => null, (e: Error) => e);
     sim.primaryDisk.beforeWrite = async () => {};
@@ -200,7 +198,7 @@ test("a local read error falls back to the secondary only where both copies are 
   try {
     // Answered after the early ack; the secondary has not written it yet.
     await sim.primary.write(2 * MIB, pattern(4096, 9), false);
-    sim.primaryDisk.readError = EIO();
+    sim.primaryDisk.readError = eio("read");
     expect(await sim.primary.read(1 * MIB, 4096)).toEqual(pattern(4096, 3));
     // The secondary's copy of extent 2 is not current: no older data, an error.
     const error = await sim.primary.read(2 * MIB, 4096).then(() => null, (e: Error) => e);
@@ -212,7 +210,7 @@ test("a local read error falls back to the secondary only where both copies are 
   }
   await waitFor("written on the secondary", () => sim!.primary.status().remoteInFlight === 0 || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
-  sim.primaryDisk.readError = EIO();
+  sim.primaryDisk.readError = eio("read");
   try {
     expect(await sim.primary.read(2 * MIB, 4096)).toEqual(pattern(4096, 9));
   } finally {
@@ -291,7 +289,7 @@ test("after a failed flush of the primary's disk every later flush fails, and no
   await waitFor("settled", () => sim!.primary.status().activemap.inFlightExtents === 0 || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
   // One fdatasync fails (cached writes may be lost); the disk's next one would succeed.
-  sim.primaryDisk.flushError = EIO();
+  sim.primaryDisk.flushError = eio("fdatasync");
   await sim.primary.clearRound();
   sim.primaryDisk.flushError = null;
   expect(sim.primary.status().localFlushFailure).toContain("EIO");

@@ -23,7 +23,7 @@
 import { afterEach, expect, test } from "bun:test";
 import type { ResourceConfig } from "../lib/config.ts";
 import { seededRandom, waitFor } from "./harness.ts";
-import { Sim } from "./sim.ts";
+import { eio, Sim } from "./sim.ts";
 
 const KIB = 1024;
 const SECTOR = 512;
@@ -38,8 +38,6 @@ afterEach(async () => {
   await sim?.stop();
   sim = null;
 });
-
-const EIO = (fault: string) => Object.assign(new Error(`EIO: i/o error (injected ${fault})`), { code: "EIO" });
 
 interface Case {
   replication: ResourceConfig["replication"];
@@ -179,7 +177,7 @@ class ChaosRun {
       await jitter();
       if (this.random() >= rate) return;
       this.fired[fault]++;
-      throw EIO(fault);
+      throw eio(`injected ${fault}`);
     };
     P.beforeWrite = () => failing(this.faults.pWriteFail, "pWriteFail");
     S.beforeWrite = () => failing(this.faults.sWriteFail, "sWriteFail");

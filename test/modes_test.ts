@@ -12,7 +12,7 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { Sim } from "./sim.ts";
+import { eio, Sim } from "./sim.ts";
 import { FrameFlag, HEADER_BYTES, MessageType } from "../lib/wire.ts";
 
 let sim: Sim | null = null;
@@ -185,7 +185,7 @@ test("memsync: a read from the secondary does not wait behind a held write to an
   try {
     await sim.primary.write(0, block(9), false); // answered after the early ack; held at the secondary
     // The local disk fails reads: the primary reads from the secondary instead.
-    sim.primaryDisk.readError = Object.assign(new Error("EIO: i/o error, read"), { code: "EIO" });
+    sim.primaryDisk.readError = eio("read");
     const read = sim.primary.read(3 * 1024 * 1024, 4096);
     const settled = await Promise.race([read.then(() => true), Bun.sleep(1000).then(() => false)]);
     expect(settled).toBe(true);

@@ -17,6 +17,11 @@ import type { DataStore, MetaStore } from "../lib/storage.ts";
 import type { Connection, Network } from "../lib/transport.ts";
 import { FrameParser, type Frame } from "../lib/wire.ts";
 
+/** An error as the kernel reports a failed disk operation (`what`: e.g. "fdatasync"). */
+export function eio(what: string): Error & { code: string } {
+  return Object.assign(new Error(`EIO: i/o error, ${what}`), { code: "EIO" });
+}
+
 /** A disk in memory; `beforeWrite` can delay or fail writes. */
 export class MemoryDisk implements DataStore {
   readonly bytes: Uint8Array;
@@ -242,8 +247,7 @@ export class Sim {
 
   /** Stops the primary and starts it again (as the daemon restarts a resource's worker). */
   async restartPrimary(): Promise<void> {
-    await this.primary.stop();
-    this.dropLink("primary restarting");
+    await this.primary.stop(); // closes its link
     this.startPrimary();
   }
 
