@@ -10,7 +10,9 @@
  * `finally`; all files live in one temp dir that is removed at the end.
  *
  * Flags: --runs N (3), --seconds S per fio job (10), --quick (1 run of 2 s), --bin PATH (use this
- * hast binary; default: `npm run build` first and use dist/hast).
+ * hast binary; default: `npm run build` first and use dist/hast), --only NAME,… (only these hast
+ * configurations, beside the reference, and no resync; for investigations: the tables are printed
+ * but bench/RESULTS.md is left as it is).
  */
 import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
@@ -36,6 +38,8 @@ interface Options {
   seconds: number;
   quick: boolean;
   bin: string | undefined;
+  /** Names of the hast configurations to run (--only), or null for all of them and the resync. */
+  only: string[] | null;
 }
 
 /** A hast configuration of the table. */
@@ -72,12 +76,14 @@ function parseOptions(argv: string[]): Options {
       seconds: { type: "string" },
       quick: { type: "boolean", default: false },
       bin: { type: "string" },
+      only: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
   });
   if (values.help) {
     process.stdout.write(
-      "usage: bun bench/run.ts [--runs N] [--seconds S] [--quick] [--bin PATH]\n");
+      "usage: bun bench/run.ts [--runs N] [--seconds S] [--quick] [--bin PATH] [--only NAME,…]\n" +
+      `configurations: ${HAST_CONFIGS.map((c) => c.name).join(", ")}\n`);
     process.exit(0);
   }
   const positive = (name: string, text: string | undefined, fallback: number): number => {
@@ -89,8 +95,15 @@ function parseOptions(argv: string[]): Options {
     return value;
   };
   const quick = values.quick === true;
+  const only = values.only === undefined ? null : values.only.split(",");
+  for (const name of only ?? []) {
+    if (!HAST_CONFIGS.some((c) => c.name === name)) {
+      throw new RangeError(`Cannot use --only: no configuration "${name}" ` +
+        `(there are ${HAST_CONFIGS.map((c) => c.name).join(", ")})`);
+    }
+  }
   return {
-    quick, bin: values.bin,
+    quick, bin: values.bin, only,
     runs: positive("runs", values.runs, quick ? 1 : 3),
     seconds: positive("seconds", values.seconds, quick ? 2 : 10),
   };
@@ -118,7 +131,7 @@ interface Measured {
 
 /** Starts the reference and every hast configuration; they stay up until the workloads end. */
 async function startAll(
-  processes: Processes, dir: string, hast: string[], portBase: number,
+  processes: Processes, dir: string, hast: string[], portBase: number, only: string[] | null,
 ): Promise<Measured[]> {
   const measured: Measured[] = [];
   const fresh = (label: string, targetClass: TargetClass): ConfigResult =>
@@ -128,6 +141,7 @@ async function startAll(
   const reference = await startReference(processes, join(dir, "ref"), DEVICE_BYTES);
   measured.push({ target: reference, result: fresh(reference.label, "reference") });
   for (const [index, config] of HAST_CONFIGS.entries()) {
+    if (only !== null && !only.includes(config.name)) continue;
     progress(`starting ${config.label}`);
     const setupDir = join(dir, config.name);
     mkdirSync(setupDir);
@@ -221,9 +235,15 @@ async function main(): Promise<void> {
         `device 256 MiB, resync device 1 GiB, hast = ${hast.join(" ")}` +
         (options.quick ? " (--quick: smoke run, not representative)" : ""),
     });
-    const measured = await startAll(processes, dir, hast, portBase);
+    const measured = await startAll(processes, dir, hast, portBase, options.only);
     await measureWorkloads(measured, options, dir);
     const findings = await finishSetups(measured);
+    if (options.only !== null) {
+      process.stdout.write(renderMainTable(measured.map((m) => m.result)) + "\n\n" +
+        renderRunsTable(measured.map((m) => m.result)) + "\n");
+      progress("--only: bench/RESULTS.md left as it is");
+      return;
+    }
     const resyncDir = join(dir, "resync");
     mkdirSync(resyncDir);
     const resync = await measureResync(processes, {

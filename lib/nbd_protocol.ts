@@ -10,6 +10,7 @@
  *
  * @module
  */
+import type { BufferPool } from "./buffer_pool.ts";
 
 /** "NBDMAGIC", the first 8 bytes the server sends. */
 export const NBD_MAGIC = 0x4e42444d41474943n;
@@ -542,6 +543,8 @@ export interface NbdServerParserOptions {
   maxOptionBytes: number;
   /** Largest WRITE payload stored (longer → skipped, an oversizedWrite frame). */
   maxPayloadBytes: number;
+  /** WRITE payloads are received into its buffers where it serves their size. */
+  pool?: BufferPool | null;
 }
 
 interface PendingPayload {
@@ -686,7 +689,7 @@ export class NbdServerParser {
       const stored = request.length <= this.#options.maxPayloadBytes;
       // Not zeroed: every byte is received before the payload is handed out (memset was
       // 6% of the event loop's time under 1 MiB writes).
-      const buffer = stored ? Bun.allocUnsafe(request.length) : null;
+      const buffer = stored ? this.#options.pool?.take(request.length) ?? Bun.allocUnsafe(request.length) : null;
       this.#pending = { request, buffer, filledBytes: 0 };
     }
     return this.#fillPayload(this.#pending);

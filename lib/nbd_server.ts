@@ -13,6 +13,7 @@
 
 import * as fs from "node:fs";
 import * as net from "node:net";
+import type { BufferPool } from "./buffer_pool.ts";
 import {
   ClientFlag,
   Command,
@@ -52,8 +53,13 @@ export interface BlockDevice {
   readonly sizeBytes: number;
   /** Resolve with exactly `length` bytes. */
   read(offset: number, length: number): Promise<Uint8Array>;
-  /** Write `data` (owned by the device from now on); with `fua`, persist before resolving. */
+  /**
+   * Write `data` (owned by the device from now on: a buffer from `writeBuffers` is the device's
+   * to give back); with `fua`, persist before resolving.
+   */
   write(offset: number, data: Uint8Array, fua: boolean): Promise<void>;
+  /** Where the server receives WRITE payloads into, if the device pools them. */
+  readonly writeBuffers?: BufferPool;
   /** Persist every write that completed before this call, on any connection. */
   flush(): Promise<void>;
   /** Discard a range (a hint; reads of it afterwards are undefined). */
@@ -428,6 +434,7 @@ class NbdConnection {
     this.#parser = new NbdServerParser({
       maxOptionBytes: context.limits.maxOptionBytes,
       maxPayloadBytes: context.limits.maxRequestBytes,
+      pool: context.device.writeBuffers ?? null,
     });
   }
 

@@ -17,6 +17,7 @@ import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts
 import { Synchronizer, type SyncProgress } from "./synchronizer.ts";
 import type { Network } from "./transport.ts";
 import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
+import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
 import { Errno, FrameFlag, MAX_IO_BYTES, MessageType, errnoName, type Frame } from "./wire.ts";
 
 export const RECONNECT_INTERVAL_MS = 2000;
@@ -30,6 +31,14 @@ export const MAX_REMOTE_IN_FLIGHT = 256;
  * replication: 256 requests of 1 MiB let the worker's peak RSS reach 648 MiB.
  */
 export const MAX_REMOTE_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/**
+ * Write buffers kept for reuse (see BufferPool): a buffer is in use until its local write ended
+ * and the secondary replied, so a full replication window (MAX_REMOTE_IN_FLIGHT_BYTES of 1 MiB
+ * writes) and the application's queue of a few more.
+ */
+export const WRITE_POOL_BUFFERS = 80;
+/** Writes from this size on are received into pooled buffers. */
+export const WRITE_POOL_MIN_BYTES = 64 * 1024;
 /**
  * How often extents that became clean are cleared from the on-disk activemap
  * (one flush of each copy and one map write per round). An extent therefore stays
@@ -101,6 +110,13 @@ export class Primary {
     reads: 0, writes: 0, deletes: 0, flushes: 0, activemapUpdates: 0,
     localErrors: 0, remoteErrors: 0, remoteReads: 0,
   };
+
+  /**
+   * The NBD server receives large writes into these. A buffer goes back once nothing reads it:
+   * its local write ended and every frame sent from it has a reply (a frame the link dropped
+   * may still sit in the socket's buffer, so such a buffer is left to the garbage collector).
+   */
+  readonly writeBuffers = new BufferPool(MAX_IO_BYTES, WRITE_POOL_BUFFERS, WRITE_POOL_MIN_BYTES);
 
   constructor(private readonly o: PrimaryOptions) {
     this.sizeBytes = o.data.sizeBytes;
@@ -250,6 +266,8 @@ export class Primary {
     let remoteDone: Promise<boolean> = Promise.resolve(false);
     let localResult: Promise<boolean> = Promise.resolve(false);
     let started = false;
+    /** Resolves true once nothing reads `data` any more (null: not known, e.g. after an error). */
+    let unused: Promise<boolean> | null = null;
     try {
       if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
       started = true; // from here on, afterWrite completes the activemap's writeStart
@@ -257,6 +275,7 @@ export class Primary {
       const link = this.link?.isUp ? this.link : null;
       const remote = link ? await this.sendRemote(link, offset, length, data, fua) : null;
       localResult = this.localMutate(offset, length, data, fua);
+      unused = Promise.all([localResult, remote ? remote.replied : true]).then(([, replied]) => replied);
       remoteDone = remote ? remote.done.then((ok) => ok && this.noteRemoteWritten(offset, length)) : remoteDone;
       // When to answer the application (spec §2): fullsync after both
       // writes, memsync after the local write and the early "received"
@@ -271,13 +290,16 @@ export class Primary {
     } finally {
       release();
       if (started) void this.afterWrite(offset, length, localResult, remoteDone);
+      if (data && unused && this.writeBuffers.owns(data)) {
+        void unused.then((free) => free && this.writeBuffers.give(data));
+      }
     }
   }
 
   /** Sends the write in ≤ MAX_IO_BYTES frames; resolves once they are queued. */
   private async sendRemote(
     link: RemoteLink, offset: number, length: number, data: Uint8Array | null, fua: boolean,
-  ): Promise<{ received: Promise<boolean>; done: Promise<boolean> }> {
+  ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; replied: Promise<boolean> }> {
     const calls: RemoteCall[] = [];
     for (let at = 0; at < length; ) {
       const pieceBytes = data ? Math.min(MAX_IO_BYTES, length - at) : Math.min(1 << 30, length - at);
@@ -306,6 +328,9 @@ export class Primary {
     return {
       received: this.mode === "async" ? Promise.resolve(complete) : settle("received"),
       done: settle("done"),
+      // Every frame has its reply, so the socket no longer holds any of `data`.
+      replied: Promise.allSettled(calls.map((c) => c.done))
+        .then((results) => results.every((r) => r.status === "fulfilled")),
     };
   }
 
@@ -718,6 +743,7 @@ export class Primary {
       lock: this.lock.stats(),
       counters: { ...this.counters },
       activemap: am.stats(),
+      writeBuffers: this.writeBuffers.stats(),
     };
   }
 }
@@ -739,5 +765,6 @@ export interface PrimaryStatus {
   lock: { held: number; waiting: number };
   counters: Primary["counters"];
   activemap: ReturnType<ActiveMap["stats"]>;
+  writeBuffers: BufferPoolStats;
 }
 

@@ -83,7 +83,7 @@ export function runWorker(): void {
           return;
         case "peer":
           if (running?.secondary && handle) {
-            await running.secondary.attach(socketConnection(handle), message.hello);
+            await running.secondary.attach(socketConnection(handle, running.secondary.receivePool), message.hello);
           } else {
             handle?.destroy();
           }

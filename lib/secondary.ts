@@ -11,14 +11,23 @@ import type { HookRunner } from "./hooks.ts";
 import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
 import type { Connection } from "./transport.ts";
 import { CodecPipeline } from "./codec_pipeline.ts";
+import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
 import { RangeLock } from "./range_lock.ts";
 import { decodePayload, encodePayload } from "./payload_codec.ts";
 import {
-  decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MessageType, ProtocolError, type Frame,
+  decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, MessageType, ProtocolError,
+  type Frame,
 } from "./wire.ts";
 
 /** Requests must be aligned to this (spec §7). */
 export const SECTOR_BYTES = 512;
+/**
+ * Receive buffers kept for reuse: the primary has at most 64 MiB of writes in flight
+ * (MAX_REMOTE_IN_FLIGHT_BYTES), so 72 of 1 MiB cover a full window and a few frames more.
+ */
+export const RECEIVE_POOL_BUFFERS = 72;
+/** Payloads from this size on are received into pooled buffers. */
+export const RECEIVE_POOL_MIN_BYTES = 64 * 1024;
 
 export interface SecondaryOptions {
   config: ResourceConfig;
@@ -51,6 +60,11 @@ export class Secondary {
   private data: ReturnType<typeof stickyFlushFailure>;
   private readonly metaflush: boolean;
   readonly counters = { reads: 0, writes: 0, deletes: 0, flushes: 0, localErrors: 0, invalid: 0 };
+  /**
+   * Buffers the connection receives large payloads into (pass it to socketConnection); each is
+   * given back once its request was applied (see BufferPool for why).
+   */
+  readonly receivePool = new BufferPool(MAX_PAYLOAD_BYTES, RECEIVE_POOL_BUFFERS, RECEIVE_POOL_MIN_BYTES);
 
   constructor(private readonly o: SecondaryOptions) {
     this.metaflush = o.config.metaflush;
@@ -149,12 +163,20 @@ export class Secondary {
       conn.send(encodeFrame({ type: MessageType.Keepalive }));
       return;
     }
+    // The received payload: decoding may replace frame.payload, and a pooled buffer goes back
+    // only when nothing reads it any more (its write was applied, or it was refused).
+    const received = frame.payload;
+    const pooled = this.receivePool.owns(received);
     const admitted = this.decodeAndAdmit(conn, frame);
-    if (admitted === false) return;
+    if (admitted === false) {
+      if (pooled) this.receivePool.give(received);
+      return;
+    }
     this.queued++;
     const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0 &&
       frame.type !== MessageType.Read;
     const task = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
+    if (pooled) void task.finally(() => this.receivePool.give(received));
     // A flush waits for the writes before it; the writes after it need not wait for the flush
     // (an fdatasync of a lot of dirty data would stall them, and the primary flushes every second).
     if (ordered && frame.type !== MessageType.Flush) this.chain = task;
@@ -356,6 +378,7 @@ export class Secondary {
       linkError: this.lastRefusal,
       queued: this.queued,
       counters: { ...this.counters },
+      receiveBuffers: this.receivePool.stats(),
     };
   }
 }
@@ -366,5 +389,6 @@ export interface SecondaryStatus {
   linkError: string;
   queued: number;
   counters: Secondary["counters"];
+  receiveBuffers: BufferPoolStats;
 }
 void Errno;

@@ -9,10 +9,14 @@ import {
 import { formatAddress, type ResourceConfig } from "./config.ts";
 import { MAX_CONTROL_BYTES } from "./control.ts";
 import { MAX_RUNNING_HOOKS } from "./hooks.ts";
-import { ACTIVEMAP_CLEAR_INTERVAL_MS, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES } from "./primary.ts";
+import {
+  ACTIVEMAP_CLEAR_INTERVAL_MS, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, WRITE_POOL_BUFFERS,
+  WRITE_POOL_MIN_BYTES,
+} from "./primary.ts";
 import {
   NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES, NBD_MIN_BLOCK_BYTES,
 } from "./resource_worker.ts";
+import { RECEIVE_POOL_BUFFERS, RECEIVE_POOL_MIN_BYTES } from "./secondary.ts";
 import { SYNC_CHUNK_BYTES, SYNC_FLUSH_BYTES, SYNC_FLUSH_INTERVAL_MS, SYNC_WORKERS } from "./synchronizer.ts";
 import { formatSizeBytes } from "./units.ts";
 import { MAX_IO_BYTES, MAX_PAYLOAD_BYTES } from "./wire.ts";
@@ -27,6 +31,12 @@ export const LIMITS = {
   replicationMaxFramePayloadBytes: MAX_PAYLOAD_BYTES,
   replicationMaxInFlight: MAX_REMOTE_IN_FLIGHT,
   replicationMaxInFlightBytes: MAX_REMOTE_IN_FLIGHT_BYTES,
+  primaryWriteBuffersKept: WRITE_POOL_BUFFERS,
+  primaryWriteBufferBytes: MAX_IO_BYTES,
+  primaryWriteBufferMinPayloadBytes: WRITE_POOL_MIN_BYTES,
+  secondaryReceiveBuffersKept: RECEIVE_POOL_BUFFERS,
+  secondaryReceiveBufferBytes: MAX_PAYLOAD_BYTES,
+  secondaryReceiveBufferMinPayloadBytes: RECEIVE_POOL_MIN_BYTES,
   syncChunkBytes: SYNC_CHUNK_BYTES,
   pipelineThreads: PIPELINE_THREADS,
   pipelineSlots: PIPELINE_SLOTS,

@@ -4,6 +4,7 @@
  * so tests can inject their own (lossy, corrupting, slow) transports.
  */
 import net from "node:net";
+import type { BufferPool } from "./buffer_pool.ts";
 import { encodeFrame, FrameParser, ProtocolError, type Frame } from "./wire.ts";
 
 /** A bidirectional stream of frames. */
@@ -44,32 +45,75 @@ const COALESCE_PIECE_MAX = 16 * 1024;
 /** After close(), queued bytes get this long to leave before the socket is destroyed. */
 const CLOSE_LINGER_MS = 2_000;
 
-/** Writes `pieces` in order: runs of small ones copied into one buffer, large ones as they are. */
-export function writePieces(socket: net.Socket, pieces: Uint8Array[]): void {
-  let run: Uint8Array[] = [];
+/**
+ * Writes `pieces` in order (runs of small ones copied into one buffer, large ones as they are)
+ * until a write reports the socket's buffer full; returns how many pieces it wrote. The caller
+ * keeps the rest until 'drain': a socket that accepts more than its kernel buffer holds copies
+ * it into a user-space buffer, which in async mode grew to tens of MiB of copied payloads.
+ */
+export function writePieces(socket: net.Socket, pieces: readonly Uint8Array[]): number {
+  let runStart = 0;
   let runBytes = 0;
-  const writeRun = () => {
-    if (run.length === 1) socket.write(run[0]!);
-    else if (run.length > 1) socket.write(Buffer.concat(run, runBytes));
-    run = [];
+  const writeRun = (end: number): boolean => {
+    const count = end - runStart;
+    if (count === 0) return true;
+    const ok = count === 1 ? socket.write(pieces[runStart]!)
+      : socket.write(Buffer.concat(pieces.slice(runStart, end), runBytes));
+    runStart = end;
     runBytes = 0;
+    return ok;
   };
-  for (const piece of pieces) {
-    if (piece.byteLength >= COALESCE_PIECE_MAX) {
-      writeRun();
-      socket.write(piece);
-    } else {
-      run.push(piece);
+  for (let i = 0; i < pieces.length; i++) {
+    const piece = pieces[i]!;
+    if (piece.byteLength < COALESCE_PIECE_MAX) {
       runBytes += piece.byteLength;
+      continue;
     }
+    if (!writeRun(i)) return i;
+    runStart = i + 1;
+    if (!socket.write(piece)) return i + 1;
   }
-  writeRun();
+  writeRun(pieces.length);
+  return pieces.length;
 }
 
-/** Wraps a connected socket in a framed Connection. Parsing starts immediately. */
-export function socketConnection(socket: net.Socket): Connection {
+/**
+ * Wraps a connected socket in a framed Connection. Parsing starts immediately. With `pool`,
+ * large payloads are received into its buffers (see BufferPool: the receiver gives them back).
+ */
+export function socketConnection(socket: net.Socket, pool: BufferPool | null = null): Connection {
   socket.setNoDelay(true);
   let closed = false;
+  // Pieces not yet handed to the socket: frames queued in one turn of the event loop leave in
+  // few writes (a syscall per 32-byte reply would cap small-request throughput; see
+  // COALESCE_PIECE_MAX), and none is handed over while the socket's buffer is full.
+  let outbox: Uint8Array[] = [];
+  let flushScheduled = false;
+  /** The socket's last write reported its buffer full; cleared by 'drain'. */
+  let full = false;
+  let drainWaiters: (() => void)[] = [];
+  const flushOutbox = (force = false) => {
+    flushScheduled = false;
+    if (outbox.length === 0 || socket.destroyed || (full && !force)) return;
+    if (force) {
+      for (const piece of outbox) socket.write(piece);
+      outbox = [];
+      return;
+    }
+    const written = writePieces(socket, outbox);
+    outbox = written === outbox.length ? [] : outbox.slice(written);
+    full = outbox.length > 0 || socket.writableNeedDrain;
+  };
+  const wakeDrainWaiters = () => {
+    const waiters = drainWaiters;
+    drainWaiters = [];
+    for (const wake of waiters) wake();
+  };
+  socket.on("drain", () => {
+    full = false;
+    flushOutbox();
+    if (!full) wakeDrainWaiters();
+  });
   const conn: Connection = {
     onFrame: () => {},
     onClose: () => {},
@@ -83,48 +127,31 @@ export function socketConnection(socket: net.Socket): Connection {
         if (piece.byteLength === 0) continue;
         outbox.push(piece);
       }
-      if (!flushScheduled) {
+      if (!flushScheduled && !full) {
         flushScheduled = true;
         setImmediate(flushOutbox);
       }
-      return !socket.writableNeedDrain;
+      return !full;
     },
     drained() {
-      if (closed || !socket.writableNeedDrain) return Promise.resolve();
-      return new Promise((resolve) => {
-        const done = () => {
-          socket.off("drain", done);
-          socket.off("close", done);
-          resolve();
-        };
-        socket.on("drain", done);
-        socket.on("close", done);
-      });
+      if (closed || !full) return Promise.resolve();
+      return new Promise((resolve) => drainWaiters.push(resolve));
     },
     close(reason) {
-      flushOutbox(); // e.g. the error reply that explains why we close
+      flushOutbox(true); // e.g. the error reply that explains why we close
       finish(reason);
       socket.end();
       setTimeout(() => socket.destroy(), CLOSE_LINGER_MS).unref();
     },
   };
-  // Frames queued in one turn of the event loop leave in few writes: a syscall per 32-byte
-  // reply would cap small-request throughput. See COALESCE_PIECE_MAX.
-  let outbox: Uint8Array[] = [];
-  let flushScheduled = false;
-  const flushOutbox = () => {
-    flushScheduled = false;
-    const parts = outbox;
-    outbox = [];
-    if (parts.length === 0 || socket.destroyed) return;
-    writePieces(socket, parts);
-  };
   const finish = (reason: string) => {
     if (closed) return;
     closed = true;
+    outbox = [];
+    wakeDrainWaiters();
     conn.onClose(reason);
   };
-  const parser = new FrameParser((frame) => conn.onFrame(frame));
+  const parser = new FrameParser((frame) => conn.onFrame(frame), pool);
   socket.on("data", (chunk: Buffer) => {
     if (closed) return;
     try {

@@ -1,8 +1,11 @@
 // Proves how queued frame pieces reach the socket: in order, small pieces copied together
-// into one write per run, large ones (payloads) written as they are, never corked.
+// into one write per run, large ones (payloads) written as they are, never corked; and that
+// none is handed to a socket whose buffer is full: they wait for 'drain', and drained() with
+// them, and all arrive in order.
 import { expect, test } from "bun:test";
-import type net from "node:net";
-import { writePieces } from "./transport.ts";
+import net from "node:net";
+import { encodeFrame, MessageType, type Frame } from "./wire.ts";
+import { socketConnection, writePieces } from "./transport.ts";
 
 test("writePieces: runs of small pieces in one write each, large pieces alone, order kept", () => {
   const writes: Uint8Array[] = [];
@@ -12,7 +15,7 @@ test("writePieces: runs of small pieces in one write each, large pieces alone, o
   } as unknown as net.Socket;
   const small = (n: number) => new Uint8Array(32).fill(n);
   const large = new Uint8Array(1 << 20).fill(9);
-  writePieces(socket, [small(1), small(2), large, small(3)]);
+  expect(writePieces(socket, [small(1), small(2), large, small(3)])).toBe(4);
   expect(writes.length).toBe(3);
   expect([...writes[0]!]).toEqual([...small(1), ...small(2)]);
   expect(writes[1]).toBe(large); // not copied
@@ -24,3 +27,61 @@ test("writePieces: runs of small pieces in one write each, large pieces alone, o
   writePieces(socket, [small(4)]);
   expect(writes.length).toBe(1);
 });
+
+test("writePieces stops after the write that reports the socket full", () => {
+  const writes: Uint8Array[] = [];
+  const socket = { write: (piece: Uint8Array) => writes.push(piece) < 2 } as unknown as net.Socket;
+  const small = new Uint8Array(32);
+  const large = new Uint8Array(1 << 20);
+  // small+small go in one write (accepted), the first large fills the socket: the rest waits.
+  expect(writePieces(socket, [small, small, large, large, small])).toBe(3);
+  expect(writes.length).toBe(2);
+  writes.length = 0;
+  // A run of small pieces that fills the socket counts as written as a whole.
+  expect(writePieces({ write: () => false } as unknown as net.Socket, [small, small, large])).toBe(2);
+});
+
+test("a connection holds frames while the peer does not read, then delivers all in order", async () => {
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  const accepted = new Promise<net.Socket>((resolve) => server.once("connection", resolve));
+  const client = net.connect({ host: "127.0.0.1", port });
+  try {
+    await new Promise<void>((resolve) => client.once("connect", resolve));
+    const peer = await accepted;
+    peer.pause(); // the receiver reads nothing for now
+    const sender = socketConnection(client);
+    const MIB = 1 << 20;
+    const frames = 64;
+    let refused = -1;
+    for (let i = 0; i < frames; i++) {
+      const payload = new Uint8Array(MIB).fill(i);
+      if (!sender.send(encodeFrame({ type: MessageType.Write, seq: i + 1, offset: i * MIB, length: MIB, payload }))
+        && refused < 0) refused = i;
+      await Bun.sleep(0);
+    }
+    // 64 MiB do not fit in the socket buffers: send() said so, and drained() waits.
+    expect(refused).toBeGreaterThan(0);
+    // …and the socket itself was given about one frame beyond what the kernel took, not 64 MiB
+    // (which it would copy into a user-space buffer).
+    expect(client.writableLength).toBeLessThan(4 * MIB);
+    let drained = false;
+    const drain = sender.drained().then(() => (drained = true));
+    await Bun.sleep(100);
+    expect(drained).toBe(false);
+    const received: Frame[] = [];
+    const receiver = socketConnection(peer);
+    receiver.onFrame = (frame) => received.push(frame);
+    peer.resume();
+    await drain;
+    for (let waited = 0; received.length < frames && waited < 10_000; waited += 10) await Bun.sleep(10);
+    expect(received.map((f) => f.seq)).toEqual(Array.from({ length: frames }, (_, i) => i + 1));
+    expect(received.every((f, i) => f.payload.byteLength === MIB && f.payload.every((b) => b === i))).toBe(true);
+    receiver.close("done");
+    sender.close("done");
+  } finally {
+    client.destroy();
+    server.close();
+  }
+}, 20_000);

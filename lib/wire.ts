@@ -19,6 +19,7 @@
  * allocated, so a hostile or corrupt peer cannot make us allocate at will.
  */
 import assert from "node:assert/strict";
+import type { BufferPool } from "./buffer_pool.ts";
 
 export const WIRE_MAGIC = 0x48415354;
 export const WIRE_VERSION = 1;
@@ -176,7 +177,8 @@ export class FrameParser {
   private payload: Uint8Array = EMPTY;
   private payloadFill = 0;
 
-  constructor(private readonly onFrame: (frame: Frame) => void) {}
+  /** `pool`: large payloads are received into its buffers (the consumer gives them back). */
+  constructor(private readonly onFrame: (frame: Frame) => void, private readonly pool: BufferPool | null = null) {}
 
   /** Consumes one chunk of the byte stream. */
   push(chunk: Uint8Array): void {
@@ -233,7 +235,7 @@ export class FrameParser {
       length: view.getUint32(24),
       error: view.getInt32(28),
     };
-    this.payload = payloadBytes === 0 ? EMPTY : new Uint8Array(payloadBytes);
+    this.payload = payloadBytes === 0 ? EMPTY : this.pool?.take(payloadBytes) ?? new Uint8Array(payloadBytes);
     this.payloadFill = 0;
   }
 

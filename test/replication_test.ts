@@ -2,7 +2,8 @@
  * Replication over loopback with two real daemons: data written through the
  * primary's NBD export with nbdcopy appears byte-identical in the secondary's
  * data area in every mode, with the codecs on the event loop or on the codec
- * threads (also in the compiled binary), and status reports the pair complete.
+ * threads (also in the compiled binary), and status reports the pair complete. The large
+ * writes are received into reused buffers on both sides.
  */
 import { expect, test } from "bun:test";
 import { availableParallelism } from "node:os";
@@ -66,10 +67,15 @@ test.each(CASES)("nbdcopy through the primary lands byte-identical on the second
     const after = await c.status("a");
     expect(after.dirtyBytes).toBe(0);
     expect(after.status).toBe("complete");
+    const workerOf = async (node: "a" | "b") =>
+      JSON.parse((await c.hast(node, ["list", "--json"])).stdout).resources[0].worker;
+    const [workerA, workerB] = [await workerOf("a"), await workerOf("b")];
+    // The data above arrived in reused buffers on both sides (each given back only once its
+    // request was done with it: a buffer reused too early would have changed the data).
+    expect(workerA.writeBuffers.reused).toBeGreaterThan(0);
+    expect(workerB.receiveBuffers.reused).toBeGreaterThan(0);
     // Large writes went through the codec threads on both sides exactly when they should.
-    const pipelineOf = async (node: "a" | "b") =>
-      JSON.parse((await c.hast(node, ["list", "--json"])).stdout).resources[0].worker.pipeline;
-    const [onPrimary, onSecondary] = [await pipelineOf("a"), await pipelineOf("b")];
+    const [onPrimary, onSecondary] = [workerA.pipeline, workerB.pipeline];
     if (c0.threaded) {
       expect(onPrimary.encoded).toBeGreaterThanOrEqual(8);
       expect(onSecondary.decoded).toBeGreaterThanOrEqual(8);

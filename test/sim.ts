@@ -5,6 +5,7 @@
  * corrupted. Drives the real Primary, Secondary and handshake code.
  */
 import { ActiveMap } from "../lib/activemap.ts";
+import type { BufferPool } from "../lib/buffer_pool.ts";
 import { CodecPipeline } from "../lib/codec_pipeline.ts";
 import type { ResourceConfig } from "../lib/config.ts";
 import { parseHello } from "../lib/handshake.ts";
@@ -115,14 +116,18 @@ class MemoryConnection implements Connection {
   onClose: (reason: string) => void = () => {};
   peer!: MemoryConnection;
   private isClosed = false;
-  private readonly parser = new FrameParser((frame) => this.onFrame(frame));
+  private readonly parser: FrameParser;
 
   constructor(
     readonly remoteAddress: string,
     private readonly tamper: (bytes: Uint8Array) => Uint8Array,
     /** True while the link silently loses everything, closes included (a pulled cable). */
     private readonly silent: () => boolean = () => false,
-  ) {}
+    /** Received large payloads go into its buffers, as with socketConnection. */
+    pool: BufferPool | null = null,
+  ) {
+    this.parser = new FrameParser((frame) => this.onFrame(frame), pool);
+  }
 
   get closed(): boolean {
     return this.isClosed;
@@ -257,7 +262,7 @@ export class Sim {
         if (!this.reachable) throw new Error("unreachable (simulated partition)");
         const silent = () => this.silent;
         const client = new MemoryConnection("secondary", (b) => this.tamperToSecondary(b), silent);
-        const server = new MemoryConnection("primary", (b) => b, silent);
+        const server = new MemoryConnection("primary", (b) => b, silent, this.secondary.receivePool);
         client.peer = server;
         server.peer = client;
         this.links.push(client);

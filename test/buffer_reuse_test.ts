@@ -1,0 +1,108 @@
+/**
+ * When the pooled write buffers go back for reuse, driven through the real Primary and
+ * Secondary (test/sim.ts; the secondary's side of the sim receives into its pool as
+ * socketConnection does). A buffer given back while something still reads it would be refilled
+ * by the next request: the secondary, or the local disk, would get another write's data.
+ * - primary: only after its local write ended *and* the secondary replied to every frame sent
+ *   from it, also in async and memsync, where the application was answered earlier;
+ * - primary: never when the link dropped before the reply (the frame may still sit in the
+ *   socket's buffer);
+ * - secondary: only once the write received into it was applied.
+ */
+import { afterEach, expect, test } from "bun:test";
+import { waitFor } from "./harness.ts";
+import { Sim } from "./sim.ts";
+import type { MemoryDisk } from "./sim.ts";
+
+const KIB = 1024;
+
+let sim: Sim | null = null;
+afterEach(async () => {
+  await sim?.stop();
+  sim = null;
+});
+
+async function connected(mode: "fullsync" | "memsync" | "async"): Promise<Sim> {
+  const s = new Sim({ replication: mode });
+  sim = s;
+  s.start();
+  await waitFor("connected", () => s.primary.status().status === "complete" || undefined,
+    { timeoutMs: 5000, intervalMs: 10 });
+  return s;
+}
+
+/** Holds the disk's writes until open() is called. */
+function hold(disk: MemoryDisk): { open: () => void; held: () => number } {
+  let open!: () => void;
+  const opened = new Promise<void>((resolve) => (open = resolve));
+  let held = 0;
+  disk.beforeWrite = async () => {
+    held++;
+    await opened;
+  };
+  return { open, held: () => held };
+}
+
+/** A write of 128 KiB in a buffer of the primary's pool, filled with `byte`. */
+function pooledWrite(s: Sim, byte: number): Uint8Array {
+  const buffer = s.primary.writeBuffers.take(128 * KIB);
+  expect(buffer).not.toBeNull();
+  return buffer!.fill(byte);
+}
+
+const settle = () => Bun.sleep(50);
+
+for (const mode of ["async", "memsync"] as const) {
+  test(`${mode}: the primary's buffer goes back only after the secondary replied`, async () => {
+    const s = await connected(mode);
+    const secondary = hold(s.secondaryDisk);
+    await s.primary.write(0, pooledWrite(s, 1), false); // answered: the secondary still holds it
+    await waitFor("secondary holds the write", () => secondary.held() === 1 || undefined);
+    await settle();
+    expect(s.primary.writeBuffers.stats().free).toBe(0);
+    secondary.open();
+    await waitFor("given back", () => s.primary.writeBuffers.stats().free === 1 || undefined);
+    expect(s.primary.status().remoteInFlight).toBe(0);
+    expect(s.secondaryDisk.bytes.subarray(0, 128 * KIB).every((b) => b === 1)).toBe(true);
+  });
+}
+
+test("fullsync: the primary's buffer goes back only after its local write ended", async () => {
+  const s = await connected("fullsync");
+  const local = hold(s.primaryDisk);
+  const write = s.primary.write(0, pooledWrite(s, 2), false);
+  await waitFor("local write held", () => local.held() === 1 || undefined);
+  await waitFor("secondary replied", () => s.primary.status().remoteInFlight === 0 || undefined);
+  await settle();
+  expect(s.primary.writeBuffers.stats().free).toBe(0);
+  local.open();
+  await write;
+  await waitFor("given back", () => s.primary.writeBuffers.stats().free === 1 || undefined);
+  expect(s.primaryDisk.bytes.subarray(0, 128 * KIB).every((b) => b === 2)).toBe(true);
+});
+
+test("a buffer whose frame lost its link is never given back", async () => {
+  const s = await connected("async");
+  const secondary = hold(s.secondaryDisk);
+  await s.primary.write(0, pooledWrite(s, 3), false);
+  await waitFor("secondary holds the write", () => secondary.held() === 1 || undefined);
+  expect(s.dropLink("test: link lost")).toBe(true);
+  secondary.open();
+  await waitFor("primary saw the drop", () => s.primary.status().link !== "connected" || undefined);
+  await settle();
+  expect(s.primary.writeBuffers.stats()).toEqual({ free: 0, reused: 0, allocated: 1 });
+});
+
+test("the secondary's receive buffer goes back once the write was applied", async () => {
+  const s = await connected("fullsync");
+  const secondary = hold(s.secondaryDisk);
+  const data = new Uint8Array(128 * KIB);
+  for (let i = 0; i < data.byteLength; i++) data[i] = (i * 7) & 0xff; // not a hole
+  const write = s.primary.write(0, data, false);
+  await waitFor("secondary holds the write", () => secondary.held() === 1 || undefined);
+  expect(s.secondary.receivePool.stats()).toEqual({ free: 0, reused: 0, allocated: 1 });
+  secondary.open();
+  await write;
+  await waitFor("given back", () => s.secondary.receivePool.stats().free === 1 || undefined);
+  expect(Buffer.compare(s.secondaryDisk.bytes.subarray(0, data.byteLength), data)).toBe(0);
+});
