@@ -27,6 +27,8 @@ export interface ResyncResult {
   datasizeBytes: number;
   dirtyBytes: number[];
   seconds: number[];
+  /** Of `seconds`, until the primary was first seen connected (its reconnect interval is 2 s). */
+  connectSeconds: number[];
   hastRateBytesPerSecond: number[];
   memoryEnd: MemoryStats | null;
   verified: boolean;
@@ -180,13 +182,15 @@ export function renderResyncTable(resync: ResyncResult, reference: ConfigResult)
   const rate = median(rates);
   const referenceRate = medianOf(reference, "write_1m_qd8", "bytesPerSecond");
   const factor = rate / referenceRate;
-  const header = ["resource", "dirty at start MiB", "time s (runs)", "MB/s (median)",
+  const header = ["resource", "dirty at start MiB", "time s (runs)", "of which until connected s",
+    "MB/s (median)",
     "×ref 1M seq write ↑", "hast's own rate MB/s", "primary worker peak RSS MiB",
     "data identical after", "targets missed"];
   const row = [
     `${mib(resync.datasizeBytes)} MiB, default settings`,
     resync.dirtyBytes.map((b) => mib(b)).join(" / "),
     resync.seconds.map((s) => s.toFixed(2)).join(" / "),
+    resync.connectSeconds.map((s) => s.toFixed(2)).join(" / "),
     (rate / 1e6).toFixed(0),
     factor.toFixed(2),
     resync.hastRateBytesPerSecond.map((b) => (b / 1e6).toFixed(0)).join(" / "),

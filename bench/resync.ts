@@ -34,7 +34,7 @@ export async function measureResync(
   options.progress(`resync: starting a ${options.sizeBytes}-byte pair, secondary in role init`);
   await setup.start();
   const result: ResyncResult = {
-    datasizeBytes: setup.sizeBytes, dirtyBytes: [], seconds: [], hastRateBytesPerSecond: [],
+    datasizeBytes: setup.sizeBytes, dirtyBytes: [], seconds: [], connectSeconds: [], hastRateBytesPerSecond: [],
     memoryEnd: null, verified: false,
   };
   try {
@@ -73,9 +73,11 @@ async function resyncOnce(
   }
   await runCommand(["sync"]);
   let rate = 0;
+  let connectedMs: number | null = null;
   const startMs = performance.now();
   await setup.hast("b", ["role", "secondary", "data"]);
   const done = await setup.waitStatus("resync to complete", (s) => {
+    if (connectedMs === null && s.link === "connected") connectedMs = performance.now();
     if (s.sync?.bytesPerSecond > 0) rate = s.sync.bytesPerSecond;
     return s.status === "complete" && s.dirtyBytes === 0;
   }, RESYNC_TIMEOUT_MS);
@@ -83,6 +85,7 @@ async function resyncOnce(
   if (done.sync?.bytesPerSecond > 0) rate = done.sync.bytesPerSecond;
   result.dirtyBytes.push(before.dirtyBytes);
   result.seconds.push(seconds);
+  result.connectSeconds.push(((connectedMs ?? performance.now()) - startMs) / 1000);
   result.hastRateBytesPerSecond.push(rate);
 }
 

@@ -9,6 +9,8 @@ import type { Provider } from "./provider.ts";
 export interface DataStore {
   readonly sizeBytes: number;
   read(offset: number, length: number): Promise<Uint8Array>;
+  /** Fills `buf` from `offset` (a read into a buffer the caller reuses). */
+  readInto(offset: number, buf: Uint8Array): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Afterwards the range reads back as zeros. */
   zero(offset: number, length: number): Promise<void>;
@@ -33,6 +35,7 @@ export function providerDataStore(
   return {
     sizeBytes,
     read: (offset, length) => provider.read(dataOffsetBytes + offset, length),
+    readInto: (offset, buf) => provider.readInto(dataOffsetBytes + offset, buf),
     write: (offset, data) => provider.write(dataOffsetBytes + offset, data),
     zero: (offset, length) => provider.zero(dataOffsetBytes + offset, length),
     flush: () => provider.flush(),
@@ -52,6 +55,7 @@ export function stickyFlushFailure(data: DataStore): DataStore & { failure(): st
   return {
     sizeBytes: data.sizeBytes,
     read: (offset, length) => data.read(offset, length),
+    readInto: (offset, buf) => data.readInto(offset, buf),
     write: (offset, bytes) => data.write(offset, bytes),
     zero: (offset, length) => data.zero(offset, length),
     async flush() {

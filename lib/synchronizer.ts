@@ -9,11 +9,12 @@
  * an interruption (clean extents stay clean; the sync map is on disk).
  */
 import type { ActiveMap } from "./activemap.ts";
+import { BufferPool } from "./buffer_pool.ts";
 import type { HookRunner } from "./hooks.ts";
 import type { RangeLock } from "./range_lock.ts";
 import type { Clock, RemoteLink } from "./remote_link.ts";
 import type { DataStore } from "./storage.ts";
-import { errnoName, FrameFlag, MAX_IO_BYTES, MessageType } from "./wire.ts";
+import { errnoName, FrameFlag, MAX_IO_BYTES, MessageType, type Frame } from "./wire.ts";
 
 /** Extents copied concurrently. */
 export const SYNC_WORKERS = 4;
@@ -72,6 +73,13 @@ export class Synchronizer {
   private nextFreeMs = 0;
   private samples: { atMs: number; doneBytes: number }[] = [];
   private finished: Promise<void> = Promise.resolve();
+
+  /**
+   * Chunks are read into reused buffers (fresh memory costs more than the copy into it; see
+   * BufferPool). One goes back when the secondary replied to the chunk sent from it; one whose
+   * link dropped first may still be in the socket's buffer, and is left to the garbage collector.
+   */
+  private readonly buffers = new BufferPool(SYNC_CHUNK_BYTES, SYNC_WORKERS, 0);
 
   constructor(private readonly o: SynchronizerOptions) {}
 
@@ -262,15 +270,21 @@ export class Synchronizer {
   /** Local → secondary. The lock is held until the frame is queued: wire order is apply order. */
   private async pushChunk(offset: number, length: number): Promise<void> {
     const release = await this.o.lock.acquire(offset, length);
-    let done;
+    const pooled = this.buffers.take(length);
+    const data = pooled ?? new Uint8Array(length);
+    let done: Promise<Frame>;
     try {
-      const data = await this.o.data.read(offset, length);
+      await this.o.data.readInto(offset, data);
       await this.o.link.waitForSlot(length);
       done = this.o.link.call({ type: MessageType.Write, flags: FrameFlag.Sync, offset, length, payload: data }).done;
+    } catch (error) {
+      if (pooled) this.buffers.give(pooled); // nothing was sent from it
+      throw error;
     } finally {
       release();
     }
     const reply = await done;
+    if (pooled) this.buffers.give(pooled);
     if (reply.error !== 0) {
       throw new ChunkFailed(`sync write at ${offset}+${length} failed on secondary: ${errnoName(reply.error)}`);
     }

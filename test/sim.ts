@@ -47,6 +47,10 @@ export class MemoryDisk implements DataStore {
     return this.bytes.slice(offset, offset + length);
   }
 
+  async readInto(offset: number, buf: Uint8Array): Promise<void> {
+    buf.set(await this.read(offset, buf.byteLength));
+  }
+
   async write(offset: number, data: Uint8Array): Promise<void> {
     await this.beforeWrite(offset, data);
     this.bytes.set(data, offset);
