@@ -279,13 +279,16 @@ export class Primary {
       remoteDone = remote ? remote.done.then((ok) => ok && this.noteRemoteWritten(offset, length)) : remoteDone;
       // When to answer the application (spec §2): fullsync after both
       // writes, memsync after the local write and the early "received"
-      // acknowledgement, async after the local write (the frame is queued).
+      // acknowledgement (a FUA write: after both), async after the local
+      // write (the frame is queued).
       // A failed remote write only leaves the extents dirty. A failed local
       // write fails the request even when the secondary has the data: reads
       // are served and syncs are sourced from the local copy, so answering
       // success would hand back, and later resync, the old data.
       const localOk = await localResult;
-      if (remote) await (this.mode === "fullsync" ? remote.done : remote.received);
+      // A FUA write is a write and a flush of it: in memsync, as a FLUSH, it waits for both disks.
+      const waitDone = this.mode === "fullsync" || (fua && this.mode === "memsync");
+      if (remote) await (waitDone ? remote.done : remote.received);
       if (!localOk) throw new IoError("local write failed", "EIO");
     } finally {
       release();

@@ -175,11 +175,12 @@ export class Secondary {
     this.queued++;
     const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0 &&
       frame.type !== MessageType.Read;
-    const task = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
+    const { applied, task } = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
     if (pooled) void task.finally(() => this.receivePool.give(received));
     // A flush waits for the writes before it; the writes after it need not wait for the flush
-    // (an fdatasync of a lot of dirty data would stall them, and the primary flushes every second).
-    if (ordered && frame.type !== MessageType.Flush) this.chain = task;
+    // (an fdatasync of a lot of dirty data would stall them, and the primary flushes every second),
+    // nor for the flush of a FUA write: only for its data.
+    if (ordered && frame.type !== MessageType.Flush) this.chain = applied;
   }
 
   /**
@@ -196,42 +197,52 @@ export class Secondary {
    */
   private schedule(
     conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, after: Promise<void> | null,
-  ): Promise<void> {
+  ): { applied: Promise<void>; task: Promise<void> } {
     const ranged = frame.type === MessageType.Write || frame.type === MessageType.Delete ||
       frame.type === MessageType.Read;
     const locked = ranged && frame.length > 0 ? this.lock.acquire(frame.offset, frame.length) : null;
     const before = ranged ? [] : [...this.applying];
+    let markApplied = () => {};
+    const applied = new Promise<void>((resolve) => (markApplied = resolve));
     const task = (async () => {
       const release = locked ? await locked : null;
       try {
         await after;
         await Promise.all(before);
-        await this.applyAndReply(conn, frame, admitted);
+        await this.applyAndReply(conn, frame, admitted, markApplied);
       } finally {
         release?.();
+        markApplied();
       }
     })();
     this.applying.add(task);
     void task.finally(() => this.applying.delete(task));
-    return task;
+    return { applied, task };
   }
 
-  /** Never rejects (the chain would stop): an unexpected failure drops the connection. */
-  private async applyAndReply(conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>) {
+  /**
+   * Never rejects (the chain would stop): an unexpected failure drops the connection.
+   * `applied` is called once the request's data landed (before a FUA write's flush).
+   */
+  private async applyAndReply(
+    conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, applied: () => void,
+  ) {
     try {
-      await this.applyAndReplyOrThrow(conn, frame, admitted);
+      await this.applyAndReplyOrThrow(conn, frame, admitted, applied);
     } catch (error) {
       this.o.log("error", `request ${frame.type} at ${frame.offset}+${frame.length} failed: ${error}`);
       conn.close(`internal error: ${error}`);
     }
   }
 
-  private async applyAndReplyOrThrow(conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>) {
+  private async applyAndReplyOrThrow(
+    conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, applied: () => void,
+  ) {
     if (!(await admitted)) {
       this.queued--;
       return;
     }
-    const reply = await this.apply(frame);
+    const reply = await this.apply(frame, applied);
     this.queued--;
     if (conn.closed) return;
     const flushFailure = this.data.failure();
@@ -322,7 +333,8 @@ export class Secondary {
     return null;
   }
 
-  private async apply(frame: Frame): Promise<Partial<Frame>> {
+  /** Applies a request; calls `applied` once its data landed (before a FUA write's flush). */
+  private async apply(frame: Frame, applied: () => void): Promise<Partial<Frame>> {
     try {
       switch (frame.type) {
         case MessageType.Read:
@@ -331,11 +343,13 @@ export class Secondary {
         case MessageType.Write:
           this.counters.writes++;
           await this.data.write(frame.offset, frame.payload);
+          applied();
           if (frame.flags & FrameFlag.Fua) await this.data.flush();
           return {};
         case MessageType.Delete:
           this.counters.deletes++;
           await this.data.zero(frame.offset, frame.length);
+          applied();
           if (frame.flags & FrameFlag.Fua) await this.data.flush();
           return {};
         case MessageType.Flush:

@@ -5,8 +5,8 @@
  *   and memsync/async writes do not; memsync's early ack precedes the write;
  * - async holds at most 64 MiB for the secondary: the next write waits for room;
  * - in memsync and async the secondary applies application writes one at a time in arrival
- *   order, but sync copies (FrameFlag.Sync) and reads in parallel; a flush waits for the
- *   writes before it, and the writes after it do not wait for the flush;
+ *   order, but sync copies (FrameFlag.Sync) and reads in parallel; a flush (also a FUA write's)
+ *   waits for the writes before it, and the writes after it do not wait for the flush;
  * - a bit flipped on the wire is caught by crc32 and sha256, the corrupt data
  *   is never written, the connection drops, and the extent is resynchronised.
  */
@@ -240,8 +240,12 @@ for (const { checksum, pipeline } of BIT_FLIP_CASES) {
   });
 }
 
-for (const mode of ["memsync", "async"] as const) {
-  test(`${mode}: a flush on the secondary waits for the writes before it, not the writes after it`, async () => {
+const FLUSH_KINDS = [
+  ["memsync", "flush"], ["async", "flush"], ["memsync", "FUA write"], ["async", "FUA write"],
+] as const;
+for (const [mode, kind] of FLUSH_KINDS) {
+  const what = kind === "flush" ? "a flush" : "a FUA write's flush";
+  test(`${mode}: ${what} on the secondary waits for the writes before it, not the writes after it`, async () => {
     sim = new Sim({ replication: mode, keepdirty: 0 });
     sim.start();
     await connected(sim);
@@ -254,8 +258,19 @@ for (const mode of ["memsync", "async"] as const) {
       await held;
     };
     try {
-      await sim.primary.write(1 * 4096, block(1), false);
-      const flushed = sim.primary.flush(); // memsync waits for the secondary's flush; async does not
+      let flushed: Promise<void>;
+      if (kind === "flush") {
+        await sim.primary.write(1 * 4096, block(1), false);
+        flushed = sim.primary.flush(); // memsync waits for the secondary's flush; async does not
+      } else {
+        // memsync answers a FUA write once the secondary flushed it too; async does not wait.
+        let answered = false;
+        flushed = sim.primary.write(1 * 4096, block(1), true).then(() => void (answered = true));
+        await waitFor("the FUA write applied", () => applied.includes("flush") || undefined,
+          { timeoutMs: 2_000, intervalMs: 5 });
+        await Bun.sleep(20);
+        expect(answered).toBe(mode === "async");
+      }
       await sim.primary.write(2 * 4096, block(2), false);
       await waitFor("the write after the flush applied", () => applied.includes("write 2") || undefined,
         { timeoutMs: 2_000, intervalMs: 5 });
