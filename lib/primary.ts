@@ -266,7 +266,10 @@ export class Primary {
     let remoteDone: Promise<boolean> = Promise.resolve(false);
     let localResult: Promise<boolean> = Promise.resolve(false);
     let started = false;
-    /** Resolves true once nothing reads `data` any more (null: not known, e.g. after an error). */
+    /**
+     * For a pooled `data`: resolves true once nothing reads it any more (null: not known, e.g.
+     * after an error; the buffer is then left to the garbage collector).
+     */
     let unused: Promise<boolean> | null = null;
     try {
       if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
@@ -275,7 +278,9 @@ export class Primary {
       const link = this.link?.isUp ? this.link : null;
       const remote = link ? await this.sendRemote(link, offset, length, data, fua) : null;
       localResult = this.localMutate(offset, length, data, fua);
-      unused = Promise.all([localResult, remote ? remote.replied : true]).then(([, replied]) => replied);
+      if (data && this.writeBuffers.owns(data)) {
+        unused = Promise.all([localResult, remote ? remote.replied() : true]).then(([, replied]) => replied);
+      }
       remoteDone = remote ? remote.done.then((ok) => ok && this.noteRemoteWritten(offset, length)) : remoteDone;
       // When to answer the application (spec §2): fullsync after both
       // writes, memsync after the local write and the early "received"
@@ -293,16 +298,14 @@ export class Primary {
     } finally {
       release();
       if (started) void this.afterWrite(offset, length, localResult, remoteDone);
-      if (data && unused && this.writeBuffers.owns(data)) {
-        void unused.then((free) => free && this.writeBuffers.give(data));
-      }
+      if (unused) void unused.then((free) => free && this.writeBuffers.give(data!));
     }
   }
 
   /** Sends the write in ≤ MAX_IO_BYTES frames; resolves once they are queued. */
   private async sendRemote(
     link: RemoteLink, offset: number, length: number, data: Uint8Array | null, fua: boolean,
-  ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; replied: Promise<boolean> }> {
+  ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; replied: () => Promise<boolean> }> {
     const calls: RemoteCall[] = [];
     for (let at = 0; at < length; ) {
       const pieceBytes = data ? Math.min(MAX_IO_BYTES, length - at) : Math.min(1 << 30, length - at);
@@ -332,7 +335,7 @@ export class Primary {
       received: this.mode === "async" ? Promise.resolve(complete) : settle("received"),
       done: settle("done"),
       // Every frame has its reply, so the socket no longer holds any of `data`.
-      replied: Promise.allSettled(calls.map((c) => c.done))
+      replied: () => Promise.allSettled(calls.map((c) => c.done))
         .then((results) => results.every((r) => r.status === "fulfilled")),
     };
   }
