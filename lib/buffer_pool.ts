@@ -8,6 +8,12 @@
  * given back is only garbage (the pool then allocates a fresh one). Giving back a buffer twice,
  * or one the pool did not hand out, is a bug and fails an assertion: two requests would share
  * one buffer.
+ *
+ * Buffers are allocated on first need, up to `capacity`, not all at start (style.md asks for
+ * the latter): a resource that never sees a large write then holds none, and a full pool costs
+ * the same. When all are in use, take() allocates one more, which goes to the garbage collector
+ * when given back: the pool bounds what is kept, the callers' own limits (NBD requests in
+ * flight, the replication window) bound what is in use.
  */
 import assert from "node:assert/strict";
 
