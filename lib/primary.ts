@@ -14,7 +14,7 @@ import type { HookRunner } from "./hooks.ts";
 import { RangeLock } from "./range_lock.ts";
 import { LinkDownError, RemoteLink, type Clock, type RemoteCall } from "./remote_link.ts";
 import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
-import { Synchronizer, type SyncProgress } from "./synchronizer.ts";
+import { SYNC_CHUNK_BYTES, SYNC_WORKERS, Synchronizer, type SyncProgress } from "./synchronizer.ts";
 import type { Network } from "./transport.ts";
 import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
 import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
@@ -117,6 +117,8 @@ export class Primary {
    * may still sit in the socket's buffer, so such a buffer is left to the garbage collector).
    */
   readonly writeBuffers = new BufferPool(MAX_IO_BYTES, WRITE_POOL_BUFFERS, WRITE_POOL_MIN_BYTES);
+  /** The sync's chunk buffers (see Synchronizer), kept across syncs. */
+  readonly syncBuffers = new BufferPool(SYNC_CHUNK_BYTES, SYNC_WORKERS, 0);
 
   constructor(private readonly o: PrimaryOptions) {
     this.sizeBytes = o.data.sizeBytes;
@@ -657,6 +659,7 @@ export class Primary {
       hooks: this.o.hooks,
       log: this.o.log,
       onComplete: () => this.onSyncComplete(link),
+      buffers: this.syncBuffers,
     });
     const previous = this.syncer?.stopped();
     this.syncer = syncer;
@@ -750,6 +753,7 @@ export class Primary {
       counters: { ...this.counters },
       activemap: am.stats(),
       writeBuffers: this.writeBuffers.stats(),
+      syncBuffers: this.syncBuffers.stats(),
     };
   }
 }
@@ -772,5 +776,6 @@ export interface PrimaryStatus {
   counters: Primary["counters"];
   activemap: ReturnType<ActiveMap["stats"]>;
   writeBuffers: BufferPoolStats;
+  syncBuffers: BufferPoolStats;
 }
 

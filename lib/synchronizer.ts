@@ -9,7 +9,7 @@
  * an interruption (clean extents stay clean; the sync map is on disk).
  */
 import type { ActiveMap } from "./activemap.ts";
-import { BufferPool } from "./buffer_pool.ts";
+import type { BufferPool } from "./buffer_pool.ts";
 import type { HookRunner } from "./hooks.ts";
 import type { RangeLock } from "./range_lock.ts";
 import type { Clock, RemoteLink } from "./remote_link.ts";
@@ -54,6 +54,12 @@ export interface SynchronizerOptions {
   hooks: HookRunner;
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
   onComplete: () => Promise<void>;
+  /**
+   * Buffers chunks are read into (see BufferPool): one goes back when the secondary replied to
+   * the chunk sent from it; one whose link dropped first may still be in the socket's buffer and
+   * is left to the garbage collector. Shared by the syncs of a primary.
+   */
+  buffers: BufferPool;
 }
 
 class ChunkFailed extends Error {}
@@ -73,13 +79,6 @@ export class Synchronizer {
   private nextFreeMs = 0;
   private samples: { atMs: number; doneBytes: number }[] = [];
   private finished: Promise<void> = Promise.resolve();
-
-  /**
-   * Chunks are read into reused buffers (fresh memory costs more than the copy into it; see
-   * BufferPool). One goes back when the secondary replied to the chunk sent from it; one whose
-   * link dropped first may still be in the socket's buffer, and is left to the garbage collector.
-   */
-  private readonly buffers = new BufferPool(SYNC_CHUNK_BYTES, SYNC_WORKERS, 0);
 
   constructor(private readonly o: SynchronizerOptions) {}
 
@@ -270,7 +269,7 @@ export class Synchronizer {
   /** Local → secondary. The lock is held until the frame is queued: wire order is apply order. */
   private async pushChunk(offset: number, length: number): Promise<void> {
     const release = await this.o.lock.acquire(offset, length);
-    const pooled = this.buffers.take(length);
+    const pooled = this.o.buffers.take(length);
     const data = pooled ?? new Uint8Array(length);
     let done: Promise<Frame>;
     try {
@@ -278,13 +277,13 @@ export class Synchronizer {
       await this.o.link.waitForSlot(length);
       done = this.o.link.call({ type: MessageType.Write, flags: FrameFlag.Sync, offset, length, payload: data }).done;
     } catch (error) {
-      if (pooled) this.buffers.give(pooled); // nothing was sent from it
+      if (pooled) this.o.buffers.give(pooled); // nothing was sent from it
       throw error;
     } finally {
       release();
     }
     const reply = await done;
-    if (pooled) this.buffers.give(pooled);
+    if (pooled) this.o.buffers.give(pooled);
     if (reply.error !== 0) {
       throw new ChunkFailed(`sync write at ${offset}+${length} failed on secondary: ${errnoName(reply.error)}`);
     }

@@ -7,7 +7,8 @@
  *   from it, also in async and memsync, where the application was answered earlier;
  * - primary: never when the link dropped before the reply (the frame may still sit in the
  *   socket's buffer);
- * - secondary: only once the write received into it was applied.
+ * - secondary: only once the write received into it was applied;
+ * - sync: a chunk's buffer only after the secondary's reply, never after a dropped link.
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
@@ -106,3 +107,32 @@ test("the secondary's receive buffer goes back once the write was applied", asyn
   await waitFor("given back", () => s.secondary.receivePool.stats().free === 1 || undefined);
   expect(Buffer.compare(s.secondaryDisk.bytes.subarray(0, data.byteLength), data)).toBe(0);
 });
+
+for (const drop of [false, true]) {
+  test(`a sync chunk's buffer goes back after the secondary's reply${drop ? ", not after a dropped link" : ""}`,
+    async () => {
+      const s = await connected("fullsync");
+      s.reachable = false;
+      expect(s.dropLink("test: partition")).toBe(true);
+      await waitFor("degraded", () => s.primary.status().status === "degraded" || undefined);
+      await s.primary.write(0, new Uint8Array(2 * 1024 * KIB).fill(4), false); // two extents dirty
+      const secondary = hold(s.secondaryDisk);
+      s.reachable = true; // the primary connects within its retry interval and syncs both extents
+      await waitFor("both sync chunks held", () => secondary.held() === 2 || undefined, { timeoutMs: 5000 });
+      expect(s.primary.syncBuffers.stats()).toEqual({ free: 0, reused: 0, allocated: 2 });
+      if (drop) {
+        s.reachable = false;
+        expect(s.dropLink("test: link lost")).toBe(true);
+      }
+      secondary.open();
+      if (drop) {
+        await waitFor("primary saw the drop", () => s.primary.status().link !== "connected" || undefined);
+        await settle();
+        expect(s.primary.syncBuffers.stats()).toEqual({ free: 0, reused: 0, allocated: 2 });
+      } else {
+        await waitFor("synced", () => s.primary.status().dirtyBytes === 0 || undefined, { timeoutMs: 5000 });
+        expect(s.primary.syncBuffers.stats()).toEqual({ free: 2, reused: 0, allocated: 2 });
+        expect(Buffer.compare(s.secondaryDisk.bytes, s.primaryDisk.bytes)).toBe(0);
+      }
+    }, 15_000);
+}
