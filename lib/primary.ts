@@ -481,22 +481,34 @@ export class Primary {
       this.o.activemap.anySyncNeeded(offset, length);
   }
 
-  /** Reads a range from the secondary, in ≤ MAX_IO_BYTES pieces. */
+  /**
+   * Reads a range from the secondary, in ≤ MAX_IO_BYTES pieces, each sent only when it fits in
+   * the link's window (the data the secondary reads for us is held until we take it: without the
+   * window, NBD clients' reads could make it hold gigabytes).
+   */
   async remoteRead(offset: number, length: number): Promise<Uint8Array> {
     const link = this.link;
     if (!link?.isUp) throw new IoError("secondary not connected", "EIO");
     this.counters.remoteReads++;
     const out = new Uint8Array(length);
-    const pieces = [];
+    const pieces: Promise<void>[] = [];
     for (let at = 0; at < length; at += MAX_IO_BYTES) {
       const pieceBytes = Math.min(MAX_IO_BYTES, length - at);
+      try {
+        await link.waitForSlot(pieceBytes);
+      } catch (error) {
+        pieces.push(Promise.reject(error));
+        break;
+      }
       const call = link.call({ type: MessageType.Read, offset: offset + at, length: pieceBytes });
-      pieces.push(call.done.then((reply) => {
+      const piece = call.done.then((reply) => {
         if (reply.error !== 0 || reply.payload.byteLength !== pieceBytes) {
           throw new IoError(`remote read failed: ${errnoName(reply.error)}`, "EIO");
         }
         out.set(reply.payload, at);
-      }));
+      });
+      piece.catch(() => {}); // awaited below; it may fail while the next piece waits for room
+      pieces.push(piece);
     }
     try {
       await Promise.all(pieces);

@@ -3,7 +3,8 @@
  * Primary/Secondary with injected disks and network (test/sim.ts):
  * - with the secondary's disk writes held back, fullsync writes wait for them
  *   and memsync/async writes do not; memsync's early ack precedes the write;
- * - async holds at most 64 MiB for the secondary: the next write waits for room;
+ * - async holds at most 64 MiB for the secondary: the next write waits for room, and so does
+ *   a read from the secondary;
  * - in memsync and async the secondary applies application writes one at a time in arrival
  *   order, but sync copies (FrameFlag.Sync) and reads in parallel; a flush (also a FUA write's)
  *   waits for the writes before it, and the writes after it do not wait for the flush;
@@ -81,6 +82,29 @@ test("async: at most 64 MiB wait for the secondary; the next write waits for roo
   await waitFor("secondary caught up", () => sim!.primary.status().dirtyBytes === 0 &&
     sim!.primary.status().remoteInFlight === 0 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
   expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+}, 30_000);
+
+test("a read from the secondary waits for room in the window, as writes do", async () => {
+  const MIB = 1024 * 1024;
+  sim = new Sim({ replication: "async", mediasizeBytes: 80 * MIB, keepdirty: 0 });
+  sim.start();
+  await connected(sim);
+  const g = gate(sim);
+  for (let i = 0; i < 64; i++) await sim.primary.write(i * MIB, new Uint8Array(MIB).fill(i + 1), false);
+  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  // The local disk fails reads: a range in step on both sides is read from the secondary.
+  sim.primaryDisk.readError = eio("pread");
+  let answered = false;
+  const read = sim.primary.read(70 * MIB, 8192).then((data) => {
+    answered = true;
+    return data;
+  });
+  await Bun.sleep(200);
+  expect(answered).toBe(false);
+  expect(sim.secondary.counters.reads).toBe(0); // not even sent
+  g.open();
+  expect(await read).toEqual(new Uint8Array(8192));
+  expect(sim.secondary.counters.reads).toBe(1);
 }, 30_000);
 
 test("memsync: the early acknowledgement is sent before the secondary writes", async () => {
