@@ -312,17 +312,16 @@ export class Primary {
     for (let at = 0; at < length; ) {
       const pieceBytes = data ? Math.min(MAX_IO_BYTES, length - at) : Math.min(1 << 30, length - at);
       try {
-        await link.waitForSlot(data ? pieceBytes : 0);
+        calls.push(await link.callWhenRoom({
+          type: data ? MessageType.Write : MessageType.Delete,
+          flags: fua ? FrameFlag.Fua : 0,
+          offset: offset + at,
+          length: pieceBytes,
+          payload: data ? data.subarray(at, at + pieceBytes) : undefined,
+        }));
       } catch {
-        break;
+        break; // the link went down: the extents stay dirty
       }
-      calls.push(link.call({
-        type: data ? MessageType.Write : MessageType.Delete,
-        flags: fua ? FrameFlag.Fua : 0,
-        offset: offset + at,
-        length: pieceBytes,
-        payload: data ? data.subarray(at, at + pieceBytes) : undefined,
-      }));
       at += pieceBytes;
     }
     const complete = calls.length > 0 && (data ? Math.ceil(length / MAX_IO_BYTES) : 1) <= calls.length;
@@ -494,13 +493,13 @@ export class Primary {
     const pieces: Promise<void>[] = [];
     for (let at = 0; at < length; at += MAX_IO_BYTES) {
       const pieceBytes = Math.min(MAX_IO_BYTES, length - at);
+      let call: RemoteCall;
       try {
-        await link.waitForSlot(pieceBytes);
+        call = await link.callWhenRoom({ type: MessageType.Read, offset: offset + at, length: pieceBytes });
       } catch (error) {
         pieces.push(Promise.reject(error));
         break;
       }
-      const call = link.call({ type: MessageType.Read, offset: offset + at, length: pieceBytes });
       const piece = call.done.then((reply) => {
         if (reply.error !== 0 || reply.payload.byteLength !== pieceBytes) {
           throw new IoError(`remote read failed: ${errnoName(reply.error)}`, "EIO");

@@ -29,6 +29,12 @@ export const systemClock: Clock = {
   },
 };
 
+/** Data bytes a request holds in the window: a write's payload, a read's length. */
+function windowBytes(frame: Partial<Frame> & { type: MessageType }): number {
+  if (frame.type === MessageType.Write) return frame.payload?.byteLength ?? 0;
+  return frame.type === MessageType.Read ? (frame.length ?? 0) : 0;
+}
+
 /** Thrown into pending requests when the link goes down. */
 export class LinkDownError extends Error {
   override name = "LinkDownError";
@@ -135,15 +141,19 @@ export class RemoteLink {
   }
 
   /**
-   * Waits until fewer than maxInFlight requests are outstanding and `bytes` more fit under
-   * maxInFlightBytes (backpressure: in async mode this is what bounds the memory).
+   * Sends a request once it fits in the window: fewer than maxInFlight requests outstanding and
+   * its data bytes under maxInFlightBytes (backpressure: in async mode this is what bounds the
+   * memory). The check and the send are one step, so the waiters one reply wakes cannot all pass
+   * on the same freed room. Rejects with LinkDownError if the link goes down first.
    */
-  async waitForSlot(bytes = 0): Promise<void> {
+  async callWhenRoom(frame: Partial<Frame> & { type: MessageType }): Promise<RemoteCall> {
+    const bytes = windowBytes(frame);
     while (this.isUp && (this.pending.size >= this.options.maxInFlight ||
       (this.pendingBytes > 0 && this.pendingBytes + bytes > this.options.maxInFlightBytes))) {
       await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
     }
     if (!this.isUp) throw new LinkDownError(this.closedReason ?? "link down");
+    return this.call(frame);
   }
 
   /** Sends a request; the seq is assigned here. */
@@ -157,8 +167,7 @@ export class RemoteLink {
     const seq = this.nextSeq;
     this.nextSeq = this.nextSeq >= 0xffffffff ? 1 : this.nextSeq + 1;
     assert.ok(!this.pending.has(seq), "seq reused while pending");
-    const bytes = frame.type === MessageType.Write ? (frame.payload?.byteLength ?? 0)
-      : frame.type === MessageType.Read ? (frame.length ?? 0) : 0;
+    const bytes = windowBytes(frame);
     const entry: Pending = {
       sentAtMs: this.options.clock.now(),
       bytes,

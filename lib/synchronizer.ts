@@ -274,8 +274,10 @@ export class Synchronizer {
     let done: Promise<Frame>;
     try {
       await this.o.data.readInto(offset, data);
-      await this.o.link.waitForSlot(length);
-      done = this.o.link.call({ type: MessageType.Write, flags: FrameFlag.Sync, offset, length, payload: data }).done;
+      const call = await this.o.link.callWhenRoom({
+        type: MessageType.Write, flags: FrameFlag.Sync, offset, length, payload: data,
+      });
+      done = call.done;
     } catch (error) {
       if (pooled) this.o.buffers.give(pooled); // nothing was sent from it
       throw error;
@@ -293,8 +295,7 @@ export class Synchronizer {
   private async pullChunk(offset: number, length: number): Promise<void> {
     const release = await this.o.lock.acquire(offset, length);
     try {
-      await this.o.link.waitForSlot(length);
-      const reply = await this.o.link.call({ type: MessageType.Read, offset, length }).done;
+      const reply = await (await this.o.link.callWhenRoom({ type: MessageType.Read, offset, length })).done;
       if (reply.error !== 0 || reply.payload.byteLength !== length) {
         throw new ChunkFailed(`sync read at ${offset}+${length} failed on secondary: ${errnoName(reply.error)}`);
       }

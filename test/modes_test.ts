@@ -3,8 +3,8 @@
  * Primary/Secondary with injected disks and network (test/sim.ts):
  * - with the secondary's disk writes held back, fullsync writes wait for them
  *   and memsync/async writes do not; memsync's early ack precedes the write;
- * - async holds at most 64 MiB for the secondary: the next write waits for room, and so does
- *   a read from the secondary;
+ * - async holds at most 64 MiB for the secondary: the next write waits for room (one reply lets
+ *   one waiting write through, not all it wakes), and so does a read from the secondary;
  * - in memsync and async the secondary applies application writes one at a time in arrival
  *   order, but sync copies (FrameFlag.Sync) and reads in parallel; a flush (also a FUA write's)
  *   waits for the writes before it, and the writes after it do not wait for the flush;
@@ -81,6 +81,36 @@ test("async: at most 64 MiB wait for the secondary; the next write waits for roo
   await next;
   await waitFor("secondary caught up", () => sim!.primary.status().dirtyBytes === 0 &&
     sim!.primary.status().remoteInFlight === 0 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+}, 30_000);
+
+test("async: one reply lets one waiting write through, not every writer it wakes", async () => {
+  const MIB = 1024 * 1024;
+  sim = new Sim({ replication: "async", mediasizeBytes: 80 * MIB, keepdirty: 0 });
+  sim.start();
+  await connected(sim);
+  // The secondary's writes wait one by one for release().
+  const held: (() => void)[] = [];
+  sim.secondaryDisk.beforeWrite = () => new Promise<void>((resolve) => held.push(resolve));
+  const release = () => held.shift()!();
+  for (let i = 0; i < 64; i++) await sim.primary.write(i * MIB, new Uint8Array(MIB).fill(i + 1), false);
+  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  let answered = 0;
+  const waiting = Array.from({ length: 8 }, (_, i) =>
+    sim!.primary.write((64 + i) * MIB, new Uint8Array(MIB).fill(70 + i), false).then(() => void answered++));
+  await Bun.sleep(100);
+  expect(answered).toBe(0);
+  await waitFor("the secondary holds its first write", () => held.length === 1 || undefined);
+  release(); // one reply frees 1 MiB: exactly one of the eight may go
+  await waitFor("one waiting write answered", () => answered >= 1 || undefined);
+  await Bun.sleep(100);
+  expect(answered).toBe(1);
+  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  sim.secondaryDisk.beforeWrite = async () => {};
+  while (held.length > 0) release();
+  await Promise.all(waiting);
+  await waitFor("secondary caught up", () => sim!.primary.status().remoteInFlight === 0 || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
   expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
 }, 30_000);
 
