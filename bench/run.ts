@@ -240,7 +240,7 @@ async function main(): Promise<void> {
     const findings = await finishSetups(measured);
     if (options.only !== null) {
       process.stdout.write(renderMainTable(measured.map((m) => m.result)) + "\n\n" +
-        renderRunsTable(measured.map((m) => m.result)) + "\n");
+        renderRunsTable(measured.map((m) => m.result)) + "\n\n" + renderLogFindings(findings) + "\n");
       progress("--only: bench/RESULTS.md left as it is");
       return;
     }

@@ -18,19 +18,15 @@ import { SYNC_CHUNK_BYTES, SYNC_WORKERS, Synchronizer, type SyncProgress } from 
 import type { Network } from "./transport.ts";
 import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
 import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
-import { Errno, FrameFlag, MAX_IO_BYTES, MessageType, errnoName, type Frame } from "./wire.ts";
+import {
+  Errno, FrameFlag, MAX_IO_BYTES, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, errnoName, type Frame,
+} from "./wire.ts";
 
 export const RECONNECT_INTERVAL_MS = 2000;
 /** Pause before another sync pass when extents are dirty while connected. */
 export const RESYNC_RETRY_MS = 3000;
 export const KEEPALIVE_MS = 10_000;
-export const MAX_REMOTE_IN_FLIGHT = 256;
-/**
- * Data bytes in flight to the secondary at most. In async mode the application is answered
- * before the secondary replies, so this (not the application) bounds the memory held for
- * replication: 256 requests of 1 MiB let the worker's peak RSS reach 648 MiB.
- */
-export const MAX_REMOTE_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+export { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES };
 /**
  * Write buffers kept for reuse (see BufferPool): a buffer is in use until its local write ended
  * and the secondary replied, so a full replication window (MAX_REMOTE_IN_FLIGHT_BYTES of 1 MiB

@@ -15,8 +15,8 @@ import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
 import { RangeLock } from "./range_lock.ts";
 import { decodePayload, encodePayload } from "./payload_codec.ts";
 import {
-  decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, MessageType, ProtocolError,
-  type Frame,
+  decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, MAX_REMOTE_IN_FLIGHT,
+  MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, ProtocolError, type Frame,
 } from "./wire.ts";
 
 /** Requests must be aligned to this (spec §7). */
@@ -37,6 +37,12 @@ export interface SecondaryOptions {
   /** Codec threads for large payloads (used when the resource's `pipeline` is on). */
   pipeline?: CodecPipeline | null;
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
+}
+
+/** A connection's data requests not yet answered, and their bytes (see MAX_REMOTE_IN_FLIGHT). */
+interface Window {
+  requests: number;
+  bytes: number;
 }
 
 export type SecondaryLink = "waiting" | "connected" | "split-brain" | "refused";
@@ -101,9 +107,10 @@ export class Secondary {
     this.o.log("info", `primary connected from ${conn.remoteAddress} (${how})`);
     this.o.hooks.run("connect", []);
     let lastRxMs = Date.now();
+    const window: Window = { requests: 0, bytes: 0 };
     conn.onFrame = (frame) => {
       lastRxMs = Date.now();
-      this.onFrame(conn, frame);
+      this.onFrame(conn, frame, window);
     };
     // A primary sends something at least every timeout/2 (a keepalive when idle); silence for
     // the whole timeout means the link or the primary is gone, even if TCP has not noticed.
@@ -158,7 +165,7 @@ export class Secondary {
     await Promise.all([...this.applying]);
   }
 
-  private onFrame(conn: Connection, frame: Frame): void {
+  private onFrame(conn: Connection, frame: Frame, window: Window): void {
     if (frame.type === MessageType.Keepalive) {
       conn.send(encodeFrame({ type: MessageType.Keepalive }));
       return;
@@ -167,8 +174,10 @@ export class Secondary {
     // only when nothing reads it any more (its write was applied, or it was refused).
     const received = frame.payload;
     const pooled = this.receivePool.owns(received);
-    const admitted = this.decodeAndAdmit(conn, frame);
+    const leave = this.enterWindow(conn, frame, window);
+    const admitted = leave !== null && this.decodeAndAdmit(conn, frame);
     if (admitted === false) {
+      leave?.();
       if (pooled) this.receivePool.give(received);
       return;
     }
@@ -176,7 +185,10 @@ export class Secondary {
     const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0 &&
       frame.type !== MessageType.Read;
     const { applied, task } = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
-    if (pooled) void task.finally(() => this.receivePool.give(received));
+    void task.finally(() => {
+      leave!();
+      if (pooled) this.receivePool.give(received);
+    });
     // A flush waits for the writes before it; the writes after it need not wait for the flush
     // (an fdatasync of a lot of dirty data would stall them, and the primary flushes every second),
     // nor for the flush of a FUA write: only for its data.
@@ -258,6 +270,32 @@ export class Secondary {
     } else {
       conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
     }
+  }
+
+  /**
+   * Counts a data request into the connection's window; returns what takes it out again (call
+   * it once the request is done, before its reply leaves), or null when the primary exceeded the
+   * window: a protocol violation, the connection is dropped.
+   */
+  private enterWindow(conn: Connection, frame: Frame, window: Window): (() => void) | null {
+    const { type } = frame;
+    if (type !== MessageType.Write && type !== MessageType.Read && type !== MessageType.Delete) return () => {};
+    const bytes = type === MessageType.Delete ? 0 : frame.length;
+    window.requests++;
+    window.bytes += bytes;
+    const leave = () => {
+      window.requests--;
+      window.bytes -= bytes;
+    };
+    const bytesFit = window.requests === 1 || window.bytes <= MAX_REMOTE_IN_FLIGHT_BYTES;
+    if (window.requests <= MAX_REMOTE_IN_FLIGHT && bytesFit) return leave;
+    leave();
+    this.counters.invalid++;
+    const why = `protocol violation: more than ${MAX_REMOTE_IN_FLIGHT} requests or ` +
+      `${MAX_REMOTE_IN_FLIGHT_BYTES} bytes in flight (${window.requests + 1} requests, ${window.bytes + bytes} bytes)`;
+    this.o.log("error", `dropping connection: ${why}`);
+    conn.close(why);
+    return null;
   }
 
   /**

@@ -30,6 +30,17 @@ export const MAX_IO_BYTES = 1024 * 1024;
 export const MAX_PAYLOAD_BYTES = MAX_IO_BYTES + 64;
 /** Largest JSON handshake document. */
 export const MAX_JSON_BYTES = 64 * 1024;
+/**
+ * The replication window: READ, WRITE and DELETE requests a primary may have outstanding, and
+ * their data bytes (a write's payload, a read's length; one request alone may exceed it). The
+ * primary sends within it (RemoteLink.callWhenRoom); the secondary drops a connection that
+ * exceeds it (a peer that ignores it could make the secondary hold unbounded data). In async
+ * mode the application is answered before the secondary replies, so the window, not the
+ * application, bounds the memory held for replication: 256 requests of 1 MiB let the worker's
+ * peak RSS reach 648 MiB.
+ */
+export const MAX_REMOTE_IN_FLIGHT = 256;
+export const MAX_REMOTE_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 
 export const enum MessageType {
   /** primary → secondary: JSON Hello. First frame on a connection. */

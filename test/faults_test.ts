@@ -16,11 +16,15 @@
  * - the sync of a new connection starts only after the previous one stopped
  *   (a rate-limited sync notices a lost link at once);
  * - after one failed flush of the primary's disk every later flush fails (the
- *   kernel reports a lost cached write once), so nothing is cleared again.
+ *   kernel reports a lost cached write once), so nothing is cleared again;
+ * - a primary that exceeds the replication window (requests or bytes) is a protocol
+ *   violation: the secondary drops the connection, and the pair reconnects.
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
 import { eio, Sim } from "./sim.ts";
+import type { Connection } from "../lib/transport.ts";
+import { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType } from "../lib/wire.ts";
 
 const MIB = 1024 * 1024;
 let sim: Sim | null = null;
@@ -309,3 +313,35 @@ test("after a failed flush of the primary's disk every later flush fails, and no
     { timeoutMs: 5_000, intervalMs: 10 });
   expect(sim.events.filter((e) => e === "primary syncstart").length).toBe(syncsBefore);
 });
+
+for (const exceeded of ["requests", "bytes"] as const) {
+  test(`a primary that exceeds the window's ${exceeded} is dropped by the secondary, and reconnects`, async () => {
+    sim = new Sim({ replication: "fullsync", mediasizeBytes: 80 * MIB });
+    sim.start();
+    await inSync(sim, "first connect");
+    let release = () => {};
+    const held = new Promise<void>((resolve) => (release = resolve));
+    sim.secondaryDisk.beforeWrite = () => held;
+    // Writes the real primary would not send while its window is full, injected as if received
+    // (zeros, as the primary's disk holds there, so the copies stay alike).
+    const conn = (sim.secondary as unknown as { conn: Connection }).conn;
+    const bytes = exceeded === "requests" ? 4096 : MIB;
+    const fit = exceeded === "requests" ? MAX_REMOTE_IN_FLIGHT : MAX_REMOTE_IN_FLIGHT_BYTES / MIB;
+    const inject = (i: number) => conn.onFrame({
+      type: MessageType.Write, flags: 0, seq: 1_000_000 + i, offset: i * bytes, length: bytes, error: 0,
+      payload: new Uint8Array(bytes),
+    });
+    for (let i = 0; i < fit; i++) inject(i);
+    expect(conn.closed).toBe(false);
+    inject(fit);
+    expect(conn.closed).toBe(true);
+    const violation = "secondary error: dropping connection: protocol violation: more than";
+    expect(sim.logs.some((l) => l.includes(violation))).toBe(true);
+    release();
+    const connects = () => sim!.events.filter((e) => e === "primary connect").length;
+    expect(connects()).toBe(1);
+    await waitFor("the primary reconnected", () => connects() === 2 || undefined, { timeoutMs: 10_000 });
+    await inSync(sim, "in sync again");
+    expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+  }, 30_000);
+}
