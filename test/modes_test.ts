@@ -62,42 +62,48 @@ for (const mode of ["fullsync", "memsync", "async"] as const) {
   });
 }
 
-test("async: at most 64 MiB wait for the secondary; the next write waits for room", async () => {
-  const MIB = 1024 * 1024;
+const MIB = 1024 * 1024;
+
+/** A connected async pair of 80 MiB. */
+async function asyncPair(): Promise<Sim> {
   sim = new Sim({ replication: "async", mediasizeBytes: 80 * MIB, keepdirty: 0 });
   sim.start();
   await connected(sim);
-  const g = gate(sim);
-  const fill = (i: number) => new Uint8Array(MIB).fill(i + 1);
-  // Answered at once (async), although the secondary holds every one of them.
-  for (let i = 0; i < 64; i++) await sim.primary.write(i * MIB, fill(i), false);
-  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  return sim;
+}
+
+/** Fills the 64 MiB window with 1 MiB writes, answered at once (async) although held. */
+async function fillWindow(s: Sim): Promise<void> {
+  for (let i = 0; i < 64; i++) await s.primary.write(i * MIB, new Uint8Array(MIB).fill(i + 1), false);
+  expect(s.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+}
+
+test("async: at most 64 MiB wait for the secondary; the next write waits for room", async () => {
+  const s = await asyncPair();
+  const g = gate(s);
+  await fillWindow(s);
   let answered = false;
-  const next = sim.primary.write(64 * MIB, fill(64), false).then(() => (answered = true));
+  const next = s.primary.write(64 * MIB, new Uint8Array(MIB).fill(65), false).then(() => (answered = true));
   await Bun.sleep(200);
   expect(answered).toBe(false);
-  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  expect(s.primary.status().remoteInFlightBytes).toBe(64 * MIB);
   g.open();
   await next;
-  await waitFor("secondary caught up", () => sim!.primary.status().dirtyBytes === 0 &&
-    sim!.primary.status().remoteInFlight === 0 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
-  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+  await waitFor("secondary caught up", () => s.primary.status().dirtyBytes === 0 &&
+    s.primary.status().remoteInFlight === 0 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
+  expect(Buffer.compare(s.secondaryDisk.bytes, s.primaryDisk.bytes)).toBe(0);
 }, 30_000);
 
 test("async: one reply lets one waiting write through, not every writer it wakes", async () => {
-  const MIB = 1024 * 1024;
-  sim = new Sim({ replication: "async", mediasizeBytes: 80 * MIB, keepdirty: 0 });
-  sim.start();
-  await connected(sim);
+  const s = await asyncPair();
   // The secondary's writes wait one by one for release().
   const held: (() => void)[] = [];
-  sim.secondaryDisk.beforeWrite = () => new Promise<void>((resolve) => held.push(resolve));
+  s.secondaryDisk.beforeWrite = () => new Promise<void>((resolve) => held.push(resolve));
   const release = () => held.shift()!();
-  for (let i = 0; i < 64; i++) await sim.primary.write(i * MIB, new Uint8Array(MIB).fill(i + 1), false);
-  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  await fillWindow(s);
   let answered = 0;
   const waiting = Array.from({ length: 8 }, (_, i) =>
-    sim!.primary.write((64 + i) * MIB, new Uint8Array(MIB).fill(70 + i), false).then(() => void answered++));
+    s.primary.write((64 + i) * MIB, new Uint8Array(MIB).fill(70 + i), false).then(() => void answered++));
   await Bun.sleep(100);
   expect(answered).toBe(0);
   await waitFor("the secondary holds its first write", () => held.length === 1 || undefined);
@@ -105,36 +111,32 @@ test("async: one reply lets one waiting write through, not every writer it wakes
   await waitFor("one waiting write answered", () => answered >= 1 || undefined);
   await Bun.sleep(100);
   expect(answered).toBe(1);
-  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
-  sim.secondaryDisk.beforeWrite = async () => {};
+  expect(s.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  s.secondaryDisk.beforeWrite = async () => {};
   while (held.length > 0) release();
   await Promise.all(waiting);
-  await waitFor("secondary caught up", () => sim!.primary.status().remoteInFlight === 0 || undefined,
+  await waitFor("secondary caught up", () => s.primary.status().remoteInFlight === 0 || undefined,
     { timeoutMs: 10_000, intervalMs: 10 });
-  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+  expect(Buffer.compare(s.secondaryDisk.bytes, s.primaryDisk.bytes)).toBe(0);
 }, 30_000);
 
 test("a read from the secondary waits for room in the window, as writes do", async () => {
-  const MIB = 1024 * 1024;
-  sim = new Sim({ replication: "async", mediasizeBytes: 80 * MIB, keepdirty: 0 });
-  sim.start();
-  await connected(sim);
-  const g = gate(sim);
-  for (let i = 0; i < 64; i++) await sim.primary.write(i * MIB, new Uint8Array(MIB).fill(i + 1), false);
-  expect(sim.primary.status().remoteInFlightBytes).toBe(64 * MIB);
+  const s = await asyncPair();
+  const g = gate(s);
+  await fillWindow(s);
   // The local disk fails reads: a range in step on both sides is read from the secondary.
-  sim.primaryDisk.readError = eio("pread");
+  s.primaryDisk.readError = eio("pread");
   let answered = false;
-  const read = sim.primary.read(70 * MIB, 8192).then((data) => {
+  const read = s.primary.read(70 * MIB, 8192).then((data) => {
     answered = true;
     return data;
   });
   await Bun.sleep(200);
   expect(answered).toBe(false);
-  expect(sim.secondary.counters.reads).toBe(0); // not even sent
+  expect(s.secondary.counters.reads).toBe(0); // not even sent
   g.open();
   expect(await read).toEqual(new Uint8Array(8192));
-  expect(sim.secondary.counters.reads).toBe(1);
+  expect(s.secondary.counters.reads).toBe(1);
 }, 30_000);
 
 test("memsync: the early acknowledgement is sent before the secondary writes", async () => {
@@ -163,7 +165,6 @@ test("memsync: the early acknowledgement is sent before the secondary writes", a
 for (const mode of ["memsync", "async"] as const) {
   test(`${mode}: application writes reach the secondary's disk one at a time, in order; sync copies in parallel`,
     async () => {
-      const MIB = 1024 * 1024;
       sim = new Sim({ replication: mode, keepdirty: 0 });
       let open!: () => void;
       let opened = new Promise<void>((resolve) => (open = resolve));
@@ -202,7 +203,6 @@ for (const mode of ["memsync", "async"] as const) {
 }
 
 test("memsync: an application write to a range whose sync copy is still held lands after that copy", async () => {
-  const MIB = 1024 * 1024;
   sim = new Sim({ replication: "memsync", keepdirty: 0 });
   let open!: () => void;
   const opened = new Promise<void>((resolve) => (open = resolve));
