@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import type { Connection } from "./transport.ts";
 import { CodecPipeline } from "./codec_pipeline.ts";
 import { decodePayload, encodePayload, type CodecOptions } from "./payload_codec.ts";
-import { DATA_FLAGS, encodeFrame, FrameFlag, MessageType, ProtocolError, type Frame } from "./wire.ts";
+import { DATA_FLAGS, encodeFrame, FrameFlag, MessageType, ProtocolError, windowBytes, type Frame } from "./wire.ts";
 
 /** Injectable time source. */
 export interface Clock {
@@ -28,12 +28,6 @@ export const systemClock: Clock = {
     return { stop: () => clearInterval(timer) };
   },
 };
-
-/** Data bytes a request holds in the window: a write's payload, a read's length. */
-function windowBytes(frame: Partial<Frame> & { type: MessageType }): number {
-  if (frame.type === MessageType.Write) return frame.payload?.byteLength ?? 0;
-  return frame.type === MessageType.Read ? (frame.length ?? 0) : 0;
-}
 
 /** Thrown into pending requests when the link goes down. */
 export class LinkDownError extends Error {
@@ -147,7 +141,7 @@ export class RemoteLink {
    * on the same freed room. Rejects with LinkDownError if the link goes down first.
    */
   async callWhenRoom(frame: Partial<Frame> & { type: MessageType }): Promise<RemoteCall> {
-    const bytes = windowBytes(frame);
+    const bytes = windowBytes(frame.type, frame.length ?? 0);
     while (this.isUp && (this.pending.size >= this.options.maxInFlight ||
       (this.pendingBytes > 0 && this.pendingBytes + bytes > this.options.maxInFlightBytes))) {
       await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
@@ -167,7 +161,7 @@ export class RemoteLink {
     const seq = this.nextSeq;
     this.nextSeq = this.nextSeq >= 0xffffffff ? 1 : this.nextSeq + 1;
     assert.ok(!this.pending.has(seq), "seq reused while pending");
-    const bytes = windowBytes(frame);
+    const bytes = windowBytes(frame.type, frame.length ?? 0);
     const entry: Pending = {
       sentAtMs: this.options.clock.now(),
       bytes,

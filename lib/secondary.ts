@@ -16,7 +16,7 @@ import { RangeLock } from "./range_lock.ts";
 import { decodePayload, encodePayload } from "./payload_codec.ts";
 import {
   decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, MAX_REMOTE_IN_FLIGHT,
-  MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, ProtocolError, type Frame,
+  MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, ProtocolError, windowBytes, type Frame,
 } from "./wire.ts";
 
 /** Requests must be aligned to this (spec §7). */
@@ -280,19 +280,20 @@ export class Secondary {
   private enterWindow(conn: Connection, frame: Frame, window: Window): (() => void) | null {
     const { type } = frame;
     if (type !== MessageType.Write && type !== MessageType.Read && type !== MessageType.Delete) return () => {};
-    const bytes = type === MessageType.Delete ? 0 : frame.length;
-    window.requests++;
-    window.bytes += bytes;
-    const leave = () => {
-      window.requests--;
-      window.bytes -= bytes;
-    };
-    const bytesFit = window.requests === 1 || window.bytes <= MAX_REMOTE_IN_FLIGHT_BYTES;
-    if (window.requests <= MAX_REMOTE_IN_FLIGHT && bytesFit) return leave;
-    leave();
+    const bytes = windowBytes(type, frame.length);
+    const requests = window.requests + 1;
+    const total = window.bytes + bytes;
+    if (requests <= MAX_REMOTE_IN_FLIGHT && (requests === 1 || total <= MAX_REMOTE_IN_FLIGHT_BYTES)) {
+      window.requests = requests;
+      window.bytes = total;
+      return () => {
+        window.requests--;
+        window.bytes -= bytes;
+      };
+    }
     this.counters.invalid++;
     const why = `protocol violation: more than ${MAX_REMOTE_IN_FLIGHT} requests or ` +
-      `${MAX_REMOTE_IN_FLIGHT_BYTES} bytes in flight (${window.requests + 1} requests, ${window.bytes + bytes} bytes)`;
+      `${MAX_REMOTE_IN_FLIGHT_BYTES} bytes in flight (${requests} requests, ${total} bytes)`;
     this.o.log("error", `dropping connection: ${why}`);
     conn.close(why);
     return null;

@@ -64,6 +64,15 @@ export const enum MessageType {
   Goodbye = 11,
 }
 
+/**
+ * Data bytes a request holds in the replication window (MAX_REMOTE_IN_FLIGHT_BYTES): a write's
+ * or a read's length, nothing for other requests. The primary counts with it what it sends and
+ * the secondary what it receives, so both sides agree on the window.
+ */
+export function windowBytes(type: MessageType, length: number): number {
+  return type === MessageType.Write || type === MessageType.Read ? length : 0;
+}
+
 export const enum FrameFlag {
   /** Write: force unit access (flush after writing). */
   Fua = 1,
