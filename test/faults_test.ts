@@ -22,7 +22,7 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { eio, Sim } from "./sim.ts";
+import { eio, Sim, type SimOptions } from "./sim.ts";
 import type { Connection } from "../lib/transport.ts";
 import { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType } from "../lib/wire.ts";
 
@@ -32,6 +32,17 @@ afterEach(async () => {
   await sim?.stop();
   sim = null;
 });
+
+/**
+ * Starts a pair and waits for its first sync. It is the module's `sim` from the start, so
+ * afterEach stops it even if that sync never comes.
+ */
+async function startPair(options: SimOptions): Promise<Sim> {
+  sim = new Sim(options);
+  sim.start();
+  await inSync(sim, "first connect");
+  return sim;
+}
 
 async function inSync(s: Sim, what: string, timeoutMs = 10_000): Promise<void> {
   await waitFor(what, () => {
@@ -43,9 +54,7 @@ async function inSync(s: Sim, what: string, timeoutMs = 10_000): Promise<void> {
 const pattern = (bytes: number, seed: number) => new Uint8Array(bytes).map((_, i) => (i * seed + 11) & 0xff);
 
 test("a silent partition is noticed by both sides within the timeout and resyncs after the heal", async () => {
-  sim = new Sim({ replication: "fullsync", timeoutSeconds: 1, keepdirty: 0 });
-  sim.start();
-  await inSync(sim, "first connect");
+  sim = await startPair({ replication: "fullsync", timeoutSeconds: 1, keepdirty: 0 });
   await sim.primary.write(0, pattern(4096, 3), false);
   const started = performance.now();
   sim.silent = true;
@@ -68,9 +77,7 @@ test("a silent partition is noticed by both sides within the timeout and resyncs
 });
 
 test("a failed flush on the secondary leaves what it wrote since its last good flush dirty", async () => {
-  sim = new Sim({ replication: "fullsync", keepdirty: 0 });
-  sim.start();
-  await inSync(sim, "first connect");
+  sim = await startPair({ replication: "fullsync", keepdirty: 0 });
   await sim.primary.write(2 * MIB, pattern(65536, 7), false);
   await sim.primary.flush(); // succeeds on both: nothing is left to doubt
   await sim.primary.write(7 * MIB, pattern(4096, 9), false);
@@ -92,9 +99,7 @@ test("a failed flush on the secondary leaves what it wrote since its last good f
 
 test("a link lost while copied extents wait for the secondary's flush leaves them dirty; the next sync copies them",
   async () => {
-  sim = new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
-  sim.start();
-  await inSync(sim, "first connect");
+  sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
   const cut = async (what: string) => {
     sim!.silent = true; // no FIN: the primary gives up after `timeout`
     sim!.reachable = false;
@@ -131,9 +136,7 @@ test("a link lost while copied extents wait for the secondary's flush leaves the
 
 test("a link lost before any flush covered the copied extents leaves them dirty; the next sync copies them",
   async () => {
-  sim = new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
-  sim.start();
-  await inSync(sim, "first connect");
+  sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
   sim.silent = true;
   sim.reachable = false;
   await waitFor("first partition noticed", () => sim!.primary.status().status === "degraded" || undefined,
@@ -166,9 +169,7 @@ test("a link lost before any flush covered the copied extents leaves them dirty;
 for (const mode of ["fullsync", "memsync", "async"] as const) {
   test(`${mode}: a write that fails on the primary's disk is an I/O error even though the secondary took it`,
     async () => {
-    sim = new Sim({ replication: mode, keepdirty: 0 });
-    sim.start();
-    await inSync(sim, "first connect");
+    sim = await startPair({ replication: mode, keepdirty: 0 });
     await sim.primary.write(3 * MIB, pattern(8192, 3), false);
     sim.primaryDisk.beforeWrite = async () => {
       throw eio("write");
@@ -191,9 +192,7 @@ for (const mode of ["fullsync", "memsync", "async"] as const) {
 }
 
 test("a local read error falls back to the secondary only where both copies are in step", async () => {
-  sim = new Sim({ replication: "memsync", keepdirty: 0 });
-  sim.start();
-  await inSync(sim, "first connect");
+  sim = await startPair({ replication: "memsync", keepdirty: 0 });
   await sim.primary.write(1 * MIB, pattern(4096, 3), false);
   await sim.primary.write(2 * MIB, pattern(4096, 5), false);
   let release = () => {};
@@ -257,9 +256,7 @@ test("a primary behind the secondary never serves its older extents, also after 
 }, 30_000);
 
 test("a sync of a lost connection that has not stopped yet holds off the next connection's sync", async () => {
-  sim = new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
-  sim.start();
-  await inSync(sim, "first connect");
+  sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
   sim.reachable = false;
   sim.dropLink("test: partition");
   for (const e of [1, 2]) await sim.primary.write(e * MIB, pattern(MIB, e), false);
@@ -286,9 +283,7 @@ test("a sync of a lost connection that has not stopped yet holds off the next co
 });
 
 test("after a failed flush of the primary's disk every later flush fails, and nothing is cleared again", async () => {
-  sim = new Sim({ replication: "fullsync", keepdirty: 0 });
-  sim.start();
-  await inSync(sim, "first connect");
+  sim = await startPair({ replication: "fullsync", keepdirty: 0 });
   await sim.primary.write(4 * MIB, pattern(4096, 3), false);
   await waitFor("settled", () => sim!.primary.status().activemap.inFlightExtents === 0 || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
@@ -316,9 +311,7 @@ test("after a failed flush of the primary's disk every later flush fails, and no
 
 for (const exceeded of ["requests", "bytes"] as const) {
   test(`a primary that exceeds the window's ${exceeded} is dropped by the secondary, and reconnects`, async () => {
-    sim = new Sim({ replication: "fullsync", mediasizeBytes: 80 * MIB });
-    sim.start();
-    await inSync(sim, "first connect");
+    sim = await startPair({ replication: "fullsync", mediasizeBytes: 80 * MIB });
     let release = () => {};
     const held = new Promise<void>((resolve) => (release = resolve));
     sim.secondaryDisk.beforeWrite = () => held;
