@@ -74,8 +74,6 @@ export interface HastSetupOptions {
    * to a block does not pay for file-system allocation (a block device would not).
    */
   preallocate?: boolean;
-  /** Extra `hast create` flags, e.g. ["-k", "128"] (default: hast's defaults). */
-  createArgs?: string[];
 }
 
 type NodeName = "a" | "b";
@@ -105,7 +103,7 @@ export class HastSetup implements Target {
       await this.#createImage(this.#path(`${node}.img`));
     }
     writeFileSync(this.#path("hast.conf"), this.#config());
-    for (const node of nodes) await this.hast(node, ["create", ...this.options.createArgs ?? [], "data"]);
+    for (const node of nodes) await this.hast(node, ["create", "data"]);
     for (const node of nodes) await this.#startDaemon(node);
     if (this.options.secondary === "secondary") await this.hast("b", ["role", "secondary", "data"]);
     await this.hast("a", ["role", "primary", "data"]);
