@@ -27,8 +27,13 @@ export interface BufferPoolStats {
 
 export class BufferPool {
   readonly #free: ArrayBuffer[] = [];
-  /** Handed out, not given back (weak: a buffer never given back is collected as garbage). */
-  readonly #out = new WeakSet<ArrayBuffer>();
+  /**
+   * The views take() handed out and that were not given back (weak: one never given back is
+   * collected as garbage). Keyed by the view, not its buffer: reading `.buffer` of a small typed
+   * array that never had one makes the runtime create it, which owns() must not do to every
+   * payload it is asked about.
+   */
+  readonly #out = new WeakSet<Uint8Array>();
   #reused = 0;
   #allocated = 0;
 
@@ -53,20 +58,20 @@ export class BufferPool {
     } else {
       this.#reused++;
     }
-    this.#out.add(buffer);
-    return new Uint8Array(buffer, 0, bytes);
+    const view = new Uint8Array(buffer, 0, bytes);
+    this.#out.add(view);
+    return view;
   }
 
-  /** Whether `view` lies in a buffer this pool handed out and that was not given back. */
+  /** Whether `view` is one take() handed out and that was not given back. */
   owns(view: Uint8Array): boolean {
-    return this.#out.has(view.buffer as ArrayBuffer);
+    return this.#out.has(view);
   }
 
   /** Gives back a buffer from take(); the caller must not use `view` afterwards. */
   give(view: Uint8Array): void {
-    const buffer = view.buffer as ArrayBuffer;
-    assert.ok(this.#out.delete(buffer), "buffer given back twice or not from this pool");
-    if (this.#free.length < this.capacity) this.#free.push(buffer);
+    assert.ok(this.#out.delete(view), "buffer given back twice or not from this pool");
+    if (this.#free.length < this.capacity) this.#free.push(view.buffer as ArrayBuffer);
   }
 
   stats(): BufferPoolStats {

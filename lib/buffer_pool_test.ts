@@ -10,6 +10,9 @@ test("a buffer given back is handed out again, as a view of the requested length
   expect(a.byteLength).toBe(1000);
   expect(a.buffer.byteLength).toBe(1024);
   expect(pool.owns(a)).toBe(true);
+  // Only the view take() returned is the pool's: a part of it cannot be given back for it.
+  expect(pool.owns(a.subarray(0, 10))).toBe(false);
+  expect(() => pool.give(a.subarray(0, 10))).toThrow(/given back twice or not from this pool/);
   pool.give(a);
   expect(pool.owns(a)).toBe(false);
   const b = pool.take(64)!;

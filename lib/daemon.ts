@@ -49,17 +49,23 @@ interface Slot {
 }
 
 /**
- * Bun's allocator (mimalloc) hands freed memory back to the kernel after 10 ms by default,
- * so each new 1 MiB request or frame buffer page-faults all its 256 pages in again, and a
- * page fault is expensive in a virtual machine: on this 2-core VM a 1 GiB resync took 8.7 s
- * instead of 4.6 s, and 1 MiB QD8 writes reached 900 instead of 1480 MB/s (degraded) and
- * 220 instead of 480 MB/s (fullsync). The worker keeps freed memory for 1 s, then returns it:
- * RSS still falls back when the load stops. An operator's own setting wins.
+ * Bun's allocator (mimalloc) hands freed memory back to the kernel, and every page it later
+ * reuses must be faulted in again. On this VM a page fault costs about 18 µs (bench/RESULTS.md:
+ * touching 256 MiB of fresh memory, 65,590 faults, 17–19 µs each), about 20 times a bare-metal
+ * fault. The purge delay is not what decides it: Bun purges at its collections whatever the
+ * delay, so under 4 KiB QD32 writes a worker made 900–1,050 madvise(MADV_DONTNEED) calls per
+ * 5 s with a delay of 1 s, 10 s and 100 s alike, and about 165 with purging off (strace). With
+ * purging off, a worker took half the page faults, and 4 KiB QD32 writes with a secondary ran
+ * 40–60% faster (memsync 6,650–7,450 → 10,750–12,400 IOPS; async 5,900–6,300 → 8,000–10,400).
+ * The cost: freed memory is kept for reuse, never returned, so RSS stays at its high-water
+ * mark. It is bounded, because every buffer and queue has a limit: over nine rounds of the four
+ * bench workloads, a memsync primary's RSS levelled off at 330 MB (with purging at 1 s, it peaked
+ * at 230 MB and fell back between loads). An operator's own MIMALLOC_PURGE_DELAY wins.
  */
-export const WORKER_MIMALLOC_PURGE_DELAY_MS = 1000;
+export const WORKER_MIMALLOC_PURGE_DELAY = "-1";
 
 function workerEnv(): NodeJS.ProcessEnv {
-  const purgeDelay = process.env.MIMALLOC_PURGE_DELAY ?? String(WORKER_MIMALLOC_PURGE_DELAY_MS);
+  const purgeDelay = process.env.MIMALLOC_PURGE_DELAY ?? WORKER_MIMALLOC_PURGE_DELAY;
   return { ...process.env, MIMALLOC_PURGE_DELAY: purgeDelay };
 }
 

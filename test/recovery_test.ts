@@ -128,9 +128,9 @@ async function killGroup(c: Cluster, node: NodeName): Promise<void> {
   expect(daemon).not.toBeNull();
   const workerPid = (await list(c, node)).workerPid as number;
   expect(workerPid).toBeGreaterThan(0);
-  // The worker keeps freed memory for a second (lib/daemon.ts, WORKER_MIMALLOC_PURGE_DELAY_MS).
+  // The worker keeps freed memory for reuse (lib/daemon.ts, WORKER_MIMALLOC_PURGE_DELAY).
   const environ = readFileSync(`/proc/${workerPid}/environ`, "utf8").split("\0");
-  expect(environ).toContain("MIMALLOC_PURGE_DELAY=1000");
+  expect(environ).toContain("MIMALLOC_PURGE_DELAY=-1");
   process.kill(-daemon!.pid, "SIGKILL");
   await daemon!.exited;
   c.nodes[node].daemon = null;
