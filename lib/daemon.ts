@@ -56,11 +56,12 @@ interface Slot {
  * delay, so under 4 KiB QD32 writes a worker made 900–1,050 madvise(MADV_DONTNEED) calls per
  * 5 s with a delay of 1 s, 10 s and 100 s alike, and about 165 with purging off (strace). With
  * purging off, a worker took half the page faults, and 4 KiB QD32 writes with a secondary ran
- * 40–60% faster (memsync 6,650–7,450 → 10,750–12,400 IOPS; async 5,900–6,300 → 8,000–10,400).
+ * 30–60% faster (memsync 6,650–7,450 → 9,750–12,400 IOPS; async 5,900–7,150 → 7,950–10,450).
  * The cost: freed memory is kept for reuse, never returned, so RSS stays at its high-water
  * mark. It is bounded, because every buffer and queue has a limit: over nine rounds of the four
  * bench workloads, a memsync primary's RSS levelled off at 330 MB (with purging at 1 s, it peaked
- * at 230 MB and fell back between loads). An operator's own MIMALLOC_PURGE_DELAY wins.
+ * at 230 MB and fell back between loads); in the full bench, memsync and async primaries peaked
+ * at about 570 MiB (240 and 330 before). An operator's own MIMALLOC_PURGE_DELAY wins.
  */
 export const WORKER_MIMALLOC_PURGE_DELAY = "-1";
 

@@ -74,6 +74,14 @@ test.each(CASES)("nbdcopy through the primary lands byte-identical on the second
     // request was done with it: a buffer reused too early would have changed the data).
     expect(workerA.writeBuffers.reused).toBeGreaterThan(0);
     expect(workerB.receiveBuffers.reused).toBeGreaterThan(0);
+    // Each worker reports its memory; the pools' 1 MiB buffers are memory the collector counts.
+    for (const worker of [workerA, workerB]) {
+      const { rssBytes, jsHeapBytes, extraMemoryBytes, allocatorCommittedBytes } = worker.memory;
+      expect(rssBytes).toBeGreaterThan(jsHeapBytes);
+      expect(jsHeapBytes).toBeGreaterThan(0);
+      expect(extraMemoryBytes).toBeGreaterThanOrEqual(1 << 20);
+      expect(allocatorCommittedBytes).toBeGreaterThan(0);
+    }
     // Large writes went through the codec threads on both sides exactly when they should.
     const [onPrimary, onSecondary] = [workerA.pipeline, workerB.pipeline];
     if (c0.threaded) {
