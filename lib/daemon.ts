@@ -65,9 +65,10 @@ interface Slot {
  */
 export const WORKER_MIMALLOC_PURGE_DELAY = "-1";
 
-function workerEnv(): NodeJS.ProcessEnv {
-  const purgeDelay = process.env.MIMALLOC_PURGE_DELAY ?? WORKER_MIMALLOC_PURGE_DELAY;
-  return { ...process.env, MIMALLOC_PURGE_DELAY: purgeDelay };
+/** The environment a worker starts with: the daemon's, plus the purge setting unless it has one. */
+export function workerEnv(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  const purgeDelay = env.MIMALLOC_PURGE_DELAY ?? WORKER_MIMALLOC_PURGE_DELAY;
+  return { ...env, MIMALLOC_PURGE_DELAY: purgeDelay };
 }
 
 /** The command that starts a worker: the same executable (compiled or `bun main.ts`). */
