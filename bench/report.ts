@@ -27,7 +27,7 @@ export interface ResyncResult {
   datasizeBytes: number;
   dirtyBytes: number[];
   seconds: number[];
-  /** Of `seconds`, until the primary was first seen connected (its reconnect interval is 2 s). */
+  /** Of `seconds`, until the primary was first seen connected (its reconnect interval: RECONNECT_INTERVAL_MS). */
   connectSeconds: number[];
   hastRateBytesPerSecond: number[];
   memoryEnd: MemoryStats | null;

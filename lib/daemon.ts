@@ -12,7 +12,7 @@ import { formatAddress, loadConfig, type NodeConfig, type ResourceConfig } from 
 import { controlRequest, controlServer, type ControlRequest, type ControlResponse } from "./control.ts";
 import { parseHello, type Hello } from "./handshake.ts";
 import { execHooks } from "./hooks.ts";
-import { makeLogger, type Logger } from "./log.ts";
+import { makeLogger, REFUSAL_LOG_INTERVAL_MS, RepeatLimiter, type Logger } from "./log.ts";
 import type { FromWorker, ToWorker, WorkerRole } from "./resource_worker.ts";
 import { encodeJson, FrameParser, MessageType, ProtocolError } from "./wire.ts";
 import { describeResource } from "./status.ts";
@@ -83,6 +83,8 @@ export class Daemon {
   private readonly log: Logger;
   private control: net.Server | null = null;
   private listeners: net.Server[] = [];
+  /** Refused replication connections, logged once a minute per peer and reason. */
+  private readonly refusals = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
   private nextRequestId = 1;
   private shuttingDown = false;
 
@@ -148,11 +150,13 @@ export class Daemon {
 
   /** Reads the Hello, checks resource, role and source address, then hands the socket over. */
   private onPeer(socket: net.Socket): void {
-    const peer = `${socket.remoteAddress}:${socket.remotePort}`;
     const timer = setTimeout(() => refuse("no Hello in time"), HELLO_TIMEOUT_MS);
     const refuse = (reason: string) => {
       clearTimeout(timer);
-      this.log("warn", `refused connection from ${peer}: ${reason}`);
+      // A primary retries every RECONNECT_INTERVAL_MS: one line per peer and reason per minute.
+      const line = this.refusals.pass(`${socket.remoteAddress} ${reason}`,
+        `refused connection from ${socket.remoteAddress}: ${reason}`);
+      if (line !== null) this.log("warn", line);
       if (!socket.destroyed) socket.end(Buffer.concat(encodeJson(MessageType.HelloReply, { accepted: false, reason })));
       setTimeout(() => socket.destroy(), 1000).unref();
     };

@@ -12,6 +12,7 @@ import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts
 import type { Connection } from "./transport.ts";
 import { CodecPipeline } from "./codec_pipeline.ts";
 import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
+import { REFUSAL_LOG_INTERVAL_MS, RepeatLimiter } from "./log.ts";
 import { RangeLock } from "./range_lock.ts";
 import { decodePayload, encodePayload } from "./payload_codec.ts";
 import {
@@ -71,6 +72,8 @@ export class Secondary {
    * given back once its request was applied (see BufferPool for why).
    */
   readonly receivePool = new BufferPool(MAX_PAYLOAD_BYTES, RECEIVE_POOL_BUFFERS, RECEIVE_POOL_MIN_BYTES);
+  /** Refusals of a primary that keeps retrying: one line per reason per minute. */
+  private readonly refusals = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
 
   constructor(private readonly o: SecondaryOptions) {
     this.metaflush = o.config.metaflush;
@@ -138,7 +141,9 @@ export class Secondary {
       }
       this.linkState = "split-brain";
     } else {
-      this.o.log("error", `refused primary from ${conn.remoteAddress}: ${reason}`);
+      const line = this.refusals.pass(`${conn.remoteAddress} ${reason}`,
+        `refused primary from ${conn.remoteAddress}: ${reason}`);
+      if (line !== null) this.o.log("error", line);
       if (this.linkState !== "connected") this.linkState = "refused";
     }
     this.lastRefusal = reason;

@@ -14,6 +14,7 @@ import { controlRequest } from "../lib/control.ts";
 import {
   NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES,
 } from "../lib/resource_worker.ts";
+import { RECONNECT_INTERVAL_MS } from "../lib/primary.ts";
 import { type Cluster, createCluster, hastCommand, type NodeName } from "./cluster.ts";
 import { Cleanup, expandRanges, makeTempDir, run, type RunResult, waitFor } from "./harness.ts";
 
@@ -263,6 +264,28 @@ describe("promoting stale data", () => {
       expect((await c.status("b")).role).toBe("init");
       await c.hast("b", ["role", "--force", "primary", "data"]);
       expect((await c.status("b")).role).toBe("primary");
+    });
+  }, TEST_TIMEOUT_MS);
+});
+
+describe("a primary whose peer is not secondary yet", () => {
+  test("it keeps retrying; the peer logs the refusal once, not once per attempt", async () => {
+    await withCluster(async (c) => {
+      await c.createBoth();
+      await c.startDaemon("a");
+      await c.startDaemon("b");
+      await c.hast("a", ["role", "primary", "data"]);
+      const refusals = () => readText(c.nodes.b.log).split("\n")
+        .filter((line) => line.includes("refused connection from")).length;
+      // Wait for a few refused attempts (the primary retries every RECONNECT_INTERVAL_MS).
+      const attempts = 4;
+      await waitFor("a refused attempt", () => refusals() > 0 || undefined, { timeoutMs: 10_000 });
+      await Bun.sleep(attempts * RECONNECT_INTERVAL_MS);
+      expect((await c.status("a")).link).toBe("refused");
+      expect(refusals()).toBe(1);
+      expect(readText(c.nodes.b.log)).toContain('is not secondary here (role init)');
+      await c.hast("b", ["role", "secondary", "data"]);
+      await c.waitStatus("a", "complete", (s) => s.status === "complete", 30_000);
     });
   }, TEST_TIMEOUT_MS);
 });
