@@ -281,7 +281,8 @@ describe("a primary whose peer is not secondary yet", () => {
       const attempts = 4;
       await waitFor("a refused attempt", () => refusals() > 0 || undefined, { timeoutMs: 10_000 });
       await Bun.sleep(attempts * RECONNECT_INTERVAL_MS);
-      expect((await c.status("a")).link).toBe("refused");
+      // Between attempts the link shows why it is down (during one it shows "connecting").
+      await c.waitStatus("a", "link refused", (s) => s.link === "refused", 10_000);
       expect(refusals()).toBe(1);
       expect(readText(c.nodes.b.log)).toContain('is not secondary here (role init)');
       await c.hast("b", ["role", "secondary", "data"]);
