@@ -11,8 +11,8 @@
  *
  * Flags: --runs N (3), --seconds S per fio job (10), --quick (1 run of 2 s), --bin PATH (use this
  * hast binary; default: `npm run build` first and use dist/hast), --only NAME,… (only these hast
- * configurations, beside the reference, and no resync; for investigations: the tables are printed
- * but bench/RESULTS.md is left as it is).
+ * configurations, beside the reference, and the resync only if `resync` is one of the names; for
+ * investigations: the tables are printed but bench/RESULTS.md is left as it is).
  */
 import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
@@ -68,6 +68,9 @@ const HAST_CONFIGS: readonly HastConfig[] = [
     secondary: "secondary", resourceLines: [...SHA_LZ4, "pipeline off"], targetClass: "fullsync" },
 ];
 
+/** The name `--only` takes for the resync measurement. */
+const RESYNC = "resync";
+
 function parseOptions(argv: string[]): Options {
   const { values } = parseArgs({
     args: argv,
@@ -83,7 +86,7 @@ function parseOptions(argv: string[]): Options {
   if (values.help) {
     process.stdout.write(
       "usage: bun bench/run.ts [--runs N] [--seconds S] [--quick] [--bin PATH] [--only NAME,…]\n" +
-      `configurations: ${HAST_CONFIGS.map((c) => c.name).join(", ")}\n`);
+      `configurations: ${[...HAST_CONFIGS.map((c) => c.name), RESYNC].join(", ")}\n`);
     process.exit(0);
   }
   const positive = (name: string, text: string | undefined, fallback: number): number => {
@@ -97,9 +100,9 @@ function parseOptions(argv: string[]): Options {
   const quick = values.quick === true;
   const only = values.only === undefined ? null : values.only.split(",");
   for (const name of only ?? []) {
-    if (!HAST_CONFIGS.some((c) => c.name === name)) {
+    if (name !== RESYNC && !HAST_CONFIGS.some((c) => c.name === name)) {
       throw new RangeError(`Cannot use --only: no configuration "${name}" ` +
-        `(there are ${HAST_CONFIGS.map((c) => c.name).join(", ")})`);
+        `(there are ${[...HAST_CONFIGS.map((c) => c.name), RESYNC].join(", ")})`);
     }
   }
   return {
@@ -214,6 +217,18 @@ function report(facts: RunFacts, results: ConfigResult[], resync: ResyncResult,
   progress("wrote bench/RESULTS.md");
 }
 
+/** Times the resync of a fully dirty resource (bench/resync.ts) in its own directory. */
+function runResync(
+  processes: Processes, dir: string, hast: string[], portBase: number, runs: number,
+): ReturnType<typeof measureResync> {
+  const resyncDir = join(dir, RESYNC);
+  mkdirSync(resyncDir);
+  return measureResync(processes, {
+    dir: resyncDir, hast, port: portBase + HAST_CONFIGS.length,
+    sizeBytes: RESYNC_DEVICE_BYTES, runs, progress,
+  });
+}
+
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const options = parseOptions(args);
@@ -238,20 +253,18 @@ async function main(): Promise<void> {
     const measured = await startAll(processes, dir, hast, portBase, options.only);
     await measureWorkloads(measured, options, dir);
     const findings = await finishSetups(measured);
+    const wantResync = options.only === null || options.only.includes(RESYNC);
+    const resync = wantResync ? await runResync(processes, dir, hast, portBase, options.runs) : null;
+    if (resync) findings.set(RESYNC, resync.logFindings);
+    const results = measured.map((m) => m.result);
     if (options.only !== null) {
-      process.stdout.write(renderMainTable(measured.map((m) => m.result)) + "\n\n" +
-        renderRunsTable(measured.map((m) => m.result)) + "\n\n" + renderLogFindings(findings) + "\n");
+      process.stdout.write(renderMainTable(results) + "\n\n" + renderRunsTable(results) + "\n\n" +
+        (resync ? renderResyncTable(resync.result, results[0]!) + "\n\n" : "") +
+        renderLogFindings(findings) + "\n");
       progress("--only: bench/RESULTS.md left as it is");
       return;
     }
-    const resyncDir = join(dir, "resync");
-    mkdirSync(resyncDir);
-    const resync = await measureResync(processes, {
-      dir: resyncDir, hast, port: portBase + HAST_CONFIGS.length,
-      sizeBytes: RESYNC_DEVICE_BYTES, runs: options.runs, progress,
-    });
-    findings.set("resync", resync.logFindings);
-    report(facts, measured.map((m) => m.result), resync.result, findings);
+    report(facts, results, resync!.result, findings);
   } finally {
     await cleanUp();
   }

@@ -18,6 +18,7 @@ import { SYNC_CHUNK_BYTES, SYNC_WORKERS, Synchronizer, type SyncProgress } from 
 import type { Network } from "./transport.ts";
 import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
 import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
+import { REFUSAL_LOG_INTERVAL_MS, RepeatLimiter } from "./log.ts";
 import {
   Errno, FrameFlag, MAX_IO_BYTES, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, errnoName, type Frame,
 } from "./wire.ts";
@@ -83,6 +84,7 @@ export class Primary {
   private link: RemoteLink | null = null;
   private linkState: LinkState = "disconnected";
   private lastLinkError = "";
+  private readonly refusals = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
   private stopped = false;
   private bumpedSinceDisconnect = false;
   /** Extents the secondary wrote since its last successful flush began: its page cache may
@@ -593,9 +595,10 @@ export class Primary {
       }
       this.linkState = "split-brain";
     } else {
-      if (this.linkState !== "refused" || reason !== this.lastLinkError) {
-        this.o.log("error", `secondary refused the connection: ${reason}`);
-      }
+      // Each retry is refused again: one line per reason per minute (the loop marks every
+      // attempt "connecting", so the previous state cannot tell a repeat).
+      const line = this.refusals.pass(reason, `secondary refused the connection: ${reason}`);
+      if (line !== null) this.o.log("error", line);
       this.linkState = "refused";
     }
     this.lastLinkError = reason;

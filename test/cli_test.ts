@@ -269,7 +269,7 @@ describe("promoting stale data", () => {
 });
 
 describe("a primary whose peer is not secondary yet", () => {
-  test("it keeps retrying; the peer logs the refusal once, not once per attempt", async () => {
+  test("it keeps retrying; both sides log the refusal once, not once per attempt", async () => {
     await withCluster(async (c) => {
       await c.createBoth();
       await c.startDaemon("a");
@@ -284,6 +284,9 @@ describe("a primary whose peer is not secondary yet", () => {
       // Between attempts the link shows why it is down (during one it shows "connecting").
       await c.waitStatus("a", "link refused", (s) => s.link === "refused", 10_000);
       expect(refusals()).toBe(1);
+      const refusedOnA = readText(c.nodes.a.log).split("\n")
+        .filter((line) => line.includes("secondary refused the connection")).length;
+      expect(refusedOnA).toBe(1);
       expect(readText(c.nodes.b.log)).toContain('is not secondary here (role init)');
       await c.hast("b", ["role", "secondary", "data"]);
       await c.waitStatus("a", "complete", (s) => s.status === "complete", 30_000);
