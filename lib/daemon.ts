@@ -276,12 +276,15 @@ export class Daemon {
     slot.stopping = false;
     return new Promise((resolve) => {
       let settled = false;
+      /** The worker reported that it cannot start: its exit is that, not a crash. */
+      let startFailed = false;
       child.on("message", (message: FromWorker) => {
         if (message.type === "ready" && !settled) {
           settled = true;
           resolve(null);
         } else if (message.type === "failed" && !settled) {
           settled = true;
+          startFailed = true;
           slot.lastError = message.message;
           resolve({ message: message.message, exitCode: message.exitCode });
         } else if (message.type === "reply") {
@@ -299,7 +302,9 @@ export class Daemon {
           resolve({ message, exitCode: 75 });
           return;
         }
-        if (!slot.stopping && !this.shuttingDown) this.onWorkerCrash(slot, role, signal ?? String(code));
+        if (!slot.stopping && !this.shuttingDown && !startFailed) {
+          this.onWorkerCrash(slot, role, signal ?? String(code));
+        }
       });
       child.send({ type: "start", role, config: slot.config, force, debug: this.options.debug } satisfies ToWorker);
     });

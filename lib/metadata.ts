@@ -48,7 +48,8 @@ const NAME_OFFSET = 96;
 const ROLES = ["init", "primary", "secondary"] as const;
 const FLAG_SYNC_TARGET = 1;
 const FLAG_DISCARD_PENDING = 2;
-const FLAGS_KNOWN = FLAG_SYNC_TARGET | FLAG_DISCARD_PENDING;
+const FLAG_LOCAL_WRITES_LOST = 4;
+const FLAGS_KNOWN = FLAG_SYNC_TARGET | FLAG_DISCARD_PENDING | FLAG_LOCAL_WRITES_LOST;
 
 /** The role a node had when it last ran. */
 export type Role = (typeof ROLES)[number];
@@ -76,6 +77,14 @@ export interface Metadata {
    * Cleared when that sync completes.
    */
   discardPending: boolean;
+  /**
+   * True after a flush of this node's data failed while it was primary: the
+   * kernel may have dropped cached writes, so the extents set in its map may
+   * hold older data than the application was told was written (the peer's copy
+   * has it). Promotion is refused without `--force`; cleared when a sync with
+   * the peer completes here as secondary, or by a forced promotion.
+   */
+  localWritesLost: boolean;
   /** Slot generation, managed by the store. */
   generation: bigint;
 }
@@ -221,7 +230,8 @@ export function encodeMetadata(m: Metadata): Uint8Array {
   view.setUint32(88, m.keepdirty, true);
   view.setUint8(92, ROLES.indexOf(m.prevrole));
   const flags = (m.syncTarget ? FLAG_SYNC_TARGET : 0) |
-    (m.discardPending ? FLAG_DISCARD_PENDING : 0);
+    (m.discardPending ? FLAG_DISCARD_PENDING : 0) |
+    (m.localWritesLost ? FLAG_LOCAL_WRITES_LOST : 0);
   view.setUint8(93, flags);
   const name = new TextEncoder().encode(m.resource);
   view.setUint16(94, name.length, true);
@@ -276,6 +286,7 @@ export function decodeMetadata(slot: Uint8Array): Metadata | null {
     prevrole: ROLES[roleIndex] ?? ("?" as Role),
     syncTarget: (flags & FLAG_SYNC_TARGET) !== 0,
     discardPending: (flags & FLAG_DISCARD_PENDING) !== 0,
+    localWritesLost: (flags & FLAG_LOCAL_WRITES_LOST) !== 0,
     generation: view.getBigUint64(16, true),
   };
   const problem =
@@ -602,6 +613,7 @@ export async function createMetadata(
     prevrole: "init",
     syncTarget: false,
     discardPending: false,
+    localWritesLost: false,
     generation: 1n,
   };
   const problem = metadataProblem(m);

@@ -72,6 +72,7 @@ function sample(): Metadata {
     prevrole: "secondary",
     syncTarget: true,
     discardPending: true,
+    localWritesLost: true,
     generation: 42n,
   };
 }
@@ -96,6 +97,18 @@ describe("codec", () => {
     view.setUint32(8, 2, true);
     view.setUint32(4092, Bun.hash.crc32(slot.subarray(0, 4092)), true);
     expect(() => decodeMetadata(slot)).toThrow(/version "2" is newer/);
+  });
+
+  test("each flag round-trips alone; an unknown flag is refused, not dropped", () => {
+    const none = { ...sample(), syncTarget: false, discardPending: false, localWritesLost: false };
+    for (const flag of ["syncTarget", "discardPending", "localWritesLost"] as const) {
+      const m = { ...none, [flag]: true };
+      expect(decodeMetadata(encodeMetadata(m))).toEqual(m);
+    }
+    const slot = encodeMetadata(none);
+    slot[93] = 8; // a flag this version does not know (a newer binary's): the record is not understood
+    new DataView(slot.buffer).setUint32(4092, Bun.hash.crc32(slot.subarray(0, 4092)), true);
+    expect(() => decodeMetadata(slot)).toThrow(/unknown flags "8"/);
   });
 
   test("encode refuses inconsistent records", () => {
@@ -157,7 +170,7 @@ describe("MetadataStore", () => {
       await store.write({ resuid: 99n, localcnt: 1n, prevrole: "primary" });
       await store.write({ remotecnt: 5n, syncTarget: true }, { flush: false });
       await store.write({ discardPending: true });
-      await store.write({ discardPending: false, syncTarget: true });
+      await store.write({ discardPending: false, syncTarget: true, localWritesLost: true });
       const again = (await MetadataStore.load(p)).metadata;
       expect(again).toEqual({
         ...created,
@@ -166,6 +179,7 @@ describe("MetadataStore", () => {
         remotecnt: 5n,
         prevrole: "primary",
         syncTarget: true,
+        localWritesLost: true,
         generation: 6n,
       });
       const map = new Uint8Array(8);

@@ -108,6 +108,8 @@ export class Primary {
    * never served from the local disk, also after the link is lost.
    */
   private localBehind = false;
+  /** Recording that the local disk lost cached writes (metadata.localWritesLost), once. */
+  private recordingLoss: Promise<void> | null = null;
   private peerCounters: { localcnt: bigint; remotecnt: bigint } | null = null;
   private stopLoop: () => void = () => {};
   readonly counters = {
@@ -367,7 +369,26 @@ export class Primary {
     } catch (error) {
       this.counters.localErrors++;
       this.o.log("error", `local flush failed: ${error}`);
+      this.recordingLoss ??= this.recordLocalWritesLost();
+      await this.recordingLoss;
       return false;
+    }
+  }
+
+  /**
+   * The kernel may have dropped cached writes of the local disk, so its copy of the extents set
+   * in the map may be older than what applications were told is written. Recorded on disk before
+   * the failure is answered, so that no restart resyncs this copy over the secondary's (which
+   * has those writes in fullsync and memsync) without an operator's `--force`.
+   */
+  private async recordLocalWritesLost(): Promise<void> {
+    if (this.o.meta.metadata.localWritesLost) return;
+    try {
+      await this.o.meta.write({ localWritesLost: true }, { flush: true });
+      this.o.log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
+        "node again needs --force (fail over to the secondary to keep its copy)");
+    } catch (error) {
+      this.o.log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
     }
   }
 

@@ -18,7 +18,7 @@ import type { Hello } from "./handshake.ts";
 import { exitCodeOf } from "./exit_codes.ts";
 import { execHooks } from "./hooks.ts";
 import { makeLogger, type Logger } from "./log.ts";
-import { MetadataStore } from "./metadata.ts";
+import { MetadataStore, type Metadata } from "./metadata.ts";
 import { NbdServer } from "./nbd_server.ts";
 import { Primary } from "./primary.ts";
 import { Provider } from "./provider.ts";
@@ -121,21 +121,38 @@ class StartError extends Error {
   }
 }
 
+/** Why this node's data must not be promoted without --force, or null. */
+function staleness(m: Metadata): string | null {
+  if (m.discardPending) return `discarded by "hast discard"`;
+  if (m.localWritesLost) {
+    return "a flush of its disk failed while it was primary, so cached writes may be lost; " +
+      "the peer's copy has them: promote the peer, and this node resyncs from it as secondary";
+  }
+  if (m.syncTarget) return "it was the target of an unfinished sync";
+  return null;
+}
+
 async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger): Promise<Running> {
   const { config, role } = message;
   const provider = Provider.open(config.local, { exclusive: true });
   try {
     const meta = await MetadataStore.load(provider, { resource: config.resource });
     const m = meta.metadata;
-    if (role === "primary" && (m.syncTarget || m.discardPending) && !message.force) {
+    const stale = staleness(m);
+    if (role === "primary" && stale !== null && !message.force) {
       throw new StartError(
-        `Cannot become primary: the local data of "${config.resource}" is stale ` +
-          (m.discardPending ? `(discarded by "hast discard")` : `(it was the target of an unfinished sync)`) +
-          `; use "hast role --force primary ${config.resource}" to promote it anyway`,
+        `Cannot become primary: the local data of "${config.resource}" is stale (${stale}); ` +
+          `use "hast role --force primary ${config.resource}" to promote it anyway`,
         65,
       );
     }
-    await meta.write({ prevrole: role }, { flush: config.metaflush });
+    if (role === "primary" && stale !== null) {
+      // The operator chose this copy: it is current from now on, also for a worker restart.
+      log("warn", `promoted with --force although the local data was stale (${stale})`);
+      await meta.write({ prevrole: role, syncTarget: false, discardPending: false, localWritesLost: false });
+    } else {
+      await meta.write({ prevrole: role }, { flush: config.metaflush });
+    }
     const data = providerDataStore(provider, m.dataOffsetBytes, m.datasizeBytes);
     const hooks = execHooks(config.exec, config.resource, log);
     // Codec threads only where there is codec work to move off the event loop.
@@ -221,7 +238,7 @@ function statusOf(running: Running): unknown {
   const metadata = {
     datasizeBytes: m.datasizeBytes, extentsizeBytes: m.extentsizeBytes, keepdirty: m.keepdirty,
     resuid: String(m.resuid), localcnt: String(m.localcnt), remotecnt: String(m.remotecnt),
-    syncTarget: m.syncTarget, discardPending: m.discardPending,
+    syncTarget: m.syncTarget, discardPending: m.discardPending, localWritesLost: m.localWritesLost,
   };
   const local = {
     blockingWrites: running.provider.blockingWrites,

@@ -419,7 +419,7 @@ export class Secondary {
     await this.data.flush();
     await this.o.meta.writeMap(new Uint8Array(this.o.meta.metadata.mapSizeBytes), { flush: this.metaflush });
     await this.o.meta.write(
-      { remotecnt, syncTarget: false, discardPending: false },
+      { remotecnt, syncTarget: false, discardPending: false, localWritesLost: false },
       { flush: this.metaflush },
     );
     this.o.log("info", `synchronised with primary (remotecnt now ${remotecnt})`);

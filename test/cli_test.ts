@@ -14,6 +14,7 @@ import { controlRequest } from "../lib/control.ts";
 import {
   NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES,
 } from "../lib/resource_worker.ts";
+import { WORKER_RESTART_MS } from "../lib/daemon.ts";
 import { RECONNECT_INTERVAL_MS } from "../lib/primary.ts";
 import { type Cluster, createCluster, hastCommand, type NodeName } from "./cluster.ts";
 import { Cleanup, expandRanges, makeTempDir, run, type RunResult, waitFor } from "./harness.ts";
@@ -262,7 +263,17 @@ describe("promoting stale data", () => {
       expect(refused.stderr).toMatch(/stale|discard|sync/);
       expect(refused.stderr).toMatch(/--force/);
       expect((await c.status("b")).role).toBe("init");
+      // A worker that cannot start is not a crash: nothing restarts it, its reason stays shown.
+      await Bun.sleep(WORKER_RESTART_MS + 500);
+      expect(readText(c.nodes.b.log)).not.toContain("exited unexpectedly");
+      expect((await c.status("b")).linkError).toMatch(/stale/);
       await c.hast("b", ["role", "--force", "primary", "data"]);
+      expect((await c.status("b")).role).toBe("primary");
+      // The operator's choice is recorded: this copy is current, so it needs no --force again.
+      const forced = await c.dump("b");
+      expect([forced.syncTarget, forced.discardPending, forced.localWritesLost]).toEqual([false, false, false]);
+      await c.hast("b", ["role", "init", "data"]);
+      await c.hast("b", ["role", "primary", "data"]);
       expect((await c.status("b")).role).toBe("primary");
     });
   }, TEST_TIMEOUT_MS);

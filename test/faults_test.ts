@@ -16,7 +16,8 @@
  * - the sync of a new connection starts only after the previous one stopped
  *   (a rate-limited sync notices a lost link at once);
  * - after one failed flush of the primary's disk every later flush fails (the
- *   kernel reports a lost cached write once), so nothing is cleared again;
+ *   kernel reports a lost cached write once), so nothing is cleared again, and
+ *   the metadata records that the local copy may have lost writes;
  * - a primary that exceeds the replication window (requests or bytes) is a protocol
  *   violation: the secondary drops the connection, and the pair reconnects.
  */
@@ -292,6 +293,8 @@ test("after a failed flush of the primary's disk every later flush fails, and no
   await sim.primary.clearRound();
   sim.primaryDisk.flushError = null;
   expect(sim.primary.status().localFlushFailure).toContain("EIO");
+  // Recorded on disk before anyone hears of it: a restart will not promote this copy without --force.
+  expect(sim.primaryMeta.metadata.localWritesLost).toBe(true);
   // The application learns of it at its next flush, and keeps learning: no flush succeeds again.
   for (let i = 0; i < 2; i++) {
     const error = await sim.primary.flush().then(() => null, (e: Error) => e);

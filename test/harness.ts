@@ -436,6 +436,26 @@ export async function mountFs(
   return dir;
 }
 
+/**
+ * Mounts a tmpfs of `sizeBytes` on a fresh temp dir; registers umount and removal of the mount
+ * point. A sparse file on it larger than the tmpfs, behind a loop device, is a disk whose
+ * writeback fails with EIO once the tmpfs is full (fdatasync reports it); `resize` heals it.
+ */
+export async function mountTmpfs(
+  cleanup: Cleanup,
+  sizeBytes: number,
+): Promise<{ dir: string; resize(sizeBytes: number): Promise<void> }> {
+  const dir = await makeMountPoint(cleanup, "hast-tmpfs-");
+  await run(["mount", "-t", "tmpfs", "-o", `size=${sizeBytes}`, "none", dir]);
+  cleanup.add(`unmount tmpfs "${dir}"`, () => unmount(dir));
+  return {
+    dir,
+    resize: async (bytes) => {
+      await run(["mount", "-o", `remount,size=${bytes}`, dir]);
+    },
+  };
+}
+
 /** Makes a fresh ext4 file system on `dev` (`mkfs.ext4 -F -q`). */
 export async function mkfsExt4(dev: string): Promise<void> {
   await run(["mkfs.ext4", "-F", "-q", dev], { timeoutMs: 120_000 });

@@ -92,7 +92,8 @@ export class MemoryMeta implements MetaStore {
       resource, datasizeBytes: layout.datasizeBytes, extentsizeBytes, keepdirty,
       mapOffsetBytes: layout.mapOffsetBytes, mapSizeBytes: layout.mapSizeBytes,
       dataOffsetBytes: layout.dataOffsetBytes, resuid: 0n, localcnt: 0n, remotecnt: 0n,
-      prevrole: "init", syncTarget: false, discardPending: false, generation: 1n,
+      prevrole: "init", syncTarget: false, discardPending: false, localWritesLost: false,
+      generation: 1n,
     };
     this.map = new Uint8Array(layout.mapSizeBytes);
   }
