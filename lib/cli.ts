@@ -27,6 +27,8 @@ commands:
   dump [--json] [name...]
   discard name...          mark this side's data to be overwritten by the peer (split-brain recovery)
   syncrate rate name...    change the sync rate limit at run time (e.g. 100M, 0 = unlimited)
+  verify [--wait] name...  compare both copies online (on the primary); differing extents are
+                           resynced from it. --wait: print the result; exit 1 if any differed
 global options:
   -c file       configuration (default /etc/hast.conf; .yaml/.yml for YAML)
   --node name   act as this node instead of matching the host name`;
@@ -91,6 +93,8 @@ async function dispatch(globals: Globals, command: string, rest: string[]): Prom
       return discard(globals, rest);
     case "syncrate":
       return syncrate(globals, rest);
+    case "verify":
+      return verify(globals, rest);
     default:
       throw new ExitError(`Cannot run command "${command}": unknown command`, EX_USAGE);
   }
@@ -325,6 +329,49 @@ async function syncrate(globals: Globals, rest: string[]): Promise<number> {
   const cfg = config(globals);
   await request(cfg, { command: "syncrate", names, bytesPerSecond: parseSizeBytes(rate) });
   return 0;
+}
+
+/** How often `hast verify --wait` polls the daemon. */
+const VERIFY_POLL_MS = 500;
+
+async function verify(globals: Globals, rest: string[]): Promise<number> {
+  const { values, positionals: names } = parse(rest, { wait: { type: "boolean" } });
+  if (names.length === 0) throw new ExitError("Cannot verify: name resources", EX_USAGE);
+  const cfg = config(globals);
+  pickResources(cfg, names);
+  await request(cfg, { command: "verify", names });
+  if (!values.wait) {
+    process.stdout.write(`verify started on ${names.join(", ")}; "hast status --json" shows its progress\n`);
+    return 0;
+  }
+  for (;;) {
+    const rows = (await request(cfg, { command: "status", names })) as Record<string, any>[];
+    const results = rows.map((r) => r.verify as Record<string, any> | null);
+    if (results.every((v) => v !== null && v.state !== "running")) {
+      let code = 0;
+      rows.forEach((row, i) => {
+        const v = results[i]!;
+        const compared = `${v.checkedBytes} bytes compared, ${v.skippedBytes} skipped (to be synced anyway)`;
+        if (v.state === "failed") {
+          process.stdout.write(`${row.name}: verify failed after ${compared}: ${v.error}\n`);
+          code = Math.max(code, EX_TEMPFAIL);
+        } else if (v.differingExtents > 0) {
+          const listed = formatRanges(v.differingExtentList as number[]);
+          process.stdout.write(`${row.name}: ${v.differingExtents} extents differed (${listed}${
+            v.differingExtents > v.differingExtentList.length ? ", …" : ""}); resyncing them from this node; ` +
+            `${compared}\n`);
+          code = Math.max(code, 1);
+        } else {
+          process.stdout.write(`${row.name}: identical; ${compared}\n`);
+        }
+      });
+      return code;
+    }
+    if (rows.some((r, i) => r.role !== "primary" && results[i] === null)) {
+      throw new ExitError("Cannot verify: a resource stopped being primary", EX_TEMPFAIL);
+    }
+    await Bun.sleep(VERIFY_POLL_MS);
+  }
 }
 
 void existsSync;

@@ -9,7 +9,7 @@ import net from "node:net";
 export const MAX_CONTROL_BYTES = 4 * 1024 * 1024;
 
 export interface ControlRequest {
-  command: "role" | "status" | "list" | "syncrate" | "discard" | "ping";
+  command: "role" | "status" | "list" | "syncrate" | "discard" | "verify" | "ping";
   names?: string[];
   role?: "init" | "primary" | "secondary";
   force?: boolean;

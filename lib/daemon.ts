@@ -11,6 +11,7 @@ import { dirname } from "node:path";
 import { formatAddress, loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
 import { controlRequest, controlServer, type ControlRequest, type ControlResponse } from "./control.ts";
 import { parseHello, type Hello } from "./handshake.ts";
+import { EX_UNAVAILABLE } from "./exit_codes.ts";
 import { execHooks } from "./hooks.ts";
 import { makeLogger, REFUSAL_LOG_INTERVAL_MS, RepeatLimiter, type Logger } from "./log.ts";
 import type { FromWorker, ToWorker, WorkerRole } from "./resource_worker.ts";
@@ -225,9 +226,28 @@ export class Daemon {
           await this.ask(slot, (id) => ({ type: "syncrate", id, bytesPerSecond: request.bytesPerSecond ?? 0 }));
         }
         return { ok: true, value: null };
+      case "verify":
+        return this.startVerifies(slots);
       default:
         return { ok: false, error: `unknown control command "${request.command}"`, exitCode: 64 };
     }
+  }
+
+  /** Starts an online verify on each primary resource named; fails naming those that cannot. */
+  private async startVerifies(slots: Slot[]): Promise<ControlResponse> {
+    const errors: string[] = [];
+    for (const slot of slots) {
+      const name = slot.config.resource;
+      let refusal: unknown = `it is not primary here (role ${slot.role}); verify runs on the primary`;
+      if (slot.role === "primary" && slot.child) {
+        const answer = await this.ask(slot, (id) => ({ type: "verify", id }));
+        refusal = answer === null ? "its worker did not answer" : (answer as { refusal: unknown }).refusal;
+      }
+      if (refusal !== null) errors.push(`Cannot verify "${name}": ${String(refusal)}`);
+      else this.log("info", `resource "${name}": verify started`);
+    }
+    if (errors.length > 0) return { ok: false, error: errors.join("\n"), exitCode: EX_UNAVAILABLE };
+    return { ok: true, value: null };
   }
 
   private select(names: string[], allowAll: boolean): Slot[] {

@@ -9,6 +9,7 @@ import { ProviderError } from "./provider.ts";
 export const EX_USAGE = 64;
 export const EX_DATAERR = 65;
 export const EX_NOINPUT = 66;
+export const EX_UNAVAILABLE = 69;
 export const EX_SOFTWARE = 70;
 export const EX_IOERR = 74;
 export const EX_TEMPFAIL = 75;

@@ -36,6 +36,8 @@ export type HandshakeResult =
     reason: string;
     peer: { resuid: bigint; localcnt: bigint; remotecnt: bigint };
     secondaryMap: Uint8Array;
+    /** The secondary answers Verify requests (absent in an older hast's HelloReply). */
+    peerCanVerify: boolean;
   };
 
 /** Validates and types a Hello payload; throws ProtocolError naming the bad field. */
@@ -98,6 +100,7 @@ export async function handshakeAsPrimary(
     reason: String(reply.reason),
     peer: { resuid, localcnt: BigInt(String(reply.localcnt)), remotecnt: BigInt(String(reply.remotecnt)) },
     secondaryMap: map,
+    peerCanVerify: reply.verify === true,
   };
 }
 
@@ -203,6 +206,7 @@ export async function handshakeAsSecondary(
     full: decision.kind === "sync" && decision.full,
     reason: decision.kind === "sync" ? decision.reason : "both fresh",
     mapBytes: map.byteLength,
+    verify: true,
   }));
   for (let at = 0; at < map.byteLength; at += MAX_IO_BYTES) {
     const piece = map.subarray(at, Math.min(map.byteLength, at + MAX_IO_BYTES));

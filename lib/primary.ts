@@ -15,6 +15,7 @@ import { RangeLock } from "./range_lock.ts";
 import { LinkDownError, RemoteLink, type Clock, type RemoteCall } from "./remote_link.ts";
 import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
 import { SYNC_CHUNK_BYTES, SYNC_WORKERS, Synchronizer, type SyncProgress } from "./synchronizer.ts";
+import { Verifier, type VerifyProgress } from "./verifier.ts";
 import type { Network } from "./transport.ts";
 import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
 import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
@@ -101,6 +102,9 @@ export class Primary {
   private clearRun: Promise<void> | null = null;
   private metaflush: boolean;
   private syncer: Synchronizer | null = null;
+  /** The running or last online verify (`hast verify`). */
+  private verifier: Verifier | null = null;
+  private peerCanVerify = false;
   private syncSource: "primary" | "secondary" = "primary";
   /**
    * This run found the local copy behind the secondary's (sync from the
@@ -153,10 +157,12 @@ export class Primary {
     this.stopped = true;
     this.stopLoop();
     this.clearTimer?.stop();
+    void this.verifier?.stop("resource stopping");
     await this.clearRun;
     await this.lock.acquire(0, this.sizeBytes).then((release) => this.cleanShutdown().finally(release));
     this.link?.close("resource stopping");
     await this.syncer?.stopped();
+    await this.verifier?.done();
     await this.mapChain;
   }
 
@@ -247,11 +253,11 @@ export class Primary {
   private remoteFlushFailed(extents: Set<number>, why: string): false {
     this.counters.remoteErrors++;
     this.o.log("warn", `remote flush failed (${why}): ${extents.size} extents stay dirty until resynced`);
-    this.markUnflushedDirty(extents);
+    this.markForSync(extents);
     return false;
   }
 
-  private markUnflushedDirty(extents: Set<number>): void {
+  private markForSync(extents: Set<number>): void {
     const am = this.o.activemap;
     let changed = false;
     for (const extent of extents) {
@@ -640,6 +646,7 @@ export class Primary {
       changed = am.mergeSyncMap(result.secondaryMap);
     }
     this.syncSource = result.source;
+    this.peerCanVerify = result.peerCanVerify;
     this.peerCounters = { localcnt: result.peer.localcnt, remotecnt: result.peer.remotecnt };
     // Behind only when syncing from the secondary; syncing from here makes our copy the one both hold.
     this.localBehind = result.source === "secondary" && am.syncExtentCount() > 0;
@@ -673,7 +680,7 @@ export class Primary {
     this.o.log("warn", `disconnected from secondary: ${reason}`);
     this.linkState = "disconnected";
     // The secondary may have gone down with these in its cache; resyncing them is cheap.
-    this.markUnflushedDirty(this.remoteUnflushed);
+    this.markForSync(this.remoteUnflushed);
     this.remoteUnflushed = new Set();
     this.syncSource = "primary";
     this.o.hooks.run("disconnect", []);
@@ -757,6 +764,24 @@ export class Primary {
     this.o.log("info", `configuration reloaded${reconnect ? "; reconnecting" : ""}`);
   }
 
+  /**
+   * Starts an online verify of both copies (lib/verifier.ts); extents whose copies differ are
+   * resynced from here. Returns why it cannot start, or null.
+   */
+  startVerify(): string | null {
+    const link = this.link;
+    if (this.stopped) return "the resource is stopping";
+    if (!link?.isUp) return "the secondary is not connected";
+    if (!this.peerCanVerify) return "the secondary runs an older hast without verify";
+    if (this.verifier?.progress().state === "running") return "a verify is already running";
+    if (this.localBehind) return "this node is still syncing from its secondary (its copy is the older one)";
+    this.verifier = new Verifier({
+      link, activemap: this.o.activemap, lock: this.lock, data: this.data, log: this.o.log,
+      onDiffering: (extent) => this.markForSync(new Set([extent])),
+    });
+    return null;
+  }
+
   /** Changes the sync rate limit at run time (0 = unlimited). */
   setSyncRate(bytesPerSecond: number): void {
     this.o.config.syncRateBytesPerSecond = bytesPerSecond;
@@ -781,6 +806,7 @@ export class Primary {
       dirtyBytes,
       syncSource: this.syncSource,
       sync: this.syncer?.progress() ?? null,
+      verify: this.verifier?.progress() ?? null,
       remoteInFlight: this.link?.inFlight ?? 0,
       remoteInFlightBytes: this.link?.inFlightBytes ?? 0,
       remoteSendQueue: this.link?.sendQueueDepth ?? 0,
@@ -802,6 +828,7 @@ export interface PrimaryStatus {
   dirtyBytes: number;
   syncSource: "primary" | "secondary";
   sync: SyncProgress | null;
+  verify: VerifyProgress | null;
   remoteInFlight: number;
   remoteInFlightBytes: number;
   /** Frames held behind a write still being encoded on the codec threads. */

@@ -4,7 +4,7 @@
  * `hast __worker`, talks to it over the Node IPC channel, and hands it the
  * primary's TCP connections (secondary role) after reading their Hello.
  *
- * Messages daemon → worker: start, peer (+ socket), status, syncrate, stop.
+ * Messages daemon → worker: start, peer (+ socket), status, syncrate, verify, stop.
  * Messages worker → daemon: ready, failed, reply.
  */
 import { mkdirSync } from "node:fs";
@@ -34,6 +34,7 @@ export type ToWorker =
   | { type: "peer"; hello: Hello }
   | { type: "status"; id: number }
   | { type: "syncrate"; id: number; bytesPerSecond: number }
+  | { type: "verify"; id: number }
   | { type: "reconfigure"; config: ResourceConfig }
   | { type: "stop" };
 
@@ -96,6 +97,11 @@ export function runWorker(): void {
           running?.primary?.setSyncRate(message.bytesPerSecond);
           send({ type: "reply", id: message.id, value: true });
           return;
+        case "verify": {
+          const refusal = running?.primary ? running.primary.startVerify() : "this node is not primary";
+          send({ type: "reply", id: message.id, value: { refusal } });
+          return;
+        }
         case "reconfigure":
           running?.primary?.reconfigure(message.config);
           running?.secondary?.reconfigure(message.config);

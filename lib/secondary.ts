@@ -5,6 +5,7 @@
  * is always a state the primary had (spec §2, §7); in fullsync disjoint writes
  * in parallel (see applyConcurrently).
  */
+import { createHash } from "node:crypto";
 import type { ResourceConfig } from "./config.ts";
 import { handshakeAsSecondary, type Hello } from "./handshake.ts";
 import type { HookRunner } from "./hooks.ts";
@@ -66,7 +67,7 @@ export class Secondary {
    */
   private data: ReturnType<typeof stickyFlushFailure>;
   private readonly metaflush: boolean;
-  readonly counters = { reads: 0, writes: 0, deletes: 0, flushes: 0, localErrors: 0, invalid: 0 };
+  readonly counters = { reads: 0, writes: 0, deletes: 0, flushes: 0, verifies: 0, localErrors: 0, invalid: 0 };
   /**
    * Buffers the connection receives large payloads into (pass it to socketConnection); each is
    * given back once its request was applied (see BufferPool for why).
@@ -188,7 +189,7 @@ export class Secondary {
     }
     this.queued++;
     const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0 &&
-      frame.type !== MessageType.Read;
+      frame.type !== MessageType.Read && frame.type !== MessageType.Verify;
     const { applied, task } = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
     void task.finally(() => {
       leave!();
@@ -216,7 +217,7 @@ export class Secondary {
     conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, after: Promise<void> | null,
   ): { applied: Promise<void>; task: Promise<void> } {
     const ranged = frame.type === MessageType.Write || frame.type === MessageType.Delete ||
-      frame.type === MessageType.Read;
+      frame.type === MessageType.Read || frame.type === MessageType.Verify;
     const locked = ranged && frame.length > 0 ? this.lock.acquire(frame.offset, frame.length) : null;
     const before = ranged ? [] : [...this.applying];
     let markApplied = () => {};
@@ -271,7 +272,9 @@ export class Secondary {
     }
     if (reply.payload) {
       const { flags, pieces } = encodePayload(reply.payload, this.o.config);
-      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, length: frame.length, flags, pieces }));
+      // The reply's length is its data's (a read's range, a verify's digest).
+      const length = reply.payload.byteLength;
+      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, length, flags, pieces }));
     } else {
       conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
     }
@@ -284,7 +287,8 @@ export class Secondary {
    */
   private enterWindow(conn: Connection, frame: Frame, window: Window): (() => void) | null {
     const { type } = frame;
-    if (type !== MessageType.Write && type !== MessageType.Read && type !== MessageType.Delete) return () => {};
+    if (type !== MessageType.Write && type !== MessageType.Read && type !== MessageType.Delete &&
+      type !== MessageType.Verify) return () => {};
     const bytes = windowBytes(type, frame.length);
     const requests = window.requests + 1;
     const total = window.bytes + bytes;
@@ -362,7 +366,8 @@ export class Secondary {
     const size = this.o.meta.metadata.datasizeBytes;
     const { type, offset, length } = frame;
     if (type === MessageType.SyncDone || type === MessageType.Flush) return null;
-    if (type !== MessageType.Read && type !== MessageType.Write && type !== MessageType.Delete) {
+    if (type !== MessageType.Read && type !== MessageType.Write && type !== MessageType.Delete &&
+      type !== MessageType.Verify) {
       return `unexpected message type ${type}`;
     }
     if (length === 0) return `zero length at offset ${offset}`;
@@ -384,6 +389,11 @@ export class Secondary {
         case MessageType.Read:
           this.counters.reads++;
           return { payload: await this.data.read(frame.offset, frame.length) };
+        case MessageType.Verify: {
+          this.counters.verifies++;
+          const data = await this.data.read(frame.offset, frame.length);
+          return { payload: createHash("sha256").update(data).digest() };
+        }
         case MessageType.Write:
           this.counters.writes++;
           await this.data.write(frame.offset, frame.payload);

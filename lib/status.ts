@@ -19,6 +19,7 @@ import {
 import { RECEIVE_POOL_BUFFERS, RECEIVE_POOL_MIN_BYTES } from "./secondary.ts";
 import { SYNC_CHUNK_BYTES, SYNC_FLUSH_BYTES, SYNC_FLUSH_INTERVAL_MS, SYNC_WORKERS } from "./synchronizer.ts";
 import { formatSizeBytes } from "./units.ts";
+import { VERIFY_CHUNK_BYTES, VERIFY_LIST_MAX, VERIFY_WORKERS } from "./verifier.ts";
 import { MAX_IO_BYTES, MAX_PAYLOAD_BYTES } from "./wire.ts";
 
 /** Every fixed limit, as `hast list` shows it. */
@@ -43,6 +44,9 @@ export const LIMITS = {
   pipelineSlotBytes: 2 * PIPELINE_REGION_BYTES,
   pipelineMinPayloadBytes: PIPELINE_MIN_BYTES,
   syncParallelExtents: SYNC_WORKERS,
+  verifyChunkBytes: VERIFY_CHUNK_BYTES,
+  verifyParallelChunks: VERIFY_WORKERS,
+  verifyListedExtentsMax: VERIFY_LIST_MAX,
   syncFlushBytes: SYNC_FLUSH_BYTES,
   syncFlushIntervalMs: SYNC_FLUSH_INTERVAL_MS,
   activemapClearIntervalMs: ACTIVEMAP_CLEAR_INTERVAL_MS,
@@ -75,6 +79,7 @@ export function describeResource(
     nbd: role === "primary" && running ? nbdUri(config) : null,
     dirtyBytes: running && typeof worker.dirtyBytes === "number" ? worker.dirtyBytes : null,
     sync: running ? syncOf(worker) : null,
+    verify: running ? worker.verify ?? null : null,
     link: running ? worker.link : null,
     linkError: (running ? worker.linkError : config ? options.lastError : "") || null,
   };

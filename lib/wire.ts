@@ -62,15 +62,23 @@ export const enum MessageType {
   Map = 10,
   /** Either side: JSON {reason}; the sender closes the connection after it. */
   Goodbye = 11,
+  /**
+   * primary → secondary: online verify (lib/verifier.ts). The secondary reads the range (in
+   * arrival order with writes to it, like Read) and replies with the sha256 of it as payload.
+   * Sent only to a secondary whose HelloReply says `verify: true` (an older one would drop the
+   * connection on an unknown type).
+   */
+  Verify = 12,
 }
 
 /**
- * Data bytes a request holds in the replication window (MAX_REMOTE_IN_FLIGHT_BYTES): a write's
- * or a read's length, nothing for other requests. The primary counts with it what it sends and
- * the secondary what it receives, so both sides agree on the window.
+ * Data bytes a request holds in the replication window (MAX_REMOTE_IN_FLIGHT_BYTES): a write's,
+ * a read's or a verify's length (the secondary reads that much), nothing for other requests.
+ * The primary counts with it what it sends and the secondary what it receives, so both sides
+ * agree on the window.
  */
 export function windowBytes(type: MessageType, length: number): number {
-  return type === MessageType.Write || type === MessageType.Read ? length : 0;
+  return type === MessageType.Write || type === MessageType.Read || type === MessageType.Verify ? length : 0;
 }
 
 export const enum FrameFlag {
@@ -182,7 +190,7 @@ export function decodeJson(frame: Frame): Record<string, unknown> {
   return value as Record<string, unknown>;
 }
 
-const KNOWN_TYPES = new Set<number>([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+const KNOWN_TYPES = new Set<number>([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
 
 /**
  * Incremental frame parser: feed it chunks with arbitrary boundaries, it calls

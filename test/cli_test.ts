@@ -8,7 +8,7 @@
  * code and stderr; daemons are stopped by PID in cleanup.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, openSync, readFileSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { controlRequest } from "../lib/control.ts";
 import {
@@ -21,6 +21,7 @@ import { Cleanup, expandRanges, makeTempDir, run, type RunResult, waitFor } from
 
 const EX_USAGE = 64;
 const EX_DATAERR = 65;
+const EX_UNAVAILABLE = 69;
 const EX_SOFTWARE = 70;
 const EX_TEMPFAIL = 75;
 const EX_CONFIG = 78;
@@ -275,6 +276,42 @@ describe("promoting stale data", () => {
       await c.hast("b", ["role", "init", "data"]);
       await c.hast("b", ["role", "primary", "data"]);
       expect((await c.status("b")).role).toBe("primary");
+    });
+  }, TEST_TIMEOUT_MS);
+});
+
+describe("online verify", () => {
+  test("`verify --wait` finds a change made behind hast's back, which is resynced", async () => {
+    await withCluster(async (c) => {
+      await c.createBoth();
+      await c.startDaemon("a");
+      await c.startDaemon("b");
+      await c.hast("b", ["role", "secondary", "data"]);
+      await c.hast("a", ["role", "primary", "data"]);
+      await run(["qemu-io", "-f", "raw", c.uri("a"), "-c", "write -P 0x5a 0 6M", "-c", "flush"]);
+      await c.waitStatus("a", "complete", (s) => s.status === "complete" && s.dirtyBytes === 0);
+      const clean = await c.hast("a", ["verify", "--wait", "data"]);
+      expect(clean.stdout).toMatch(/^data: identical; \d+ bytes compared, 0 skipped/);
+      const onSecondary = await c.hast("b", ["verify", "data"], { allowFailure: true });
+      expect(onSecondary.code).toBe(EX_UNAVAILABLE);
+      expect(onSecondary.stderr).toMatch(/Cannot verify "data": it is not primary here \(role secondary\)/);
+      // Change 4 KiB inside extent 1 of b's disk (a bad disk, a stray dd); b's cache sees it.
+      const m = await c.dump("b");
+      const fd = openSync(c.nodes.b.image, "r+");
+      try {
+        writeSync(fd, new Uint8Array(4096).fill(0xff), 0, 4096, m.dataOffsetBytes + m.extentsizeBytes + 8192);
+      } finally {
+        closeSync(fd);
+      }
+      const found = await c.hast("a", ["verify", "--wait", "data"], { allowFailure: true });
+      expect(found.code).toBe(1);
+      expect(found.stdout).toMatch(/^data: 1 extents differed \(1\); resyncing them from this node/);
+      await c.waitStatus("a", "resynced", (s) => s.status === "complete" && s.dirtyBytes === 0);
+      expect(Buffer.compare(await c.readData("a"), await c.readData("b"))).toBe(0);
+      const again = await c.hast("a", ["verify", "--wait", "data"]);
+      expect(again.stdout).toMatch(/^data: identical/);
+      const status = await c.status("a");
+      expect(status.verify).toMatchObject({ state: "done", differingExtents: 0, error: null });
     });
   }, TEST_TIMEOUT_MS);
 });

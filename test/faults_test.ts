@@ -23,7 +23,7 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { eio, Sim, type SimOptions } from "./sim.ts";
+import { eio, inSync, Sim, type SimOptions } from "./sim.ts";
 import type { Connection } from "../lib/transport.ts";
 import { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType } from "../lib/wire.ts";
 
@@ -43,13 +43,6 @@ async function startPair(options: SimOptions): Promise<Sim> {
   sim.start();
   await inSync(sim, "first connect");
   return sim;
-}
-
-async function inSync(s: Sim, what: string, timeoutMs = 10_000): Promise<void> {
-  await waitFor(what, () => {
-    const st = s.primary.status();
-    return st.status === "complete" && st.dirtyBytes === 0 ? true : undefined;
-  }, { timeoutMs, intervalMs: 10 });
 }
 
 const pattern = (bytes: number, seed: number) => new Uint8Array(bytes).map((_, i) => (i * seed + 11) & 0xff);

@@ -17,6 +17,7 @@ import { Secondary } from "../lib/secondary.ts";
 import type { DataStore, MetaStore } from "../lib/storage.ts";
 import type { Connection, Network } from "../lib/transport.ts";
 import { FrameParser, type Frame } from "../lib/wire.ts";
+import { waitFor } from "./harness.ts";
 
 /** An error as the kernel reports a failed disk operation (`what`: e.g. "fdatasync"). */
 export function eio(what: string): Error & { code: string } {
@@ -294,4 +295,12 @@ export class Sim {
     await this.secondary.stop();
     await this.pipeline?.close();
   }
+}
+
+/** Waits until the primary reports the pair complete with nothing dirty. */
+export async function inSync(s: Sim, what: string, timeoutMs = 10_000): Promise<void> {
+  await waitFor(what, () => {
+    const st = s.primary.status();
+    return st.status === "complete" && st.dirtyBytes === 0 ? true : undefined;
+  }, { timeoutMs, intervalMs: 10 });
 }

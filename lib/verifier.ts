@@ -1,0 +1,179 @@
+/**
+ * Online verify (spec §12): checks, while the pair serves, that the two copies
+ * of every extent both sides hold in step are byte-identical, by comparing a
+ * sha256 of each chunk here with one the secondary computes (a Verify request:
+ * the secondary reads the range and answers only the digest).
+ *
+ * Why a match proves something: each chunk is read here and its Verify request
+ * sent under the range lock, so no application write of the range is between
+ * the two reads. A write answered before the lock was taken was sent to the
+ * secondary before the Verify request, and the secondary takes its range lock
+ * in arrival order, so it hashes the range after that write. Extents that need
+ * a sync are skipped (their copies may differ; the sync copies them anyway).
+ *
+ * An extent whose copies differ although both sides count it in step breaks
+ * HAST's promise (a bit flip on a disk, a restored backup, a bug): it is marked
+ * for sync, so the primary's copy, which applications read, is copied over,
+ * and reported in the result.
+ */
+import { createHash } from "node:crypto";
+import type { ActiveMap } from "./activemap.ts";
+import type { RangeLock } from "./range_lock.ts";
+import type { RemoteLink } from "./remote_link.ts";
+import type { DataStore } from "./storage.ts";
+import { errnoName, MAX_IO_BYTES, MessageType } from "./wire.ts";
+
+/** Chunks compared concurrently (each is one local read and one Verify request). */
+export const VERIFY_WORKERS = 4;
+/** Largest chunk (never crosses an extent). */
+export const VERIFY_CHUNK_BYTES = MAX_IO_BYTES;
+/** Bytes of the sha256 digest a Verify reply carries. */
+export const VERIFY_DIGEST_BYTES = 32;
+/** Most differing extents listed in the result (all are counted and resynced). */
+export const VERIFY_LIST_MAX = 1000;
+
+export interface VerifyProgress {
+  state: "running" | "done" | "failed";
+  /** Bytes compared so far. */
+  checkedBytes: number;
+  /** Bytes not compared because their extents needed a sync. */
+  skippedBytes: number;
+  totalBytes: number;
+  /** Extents whose copies differed (each was marked for sync). */
+  differingExtents: number;
+  /** The first VERIFY_LIST_MAX of them, ascending. */
+  differingExtentList: number[];
+  startedAt: string;
+  finishedAt: string | null;
+  /** Why a failed verify stopped (the link went down, a read failed). */
+  error: string | null;
+}
+
+export interface VerifierOptions {
+  link: RemoteLink;
+  activemap: ActiveMap;
+  lock: RangeLock;
+  data: DataStore;
+  log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
+  /** Marks an extent whose copies differ for sync (persisting the map). */
+  onDiffering: (extent: number) => void;
+}
+
+class VerifyFailed extends Error {}
+
+export class Verifier {
+  private readonly progressState: VerifyProgress;
+  private cursor = 0;
+  private readonly differing = new Set<number>();
+  private stopping: string | null = null;
+  private readonly finished: Promise<void>;
+
+  constructor(private readonly o: VerifierOptions) {
+    this.progressState = {
+      state: "running", checkedBytes: 0, skippedBytes: 0, totalBytes: o.data.sizeBytes,
+      differingExtents: 0, differingExtentList: [], startedAt: new Date().toISOString(),
+      finishedAt: null, error: null,
+    };
+    this.finished = this.run();
+  }
+
+  /** A copy of the progress (the result once state is not "running"). */
+  progress(): VerifyProgress {
+    return { ...this.progressState, differingExtentList: [...this.progressState.differingExtentList] };
+  }
+
+  /** Resolves when the verify ended (done or failed); never rejects. */
+  done(): Promise<void> {
+    return this.finished;
+  }
+
+  /** Stops after the chunks in flight; the result says why. */
+  stop(reason: string): Promise<void> {
+    this.stopping ??= reason;
+    return this.finished;
+  }
+
+  private async run(): Promise<void> {
+    const p = this.progressState;
+    this.o.log("info", `verify started: ${p.totalBytes} bytes`);
+    try {
+      await Promise.all(Array.from({ length: VERIFY_WORKERS }, () => this.worker()));
+      if (this.stopping !== null) throw new VerifyFailed(this.stopping);
+      p.state = "done";
+      const differing = p.differingExtents === 0 ? "the copies are identical"
+        : `${p.differingExtents} extents differed and are being resynced from this node`;
+      this.o.log(p.differingExtents === 0 ? "info" : "warn",
+        `verify done: ${p.checkedBytes} bytes compared, ${p.skippedBytes} skipped (to be synced); ${differing}`);
+    } catch (error) {
+      p.state = "failed";
+      p.error = error instanceof VerifyFailed ? error.message : String(error);
+      this.o.log("warn", `verify failed after ${p.checkedBytes} bytes: ${p.error}`);
+    } finally {
+      p.finishedAt = new Date().toISOString();
+    }
+  }
+
+  /** Takes the next chunk until none is left; a failure stops every worker. */
+  private async worker(): Promise<void> {
+    const am = this.o.activemap;
+    const size = this.o.data.sizeBytes;
+    while (this.stopping === null && this.cursor < size) {
+      const offset = this.cursor;
+      const extent = am.extentOf(offset);
+      const extentEnd = Math.min(size, am.extentRange(extent).offset + am.extentRange(extent).length);
+      const length = Math.min(VERIFY_CHUNK_BYTES, extentEnd - offset);
+      this.cursor = offset + length;
+      try {
+        await this.chunk(offset, length, extent);
+      } catch (error) {
+        this.stopping ??= error instanceof Error ? error.message : String(error);
+      }
+    }
+  }
+
+  private async chunk(offset: number, length: number, extent: number): Promise<void> {
+    const p = this.progressState;
+    const link = this.o.link;
+    if (!link.isUp) throw new VerifyFailed("the link to the secondary went down");
+    const release = await this.o.lock.acquire(offset, length);
+    let local: Uint8Array;
+    let call: ReturnType<RemoteLink["call"]>;
+    try {
+      if (this.o.activemap.anySyncNeeded(offset, length)) {
+        p.skippedBytes += length;
+        return;
+      }
+      local = await this.o.data.read(offset, length);
+      call = await link.callWhenRoom({ type: MessageType.Verify, offset, length });
+    } finally {
+      release();
+    }
+    const mine = createHash("sha256").update(local).digest();
+    const reply = await call.done.catch((error: Error) => {
+      throw new VerifyFailed(`the link to the secondary went down (${error.message})`);
+    });
+    if (reply.error !== 0) {
+      throw new VerifyFailed(`the secondary cannot verify ${offset}+${length}: ${errnoName(reply.error)}`);
+    }
+    if (reply.payload.byteLength !== VERIFY_DIGEST_BYTES) {
+      throw new VerifyFailed(`the secondary answered ${reply.payload.byteLength} bytes, not a digest`);
+    }
+    p.checkedBytes += length;
+    if (Buffer.compare(mine, reply.payload) === 0) return;
+    // A sync of the extent may have started since (a write failed remotely): its copies may
+    // legitimately differ now, and the sync copies them anyway.
+    if (this.o.activemap.isSyncNeeded(extent)) return;
+    if (!this.differing.has(extent)) {
+      this.differing.add(extent);
+      p.differingExtents++;
+      const list = p.differingExtentList;
+      if (list.length < VERIFY_LIST_MAX) {
+        list.push(extent);
+        list.sort((a, b) => a - b);
+      }
+      this.o.log("warn", `verify: extent ${extent} differs on the secondary (at ${offset}+${length}); ` +
+        `resyncing it from this node`);
+    }
+    this.o.onDiffering(extent);
+  }
+}
