@@ -27,8 +27,10 @@ commands:
   dump [--json] [name...]
   discard name...          mark this side's data to be overwritten by the peer (split-brain recovery)
   syncrate rate name...    change the sync rate limit at run time (e.g. 100M, 0 = unlimited)
-  verify [--wait] name...  compare both copies online (on the primary); differing extents are
-                           resynced from it. --wait: print the result; exit 1 if any differed
+  verify [--wait] [--rate rate] name...
+                           compare both copies online (on the primary); differing extents are
+                           resynced from it. --wait: print the result; exit 1 if any differed.
+                           --rate: at most this many bytes per second (e.g. 100M; default unlimited)
 global options:
   -c file       configuration (default /etc/hast.conf; .yaml/.yml for YAML)
   --node name   act as this node instead of matching the host name`;
@@ -335,11 +337,12 @@ async function syncrate(globals: Globals, rest: string[]): Promise<number> {
 const VERIFY_POLL_MS = 500;
 
 async function verify(globals: Globals, rest: string[]): Promise<number> {
-  const { values, positionals: names } = parse(rest, { wait: { type: "boolean" } });
+  const { values, positionals: names } = parse(rest, { wait: { type: "boolean" }, rate: { type: "string" } });
   if (names.length === 0) throw new ExitError("Cannot verify: name resources", EX_USAGE);
+  const bytesPerSecond = values.rate === undefined ? 0 : parseSizeBytes(values.rate as string);
   const cfg = config(globals);
   pickResources(cfg, names);
-  await request(cfg, { command: "verify", names });
+  await request(cfg, { command: "verify", names, bytesPerSecond });
   if (!values.wait) {
     process.stdout.write(`verify started on ${names.join(", ")}; "hast status --json" shows its progress\n`);
     return 0;

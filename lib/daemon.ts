@@ -227,20 +227,20 @@ export class Daemon {
         }
         return { ok: true, value: null };
       case "verify":
-        return this.startVerifies(slots);
+        return this.startVerifies(slots, request.bytesPerSecond ?? 0);
       default:
         return { ok: false, error: `unknown control command "${request.command}"`, exitCode: 64 };
     }
   }
 
   /** Starts an online verify on each primary resource named; fails naming those that cannot. */
-  private async startVerifies(slots: Slot[]): Promise<ControlResponse> {
+  private async startVerifies(slots: Slot[], bytesPerSecond: number): Promise<ControlResponse> {
     const errors: string[] = [];
     for (const slot of slots) {
       const name = slot.config.resource;
       let refusal: unknown = `it is not primary here (role ${slot.role}); verify runs on the primary`;
       if (slot.role === "primary" && slot.child) {
-        const answer = await this.ask(slot, (id) => ({ type: "verify", id }));
+        const answer = await this.ask(slot, (id) => ({ type: "verify", id, bytesPerSecond }));
         refusal = answer === null ? "its worker did not answer" : (answer as { refusal: unknown }).refusal;
       }
       if (refusal !== null) errors.push(`Cannot verify "${name}": ${String(refusal)}`);

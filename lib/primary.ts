@@ -768,7 +768,7 @@ export class Primary {
    * Starts an online verify of both copies (lib/verifier.ts); extents whose copies differ are
    * resynced from here. Returns why it cannot start, or null.
    */
-  startVerify(): string | null {
+  startVerify(rateBytesPerSecond = 0): string | null {
     const link = this.link;
     if (this.stopped) return "the resource is stopping";
     if (!link?.isUp) return "the secondary is not connected";
@@ -777,6 +777,7 @@ export class Primary {
     if (this.localBehind) return "this node is still syncing from its secondary (its copy is the older one)";
     this.verifier = new Verifier({
       link, activemap: this.o.activemap, lock: this.lock, data: this.data, log: this.o.log,
+      clock: this.o.clock, rateBytesPerSecond,
       onDiffering: (extent) => this.markForSync(new Set([extent])),
     });
     return null;

@@ -34,7 +34,7 @@ export type ToWorker =
   | { type: "peer"; hello: Hello }
   | { type: "status"; id: number }
   | { type: "syncrate"; id: number; bytesPerSecond: number }
-  | { type: "verify"; id: number }
+  | { type: "verify"; id: number; bytesPerSecond: number }
   | { type: "reconfigure"; config: ResourceConfig }
   | { type: "stop" };
 
@@ -98,7 +98,8 @@ export function runWorker(): void {
           send({ type: "reply", id: message.id, value: true });
           return;
         case "verify": {
-          const refusal = running?.primary ? running.primary.startVerify() : "this node is not primary";
+          const refusal = running?.primary
+            ? running.primary.startVerify(message.bytesPerSecond) : "this node is not primary";
           send({ type: "reply", id: message.id, value: { refusal } });
           return;
         }

@@ -13,6 +13,7 @@ import type { BufferPool } from "./buffer_pool.ts";
 import type { HookRunner } from "./hooks.ts";
 import type { RangeLock } from "./range_lock.ts";
 import type { Clock, RemoteLink } from "./remote_link.ts";
+import { Pacer, RateMeter } from "./pacer.ts";
 import type { DataStore } from "./storage.ts";
 import { errnoName, FrameFlag, MAX_IO_BYTES, MessageType, type Frame } from "./wire.ts";
 
@@ -29,9 +30,6 @@ export const SYNC_CHUNK_BYTES = MAX_IO_BYTES;
  */
 export const SYNC_FLUSH_BYTES = 64 * 1024 * 1024;
 export const SYNC_FLUSH_INTERVAL_MS = 1000;
-const RATE_WINDOW_MS = 5000;
-/** Longest single sleep of the rate limiter (it rechecks the link after each). */
-const THROTTLE_SLICE_MS = 100;
 
 export interface SyncProgress {
   state: "running" | "done" | "interrupted";
@@ -76,11 +74,14 @@ export class Synchronizer {
   private unflushedBytes = 0;
   private lastFlushMs = 0;
   private readonly flushes = new Set<Promise<void>>();
-  private nextFreeMs = 0;
-  private samples: { atMs: number; doneBytes: number }[] = [];
+  private readonly pacer: Pacer;
+  private meter: RateMeter;
   private finished: Promise<void> = Promise.resolve();
 
-  constructor(private readonly o: SynchronizerOptions) {}
+  constructor(private readonly o: SynchronizerOptions) {
+    this.pacer = new Pacer(o.clock, o.rateBytesPerSecond);
+    this.meter = new RateMeter(o.clock);
+  }
 
   /**
    * Starts copying once `after` settled: the previous sync (of an earlier
@@ -102,25 +103,19 @@ export class Synchronizer {
   }
 
   setRate(bytesPerSecond: number): void {
-    this.o.rateBytesPerSecond = bytesPerSecond;
-    this.nextFreeMs = 0;
+    this.pacer.setRate(bytesPerSecond);
   }
 
   progress(): SyncProgress {
-    const now = this.o.clock.now();
-    this.samples = this.samples.filter((s) => now - s.atMs <= RATE_WINDOW_MS);
-    const first = this.samples[0];
-    const spanMs = first ? now - first.atMs : 0;
-    const rate = first && spanMs > 0 ? ((this.doneBytes - first.doneBytes) * 1000) / spanMs : 0;
-    const remaining = Math.max(0, this.totalBytes - this.doneBytes);
+    const { bytesPerSecond, etaSeconds } = this.meter.measure(this.doneBytes, this.totalBytes - this.doneBytes);
     return {
       state: this.state,
       source: this.o.source,
       doneBytes: this.doneBytes,
       totalBytes: this.totalBytes,
-      bytesPerSecond: Math.round(rate),
-      etaSeconds: this.state === "running" && rate > 0 ? Math.ceil(remaining / rate) : null,
-      rateLimitBytesPerSecond: this.o.rateBytesPerSecond,
+      bytesPerSecond,
+      etaSeconds: this.state === "running" ? etaSeconds : null,
+      rateLimitBytesPerSecond: this.pacer.rateBytesPerSecond,
     };
   }
 
@@ -131,7 +126,7 @@ export class Synchronizer {
       this.o.log("info", `sync started from ${this.o.source}: ${this.totalBytes} bytes`);
       this.o.hooks.run("syncstart", []);
     }
-    this.samples.push({ atMs: this.o.clock.now(), doneBytes: 0 });
+    this.meter = new RateMeter(this.o.clock);
     this.lastFlushMs = this.o.clock.now();
     const workers = await Promise.allSettled(Array.from({ length: SYNC_WORKERS }, () => this.worker()));
     // Copied extents no flush covered (the link failed): they stay sync-needed.
@@ -257,12 +252,12 @@ export class Synchronizer {
     const { offset, length } = this.o.activemap.extentRange(extent);
     for (let at = 0; at < length; at += SYNC_CHUNK_BYTES) {
       const chunkBytes = Math.min(SYNC_CHUNK_BYTES, length - at);
-      await this.throttle(chunkBytes);
+      await this.pacer.pace(chunkBytes, () => this.o.link.isUp);
       if (this.o.source === "primary") await this.pushChunk(offset + at, chunkBytes);
       else await this.pullChunk(offset + at, chunkBytes);
       this.doneBytes += chunkBytes;
       if (this.doneBytes > this.totalBytes) this.totalBytes = this.doneBytes;
-      this.samples.push({ atMs: this.o.clock.now(), doneBytes: this.doneBytes });
+      this.meter.record(this.doneBytes);
     }
   }
 
@@ -320,22 +315,5 @@ export class Synchronizer {
     const reply = await remote;
     const side = this.o.source === "primary" ? "secondary (target)" : "secondary (source)";
     if (reply.error !== 0) throw new ChunkFailed(`sync flush failed on ${side}: ${errnoName(reply.error)}`);
-  }
-
-  /**
-   * Token-bucket pacing: each chunk starts no earlier than the rate allows.
-   * Waits in slices of at most THROTTLE_SLICE_MS and ends early when the link
-   * goes down, so a slow sync of a lost connection stops (and releases its
-   * extents) promptly.
-   */
-  private async throttle(bytes: number): Promise<void> {
-    const rate = this.o.rateBytesPerSecond;
-    if (rate <= 0) return;
-    const now = this.o.clock.now();
-    const startMs = Math.max(this.nextFreeMs, now);
-    this.nextFreeMs = startMs + (bytes * 1000) / rate;
-    for (let left = startMs - now; left > 0 && this.o.link.isUp; left = startMs - this.o.clock.now()) {
-      await this.o.clock.sleep(Math.min(left, THROTTLE_SLICE_MS));
-    }
   }
 }

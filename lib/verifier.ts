@@ -19,7 +19,8 @@
 import { createHash } from "node:crypto";
 import type { ActiveMap } from "./activemap.ts";
 import type { RangeLock } from "./range_lock.ts";
-import type { RemoteLink } from "./remote_link.ts";
+import { Pacer, RateMeter } from "./pacer.ts";
+import type { Clock, RemoteLink } from "./remote_link.ts";
 import type { DataStore } from "./storage.ts";
 import { errnoName, MAX_IO_BYTES, MessageType } from "./wire.ts";
 
@@ -39,6 +40,11 @@ export interface VerifyProgress {
   /** Bytes not compared because their extents needed a sync. */
   skippedBytes: number;
   totalBytes: number;
+  /** Compared per second over the last 5 s, and the time left at that rate. */
+  bytesPerSecond: number;
+  etaSeconds: number | null;
+  /** `hast verify --rate`; 0 = unlimited. */
+  rateLimitBytesPerSecond: number;
   /** Extents whose copies differed (each was marked for sync). */
   differingExtents: number;
   /** The first VERIFY_LIST_MAX of them, ascending. */
@@ -54,6 +60,9 @@ export interface VerifierOptions {
   activemap: ActiveMap;
   lock: RangeLock;
   data: DataStore;
+  clock: Clock;
+  /** Bytes per second to compare at most (0 = unlimited). */
+  rateBytesPerSecond: number;
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
   /** Marks an extent whose copies differ for sync (persisting the map). */
   onDiffering: (extent: number) => void;
@@ -65,12 +74,17 @@ export class Verifier {
   private readonly progressState: VerifyProgress;
   private cursor = 0;
   private readonly differing = new Set<number>();
+  private readonly pacer: Pacer;
+  private readonly meter: RateMeter;
   private stopping: string | null = null;
   private readonly finished: Promise<void>;
 
   constructor(private readonly o: VerifierOptions) {
+    this.pacer = new Pacer(o.clock, o.rateBytesPerSecond);
+    this.meter = new RateMeter(o.clock);
     this.progressState = {
       state: "running", checkedBytes: 0, skippedBytes: 0, totalBytes: o.data.sizeBytes,
+      bytesPerSecond: 0, etaSeconds: null, rateLimitBytesPerSecond: o.rateBytesPerSecond,
       differingExtents: 0, differingExtentList: [], startedAt: new Date().toISOString(),
       finishedAt: null, error: null,
     };
@@ -79,7 +93,14 @@ export class Verifier {
 
   /** A copy of the progress (the result once state is not "running"). */
   progress(): VerifyProgress {
-    return { ...this.progressState, differingExtentList: [...this.progressState.differingExtentList] };
+    const p = this.progressState;
+    const done = p.checkedBytes + p.skippedBytes;
+    const { bytesPerSecond, etaSeconds } = this.meter.measure(done, p.totalBytes - done);
+    const running = p.state === "running";
+    return {
+      ...p, bytesPerSecond: running ? bytesPerSecond : 0, etaSeconds: running ? etaSeconds : null,
+      differingExtentList: [...p.differingExtentList],
+    };
   }
 
   /** Resolves when the verify ended (done or failed); never rejects. */
@@ -134,6 +155,11 @@ export class Verifier {
   private async chunk(offset: number, length: number, extent: number): Promise<void> {
     const p = this.progressState;
     const link = this.o.link;
+    // Paced outside the lock (applications may write the chunk meanwhile); a chunk to be synced
+    // costs no disk reads and is not paced.
+    if (!this.o.activemap.anySyncNeeded(offset, length)) {
+      await this.pacer.pace(length, () => link.isUp && this.stopping === null);
+    }
     if (!link.isUp) throw new VerifyFailed("the link to the secondary went down");
     const release = await this.o.lock.acquire(offset, length);
     let local: Uint8Array;
@@ -159,6 +185,7 @@ export class Verifier {
       throw new VerifyFailed(`the secondary answered ${reply.payload.byteLength} bytes, not a digest`);
     }
     p.checkedBytes += length;
+    this.meter.record(p.checkedBytes + p.skippedBytes);
     if (Buffer.compare(mine, reply.payload) === 0) return;
     // A sync of the extent may have started since (a write failed remotely): its copies may
     // legitimately differ now, and the sync copies them anyway.

@@ -107,6 +107,29 @@ for (const replication of ["fullsync", "memsync", "async"] as const) {
   }, 60_000);
 }
 
+test("a rate limit paces the verify and is shown with the measured rate", async () => {
+  sim = await startPair({ replication: "fullsync", mediasizeBytes: 8 * MIB, extentsizeBytes: MIB });
+  const rate = 8 * MIB; // the 7 MiB of data: about 0.9 s after the first chunk
+  const started = performance.now();
+  expect(sim.primary.startVerify(rate)).toBeNull();
+  const running = await waitFor("verify measured", () => {
+    const v = sim!.primary.status().verify!;
+    return v.state === "running" && v.bytesPerSecond > 0 ? v : undefined;
+  }, { timeoutMs: 5_000, intervalMs: 10 });
+  expect(running.rateLimitBytesPerSecond).toBe(rate);
+  expect(running.etaSeconds).not.toBeNull();
+  const result = await waitFor("verify finished", () => {
+    const v = sim!.primary.status().verify!;
+    return v.state !== "running" ? v : undefined;
+  }, { timeoutMs: 10_000, intervalMs: 10 });
+  const elapsedMs = performance.now() - started;
+  expect(result.state).toBe("done");
+  // A lower bound only: the limit must hold however fast the machine is.
+  const chunks = Math.ceil(sim.primary.sizeBytes / MIB);
+  expect(elapsedMs).toBeGreaterThanOrEqual(((chunks - 1) * MIB * 1000) / rate - 50);
+  expect(result.etaSeconds).toBeNull();
+});
+
 test("extents that need a sync are skipped; without a secondary it does not start", async () => {
   sim = await startPair({ replication: "fullsync", keepdirty: 0 });
   sim.reachable = false;
