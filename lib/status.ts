@@ -119,7 +119,7 @@ function syncOf(worker: Record<string, unknown>): unknown {
 
 /** `hast status` as text: one row per resource (hastctl's columns plus dirty and sync). */
 export function formatStatusTable(rows: Record<string, unknown>[]): string {
-  const header = ["Name", "Status", "Role", "Components", "Dirty", "Sync"];
+  const header = ["Name", "Status", "Role", "Components", "Dirty", "Sync", "Verify"];
   const lines = rows.map((r) => [
     String(r.name),
     String(r.status),
@@ -127,6 +127,7 @@ export function formatStatusTable(rows: Record<string, unknown>[]): string {
     `${r.local} ${r.remote}`,
     typeof r.dirtyBytes === "number" ? formatSizeBytes(r.dirtyBytes) : "-",
     formatSync(r.sync as Record<string, number | string | null> | null),
+    formatVerify(r.verify as Record<string, unknown> | null | undefined),
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
   return [header, ...lines]
@@ -142,6 +143,23 @@ function formatSync(sync: Record<string, number | string | null> | null): string
   const rate = formatSizeBytes(Math.round(Number(sync.bytesPerSecond)));
   const eta = sync.etaSeconds === null ? "-" : `${sync.etaSeconds}s`;
   return `${sync.state} ${formatSizeBytes(done)}/${formatSizeBytes(total)} (${percent}%) ${rate}/s eta ${eta}`;
+}
+
+/** The last verify of a running primary: progress, or its result. */
+export function formatVerify(verify: Record<string, unknown> | null | undefined): string {
+  if (!verify) return "-";
+  const checked = Number(verify.checkedBytes) + Number(verify.skippedBytes);
+  const total = Number(verify.totalBytes);
+  const differing = Number(verify.differingExtents);
+  const found = differing > 0 ? `, ${differing} extents differed (resynced)` : "";
+  if (verify.state === "running") {
+    const percent = total > 0 ? ((checked * 100) / total).toFixed(1) : "100.0";
+    const rate = formatSizeBytes(Number(verify.bytesPerSecond));
+    const eta = verify.etaSeconds === null ? "-" : `${verify.etaSeconds}s`;
+    return `running ${percent}% ${rate}/s eta ${eta}${found}`;
+  }
+  if (verify.state === "failed") return `failed at ${formatSizeBytes(checked)}: ${verify.error}${found}`;
+  return differing > 0 ? `done${found}` : "done, identical";
 }
 
 /** `hast list` as text: every field, one resource per block. */
