@@ -14,7 +14,8 @@
  * An extent whose copies differ although both sides count it in step breaks
  * HAST's promise (a bit flip on a disk, a restored backup, a bug): it is marked
  * for sync, so the primary's copy, which applications read, is copied over,
- * and reported in the result.
+ * and reported in the result. So is one the secondary cannot read (EIO): the
+ * rewrite is what makes a disk reallocate a bad sector.
  */
 import { createHash } from "node:crypto";
 import type { ActiveMap } from "./activemap.ts";
@@ -22,7 +23,7 @@ import type { RangeLock } from "./range_lock.ts";
 import { Pacer, RateMeter } from "./pacer.ts";
 import type { Clock, RemoteLink } from "./remote_link.ts";
 import type { DataStore } from "./storage.ts";
-import { errnoName, MAX_IO_BYTES, MessageType } from "./wire.ts";
+import { Errno, errnoName, MAX_IO_BYTES, MessageType } from "./wire.ts";
 
 /** Chunks compared concurrently (each is one local read and one Verify request). */
 export const VERIFY_WORKERS = 4;
@@ -178,6 +179,14 @@ export class Verifier {
     const reply = await call.done.catch((error: Error) => {
       throw new VerifyFailed(`the link to the secondary went down (${error.message})`);
     });
+    if (reply.error === Errno.EIO) {
+      // The secondary's disk cannot read it: rewriting it from here is the repair (a disk
+      // reallocates a bad sector on write), as for a difference.
+      p.checkedBytes += length;
+      this.meter.record(p.checkedBytes + p.skippedBytes);
+      this.differs(extent, `the secondary cannot read ${offset}+${length} (EIO)`);
+      return;
+    }
     if (reply.error !== 0) {
       throw new VerifyFailed(`the secondary cannot verify ${offset}+${length}: ${errnoName(reply.error)}`);
     }
@@ -187,6 +196,12 @@ export class Verifier {
     p.checkedBytes += length;
     this.meter.record(p.checkedBytes + p.skippedBytes);
     if (Buffer.compare(mine, reply.payload) === 0) return;
+    this.differs(extent, `extent ${extent} differs on the secondary (at ${offset}+${length})`);
+  }
+
+  /** Counts, lists, logs and marks for sync an extent whose secondary copy is not the primary's. */
+  private differs(extent: number, what: string): void {
+    const p = this.progressState;
     // A sync of the extent may have started since (a write failed remotely): its copies may
     // legitimately differ now, and the sync copies them anyway.
     if (this.o.activemap.isSyncNeeded(extent)) return;
@@ -198,8 +213,7 @@ export class Verifier {
         list.push(extent);
         list.sort((a, b) => a - b);
       }
-      this.o.log("warn", `verify: extent ${extent} differs on the secondary (at ${offset}+${length}); ` +
-        `resyncing it from this node`);
+      this.o.log("warn", `verify: ${what}; resyncing extent ${extent} from this node`);
     }
     this.o.onDiffering(extent);
   }

@@ -6,12 +6,14 @@
  *   resynced from the primary, and a second verify finds the copies identical;
  * - application writes racing the verify (every mode, writes to the chunks being compared)
  *   never make it report a difference that is not there;
- * - extents that need a sync are skipped, not reported; without a secondary it does not start.
+ * - a range the secondary cannot read (EIO) is rewritten from the primary, like a difference;
+ * - extents that need a sync are skipped, not reported; without a secondary it does not start;
+ * - a rate limit paces it.
  */
 import { afterEach, expect, test } from "bun:test";
 import { VERIFY_CHUNK_BYTES } from "../lib/verifier.ts";
 import { seededRandom, waitFor } from "./harness.ts";
-import { inSync, Sim, type SimOptions } from "./sim.ts";
+import { eio, inSync, Sim, type SimOptions } from "./sim.ts";
 
 const MIB = 1024 * 1024;
 let sim: Sim | null = null;
@@ -66,6 +68,27 @@ test("a byte changed behind hast's back on the secondary is found, resynced, and
   expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
   const second = await verify(sim);
   expect(second).toMatchObject({ state: "done", differingExtents: 0 });
+});
+
+test("a range the secondary cannot read is rewritten from the primary, and the verify goes on", async () => {
+  sim = await startPair({ replication: "fullsync", extentsizeBytes: MIB });
+  await sim.primary.write(0, pattern(6 * MIB, 9), false);
+  await inSync(sim, "written");
+  // Extent 3 of the secondary's disk has a bad sector: reads of it fail until it is rewritten.
+  let bad = true;
+  sim.secondaryDisk.beforeRead = async (offset) => {
+    if (bad && offset >= 3 * MIB && offset < 4 * MIB) throw eio("read");
+  };
+  sim.secondaryDisk.beforeWrite = async (offset) => {
+    if (offset >= 3 * MIB && offset < 4 * MIB) bad = false;
+  };
+  const result = await verify(sim);
+  expect(result).toMatchObject({ state: "done", differingExtents: 1, differingExtentList: [3] });
+  expect(result.checkedBytes).toBe(sim.primary.sizeBytes);
+  expect(sim.logs.some((l) => l.includes("the secondary cannot read 3145728+1048576 (EIO)"))).toBe(true);
+  await inSync(sim, "rewritten", 15_000);
+  expect(bad).toBe(false);
+  expect((await verify(sim)).differingExtents).toBe(0);
 });
 
 for (const replication of ["fullsync", "memsync", "async"] as const) {
