@@ -798,7 +798,8 @@ export class Primary {
     const dirtyBytes = am.dirtyBytes();
     let status: PrimaryStatus["status"] = "complete";
     if (this.linkState === "split-brain") status = "split-brain";
-    else if (!connected) status = "degraded";
+    // The local disk may have lost writes: one copy is not trustworthy (README, Recovery).
+    else if (!connected || this.data.failure() !== null) status = "degraded";
     else if (syncing || dirtyBytes > 0) status = "syncing";
     return {
       status,

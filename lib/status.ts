@@ -82,6 +82,10 @@ export function describeResource(
     verify: running ? worker.verify ?? null : null,
     link: running ? worker.link : null,
     linkError: (running ? worker.linkError : config ? options.lastError : "") || null,
+    localError: running && typeof worker.localFlushFailure === "string"
+      ? `a flush of the local disk failed (${worker.localFlushFailure}); it may have lost writes: ` +
+        `fail over to the peer`
+      : null,
   };
   if (!options.full) return base;
   return {

@@ -208,6 +208,8 @@ describe("with daemons (a detached by `serve`, b in the foreground)", () => {
       remote: expect.stringContaining(c.nodes.b.ip),
       nbd: c.uri("a"),
       dirtyBytes: 0,
+      verify: null,
+      localError: null,
     });
     const b = await c.status("b");
     expect(b).toMatchObject({ name: "data", role: "secondary", local: c.nodes.b.image, nbd: null });

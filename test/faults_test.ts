@@ -288,6 +288,7 @@ test("after a failed flush of the primary's disk every later flush fails, and no
   expect(sim.primary.status().localFlushFailure).toContain("EIO");
   // Recorded on disk before anyone hears of it: a restart will not promote this copy without --force.
   expect(sim.primaryMeta.metadata.localWritesLost).toBe(true);
+  expect(sim.primary.status().status).toBe("degraded");
   // The application learns of it at its next flush, and keeps learning: no flush succeeds again.
   for (let i = 0; i < 2; i++) {
     const error = await sim.primary.flush().then(() => null, (e: Error) => e);

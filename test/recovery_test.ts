@@ -515,6 +515,9 @@ test("primary disk loses cached writes: promotion refused, failover resyncs it f
     const failed = await list(c, "a");
     expect(String(failed.worker?.localFlushFailure ?? "")).toContain("EIO");
     expect((await c.dump("a")).localWritesLost).toBe(true);
+    const shown = await c.status("a");
+    expect(shown.status).toBe("degraded");
+    expect(shown.localError).toMatch(/flush of the local disk failed .*fail over/);
 
     await c.hast("a", ["role", "init", "data"]);
     // The premise: a's disk really lacks some of what the client wrote (read past the cache).
