@@ -85,7 +85,8 @@ export class Primary {
   private link: RemoteLink | null = null;
   private linkState: LinkState = "disconnected";
   private lastLinkError = "";
-  private readonly refusals = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
+  /** Log lines that would repeat every attempt: refusals of the peer, retried metadata writes. */
+  private readonly repeats = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
   private stopped = false;
   private bumpedSinceDisconnect = false;
   /** Extents the secondary wrote since its last successful flush began: its page cache may
@@ -394,7 +395,12 @@ export class Primary {
       this.o.log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
         "node again needs --force (fail over to the secondary to keep its copy)");
     } catch (error) {
-      this.o.log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
+      // Every later flush fails too (stickyFlushFailure), so the next one (a clear round's, within
+      // ACTIVEMAP_CLEAR_INTERVAL_MS) tries again; metadata written meanwhile may lack the record.
+      this.recordingLoss = null;
+      const line = this.repeats.pass("record localWritesLost",
+        `cannot record in the metadata that the local disk may have lost writes (retrying): ${error}`);
+      if (line !== null) this.o.log("error", line);
     }
   }
 
@@ -624,7 +630,7 @@ export class Primary {
     } else {
       // Each retry is refused again: one line per reason per minute (the loop marks every
       // attempt "connecting", so the previous state cannot tell a repeat).
-      const line = this.refusals.pass(reason, `secondary refused the connection: ${reason}`);
+      const line = this.repeats.pass(reason, `secondary refused the connection: ${reason}`);
       if (line !== null) this.o.log("error", line);
       this.linkState = "refused";
     }

@@ -281,13 +281,24 @@ test("after a failed flush of the primary's disk every later flush fails, and no
   await sim.primary.write(4 * MIB, pattern(4096, 3), false);
   await waitFor("settled", () => sim!.primary.status().activemap.inFlightExtents === 0 || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
-  // One fdatasync fails (cached writes may be lost); the disk's next one would succeed.
+  // One fdatasync fails (cached writes may be lost); the disk's next one would succeed. The
+  // first two attempts to record that in the metadata fail as well.
+  let metaFailures = 2;
+  sim.primaryMeta.beforeWrite = async (update) => {
+    if (update.localWritesLost && metaFailures-- > 0) throw eio("metadata write");
+  };
   sim.primaryDisk.flushError = eio("fdatasync");
   await sim.primary.clearRound();
   sim.primaryDisk.flushError = null;
   expect(sim.primary.status().localFlushFailure).toContain("EIO");
-  // Recorded on disk before anyone hears of it: a restart will not promote this copy without --force.
+  expect(sim.primaryMeta.metadata.localWritesLost).toBe(false);
+  // Each later failing flush tries again, until the record is on disk: a restart will then not
+  // promote this copy without --force.
+  await sim.primary.clearRound();
+  expect(sim.primaryMeta.metadata.localWritesLost).toBe(false);
+  await sim.primary.clearRound();
   expect(sim.primaryMeta.metadata.localWritesLost).toBe(true);
+  expect(sim.logs.filter((l) => l.includes("cannot record in the metadata")).length).toBe(1);
   expect(sim.primary.status().status).toBe("degraded");
   // The application learns of it at its next flush, and keeps learning: no flush succeeds again.
   for (let i = 0; i < 2; i++) {

@@ -99,7 +99,11 @@ export class MemoryMeta implements MetaStore {
     this.map = new Uint8Array(layout.mapSizeBytes);
   }
 
+  /** Can fail a metadata write (it then changes nothing, as a failed write of a slot). */
+  beforeWrite: (update: Partial<Omit<Metadata, "generation">>) => Promise<void> = async () => {};
+
   async write(update: Partial<Omit<Metadata, "generation">>): Promise<void> {
+    await this.beforeWrite(update);
     this.metadata = { ...this.metadata, ...update, generation: this.metadata.generation + 1n };
   }
 
