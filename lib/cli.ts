@@ -9,7 +9,7 @@ import { parseArgs } from "node:util";
 import { loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
 import { controlRequest, type ControlRequest } from "./control.ts";
 import { Daemon, selfCommand } from "./daemon.ts";
-import { createMetadata, MetadataStore } from "./metadata.ts";
+import { createMetadata, MetadataStore, stalenessOf } from "./metadata.ts";
 import { Provider } from "./provider.ts";
 import {
   EX_CONFIG, EX_TEMPFAIL, EX_USAGE, ExitError, exitCodeOf,
@@ -27,6 +27,8 @@ commands:
   dump [--json] [name...]
   discard name...          mark this side's data to be overwritten by the peer (split-brain recovery)
   syncrate rate name...    change the sync rate limit at run time (e.g. 100M, 0 = unlimited)
+  promotable name...       exit 0 if each resource may become primary here without --force (for a
+                           cluster manager's health check, e.g. keepalived's vrrp_script), else 1
   verify [--wait] [--rate rate] name...
                            compare both copies online (on the primary); differing extents are
                            resynced from it. --wait: print the result; exit 1 if any differed.
@@ -97,6 +99,8 @@ async function dispatch(globals: Globals, command: string, rest: string[]): Prom
       return syncrate(globals, rest);
     case "verify":
       return verify(globals, rest);
+    case "promotable":
+      return promotable(globals, rest);
     default:
       throw new ExitError(`Cannot run command "${command}": unknown command`, EX_USAGE);
   }
@@ -331,6 +335,53 @@ async function syncrate(globals: Globals, rest: string[]): Promise<number> {
   const cfg = config(globals);
   await request(cfg, { command: "syncrate", names, bytesPerSecond: parseSizeBytes(rate) });
   return 0;
+}
+
+/**
+ * A cluster manager's health check (README, "Automatic failover with keepalived"): may each
+ * resource become (or stay) primary on this node without --force? Not when the daemon does not
+ * answer, the worker failed, a split-brain is detected, the local disk lost writes, or the
+ * on-disk metadata marks the data stale (stalenessOf). Prints one line per resource.
+ */
+async function promotable(globals: Globals, rest: string[]): Promise<number> {
+  const { positionals: names } = parse(rest, {});
+  if (names.length === 0) throw new ExitError("Cannot check: name resources", EX_USAGE);
+  const cfg = config(globals);
+  const resources = pickResources(cfg, names);
+  let rows: Record<string, any>[] = [];
+  let daemonError: string | null = null;
+  try {
+    rows = (await request(cfg, { command: "status", names })) as Record<string, any>[];
+  } catch (error) {
+    daemonError = (error as Error).message;
+  }
+  let code = 0;
+  for (const resource of resources) {
+    const row = rows.find((r) => r.name === resource.resource);
+    let why: string | null = null;
+    if (daemonError !== null) why = `the daemon does not answer: ${daemonError}`;
+    else if (row?.status === "failed") why = `its worker is not running: ${row.linkError ?? "unknown error"}`;
+    else if (row?.status === "split-brain") why = "split-brain: both sides were written independently";
+    else if (row?.localError) why = String(row.localError);
+    else why = await metadataStaleness(resource);
+    if (why !== null) code = 1;
+    process.stdout.write(`${resource.resource}: ${why === null ? "promotable" : `not promotable: ${why}`}\n`);
+  }
+  return code;
+}
+
+/** Why the on-disk metadata forbids promotion without --force, or null. */
+async function metadataStaleness(resource: ResourceConfig): Promise<string | null> {
+  try {
+    const provider = Provider.open(resource.local, { exclusive: false, readOnly: true });
+    try {
+      return stalenessOf((await MetadataStore.load(provider)).metadata);
+    } finally {
+      provider.close();
+    }
+  } catch (error) {
+    return `cannot read its metadata: ${(error as Error).message}`;
+  }
 }
 
 /** How often `hast verify --wait` polls the daemon. */

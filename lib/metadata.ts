@@ -89,6 +89,17 @@ export interface Metadata {
   generation: bigint;
 }
 
+/** Why a node with this metadata must not be promoted without --force, or null. */
+export function stalenessOf(m: Metadata): string | null {
+  if (m.discardPending) return `discarded by "hast discard"`;
+  if (m.localWritesLost) {
+    return "a flush of its disk failed while it was primary, so cached writes may be lost; " +
+      "the peer's copy has them: promote the peer, and this node resyncs from it as secondary";
+  }
+  if (m.syncTarget) return "it was the target of an unfinished sync";
+  return null;
+}
+
 /** Where the map and the data live on a provider of a given size. */
 export interface Layout {
   extentCount: number;

@@ -18,7 +18,7 @@ import type { Hello } from "./handshake.ts";
 import { exitCodeOf } from "./exit_codes.ts";
 import { execHooks } from "./hooks.ts";
 import { makeLogger, type Logger } from "./log.ts";
-import { MetadataStore, type Metadata } from "./metadata.ts";
+import { MetadataStore, stalenessOf } from "./metadata.ts";
 import { NbdServer } from "./nbd_server.ts";
 import { Primary } from "./primary.ts";
 import { Provider } from "./provider.ts";
@@ -128,24 +128,13 @@ class StartError extends Error {
   }
 }
 
-/** Why this node's data must not be promoted without --force, or null. */
-function staleness(m: Metadata): string | null {
-  if (m.discardPending) return `discarded by "hast discard"`;
-  if (m.localWritesLost) {
-    return "a flush of its disk failed while it was primary, so cached writes may be lost; " +
-      "the peer's copy has them: promote the peer, and this node resyncs from it as secondary";
-  }
-  if (m.syncTarget) return "it was the target of an unfinished sync";
-  return null;
-}
-
 async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger): Promise<Running> {
   const { config, role } = message;
   const provider = Provider.open(config.local, { exclusive: true });
   try {
     const meta = await MetadataStore.load(provider, { resource: config.resource });
     const m = meta.metadata;
-    const stale = staleness(m);
+    const stale = stalenessOf(m);
     if (role === "primary" && stale !== null && !message.force) {
       throw new StartError(
         `Cannot become primary: the local data of "${config.resource}" is stale (${stale}); ` +

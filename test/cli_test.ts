@@ -256,8 +256,15 @@ describe("promoting stale data", () => {
   test("role primary after `discard` is refused with the reason; --force promotes", async () => {
     await withCluster(async (c) => {
       await c.createBoth();
+      const noDaemon = await c.hast("b", ["promotable", "data"], { allowFailure: true });
+      expect(noDaemon.code).toBe(1);
+      expect(noDaemon.stdout).toMatch(/^data: not promotable: the daemon does not answer/);
       await c.startDaemon("b");
+      expect((await c.hast("b", ["promotable", "data"])).stdout).toBe("data: promotable\n");
       await c.hast("b", ["discard", "data"]);
+      const notNow = await c.hast("b", ["promotable", "data"], { allowFailure: true });
+      expect(notNow.code).toBe(1);
+      expect(notNow.stdout).toMatch(/^data: not promotable: discarded by "hast discard"/);
       const dump = await c.dump("b");
       expect(dump.syncTarget || dump.discardPending).toBe(true);
       const refused = await c.hast("b", ["role", "primary", "data"], { allowFailure: true });
@@ -272,6 +279,7 @@ describe("promoting stale data", () => {
       expect((await c.status("b")).linkError).toMatch(/stale/);
       await c.hast("b", ["role", "--force", "primary", "data"]);
       expect((await c.status("b")).role).toBe("primary");
+      expect((await c.hast("b", ["promotable", "data"])).stdout).toBe("data: promotable\n");
       // The operator's choice is recorded: this copy is current, so it needs no --force again.
       const forced = await c.dump("b");
       expect([forced.syncTarget, forced.discardPending, forced.localWritesLost]).toEqual([false, false, false]);

@@ -518,6 +518,9 @@ test("primary disk loses cached writes: promotion refused, failover resyncs it f
     const shown = await c.status("a");
     expect(shown.status).toBe("degraded");
     expect(shown.localError).toMatch(/flush of the local disk failed .*fail over/);
+    // A cluster manager's health check says so too (README, keepalived).
+    const check = await c.hast("a", ["promotable", "data"], { allowFailure: true });
+    expect([check.code, check.stdout]).toEqual([1, expect.stringMatching(/^data: not promotable: a flush/)]);
 
     await c.hast("a", ["role", "init", "data"]);
     // The premise: a's disk really lacks some of what the client wrote (read past the cache).
