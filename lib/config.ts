@@ -10,7 +10,7 @@
  * - name, local, export: resource `on` section > resource section > default
  *   (name defaults to the resource name; local has no default; export defaults to
  *   `uds:///run/hast/<name>.sock`). HAST's grammar does not allow name/local globally.
- * - metaflush: resource `on` section > resource section > global > default (on).
+ * - metaflush, authkey: resource `on` section > resource section > global > default (on; none).
  * - replication, checksum, compression, timeout, exec, syncrate, pipeline:
  *   resource section > global > default.
  * - control, pidfile, listen: matching top-level `on` section > global > default.
@@ -84,6 +84,11 @@ export interface ResourceConfig {
   syncRateBytesPerSecond: number;
   /** `pipeline on|off|auto` (auto: on with PIPELINE_AUTO_MIN_CORES cores or more). */
   pipeline: boolean;
+  /**
+   * `authkey PATH`: a secret file (mode 0600, at least AUTHKEY_MIN_BYTES) both nodes hold; the
+   * replication connection is then mutually authenticated (handshake.ts). null: `none`.
+   */
+  authkey: string | null;
   /** Where the primary serves NBD. */
   export: Address;
   /** Line of the `resource` keyword (YAML: of the resource's key). */
@@ -261,6 +266,7 @@ interface Values {
   metaflush?: boolean;
   syncRateBytesPerSecond?: number;
   pipeline?: boolean;
+  authkey?: string | null;
   name?: string;
   local?: string;
   export?: Address;
@@ -310,6 +316,7 @@ function applyEntry(file: string, values: Values, entry: Entry): void {
       return;
     }
     case "syncrate": values.syncRateBytesPerSecond = unit(file, entry, parseSizeBytes); return;
+    case "authkey": values.authkey = v === "none" ? null : absolutePath(file, entry); return;
     case "name": checkPlainName(file, `set "name" to`, v, entry.valuePos); values.name = v; return;
     case "local": values.local = absolutePath(file, entry); return;
     case "export": values.export = address(file, entry, NBD_PORT); return;
@@ -461,10 +468,16 @@ function resolveResource(
     metaflush: node.metaflush ?? res.metaflush ?? global.metaflush ?? DEFAULTS.metaflush,
     syncRateBytesPerSecond: res.syncRateBytesPerSecond ?? global.syncRateBytesPerSecond ?? 0,
     pipeline: res.pipeline ?? global.pipeline ?? pipelineAuto(),
+    authkey: firstDefined(node.authkey, res.authkey, global.authkey) ?? null,
     export: node.export ?? res.export ?? { kind: "unix", path: `/run/hast/${name}.sock` },
     line: section.pos.line,
   };
   return { config, matched: match.section.name };
+}
+
+/** The first argument that is not undefined (null counts: `authkey none` overrides). */
+function firstDefined<T>(...values: (T | undefined)[]): T | undefined {
+  return values.find((value) => value !== undefined);
 }
 
 /** Resolves the whole tree for this node. */

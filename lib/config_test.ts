@@ -95,6 +95,7 @@ describe("spec example and node matching", () => {
         metaflush: true,
         syncRateBytesPerSecond: 0,
         pipeline: pipelineAuto(),
+        authkey: null,
         export: { kind: "unix", path: "/run/hast/data.sock" },
         line: 1,
       }],
@@ -255,6 +256,37 @@ describe("precedence and defaults", () => {
       export: { kind: "tcp", family: "tcp", host: "127.0.0.1", port: 10809 },
       line: 13,
     });
+  });
+
+  test("authkey: resource-node > resource > global > none; `none` overrides; absolute paths only", () => {
+    const text = lines(
+      "authkey /etc/hast/global.key",
+      "resource r1 {",
+      "  local /dev/a",
+      "  on hosta { remote none }",
+      "}",
+      "resource r2 {",
+      "  authkey /etc/hast/r2.key",
+      "  local /dev/b",
+      "  on hosta { remote none }",
+      "}",
+      "resource r3 {",
+      "  authkey /etc/hast/r3.key",
+      "  local /dev/c",
+      "  on hosta { remote none authkey /etc/hast/r3-hosta.key }",
+      "}",
+      "resource r4 {",
+      "  authkey none",
+      "  local /dev/d",
+      "  on hosta { remote none }",
+      "}",
+    );
+    const config = parseConfig(text, "hast.conf", { node: "hosta" });
+    expect(config.resources.map((r) => r.authkey)).toEqual([
+      "/etc/hast/global.key", "/etc/hast/r2.key", "/etc/hast/r3-hosta.key", null,
+    ]);
+    expect(() => parseConfig(lines("authkey relative.key"), "hast.conf", { node: "hosta" }))
+      .toThrow(/hast\.conf:1:9: Cannot set "authkey" to "relative\.key"/);
   });
 
   test("resource-node values win for name, local, metaflush and export", () => {

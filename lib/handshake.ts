@@ -3,6 +3,7 @@
  * HelloReply, the secondary's dirty bitmap in Map frames. The decision which
  * way to sync is the secondary's (counters.ts); the primary follows it.
  */
+import { authenticateAsPrimary, helloAuthFields, readAuthKey } from "./auth.ts";
 import type { ResourceConfig } from "./config.ts";
 import { decideSync, newResuid, type SyncDecision } from "./counters.ts";
 import type { MetaStore } from "./storage.ts";
@@ -25,6 +26,9 @@ export interface Hello {
   replication: string;
   checksum: string;
   compression: string;
+  /** Present when the primary has an authkey (auth.ts): the secondary must authenticate. */
+  auth?: true;
+  authNonce?: string;
 }
 
 export type HandshakeResult =
@@ -70,7 +74,10 @@ export async function handshakeAsPrimary(
   const m = options.meta.metadata;
   let proposed = 0n;
   if (m.resuid === 0n) proposed = newResuid();
+  const key = options.config.authkey === null ? null : readAuthKey(options.config.authkey);
+  const { nonce, ...authFields } = helloAuthFields(key);
   const hello: Hello = {
+    ...authFields,
     protocol: WIRE_VERSION,
     resource: m.resource,
     resuid: String(m.resuid),
@@ -83,8 +90,25 @@ export async function handshakeAsPrimary(
     checksum: options.config.checksum,
     compression: options.config.compression,
   };
-  const frames = collectReply(conn, options.timeoutMs);
-  conn.send(encodeJson(MessageType.Hello, hello));
+  let frames: ReturnType<typeof collectReply>;
+  if (key === null) {
+    frames = collectReply(conn, options.timeoutMs);
+    conn.send(encodeJson(MessageType.Hello, hello));
+  } else {
+    conn.send(encodeJson(MessageType.Hello, hello));
+    const unauthenticated = await authenticateAsPrimary(conn, {
+      key, nonce: nonce!, resource: m.resource, timeoutMs: options.timeoutMs,
+    });
+    if (unauthenticated !== null) {
+      const reply = decodeJson(unauthenticated);
+      if (reply.accepted !== true) {
+        return { kind: "refused", reason: String(reply.reason), splitBrain: reply.splitBrain === true };
+      }
+      throw new Error("authentication failed: the secondary accepted without authenticating itself " +
+        "(it has no authkey, or runs an older hast)");
+    }
+    frames = collectReply(conn, options.timeoutMs);
+  }
   const { reply, map } = await frames;
   if (reply.accepted !== true) {
     return { kind: "refused", reason: String(reply.reason), splitBrain: reply.splitBrain === true };

@@ -6,6 +6,7 @@
  * in parallel (see applyConcurrently).
  */
 import { createHash } from "node:crypto";
+import { authenticateAsSecondary } from "./auth.ts";
 import type { ResourceConfig } from "./config.ts";
 import { handshakeAsSecondary, type Hello } from "./handshake.ts";
 import type { HookRunner } from "./hooks.ts";
@@ -17,7 +18,7 @@ import { REFUSAL_LOG_INTERVAL_MS, RepeatLimiter } from "./log.ts";
 import { RangeLock } from "./range_lock.ts";
 import { decodePayload, encodePayload } from "./payload_codec.ts";
 import {
-  decodeJson, encodeFrame, Errno, FrameFlag, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, MAX_REMOTE_IN_FLIGHT,
+  decodeJson, encodeFrame, encodeJson, Errno, FrameFlag, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, MAX_REMOTE_IN_FLIGHT,
   MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, ProtocolError, windowBytes, type Frame,
 } from "./wire.ts";
 
@@ -83,6 +84,15 @@ export class Secondary {
 
   /** Takes over a connection whose Hello was already read; replaces an older one. */
   async attach(conn: Connection, hello: Hello): Promise<void> {
+    // Before anything else: an unauthenticated peer must not even drop the current primary's link.
+    const unauthenticated = await authenticateAsSecondary(conn, hello, {
+      keyPath: this.o.config.authkey, timeoutMs: this.o.config.timeoutSeconds * 1000,
+    });
+    if (unauthenticated !== null) {
+      conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason: unauthenticated }));
+      this.refuse(conn, false, unauthenticated);
+      return;
+    }
     if (this.conn) {
       this.conn.close("replaced by a new connection from the primary");
       await this.settled();

@@ -100,6 +100,7 @@ export function describeResource(
     timeoutSeconds: config.timeoutSeconds,
     metaflush: config.metaflush,
     syncRateBytesPerSecond: config.syncRateBytesPerSecond,
+    authkey: config.authkey, // the path; the key itself is never shown
     exec: config.exec,
     workerPid: options.pid,
     lastError: options.lastError || null,

@@ -69,6 +69,10 @@ export const enum MessageType {
    * connection on an unknown type).
    */
   Verify = 12,
+  /** secondary → primary: JSON {nonce, proof}; its half of the authkey exchange (auth.ts). */
+  AuthChallenge = 13,
+  /** primary → secondary: JSON {proof}; the primary's half (auth.ts). */
+  Auth = 14,
 }
 
 /**
@@ -190,7 +194,7 @@ export function decodeJson(frame: Frame): Record<string, unknown> {
   return value as Record<string, unknown>;
 }
 
-const KNOWN_TYPES = new Set<number>([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+const KNOWN_TYPES = new Set<number>([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
 
 /**
  * Incremental frame parser: feed it chunks with arbitrary boundaries, it calls

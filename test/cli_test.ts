@@ -9,6 +9,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { closeSync, existsSync, openSync, readFileSync, writeFileSync, writeSync } from "node:fs";
+import net from "node:net";
 import { join } from "node:path";
 import { controlRequest } from "../lib/control.ts";
 import {
@@ -16,6 +17,8 @@ import {
 } from "../lib/resource_worker.ts";
 import { WORKER_RESTART_MS } from "../lib/daemon.ts";
 import { RECONNECT_INTERVAL_MS } from "../lib/primary.ts";
+import { socketConnection } from "../lib/transport.ts";
+import { decodeJson, encodeJson, type Frame, MessageType, WIRE_VERSION } from "../lib/wire.ts";
 import { type Cluster, createCluster, hastCommand, type NodeName } from "./cluster.ts";
 import { Cleanup, expandRanges, makeTempDir, run, type RunResult, waitFor } from "./harness.ts";
 
@@ -325,6 +328,63 @@ describe("online verify", () => {
     });
   }, TEST_TIMEOUT_MS);
 });
+
+describe("authkey", () => {
+  // Proves the key set in hast.conf authenticates the pair, and that a peer without it, even
+  // one connecting from the primary's own address, is refused without disturbing the link it
+  // tried to replace (before authkey, any Hello from that address replaced the connection).
+  test("a keyed pair connects; a Hello without the key from the primary's address changes nothing",
+    async () => {
+      const cleanup = new Cleanup();
+      try {
+        const keys = await makeTempDir(cleanup, "hast-key-");
+        const keyPath = join(keys, "data.key");
+        writeFileSync(keyPath, "a shared secret of the pair\n", { mode: 0o600 });
+        const port = 20000 + ((process.pid * 13) % 20000);
+        const c = await createCluster(cleanup, { port, resourceLines: [`authkey ${keyPath}`] });
+        await c.createBoth();
+        await c.startDaemon("a");
+        await c.startDaemon("b");
+        await c.hast("b", ["role", "secondary", "data"]);
+        await c.hast("a", ["role", "primary", "data"]);
+        await c.waitStatus("a", "complete", (s) => s.status === "complete");
+        const reply = await helloWithoutKey(c.nodes.a.ip, c.nodes.b.ip, port);
+        expect(reply).toMatchObject({ accepted: false });
+        expect(String(reply.reason)).toMatch(/^authentication required: this node has an authkey/);
+        await Bun.sleep(500);
+        expect(readText(c.nodes.a.log)).not.toContain("disconnected");
+        expect(readText(c.nodes.b.log)).not.toContain("replaced by a new connection");
+        expect((await c.status("a")).status).toBe("complete");
+        await run(["qemu-io", "-f", "raw", c.uri("a"), "-c", "write -P 0x77 0 1M", "-c", "flush"]);
+        await c.waitStatus("a", "written", (s) => s.status === "complete" && s.dirtyBytes === 0);
+        expect(Buffer.compare(await c.readData("a", 0, 1 << 20), await c.readData("b", 0, 1 << 20))).toBe(0);
+      } finally {
+        await cleanup.run();
+      }
+    }, TEST_TIMEOUT_MS);
+});
+
+/** Connects from `from` to a daemon at `to:port`, sends a Hello for "data" without a key, and
+ *  returns the daemon's HelloReply. */
+async function helloWithoutKey(from: string, to: string, port: number): Promise<Record<string, unknown>> {
+  const socket = net.connect({ host: to, port, localAddress: from });
+  try {
+    const conn = socketConnection(socket);
+    const reply = new Promise<Frame>((resolve, reject) => {
+      conn.onFrame = resolve;
+      conn.onClose = (why) => reject(new Error(`closed without a reply: ${why}`));
+    });
+    await new Promise<void>((resolve, reject) => socket.once("connect", resolve).once("error", reject));
+    conn.send(encodeJson(MessageType.Hello, {
+      protocol: WIRE_VERSION, resource: "data", resuid: "0", proposedResuid: "1", localcnt: "0",
+      remotecnt: "0", datasizeBytes: 0, extentsizeBytes: 0, replication: "fullsync", checksum: "none",
+      compression: "hole",
+    }));
+    return decodeJson(await reply);
+  } finally {
+    socket.destroy();
+  }
+}
 
 describe("a primary whose peer is not secondary yet", () => {
   test("it keeps retrying; both sides log the refusal once, not once per attempt", async () => {

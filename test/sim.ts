@@ -180,6 +180,9 @@ export interface SimOptions {
   timeoutSeconds?: number;
   /** Encode and decode large payloads on codec threads, as a resource with `pipeline on`. */
   pipeline?: boolean;
+  /** `authkey` of both sides, unless `secondaryAuthkey` sets the secondary's (null: none). */
+  authkey?: string;
+  secondaryAuthkey?: string | null;
 }
 
 /** A primary and a secondary joined by an in-memory network. */
@@ -221,6 +224,7 @@ export class Sim {
       compression: this.options.compression ?? "hole", timeoutSeconds: this.options.timeoutSeconds ?? 5,
       exec: null,
       metaflush: true, syncRateBytesPerSecond: 0, pipeline: this.options.pipeline ?? false,
+      authkey: this.options.authkey ?? null,
       export: { kind: "unix", path: "/sim.sock" },
     };
   }
@@ -236,6 +240,7 @@ export class Sim {
   /** Starts both sides; the primary connects at once. */
   start(): void {
     const config = this.config();
+    if (this.options.secondaryAuthkey !== undefined) config.authkey = this.options.secondaryAuthkey;
     this.pipeline = config.pipeline ? CodecPipeline.start() : null;
     const pipeline = this.pipeline;
     this.secondary = new Secondary({
