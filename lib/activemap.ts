@@ -312,6 +312,13 @@ export class ActiveMap {
     return false;
   }
 
+  /** True if any extent of [offset, offset+length) is set in the on-disk map. */
+  anyDirtyOnDisk(offset: number, length: number): boolean {
+    const [first, last] = this.#extents(offset, length);
+    for (let e = first; e <= last; e++) if (bitGet(this.#disk, e)) return true;
+    return false;
+  }
+
   /**
    * True when both copies of [offset, offset+length) are known to hold the
    * same data: no write in flight and nothing to sync in any of its extents.

@@ -513,8 +513,15 @@ export class Primary {
   // ---- reads from the secondary ------------------------------------------
 
   private readsFromSecondary(offset: number, length: number): boolean {
-    return this.link?.isUp === true && this.syncSource === "secondary" &&
-      this.o.activemap.anySyncNeeded(offset, length);
+    if (this.link?.isUp !== true) return false;
+    const am = this.o.activemap;
+    if (this.syncSource === "secondary") return am.anySyncNeeded(offset, length);
+    // After a failed flush the local disk may have dropped any write since the last good one:
+    // those extents stay set in the on-disk map. Where the copies are in step (nothing to sync,
+    // no write in flight), the secondary's has every write answered, so reads go there until a
+    // failover. (Where it is behind, the local copy is the newer one; a write in flight is in
+    // the local page cache.)
+    return this.data.failure() !== null && am.anyDirtyOnDisk(offset, length) && am.inStep(offset, length);
   }
 
   /**

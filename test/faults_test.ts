@@ -317,6 +317,34 @@ test("after a failed flush of the primary's disk every later flush fails, and no
   expect(sim.events.filter((e) => e === "primary syncstart").length).toBe(syncsBefore);
 });
 
+// Proves that after a failed flush the primary never serves a write its disk dropped: the
+// page cache loses a write (as when a page whose writeback failed is evicted), and reads of
+// that extent come from the secondary while it is in step; once the link is gone, from the
+// local copy, as the only one left.
+test("after a failed flush of the primary's disk, reads of its dirty extents come from the secondary", async () => {
+  sim = await startPair({ replication: "memsync", keepdirty: 0 });
+  await sim.primary.write(0, pattern(4096, 3), false); // extent 0: flushed and clean before the failure
+  await waitFor("extent 0 clean on disk", async () => {
+    await sim!.primary.clearRound();
+    return (sim!.primaryMeta.map[0]! & 1) === 0 || undefined;
+  }, { timeoutMs: 5_000, intervalMs: 10 });
+  await sim.primary.write(6 * MIB, pattern(4096, 5), false); // extent 6: dirty when the flush fails
+  await waitFor("settled", () => sim!.primary.status().activemap.inFlightExtents === 0 || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  sim.primaryDisk.flushError = eio("fdatasync");
+  await sim.primary.clearRound();
+  sim.primaryDisk.flushError = null;
+  sim.primaryDisk.bytes.fill(0, 6 * MIB, 6 * MIB + 4096); // the dropped write
+  const remoteReadsBefore = sim.primary.counters.remoteReads;
+  expect(await sim.primary.read(6 * MIB, 4096)).toEqual(pattern(4096, 5));
+  expect(sim.primary.counters.remoteReads).toBe(remoteReadsBefore + 1);
+  expect(await sim.primary.read(0, 4096)).toEqual(pattern(4096, 3)); // clean: local
+  expect(sim.primary.counters.remoteReads).toBe(remoteReadsBefore + 1);
+  sim.reachable = false;
+  sim.dropLink("test: partition");
+  expect(await sim.primary.read(6 * MIB, 4096)).toEqual(new Uint8Array(4096));
+});
+
 for (const exceeded of ["requests", "bytes"] as const) {
   test(`a primary that exceeds the window's ${exceeded} is dropped by the secondary, and reconnects`, async () => {
     sim = await startPair({ replication: "fullsync", mediasizeBytes: 80 * MIB });
