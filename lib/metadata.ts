@@ -78,11 +78,11 @@ export interface Metadata {
    */
   discardPending: boolean;
   /**
-   * True after a flush of this node's data failed while it was primary: the
-   * kernel may have dropped cached writes, so the extents set in its map may
-   * hold older data than the application was told was written (the peer's copy
-   * has it). Promotion is refused without `--force`; cleared when a sync with
-   * the peer completes here as secondary, or by a forced promotion.
+   * True after a flush of this node's data failed (as primary or secondary):
+   * the kernel may have dropped cached writes, so this copy may hold older data
+   * than the application was told was written (the peer's copy has it).
+   * Promotion is refused without `--force`; cleared when a sync with the peer
+   * completes here as secondary, or by a forced promotion.
    */
   localWritesLost: boolean;
   /** Slot generation, managed by the store. */
@@ -93,8 +93,8 @@ export interface Metadata {
 export function stalenessOf(m: Metadata): string | null {
   if (m.discardPending) return `discarded by "hast discard"`;
   if (m.localWritesLost) {
-    return "a flush of its disk failed while it was primary, so cached writes may be lost; " +
-      "the peer's copy has them: promote the peer, and this node resyncs from it as secondary";
+    return "a flush of its disk failed, so cached writes may be lost; the peer's copy has them: " +
+      "keep or make the peer primary, and this node resyncs from it as secondary";
   }
   if (m.syncTarget) return "it was the target of an unfinished sync";
   return null;

@@ -275,6 +275,9 @@ export class Secondary {
     if (conn.closed) return;
     const flushFailure = this.data.failure();
     if (flushFailure !== null) {
+      // Our copy may now lack writes the application was told are done: durable before anyone
+      // hears of it, so that this node is not promoted without --force before a resync.
+      await this.recordLocalWritesLost();
       // Answer first, so the primary sees the error for this request, then drop the link.
       if (!reply.payload) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
       conn.close(`flush failed: ${flushFailure}`);
@@ -430,6 +433,18 @@ export class Secondary {
       return { error: Errno.EIO };
     }
     return { error: Errno.EINVAL };
+  }
+
+  /** Records metadata.localWritesLost (cleared by the next completed sync, see syncDone). */
+  private async recordLocalWritesLost(): Promise<void> {
+    if (this.o.meta.metadata.localWritesLost) return;
+    try {
+      await this.o.meta.write({ localWritesLost: true }, { flush: true });
+      this.o.log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
+        "node needs --force until a sync from the primary completes");
+    } catch (error) {
+      this.o.log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
+    }
   }
 
   /** The primary finished the sync: our copy is complete; commit counters (spec §5). */
