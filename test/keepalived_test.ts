@@ -57,8 +57,10 @@ function startKeepalived(cleanup: Cleanup, c: Cluster, node: NodeName): SpawnedP
   const conf = join(c.dir, `keepalived-${node}.conf`);
   writeFileSync(conf, keepalivedConf(c, node));
   const pid = (kind: string) => join(c.dir, `keepalived-${node}.${kind}.pid`);
+  // Debian installs it in /usr/sbin, which a non-login PATH may lack.
+  const program = Bun.which("keepalived") ?? "/usr/sbin/keepalived";
   return spawnProcess(cleanup, [
-    "keepalived", "--dont-fork", "--log-console", "--log-detail", "--vrrp", "-f", conf,
+    program, "--dont-fork", "--log-console", "--log-detail", "--vrrp", "-f", conf,
     "-p", pid("main"), "-r", pid("vrrp"), "-c", pid("checkers"),
   ], { ns: c.nodes[node].ns, logPath: join(c.dir, `keepalived-${node}.log`) });
 }
