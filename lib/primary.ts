@@ -13,7 +13,7 @@ import type { ReplicationMode, ResourceConfig } from "./config.ts";
 import type { HookRunner } from "./hooks.ts";
 import { RangeLock } from "./range_lock.ts";
 import { LinkDownError, RemoteLink, type Clock, type RemoteCall } from "./remote_link.ts";
-import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
+import { recordLocalWritesLost, stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
 import { SYNC_CHUNK_BYTES, SYNC_WORKERS, Synchronizer, type SyncProgress } from "./synchronizer.ts";
 import { Verifier, type VerifyProgress } from "./verifier.ts";
 import type { Network } from "./transport.ts";
@@ -389,9 +389,8 @@ export class Primary {
    * has those writes in fullsync and memsync) without an operator's `--force`.
    */
   private async recordLocalWritesLost(): Promise<void> {
-    if (this.o.meta.metadata.localWritesLost) return;
     try {
-      await this.o.meta.write({ localWritesLost: true }, { flush: true });
+      if (!(await recordLocalWritesLost(this.o.meta))) return;
       this.o.log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
         "node again needs --force (fail over to the secondary to keep its copy)");
     } catch (error) {

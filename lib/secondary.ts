@@ -10,7 +10,7 @@ import { authenticateAsSecondary } from "./auth.ts";
 import type { ResourceConfig } from "./config.ts";
 import { handshakeAsSecondary, type Hello } from "./handshake.ts";
 import type { HookRunner } from "./hooks.ts";
-import { stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
+import { recordLocalWritesLost, stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
 import type { Connection } from "./transport.ts";
 import { CodecPipeline } from "./codec_pipeline.ts";
 import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
@@ -437,13 +437,13 @@ export class Secondary {
 
   /** Records metadata.localWritesLost (cleared by the next completed sync, see syncDone). */
   private async recordLocalWritesLost(): Promise<void> {
-    if (this.o.meta.metadata.localWritesLost) return;
-    try {
-      await this.o.meta.write({ localWritesLost: true }, { flush: true });
+    const recorded = await recordLocalWritesLost(this.o.meta).catch((error: Error) => {
+      this.o.log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
+      return false;
+    });
+    if (recorded) {
       this.o.log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
         "node needs --force until a sync from the primary completes");
-    } catch (error) {
-      this.o.log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
     }
   }
 

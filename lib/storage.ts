@@ -70,3 +70,15 @@ export function stickyFlushFailure(data: DataStore): DataStore & { failure(): st
     failure: () => failure,
   };
 }
+
+/**
+ * Records metadata.localWritesLost, flushed: the local disk may have dropped cached writes, so
+ * this copy must not be promoted without --force until a sync from the peer completes.
+ * @returns true when it wrote the record now, false when it was already there
+ * @throws what the metadata write throws
+ */
+export async function recordLocalWritesLost(meta: MetaStore): Promise<boolean> {
+  if (meta.metadata.localWritesLost) return false;
+  await meta.write({ localWritesLost: true }, { flush: true });
+  return true;
+}
