@@ -3,6 +3,7 @@
  * the configuration, the daemon's view (role, worker pid) and the worker's
  * own status, and how it is printed as text.
  */
+import { AUTHKEY_MIN_BYTES } from "./auth.ts";
 import {
   PIPELINE_MIN_BYTES, PIPELINE_REGION_BYTES, PIPELINE_SLOTS, PIPELINE_THREADS,
 } from "./codec_pipeline.ts";
@@ -47,6 +48,7 @@ export const LIMITS = {
   verifyChunkBytes: VERIFY_CHUNK_BYTES,
   verifyParallelChunks: VERIFY_WORKERS,
   verifyListedExtentsMax: VERIFY_LIST_MAX,
+  authkeyMinBytes: AUTHKEY_MIN_BYTES,
   syncFlushBytes: SYNC_FLUSH_BYTES,
   syncFlushIntervalMs: SYNC_FLUSH_INTERVAL_MS,
   activemapClearIntervalMs: ACTIVEMAP_CLEAR_INTERVAL_MS,
