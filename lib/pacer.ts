@@ -45,21 +45,26 @@ export class Pacer {
 
 /** Bytes per second over the last RATE_WINDOW_MS, and the time left at that rate. */
 export class RateMeter {
-  private samples: { atMs: number; doneBytes: number }[] = [];
+  private readonly samples: { atMs: number; doneBytes: number }[] = [];
 
   constructor(private readonly clock: Clock) {
     this.samples.push({ atMs: clock.now(), doneBytes: 0 });
   }
 
-  /** Records that `doneBytes` (a running total) are done now. */
+  /**
+   * Records that `doneBytes` (a running total) are done now. Samples older than the window go
+   * here too, not only when someone measures: a long sync nobody watches records one per chunk.
+   */
   record(doneBytes: number): void {
-    this.samples.push({ atMs: this.clock.now(), doneBytes });
+    const now = this.clock.now();
+    this.samples.push({ atMs: now, doneBytes });
+    this.prune(now);
   }
 
   /** The rate now, given the running total, and the seconds left for `remainingBytes`. */
   measure(doneBytes: number, remainingBytes: number): { bytesPerSecond: number; etaSeconds: number | null } {
     const now = this.clock.now();
-    this.samples = this.samples.filter((s) => now - s.atMs <= RATE_WINDOW_MS);
+    this.prune(now);
     const first = this.samples[0];
     const spanMs = first ? now - first.atMs : 0;
     const rate = first && spanMs > 0 ? ((doneBytes - first.doneBytes) * 1000) / spanMs : 0;
@@ -67,5 +72,12 @@ export class RateMeter {
       bytesPerSecond: Math.round(rate),
       etaSeconds: rate > 0 ? Math.ceil(Math.max(0, remainingBytes) / rate) : null,
     };
+  }
+
+  /** Drops the samples older than RATE_WINDOW_MS (they are in time order). */
+  private prune(now: number): void {
+    let stale = 0;
+    while (stale < this.samples.length && now - this.samples[stale]!.atMs > RATE_WINDOW_MS) stale++;
+    if (stale > 0) this.samples.splice(0, stale);
   }
 }
