@@ -19,7 +19,7 @@ import { RangeLock } from "./range_lock.ts";
 import { decodePayload, encodePayload } from "./payload_codec.ts";
 import {
   decodeJson, encodeFrame, encodeJson, Errno, FrameFlag, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, MAX_REMOTE_IN_FLIGHT,
-  MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, ProtocolError, windowBytes, type Frame,
+  MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, ProtocolError, isRangeRequest, windowBytes, type Frame,
 } from "./wire.ts";
 
 /** Requests must be aligned to this (spec §7). */
@@ -226,8 +226,7 @@ export class Secondary {
   private schedule(
     conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, after: Promise<void> | null,
   ): { applied: Promise<void>; task: Promise<void> } {
-    const ranged = frame.type === MessageType.Write || frame.type === MessageType.Delete ||
-      frame.type === MessageType.Read || frame.type === MessageType.Verify;
+    const ranged = isRangeRequest(frame.type);
     const locked = ranged && frame.length > 0 ? this.lock.acquire(frame.offset, frame.length) : null;
     const before = ranged ? [] : [...this.applying];
     let markApplied = () => {};
@@ -300,8 +299,7 @@ export class Secondary {
    */
   private enterWindow(conn: Connection, frame: Frame, window: Window): (() => void) | null {
     const { type } = frame;
-    if (type !== MessageType.Write && type !== MessageType.Read && type !== MessageType.Delete &&
-      type !== MessageType.Verify) return () => {};
+    if (!isRangeRequest(type)) return () => {};
     const bytes = windowBytes(type, frame.length);
     const requests = window.requests + 1;
     const total = window.bytes + bytes;
@@ -379,10 +377,7 @@ export class Secondary {
     const size = this.o.meta.metadata.datasizeBytes;
     const { type, offset, length } = frame;
     if (type === MessageType.SyncDone || type === MessageType.Flush) return null;
-    if (type !== MessageType.Read && type !== MessageType.Write && type !== MessageType.Delete &&
-      type !== MessageType.Verify) {
-      return `unexpected message type ${type}`;
-    }
+    if (!isRangeRequest(type)) return `unexpected message type ${type}`;
     if (length === 0) return `zero length at offset ${offset}`;
     if (type !== MessageType.Delete && length > MAX_IO_BYTES) return `length ${length} > ${MAX_IO_BYTES}`;
     if (offset % SECTOR_BYTES !== 0 || length % SECTOR_BYTES !== 0) {

@@ -142,14 +142,23 @@ export function formatStatusTable(rows: Record<string, unknown>[]): string {
     .join("\n");
 }
 
+/** The parts a sync or a verify in progress shows: percent done, rate, time left. */
+function progressParts(
+  doneBytes: number, totalBytes: number, bytesPerSecond: unknown, etaSeconds: unknown,
+): { percent: string; rate: string; eta: string } {
+  return {
+    percent: totalBytes > 0 ? ((doneBytes * 100) / totalBytes).toFixed(1) : "100.0",
+    rate: `${formatSizeBytes(Math.round(Number(bytesPerSecond)))}/s`,
+    eta: etaSeconds === null ? "-" : `${etaSeconds}s`,
+  };
+}
+
 function formatSync(sync: Record<string, number | string | null> | null): string {
   if (!sync) return "-";
   const done = Number(sync.doneBytes);
   const total = Number(sync.totalBytes);
-  const percent = total > 0 ? ((done * 100) / total).toFixed(1) : "100.0";
-  const rate = formatSizeBytes(Math.round(Number(sync.bytesPerSecond)));
-  const eta = sync.etaSeconds === null ? "-" : `${sync.etaSeconds}s`;
-  return `${sync.state} ${formatSizeBytes(done)}/${formatSizeBytes(total)} (${percent}%) ${rate}/s eta ${eta}`;
+  const { percent, rate, eta } = progressParts(done, total, sync.bytesPerSecond, sync.etaSeconds);
+  return `${sync.state} ${formatSizeBytes(done)}/${formatSizeBytes(total)} (${percent}%) ${rate} eta ${eta}`;
 }
 
 /** The last verify of a running primary: progress, or its result. */
@@ -160,10 +169,8 @@ export function formatVerify(verify: Record<string, unknown> | null | undefined)
   const differing = Number(verify.differingExtents);
   const found = differing > 0 ? `, ${differing} extents differed (resynced)` : "";
   if (verify.state === "running") {
-    const percent = total > 0 ? ((checked * 100) / total).toFixed(1) : "100.0";
-    const rate = formatSizeBytes(Number(verify.bytesPerSecond));
-    const eta = verify.etaSeconds === null ? "-" : `${verify.etaSeconds}s`;
-    return `running ${percent}% ${rate}/s eta ${eta}${found}`;
+    const { percent, rate, eta } = progressParts(checked, total, verify.bytesPerSecond, verify.etaSeconds);
+    return `running ${percent}% ${rate} eta ${eta}${found}`;
   }
   if (verify.state === "failed") return `failed at ${formatSizeBytes(checked)}: ${verify.error}${found}`;
   return differing > 0 ? `done${found}` : "done, identical";

@@ -71,8 +71,11 @@ export interface VerifierOptions {
 
 class VerifyFailed extends Error {}
 
+/** What a verify keeps; the rate fields of VerifyProgress are derived when asked. */
+type VerifyState = Omit<VerifyProgress, "bytesPerSecond" | "etaSeconds" | "rateLimitBytesPerSecond">;
+
 export class Verifier {
-  private readonly progressState: VerifyProgress;
+  private readonly progressState: VerifyState;
   private cursor = 0;
   private readonly differing = new Set<number>();
   private readonly pacer: Pacer;
@@ -85,7 +88,6 @@ export class Verifier {
     this.meter = new RateMeter(o.clock);
     this.progressState = {
       state: "running", checkedBytes: 0, skippedBytes: 0, totalBytes: o.data.sizeBytes,
-      bytesPerSecond: 0, etaSeconds: null, rateLimitBytesPerSecond: o.rateBytesPerSecond,
       differingExtents: 0, differingExtentList: [], startedAt: new Date().toISOString(),
       finishedAt: null, error: null,
     };
@@ -100,7 +102,7 @@ export class Verifier {
     const running = p.state === "running";
     return {
       ...p, bytesPerSecond: running ? bytesPerSecond : 0, etaSeconds: running ? etaSeconds : null,
-      differingExtentList: [...p.differingExtentList],
+      rateLimitBytesPerSecond: this.pacer.rateBytesPerSecond, differingExtentList: [...p.differingExtentList],
     };
   }
 
@@ -142,8 +144,8 @@ export class Verifier {
     while (this.stopping === null && this.cursor < size) {
       const offset = this.cursor;
       const extent = am.extentOf(offset);
-      const extentEnd = Math.min(size, am.extentRange(extent).offset + am.extentRange(extent).length);
-      const length = Math.min(VERIFY_CHUNK_BYTES, extentEnd - offset);
+      const range = am.extentRange(extent); // the last one clamped to the data size
+      const length = Math.min(VERIFY_CHUNK_BYTES, range.offset + range.length - offset);
       this.cursor = offset + length;
       try {
         await this.chunk(offset, length, extent);

@@ -76,6 +76,15 @@ export const enum MessageType {
 }
 
 /**
+ * Requests on a range of the data area: the secondary validates their range, orders them by
+ * range lock and counts them in the replication window.
+ */
+export function isRangeRequest(type: MessageType): boolean {
+  return type === MessageType.Read || type === MessageType.Write || type === MessageType.Delete ||
+    type === MessageType.Verify;
+}
+
+/**
  * Data bytes a request holds in the replication window (MAX_REMOTE_IN_FLIGHT_BYTES): a write's,
  * a read's or a verify's length (the secondary reads that much), nothing for other requests.
  * The primary counts with it what it sends and the secondary what it receives, so both sides
