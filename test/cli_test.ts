@@ -296,11 +296,7 @@ describe("promoting stale data", () => {
 describe("online verify", () => {
   test("`verify --wait` finds a change made behind hast's back, which is resynced", async () => {
     await withCluster(async (c) => {
-      await c.createBoth();
-      await c.startDaemon("a");
-      await c.startDaemon("b");
-      await c.hast("b", ["role", "secondary", "data"]);
-      await c.hast("a", ["role", "primary", "data"]);
+      await c.startPair();
       await run(["qemu-io", "-f", "raw", c.uri("a"), "-c", "write -P 0x5a 0 6M", "-c", "flush"]);
       await c.waitStatus("a", "complete", (s) => s.status === "complete" && s.dirtyBytes === 0);
       const clean = await c.hast("a", ["verify", "--wait", "data"]);
@@ -342,12 +338,7 @@ describe("authkey", () => {
         writeFileSync(keyPath, "a shared secret of the pair\n", { mode: 0o600 });
         const port = 20000 + ((process.pid * 13) % 20000);
         const c = await createCluster(cleanup, { port, resourceLines: [`authkey ${keyPath}`] });
-        await c.createBoth();
-        await c.startDaemon("a");
-        await c.startDaemon("b");
-        await c.hast("b", ["role", "secondary", "data"]);
-        await c.hast("a", ["role", "primary", "data"]);
-        await c.waitStatus("a", "complete", (s) => s.status === "complete");
+        await c.startPair();
         const reply = await helloWithoutKey(c.nodes.a.ip, c.nodes.b.ip, port);
         expect(reply).toMatchObject({ accepted: false });
         expect(String(reply.reason)).toMatch(/^authentication required: this node has an authkey/);

@@ -69,6 +69,11 @@ export interface Cluster {
   startDaemon(node: NodeName): Promise<SpawnedProcess>;
   /** SIGKILLs a node's daemon and its workers (process group). */
   killDaemon(node: NodeName): Promise<void>;
+  /**
+   * The usual start: `hast create` on both, both daemons, b secondary, a primary; waits until a
+   * reports the pair complete and returns that status.
+   */
+  startPair(): Promise<Record<string, any>>;
   /** The JSON status object of the resource on a node. */
   status(node: NodeName): Promise<Record<string, any>>;
   /** Polls status until `predicate` holds. */
@@ -136,9 +141,17 @@ export async function createCluster(cleanup: Cleanup, options: ClusterOptions = 
     async killDaemon(name) {
       const proc = nodes[name].daemon;
       if (!proc) return;
-      proc.kill("SIGKILL");
+      proc.killGroup("SIGKILL");
       await proc.exited;
       nodes[name].daemon = null;
+    },
+    async startPair() {
+      await cluster.createBoth();
+      await cluster.startDaemon("a");
+      await cluster.startDaemon("b");
+      await cluster.hast("b", ["role", "secondary", "data"]);
+      await cluster.hast("a", ["role", "primary", "data"]);
+      return cluster.waitStatus("a", "pair complete", (s) => s.status === "complete");
     },
     async status(name) {
       const r = await cluster.hast(name, ["status", "--json"]);

@@ -23,7 +23,7 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { eio, inSync, Sim, type SimOptions } from "./sim.ts";
+import { eio, inSync, Sim, type SimOptions, startSimPair } from "./sim.ts";
 import type { Connection } from "../lib/transport.ts";
 import { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType } from "../lib/wire.ts";
 
@@ -34,16 +34,8 @@ afterEach(async () => {
   sim = null;
 });
 
-/**
- * Starts a pair and waits for its first sync. It is the module's `sim` from the start, so
- * afterEach stops it even if that sync never comes.
- */
-async function startPair(options: SimOptions): Promise<Sim> {
-  sim = new Sim(options);
-  sim.start();
-  await inSync(sim, "first connect");
-  return sim;
-}
+/** Starts a pair (the module's `sim`, stopped by afterEach) and waits for its first sync. */
+const startPair = (options: SimOptions): Promise<Sim> => startSimPair(options, (started) => (sim = started));
 
 const pattern = (bytes: number, seed: number) => new Uint8Array(bytes).map((_, i) => (i * seed + 11) & 0xff);
 

@@ -296,6 +296,8 @@ export interface SpawnedProcess {
   hasExited(): boolean;
   /** Sends `signal` (default SIGTERM) to the process only (not its group). No-op once exited. */
   kill(signal?: NodeJS.Signals): void;
+  /** Sends `signal` to its whole process group (e.g. a daemon and its workers). No-op once exited. */
+  killGroup(signal: NodeJS.Signals): void;
   /** The log so far, for error messages. */
   readLog(): Promise<string>;
 }
@@ -351,6 +353,7 @@ export function spawnProcess(
     kill: (signal: NodeJS.Signals = "SIGTERM") => {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
     },
+    killGroup: (signal) => killGroup(proc, signal),
     readLog: () => readFile(logPath, "utf8"),
   };
 }

@@ -65,16 +65,6 @@ function startKeepalived(cleanup: Cleanup, c: Cluster, node: NodeName): SpawnedP
   ], { ns: c.nodes[node].ns, logPath: join(c.dir, `keepalived-${node}.log`) });
 }
 
-/** SIGKILLs a process group and waits for its leader. */
-async function killGroup(proc: SpawnedProcess): Promise<void> {
-  try {
-    process.kill(-proc.pid, "SIGKILL");
-  } catch {
-    // already gone
-  }
-  await proc.exited;
-}
-
 test("keepalived promotes b when a's host dies; a comes back as secondary and resyncs", async () => {
   const cleanup = new Cleanup();
   let c: Cluster | null = null;
@@ -92,9 +82,9 @@ test("keepalived promotes b when a's host dies; a comes back as secondary and re
     await run(["qemu-io", "-f", "raw", cluster.uri("a"), "-c", "write -P 0x3c 0 8M", "-c", "flush"]);
 
     // a's host dies: keepalived and hast (daemon and worker) at once.
-    await killGroup(kaA);
-    await killGroup(cluster.nodes.a.daemon!);
-    cluster.nodes.a.daemon = null;
+    kaA.killGroup("SIGKILL");
+    await kaA.exited;
+    await cluster.killDaemon("a");
     await cluster.waitStatus("b", "b promoted by keepalived", (s) => s.role === "primary", 30_000);
     const read = await run(["qemu-io", "-f", "raw", cluster.uri("b"), "-c", `read -P 0x3c 0 ${8 * MIB}`]);
     expect(read.stdout).toContain(`read ${8 * MIB}/${8 * MIB} bytes`);

@@ -35,12 +35,7 @@ describe("NBD clients on a replicating primary", () => {
 
   beforeAll(async () => {
     c = await createCluster(cleanup, { replication: "fullsync", sizeBytes: 64 * MIB });
-    await c.createBoth();
-    await c.startDaemon("a");
-    await c.startDaemon("b");
-    await c.hast("b", ["role", "secondary", "data"]);
-    await c.hast("a", ["role", "primary", "data"]);
-    await c.waitStatus("a", "primary complete", (s) => s.status === "complete");
+    await c.startPair();
     datasizeBytes = (await c.dump("a")).datasizeBytes;
   }, TEST_TIMEOUT_MS);
 

@@ -64,12 +64,7 @@ async function startPair(
 ): Promise<Cluster> {
   const c = await createCluster(cleanup, { netns: true, createArgs: CREATE_ARGS, ...options });
   clusters.push(c);
-  await c.createBoth();
-  await c.startDaemon("a");
-  await c.startDaemon("b");
-  await c.hast("b", ["role", "secondary", "data"]);
-  await c.hast("a", ["role", "primary", "data"]);
-  await c.waitStatus("a", "pair complete", (s) => s.status === "complete");
+  await c.startPair();
   return c;
 }
 
@@ -131,7 +126,7 @@ async function killGroup(c: Cluster, node: NodeName): Promise<void> {
   // The worker keeps freed memory for reuse (lib/daemon.ts, WORKER_MIMALLOC_PURGE_DELAY).
   const environ = readFileSync(`/proc/${workerPid}/environ`, "utf8").split("\0");
   expect(environ).toContain("MIMALLOC_PURGE_DELAY=-1");
-  process.kill(-daemon!.pid, "SIGKILL");
+  daemon!.killGroup("SIGKILL");
   await daemon!.exited;
   c.nodes[node].daemon = null;
   await waitFor(`worker ${workerPid} gone`, () => !processAlive(workerPid), { timeoutMs: 10_000 });

@@ -39,12 +39,7 @@ test.each(CASES)("nbdcopy through the primary lands byte-identical on the second
   try {
     if (c0.compiled) process.env.HAST_BIN = await buildHastBinary(cleanup);
     const c = await createCluster(cleanup, { replication: c0.replication, resourceLines: [...c0.codec] });
-    await c.createBoth();
-    await c.startDaemon("a");
-    await c.startDaemon("b");
-    await c.hast("b", ["role", "secondary", "data"]);
-    await c.hast("a", ["role", "primary", "data"]);
-    const status = await c.waitStatus("a", "primary complete", (s) => s.status === "complete");
+    const status = await c.startPair();
     expect(status.nbd).toBe(c.uri("a"));
     // Random data, zeros and compressible text, so every codec path is taken.
     const payload = Buffer.concat([

@@ -313,3 +313,15 @@ export async function inSync(s: Sim, what: string, timeoutMs = 10_000): Promise<
     return st.status === "complete" && st.dirtyBytes === 0 ? true : undefined;
   }, { timeoutMs, intervalMs: 10 });
 }
+
+/**
+ * Starts a pair and waits for its first sync. `track` gets the pair first, so that a test
+ * file's afterEach can stop it even if that sync never comes.
+ */
+export async function startSimPair(options: SimOptions, track: (sim: Sim) => void): Promise<Sim> {
+  const sim = new Sim(options);
+  track(sim);
+  sim.start();
+  await inSync(sim, "first connect");
+  return sim;
+}

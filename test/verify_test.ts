@@ -13,7 +13,7 @@
 import { afterEach, expect, test } from "bun:test";
 import { VERIFY_CHUNK_BYTES } from "../lib/verifier.ts";
 import { seededRandom, waitFor } from "./harness.ts";
-import { eio, inSync, Sim, type SimOptions } from "./sim.ts";
+import { eio, inSync, Sim, type SimOptions, startSimPair } from "./sim.ts";
 
 const MIB = 1024 * 1024;
 let sim: Sim | null = null;
@@ -22,12 +22,8 @@ afterEach(async () => {
   sim = null;
 });
 
-async function startPair(options: SimOptions): Promise<Sim> {
-  sim = new Sim(options);
-  sim.start();
-  await inSync(sim, "first connect");
-  return sim;
-}
+/** Starts a pair (the module's `sim`, stopped by afterEach) and waits for its first sync. */
+const startPair = (options: SimOptions): Promise<Sim> => startSimPair(options, (started) => (sim = started));
 
 /** Starts a verify and waits for its result. */
 async function verify(s: Sim, timeoutMs = 20_000) {
