@@ -5,8 +5,10 @@
  * Shape: one SharedArrayBuffer holds a fixed {@linkcode SlotPool} (allocated
  * at start, never grown) and, per worker thread, two bounded SPSC rings of
  * slot indices: requests to the thread and completions back. The event-loop
- * thread owns the pool: it copies a payload into a free slot, pushes the
- * index, and resolves the caller's promise when the index comes back. A
+ * thread owns the pool: it puts a job in a free slot, pushes the index, and
+ * resolves the caller's promise when the index comes back. A payload that lies
+ * in one of the primary's request slots (lib/request_slots.ts, whose memory
+ * the threads also see) is read there; any other is copied into the slot. A
  * thread takes every index queued at a wake-up in one batch, and the event
  * loop drains every completion per wake-up, so the ≈ 50 µs thread hand-off
  * (platform.md) is paid once per batch, not per request.
@@ -30,6 +32,7 @@ import { Worker } from "node:worker_threads";
 import type { ChecksumKind, CompressionKind } from "./config.ts";
 import type { CodecOptions } from "./payload_codec.ts";
 import { SpscRing } from "./ring.ts";
+import type { RequestSlots, RequestSlotsShape } from "./request_slots.ts";
 import { SlotPool, SlotMeta, SlotState } from "./slot_pool.ts";
 import { MAX_IO_BYTES, ProtocolError } from "./wire.ts";
 
@@ -50,6 +53,10 @@ export const enum CodecOp {
 
 /** Meta word: 1 when the result's body is the input unchanged (only a trailer was written). */
 export const BODY_IS_INPUT = SlotMeta.CookieLo;
+/** Meta word: 0 when the input is in the slot's own input region, else 1 + the request slot it lies in. */
+export const INPUT_SLOT = SlotMeta.OffsetLo;
+/** Meta word: where in that request slot's data the input starts. */
+export const INPUT_OFFSET = SlotMeta.OffsetHi;
 
 /** Ring entry that tells a thread to exit. */
 export const STOP_ENTRY = 0xffffffff;
@@ -66,6 +73,8 @@ export interface CodecWorkerData {
   requestsOffset: number;
   completionsOffset: number;
   ringCapacity: number;
+  /** The primary's request slots, whose payloads are encoded where they lie. */
+  inputs: RequestSlotsShape | null;
 }
 
 /** Counters and depths, shown by `hast list`. */
@@ -78,6 +87,8 @@ export interface PipelineStats {
   /** Requests queued to or running on each thread now. */
   threadQueueDepths: number[];
   encoded: number;
+  /** Of those, encoded from a request slot without a copy. */
+  encodedInPlace: number;
   decoded: number;
   /** Completions taken per wake-up of the event loop, on average. */
   completionsPerWake: number;
@@ -93,6 +104,8 @@ interface ThreadLink {
 interface Job {
   op: CodecOp;
   input: Uint8Array;
+  /** The request slot `input` lies in, or -1 (then it is copied into the pipeline's slot). */
+  inputSlot: number;
   flags: number;
   length: number;
   codec: CodecOptions;
@@ -109,11 +122,14 @@ export class CodecPipeline {
   private readonly batch: Uint32Array;
   private closed = false;
   private encodedCount = 0;
+  private encodedInPlace = 0;
   private decodedCount = 0;
   private wakes = 0;
   private completions = 0;
 
-  private constructor(threadCount: number, slotCount: number, workerUrl: string | URL) {
+  private constructor(
+    threadCount: number, slotCount: number, workerUrl: string | URL, private readonly inputs: RequestSlots | null,
+  ) {
     assert.ok(threadCount >= 1 && slotCount >= 1, "Cannot start pipeline: no threads or slots");
     const ringCapacity = 2 ** Math.ceil(Math.log2(slotCount + 1));
     const ringBytes = SpscRing.bytesFor(ringCapacity);
@@ -131,7 +147,7 @@ export class CodecPipeline {
       const completions = new SpscRing(sab, completionsOffset, ringCapacity, { initialise: true });
       const workerData: CodecWorkerData = {
         sab, slotCount, slotDataBytes: 2 * PIPELINE_REGION_BYTES, poolOffset: ringsBytes,
-        requestsOffset, completionsOffset, ringCapacity,
+        requestsOffset, completionsOffset, ringCapacity, inputs: inputs?.shape ?? null,
       };
       const worker = new Worker(workerUrl, { workerData });
       worker.unref();
@@ -144,15 +160,20 @@ export class CodecPipeline {
 
   /**
    * Starts the threads. `workerUrl` defaults to workers/codec_worker.ts, which
-   * `npm run build` compiles into the binary as an extra entry point.
+   * `npm run build` compiles into the binary as an extra entry point. Payloads in `inputs` (the
+   * primary's request slots) are encoded where they lie.
    */
-  static start(options: { threads?: number; slots?: number; workerUrl?: string | URL } = {}): CodecPipeline {
+  static start(
+    options: { threads?: number; slots?: number; workerUrl?: string | URL; inputs?: RequestSlots | null } = {},
+  ): CodecPipeline {
     // In the compiled binary the entry is found by its build path (platform.md); from source,
     // by a URL object relative to this file, so that any working directory will do.
     const compiled = Bun.main.startsWith("/$bunfs");
     const workerUrl = options.workerUrl ??
       (compiled ? "./workers/codec_worker.ts" : new URL("../workers/codec_worker.ts", import.meta.url));
-    return new CodecPipeline(options.threads ?? PIPELINE_THREADS, options.slots ?? PIPELINE_SLOTS, workerUrl);
+    return new CodecPipeline(
+      options.threads ?? PIPELINE_THREADS, options.slots ?? PIPELINE_SLOTS, workerUrl, options.inputs ?? null,
+    );
   }
 
   /** True when a payload is worth a hand-off: large, and a checksum or lz4 to compute. */
@@ -160,7 +181,11 @@ export class CodecPipeline {
     return bytes >= PIPELINE_MIN_BYTES && (codec.checksum !== "none" || codec.compression === "lz4");
   }
 
-  /** Same result as payload_codec's encodePayload, computed on a thread. */
+  /**
+   * Same result as payload_codec's encodePayload, computed on a thread. A `data` in a request
+   * slot must stay unchanged until this settles (the thread reads it there); the result's
+   * pieces may include `data` itself.
+   */
   async encode(data: Uint8Array, codec: CodecOptions): Promise<{ flags: number; pieces: Uint8Array[] }> {
     assert.ok(data.byteLength <= MAX_IO_BYTES, "Cannot encode: payload larger than MAX_IO_BYTES");
     const slot = await this.submit(CodecOp.Encode, data, 0, data.byteLength, codec);
@@ -205,6 +230,7 @@ export class CodecPipeline {
       waitingForSlot: this.waiting.length,
       threadQueueDepths: this.threads.map((t) => t.outstanding),
       encoded: this.encodedCount,
+      encodedInPlace: this.encodedInPlace,
       decoded: this.decodedCount,
       completionsPerWake: this.wakes === 0 ? 0 : Math.round((this.completions / this.wakes) * 100) / 100,
     };
@@ -232,18 +258,25 @@ export class CodecPipeline {
     op: CodecOp, input: Uint8Array, flags: number, length: number, codec: CodecOptions,
   ): Promise<number> {
     if (this.closed) return Promise.reject(new Error("Cannot use pipeline: it is closed"));
+    const inputSlot = op === CodecOp.Encode && this.inputs ? this.inputs.slotOf(input) : -1;
     return new Promise((resolve, reject) => {
-      const job: Job = { op, input, flags, length, codec, resolve, reject };
+      const job: Job = { op, input, inputSlot, flags, length, codec, resolve, reject };
       if (this.waiting.length > 0 || !this.dispatch(job)) this.waiting.push(job);
     });
   }
 
-  /** Copies a job into a free slot and hands it to the least busy thread; false if none is free. */
+  /** Puts a job in a free slot and hands it to the least busy thread; false if none is free. */
   private dispatch(job: Job): boolean {
     const slot = this.pool.allocate();
     if (slot < 0) return false;
-    this.pool.data(slot).set(job.input, 0);
     const meta = this.pool.meta(slot);
+    if (job.inputSlot >= 0) {
+      meta[INPUT_SLOT] = job.inputSlot + 1;
+      meta[INPUT_OFFSET] = job.input.byteOffset - this.inputs!.pool.data(job.inputSlot).byteOffset;
+      this.encodedInPlace++;
+    } else {
+      this.pool.data(slot).set(job.input, 0);
+    }
     meta[SlotMeta.Command] = job.op;
     meta[SlotMeta.Flags] = job.flags;
     meta[SlotMeta.Length] = job.length;

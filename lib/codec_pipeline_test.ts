@@ -9,6 +9,7 @@ import { afterEach, expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
 import { CHECKSUMS, CodecPipeline, COMPRESSIONS, PIPELINE_MIN_BYTES } from "./codec_pipeline.ts";
 import { decodePayload, encodePayload, type CodecOptions } from "./payload_codec.ts";
+import { RequestSlots } from "./request_slots.ts";
 import { MAX_IO_BYTES, ProtocolError } from "./wire.ts";
 
 let pipeline: CodecPipeline | null = null;
@@ -45,6 +46,34 @@ test("encode and decode on threads match the inline codec byte for byte", async 
   expect(stats.encoded).toBe(36);
   expect(stats.decoded).toBe(36);
   expect(stats.slotsInUse).toBe(0);
+});
+
+test("payloads in request slots are encoded where they lie, byte for byte as inline", async () => {
+  const slots = new RequestSlots(3, MAX_IO_BYTES, PIPELINE_MIN_BYTES);
+  pipeline = CodecPipeline.start({ inputs: slots });
+  const codec: CodecOptions = { compression: "lz4", checksum: "sha256" };
+  let inPlace = 0;
+  for (const data of samples()) {
+    // At the start of a slot, and at an offset inside one (a frame of a larger write).
+    for (const at of [0, 8192]) {
+      if (at + data.byteLength > MAX_IO_BYTES) continue;
+      const buffer = slots.take(MAX_IO_BYTES)!;
+      const view = buffer.subarray(at, at + data.byteLength);
+      view.set(data);
+      buffer.fill(0xee, 0, at); // bytes around the payload must not leak into it
+      buffer.fill(0xee, at + data.byteLength);
+      const inline = encodePayload(data, codec);
+      const threaded = await pipeline.encode(view, codec);
+      expect(threaded.flags).toBe(inline.flags);
+      expect(Buffer.compare(concat(threaded.pieces), concat(inline.pieces))).toBe(0);
+      inPlace++;
+      slots.give(buffer);
+    }
+  }
+  const copied = await pipeline.encode(samples()[1]!, codec); // not in a slot: copied as before
+  expect(copied.pieces.length).toBeGreaterThan(0);
+  expect(pipeline.stats()).toMatchObject({ encoded: inPlace + 1, encodedInPlace: inPlace, slotsInUse: 0 });
+  expect(inPlace).toBeGreaterThan(4);
 });
 
 test("a flipped bit is rejected with the same reason as inline, and the pipeline goes on", async () => {

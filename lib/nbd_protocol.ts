@@ -10,7 +10,6 @@
  *
  * @module
  */
-import type { BufferPool } from "./buffer_pool.ts";
 
 /** "NBDMAGIC", the first 8 bytes the server sends. */
 export const NBD_MAGIC = 0x4e42444d41474943n;
@@ -537,6 +536,18 @@ export type NbdClientFrame =
 /** Where the parser is: it reads client flags, then options, then (when told) requests. */
 export type NbdParserPhase = "clientFlags" | "options" | "transmission" | "failed";
 
+/**
+ * Buffers a device lends for WRITE payloads (the primary's request slots, lib/request_slots.ts).
+ * One taken and not passed to the device's write() goes back by give().
+ */
+export interface ReceiveBuffers {
+  /** A buffer of `bytes`, or null to use a fresh one. */
+  take(bytes: number): Uint8Array | null;
+  /** Whether `view` is a buffer take() handed out and nobody took over. */
+  owns(view: Uint8Array): boolean;
+  give(view: Uint8Array): void;
+}
+
 /** Bounds checked before anything is allocated. */
 export interface NbdServerParserOptions {
   /** Largest option data accepted (longer → an optionTooBig frame). */
@@ -544,7 +555,7 @@ export interface NbdServerParserOptions {
   /** Largest WRITE payload stored (longer → skipped, an oversizedWrite frame). */
   maxPayloadBytes: number;
   /** WRITE payloads are received into its buffers where it serves their size. */
-  pool?: BufferPool | null;
+  pool?: ReceiveBuffers | null;
 }
 
 interface PendingPayload {
@@ -625,6 +636,13 @@ export class NbdServerParser {
       this.#phase = "failed";
       throw error;
     }
+  }
+
+  /** Gives back the buffer of a WRITE payload still being received (the connection ended). */
+  discardPending(): void {
+    const buffer = this.#pending?.buffer;
+    this.#pending = null;
+    if (buffer && this.#options.pool?.owns(buffer)) this.#options.pool.give(buffer);
   }
 
   /** If input stopped in the middle of a frame, what was left incomplete; else null. */

@@ -13,7 +13,6 @@
 
 import * as fs from "node:fs";
 import * as net from "node:net";
-import type { BufferPool } from "./buffer_pool.ts";
 import {
   ClientFlag,
   Command,
@@ -38,6 +37,7 @@ import {
   NbdServerParser,
   Option,
   OptionReply,
+  type ReceiveBuffers,
   TransmissionFlag,
 } from "./nbd_protocol.ts";
 
@@ -58,8 +58,8 @@ export interface BlockDevice {
    * to give back); with `fua`, persist before resolving.
    */
   write(offset: number, data: Uint8Array, fua: boolean): Promise<void>;
-  /** Where the server receives WRITE payloads into, if the device pools them. */
-  readonly writeBuffers?: BufferPool;
+  /** Where the server receives WRITE payloads into, if the device lends buffers. */
+  readonly writeBuffers?: ReceiveBuffers;
   /** Persist every write that completed before this call, on any connection. */
   flush(): Promise<void>;
   /** Discard a range (a hint; reads of it afterwards are undefined). */
@@ -493,6 +493,7 @@ class NbdConnection {
   #onClose(): void {
     this.#socketClosed = true;
     this.#ending = true;
+    this.#parser.discardPending();
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     if (this.#graceTimer !== null) clearTimeout(this.#graceTimer);
     this.#ctx.log("info", `${this.#label}: disconnected`);
@@ -696,13 +697,13 @@ class NbdConnection {
       this.#state = "closing";
       return this.#maybeFinish();
     }
-    if (this.#shutdownRequested) return this.#reject(request, NbdErrno.ESHUTDOWN, null);
+    if (this.#shutdownRequested) return this.#reject(request, NbdErrno.ESHUTDOWN, null, payload);
     if (oversized) {
       const why = `exceeds maxRequestBytes ${this.#ctx.limits.maxRequestBytes}`;
-      return this.#reject(request, NbdErrno.EINVAL, why);
+      return this.#reject(request, NbdErrno.EINVAL, why, null);
     }
     const [errno, why] = this.#validate(request);
-    if (errno !== 0) return this.#reject(request, errno, why);
+    if (errno !== 0) return this.#reject(request, errno, why, payload);
     this.#execute(request, payload);
   }
 
@@ -730,7 +731,10 @@ class NbdConnection {
     return [0, ""];
   }
 
-  #reject(request: NbdRequest, errno: number, why: string | null): void {
+  /** Answers `errno`; a payload received into the device's buffer goes back. */
+  #reject(request: NbdRequest, errno: number, why: string | null, payload: Uint8Array | null): void {
+    const buffers = this.#ctx.device.writeBuffers;
+    if (payload !== null && buffers?.owns(payload)) buffers.give(payload);
     if (why !== null) this.#logRequest("warn", request, `refused (${nbdErrnoName(errno)}): ${why}`);
     this.#ctx.counters.errors++;
     this.#reply(request.cookie, errno, null);

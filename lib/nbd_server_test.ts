@@ -22,6 +22,7 @@ import {
   OptionReply,
 } from "./nbd_protocol.ts";
 import { type BlockDevice, NbdServer, type NbdServerOptions } from "./nbd_server.ts";
+import { RequestSlots } from "./request_slots.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Test doubles
@@ -41,6 +42,8 @@ class ScriptedDevice implements BlockDevice {
   readonly #held: Array<() => void> = [];
   failNext: unknown = null;
   shortRead = false;
+  /** Lent to the server for WRITE payloads when set; write() gives each one back. */
+  writeBuffers: RequestSlots | undefined = undefined;
 
   constructor(readonly sizeBytes: number) {
     this.data = new Uint8Array(sizeBytes);
@@ -77,6 +80,7 @@ class ScriptedDevice implements BlockDevice {
   async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
     await this.#enter({ op: "write", offset, length: data.length, fua });
     this.data.set(data, offset);
+    if (this.writeBuffers?.owns(data)) this.writeBuffers.give(data);
   }
 
   async flush(): Promise<void> {
@@ -624,6 +628,30 @@ describe("server", () => {
     expect(await good.reply()).toMatchObject({ errno: 0, cookie: 1n });
     good.send({ type: Command.READ, cookie: 2n, length: 4096 });
     expect((await good.reply(4096)).data.every((b) => b === 9)).toBe(true);
+  });
+
+  test("a lent write buffer goes back when its write is refused or the client leaves mid-payload", async () => {
+    await serve({}, 1 << 20);
+    const slots = new RequestSlots(2, 128 * 1024, 64 * 1024);
+    device.writeBuffers = slots;
+    const client = await connect();
+    await client.go();
+    const payload = new Uint8Array(64 * 1024).fill(7);
+    client.send({ type: Command.WRITE, cookie: 1n, offset: 1 << 20 }, payload); // beyond the end
+    expect(await client.reply()).toMatchObject({ errno: NbdErrno.ENOSPC, cookie: 1n });
+    expect(slots.stats()).toMatchObject({ taken: 1, inUse: 0 });
+    client.send({ type: Command.WRITE, cookie: 2n, offset: 4096 }, payload);
+    expect(await client.reply()).toMatchObject({ errno: 0, cookie: 2n });
+    expect(device.data.subarray(4096, 4096 + payload.length).every((b) => b === 7)).toBe(true);
+    expect(slots.stats()).toMatchObject({ taken: 2, inUse: 0 });
+    // Header and half the payload, then gone: the slot the payload was going into goes back.
+    client.write(encodeRequest({ type: Command.WRITE, flags: 0, cookie: 3n, offset: 0, length: 128 * 1024 }));
+    client.write(new Uint8Array(64 * 1024));
+    await until(() => slots.stats().inUse === 1, "the payload being received");
+    client.destroy();
+    await until(() => server!.stats().clients === 0, "the client to be gone");
+    expect(slots.stats()).toMatchObject({ taken: 3, inUse: 0, fallbacks: 0 });
+    expect(device.calls.filter((c) => c.op === "write")).toHaveLength(1);
   });
 
   test("clients beyond maxClients are closed at once with a log line", async () => {

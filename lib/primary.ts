@@ -19,6 +19,7 @@ import { Verifier, type VerifyProgress } from "./verifier.ts";
 import type { Network } from "./transport.ts";
 import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
 import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
+import { RequestSlots, type RequestSlotStats } from "./request_slots.ts";
 import { REFUSAL_LOG_INTERVAL_MS, RepeatLimiter } from "./log.ts";
 import {
   Errno, FrameFlag, MAX_IO_BYTES, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType, errnoName, type Frame,
@@ -36,13 +37,13 @@ export const RESYNC_RETRY_MS = 3000;
 export const KEEPALIVE_MS = 10_000;
 export { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES };
 /**
- * Write buffers kept for reuse (see BufferPool): a buffer is in use until its local write ended
- * and the secondary replied, so a full replication window (MAX_REMOTE_IN_FLIGHT_BYTES of 1 MiB
- * writes) and the application's queue of a few more.
+ * Request slots for large writes (see RequestSlots), allocated at start: a slot is in use until
+ * its local write ended and the link released its frame, so a full replication window
+ * (MAX_REMOTE_IN_FLIGHT_BYTES of 1 MiB writes) and the application's queue of a few more.
  */
-export const WRITE_POOL_BUFFERS = 80;
-/** Writes from this size on are received into pooled buffers. */
-export const WRITE_POOL_MIN_BYTES = 64 * 1024;
+export const REQUEST_SLOTS = 80;
+/** Writes from this size on are received into request slots (smaller ones are copied). */
+export const REQUEST_SLOT_MIN_BYTES = 64 * 1024;
 /**
  * How often extents that became clean are cleared from the on-disk activemap
  * (one flush of each copy and one map write per round). An extent therefore stays
@@ -65,6 +66,8 @@ export interface PrimaryOptions {
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
   /** Codec threads for large payloads (used when the resource's `pipeline` is on). */
   pipeline?: CodecPipeline | null;
+  /** Slots for large writes, shared with `pipeline`'s threads (default: a pool of its own). */
+  requestSlots?: RequestSlots;
 }
 
 /** An error carrying an NBD-mappable errno name. */
@@ -123,11 +126,11 @@ export class Primary {
   };
 
   /**
-   * The NBD server receives large writes into these. A buffer goes back once nothing reads it:
-   * its local write ended and every frame sent from it has a reply (a frame the link dropped
-   * may still sit in the socket's buffer, so such a buffer is left to the garbage collector).
+   * The request slots the NBD server receives large writes into (lib/request_slots.ts); the
+   * codec threads read them where they lie. A slot goes back once nothing reads it: its local
+   * write ended and the link released its frame (see mutate).
    */
-  readonly writeBuffers = new BufferPool(MAX_IO_BYTES, WRITE_POOL_BUFFERS, WRITE_POOL_MIN_BYTES);
+  readonly writeBuffers: RequestSlots;
   /** The sync's chunk buffers (see Synchronizer), kept across syncs. */
   readonly syncBuffers = new BufferPool(SYNC_CHUNK_BYTES, SYNC_WORKERS, 0);
 
@@ -135,6 +138,7 @@ export class Primary {
     this.sizeBytes = o.data.sizeBytes;
     this.data = stickyFlushFailure(o.data);
     this.metaflush = o.config.metaflush;
+    this.writeBuffers = o.requestSlots ?? new RequestSlots(REQUEST_SLOTS, MAX_IO_BYTES, REQUEST_SLOT_MIN_BYTES);
     assert.equal(o.meta.metadata.datasizeBytes, o.data.sizeBytes);
   }
 
@@ -281,21 +285,25 @@ export class Primary {
     let remoteDone: Promise<boolean> = Promise.resolve(false);
     let localResult: Promise<boolean> = Promise.resolve(false);
     let started = false;
-    /**
-     * For a pooled `data`: resolves true once nothing reads it any more (null: not known, e.g.
-     * after an error; the buffer is then left to the garbage collector).
-     */
-    let unused: Promise<boolean> | null = null;
+    /** The request slot `data` was received into (see RequestSlots), or -1. */
+    const slot = data ? this.writeBuffers.slotOf(data) : -1;
+    let dispatched = false;
+    /** Resolves once the link no longer reads `data` (at once when nothing was sent). */
+    let remoteReleased: Promise<void> = Promise.resolve();
     try {
       if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
       started = true; // from here on, afterWrite completes the activemap's writeStart
       await this.beforeWrite(offset, length);
       const link = this.link?.isUp ? this.link : null;
-      const remote = link ? await this.sendRemote(link, offset, length, data, fua) : null;
-      localResult = this.localMutate(offset, length, data, fua);
-      if (data && this.writeBuffers.owns(data)) {
-        unused = Promise.all([localResult, remote ? remote.replied() : true]).then(([, replied]) => replied);
+      // Two parties, the local write and the link, each count down once done with the slot;
+      // armed before either sees it (spec §11).
+      if (slot >= 0) {
+        this.writeBuffers.dispatch(slot, 2);
+        dispatched = true;
       }
+      const remote = link ? await this.sendRemote(link, offset, length, data, fua) : null;
+      if (remote) remoteReleased = remote.released;
+      localResult = this.localMutate(offset, length, data, fua);
       remoteDone = remote ? remote.done.then((ok) => ok && this.noteRemoteWritten(offset, length)) : remoteDone;
       // When to answer the application (spec §2): fullsync after both
       // writes, memsync after the local write and the early "received"
@@ -313,14 +321,20 @@ export class Primary {
     } finally {
       release();
       if (started) void this.afterWrite(offset, length, localResult, remoteDone);
-      if (unused) void unused.then((free) => free && this.writeBuffers.give(data!));
+      if (dispatched) {
+        const partyDone = () => this.writeBuffers.partyDone(slot);
+        void localResult.then(partyDone, partyDone);
+        void remoteReleased.then(partyDone, partyDone);
+      } else if (slot >= 0) {
+        this.writeBuffers.give(data!); // refused before anything read it
+      }
     }
   }
 
   /** Sends the write in ≤ MAX_IO_BYTES frames; resolves once they are queued. */
   private async sendRemote(
     link: RemoteLink, offset: number, length: number, data: Uint8Array | null, fua: boolean,
-  ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; replied: () => Promise<boolean> }> {
+  ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; released: Promise<void> }> {
     const calls: RemoteCall[] = [];
     for (let at = 0; at < length; ) {
       const pieceBytes = data ? Math.min(MAX_IO_BYTES, length - at) : Math.min(1 << 30, length - at);
@@ -348,9 +362,7 @@ export class Primary {
     return {
       received: this.mode === "async" ? Promise.resolve(complete) : settle("received"),
       done: settle("done"),
-      // Every frame has its reply, so the socket no longer holds any of `data`.
-      replied: () => Promise.allSettled(calls.map((c) => c.done))
-        .then((results) => results.every((r) => r.status === "fulfilled")),
+      released: Promise.all(calls.map((c) => c.released)).then(() => {}),
     };
   }
 
@@ -853,7 +865,7 @@ export interface PrimaryStatus {
   lock: { held: number; waiting: number };
   counters: Primary["counters"];
   activemap: ReturnType<ActiveMap["stats"]>;
-  writeBuffers: BufferPoolStats;
+  writeBuffers: RequestSlotStats;
   syncBuffers: BufferPoolStats;
 }
 

@@ -40,6 +40,9 @@ interface Pending {
   bytes: number;
   received: Deferred<void>;
   done: Deferred<Frame>;
+  released: Deferred<void>;
+  /** The payload's encoding on a codec thread, until it settles (the thread reads the payload). */
+  encoding: Promise<unknown> | null;
 }
 
 interface Deferred<T> {
@@ -77,6 +80,11 @@ export interface RemoteCall {
   received: Promise<void>;
   /** Resolves with the final reply (check `error`); rejects if the link goes down. */
   done: Promise<Frame>;
+  /**
+   * Resolves once nothing reads the request's payload any more: at the final reply, or, if the
+   * link went down first, once its connection is gone and no codec thread reads it. Never rejects.
+   */
+  released: Promise<void>;
 }
 
 export interface RemoteLinkOptions {
@@ -156,7 +164,7 @@ export class RemoteLink {
       const error = new LinkDownError(this.closedReason ?? "link down");
       const failed = Promise.reject(error);
       failed.catch(() => {});
-      return { received: failed as Promise<never>, done: failed as Promise<never> };
+      return { received: failed as Promise<never>, done: failed as Promise<never>, released: Promise.resolve() };
     }
     const seq = this.nextSeq;
     this.nextSeq = this.nextSeq >= 0xffffffff ? 1 : this.nextSeq + 1;
@@ -167,6 +175,8 @@ export class RemoteLink {
       bytes,
       received: deferred<void>(),
       done: deferred<Frame>(),
+      released: deferred<void>(),
+      encoding: null,
     };
     this.pending.set(seq, entry);
     this.pendingBytes += bytes;
@@ -176,7 +186,7 @@ export class RemoteLink {
     if (payload && pipeline && CodecPipeline.wants(payload.byteLength, this.options.codec)) {
       const queued: { pieces: Uint8Array[] | null } = { pieces: null };
       this.sendQueue.push(queued);
-      pipeline.encode(payload, this.options.codec).then(({ flags, pieces }) => {
+      entry.encoding = pipeline.encode(payload, this.options.codec).then(({ flags, pieces }) => {
         queued.pieces = encodeFrame({ ...frame, payload: undefined, pieces, flags: (frame.flags ?? 0) | flags, seq });
         this.sendReady();
       }, (error: Error) => this.close(`cannot encode a write: ${error.message}`));
@@ -186,7 +196,7 @@ export class RemoteLink {
     } else {
       this.transmit(encodeFrame({ ...frame, seq }));
     }
-    return { received: entry.received.promise, done: entry.done.promise };
+    return { received: entry.received.promise, done: entry.done.promise, released: entry.released.promise };
   }
 
   /** Sends a frame that expects no reply. */
@@ -250,12 +260,14 @@ export class RemoteLink {
       } catch (error) {
         const why = error instanceof ProtocolError ? error.message : String(error);
         entry.done.reject(new LinkDownError(why));
+        entry.released.resolve(); // a reply: the frame was sent
         this.close(`bad data from secondary: ${why}`);
         return;
       }
     }
     if (!entry.received.settled) entry.received.resolve();
     entry.done.resolve(frame);
+    entry.released.resolve(); // the secondary has all of the frame: the socket no longer holds it
     this.wakeSlot();
   }
 
@@ -288,6 +300,8 @@ export class RemoteLink {
     for (const entry of this.pending.values()) {
       entry.received.reject(error);
       entry.done.reject(error);
+      // Its frame may still sit in the socket's buffer, or be read by a codec thread.
+      void Promise.allSettled([this.conn.finished, entry.encoding]).then(() => entry.released.resolve());
     }
     this.pending.clear();
     this.pendingBytes = 0;

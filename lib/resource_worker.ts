@@ -13,6 +13,7 @@ import type { Socket } from "node:net";
 import { ActiveMap } from "./activemap.ts";
 import { memoryUsage as allocatorUsage } from "bun:jsc";
 import { CodecPipeline } from "./codec_pipeline.ts";
+import { RequestSlots } from "./request_slots.ts";
 import type { ResourceConfig } from "./config.ts";
 import type { Hello } from "./handshake.ts";
 import { exitCodeOf } from "./exit_codes.ts";
@@ -20,12 +21,13 @@ import { execHooks } from "./hooks.ts";
 import { makeLogger, type Logger } from "./log.ts";
 import { MetadataStore, stalenessOf } from "./metadata.ts";
 import { NbdServer } from "./nbd_server.ts";
-import { Primary } from "./primary.ts";
+import { Primary, REQUEST_SLOT_MIN_BYTES, REQUEST_SLOTS } from "./primary.ts";
 import { Provider } from "./provider.ts";
 import { systemClock } from "./remote_link.ts";
 import { Secondary } from "./secondary.ts";
 import { providerDataStore } from "./storage.ts";
 import { socketConnection, tcpNetwork } from "./transport.ts";
+import { MAX_IO_BYTES } from "./wire.ts";
 
 export type WorkerRole = "primary" | "secondary";
 
@@ -153,7 +155,11 @@ async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger)
     const hooks = execHooks(config.exec, config.resource, log);
     // Codec threads only where there is codec work to move off the event loop.
     const codecWork = config.checksum !== "none" || config.compression === "lz4";
-    const pipeline = config.pipeline && codecWork ? CodecPipeline.start() : null;
+    // The primary's request slots: its codec threads read large writes where they were received.
+    const requestSlots = role === "primary"
+      ? new RequestSlots(REQUEST_SLOTS, MAX_IO_BYTES, REQUEST_SLOT_MIN_BYTES)
+      : null;
+    const pipeline = config.pipeline && codecWork ? CodecPipeline.start({ inputs: requestSlots }) : null;
     if (role === "secondary") {
       const secondary = new Secondary({ config, data, meta, hooks, log, pipeline });
       return { role, provider, meta, secondary, pipeline, stop: async () => {
@@ -162,7 +168,7 @@ async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger)
         provider.close();
       } };
     }
-    return await startPrimary(config, provider, meta, log, hooks, pipeline);
+    return await startPrimary(config, provider, meta, log, hooks, pipeline, requestSlots!);
   } catch (error) {
     provider.close();
     throw error;
@@ -171,7 +177,7 @@ async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger)
 
 async function startPrimary(
   config: ResourceConfig, provider: Provider, meta: MetadataStore, log: Logger,
-  hooks: ReturnType<typeof execHooks>, pipeline: CodecPipeline | null,
+  hooks: ReturnType<typeof execHooks>, pipeline: CodecPipeline | null, requestSlots: RequestSlots,
 ): Promise<Running> {
   const m = meta.metadata;
   const onDisk = await meta.readMap();
@@ -187,7 +193,7 @@ async function startPrimary(
   }
   const data = providerDataStore(provider, m.dataOffsetBytes, m.datasizeBytes);
   const primary = new Primary({
-    config, data, meta, activemap, network: tcpNetwork, clock: systemClock, hooks, log, pipeline,
+    config, data, meta, activemap, network: tcpNetwork, clock: systemClock, hooks, log, pipeline, requestSlots,
   });
   const nbd = new NbdServer(primary, {
     exportName: config.name,

@@ -15,15 +15,16 @@
  * handled twice or out of order throws instead of corrupting a request):
  *
  *   Free ──allocate()──▶ Filled ──▶ Encoding ──▶ Encoded ──▶ Sending ──▶ InFlight
- *                          │                                   ▲           │
- *                          └───────────── (no encoding) ───────┘           │
+ *                          ├───────────── (no encoding) ──────────▲           ▲
+ *                          └──────── (handed to several paths at once) ───────┘
  *   Filled, Encoding, Encoded, Sending, InFlight ──▶ Done ──free()──▶ Free
  *   (transition() with the known state, or finish() from whichever it is)
  *
  * - Filled: allocated; the owner fills data and meta, then hands it on.
  * - Encoding/Encoded: a codec stage compresses/checksums into the slot.
  * - Sending: a sender is writing it to the peer; InFlight: written, awaiting
- *   the peer's reply.
+ *   the peer's reply, or handed to several paths at once under a countdown
+ *   (lib/request_slots.ts: the local write and the replication link).
  * - Done: completed (the countdown reached zero) or aborted from any state;
  *   the owner replies to the client and frees it.
  *
@@ -101,6 +102,7 @@ const EDGES: readonly number[] = (() => {
   const allow = (from: SlotState, to: SlotState) => (edges[from]! |= 1 << to);
   allow(SlotState.Filled, SlotState.Encoding);
   allow(SlotState.Filled, SlotState.Sending);
+  allow(SlotState.Filled, SlotState.InFlight);
   allow(SlotState.Encoding, SlotState.Encoded);
   allow(SlotState.Encoded, SlotState.Sending);
   allow(SlotState.Sending, SlotState.InFlight);

@@ -80,7 +80,7 @@ test("data buffers are disjoint, slotDataBytes long and 4096-aligned in the buff
   expect(() => pool.meta(-1)).toThrow();
 });
 
-test("the full pipeline path and the shortcut are allowed edges", () => {
+test("the full pipeline path and the shortcuts are allowed edges", () => {
   const pool = makePool(2, 0);
   const slot = pool.allocate();
   pool.transition(slot, SlotState.Filled, SlotState.Encoding);
@@ -93,12 +93,16 @@ test("the full pipeline path and the shortcut are allowed edges", () => {
   pool.transition(raw, SlotState.Filled, SlotState.Sending); // no encoding stage
   pool.transition(raw, SlotState.Sending, SlotState.Done); // aborted: peer gone
   pool.free(raw);
+  const fanned = pool.allocate();
+  pool.transition(fanned, SlotState.Filled, SlotState.InFlight); // to several paths at once
+  pool.transition(fanned, SlotState.InFlight, SlotState.Done);
+  pool.free(fanned);
 });
 
 test("illegal or stale transitions and double frees throw and change nothing", () => {
   const pool = makePool(2, 0);
   const slot = pool.allocate();
-  expect(() => pool.transition(slot, SlotState.Filled, SlotState.InFlight)).toThrow("not allowed");
+  expect(() => pool.transition(slot, SlotState.Filled, SlotState.Encoded)).toThrow("not allowed");
   expect(() => pool.transition(slot, SlotState.Encoded, SlotState.Filled)).toThrow("not allowed");
   expect(() => pool.transition(slot, SlotState.Done, SlotState.Free)).toThrow("not allowed");
   expect(() => pool.transition(slot, SlotState.Free, SlotState.Filled)).toThrow("not allowed");

@@ -11,8 +11,8 @@ import { formatAddress, type ResourceConfig } from "./config.ts";
 import { MAX_CONTROL_BYTES } from "./control.ts";
 import { MAX_RUNNING_HOOKS } from "./hooks.ts";
 import {
-  ACTIVEMAP_CLEAR_INTERVAL_MS, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, WRITE_POOL_BUFFERS,
-  WRITE_POOL_MIN_BYTES,
+  ACTIVEMAP_CLEAR_INTERVAL_MS, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, REQUEST_SLOTS,
+  REQUEST_SLOT_MIN_BYTES,
 } from "./primary.ts";
 import {
   NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES, NBD_MIN_BLOCK_BYTES,
@@ -33,9 +33,9 @@ export const LIMITS = {
   replicationMaxFramePayloadBytes: MAX_PAYLOAD_BYTES,
   replicationMaxInFlight: MAX_REMOTE_IN_FLIGHT,
   replicationMaxInFlightBytes: MAX_REMOTE_IN_FLIGHT_BYTES,
-  primaryWriteBuffersKept: WRITE_POOL_BUFFERS,
-  primaryWriteBufferBytes: MAX_IO_BYTES,
-  primaryWriteBufferMinPayloadBytes: WRITE_POOL_MIN_BYTES,
+  primaryRequestSlots: REQUEST_SLOTS,
+  primaryRequestSlotBytes: MAX_IO_BYTES,
+  primaryRequestSlotMinPayloadBytes: REQUEST_SLOT_MIN_BYTES,
   secondaryReceiveBuffersKept: RECEIVE_POOL_BUFFERS,
   secondaryReceiveBufferBytes: MAX_PAYLOAD_BYTES,
   secondaryReceiveBufferMinPayloadBytes: RECEIVE_POOL_MIN_BYTES,

@@ -21,6 +21,11 @@ export interface Connection {
   onClose: (reason: string) => void;
   readonly remoteAddress: string;
   readonly closed: boolean;
+  /**
+   * Resolves once the connection holds none of the bytes given to send() any more: after
+   * close, when its socket is gone (queued bytes may leave during a linger).
+   */
+  readonly finished: Promise<void>;
 }
 
 /** How the primary reaches its secondary. */
@@ -92,6 +97,7 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
   /** The socket's last write reported its buffer full; cleared by 'drain'. */
   let full = false;
   let drainWaiters: (() => void)[] = [];
+  const gone = Promise.withResolvers<void>();
   const flushOutbox = (force = false) => {
     flushScheduled = false;
     if (outbox.length === 0 || socket.destroyed || (full && !force)) return;
@@ -118,6 +124,7 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
     onFrame: () => {},
     onClose: () => {},
     remoteAddress: `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? "?"}`,
+    finished: gone.promise,
     get closed() {
       return closed;
     },
@@ -163,7 +170,10 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
   });
   socket.on("error", (error) => finish(`socket error: ${error.message}`));
   socket.on("end", () => finish("peer closed the connection"));
-  socket.on("close", () => finish("connection closed"));
+  socket.on("close", () => {
+    finish("connection closed");
+    gone.resolve();
+  });
   socket.resume();
   return conn;
 }

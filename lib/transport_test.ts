@@ -78,8 +78,15 @@ test("a connection holds frames while the peer does not read, then delivers all 
     for (let waited = 0; received.length < frames && waited < 10_000; waited += 10) await Bun.sleep(10);
     expect(received.map((f) => f.seq)).toEqual(Array.from({ length: frames }, (_, i) => i + 1));
     expect(received.every((f, i) => f.payload.byteLength === MIB && f.payload.every((b) => b === i))).toBe(true);
+    // finished (when a request slot sent from may be reused) comes with the socket's end only.
+    let finished = false;
+    void sender.finished.then(() => (finished = true));
+    await Bun.sleep(20);
+    expect(finished).toBe(false);
     receiver.close("done");
     sender.close("done");
+    await sender.finished;
+    expect(client.destroyed).toBe(true);
   } finally {
     client.destroy();
     server.close();

@@ -1,12 +1,13 @@
 /**
- * When the pooled write buffers go back for reuse, driven through the real Primary and
- * Secondary (test/sim.ts; the secondary's side of the sim receives into its pool as
- * socketConnection does). A buffer given back while something still reads it would be refilled
- * by the next request: the secondary, or the local disk, would get another write's data.
- * - primary: only after its local write ended *and* the secondary replied to every frame sent
- *   from it, also in async and memsync, where the application was answered earlier;
- * - primary: never when the link dropped before the reply (the frame may still sit in the
- *   socket's buffer);
+ * When the primary's request slots and the pooled buffers go back for reuse, driven through the
+ * real Primary and Secondary (test/sim.ts; the secondary's side of the sim receives into its
+ * pool as socketConnection does). A buffer given back while something still reads it would be
+ * refilled by the next request: the secondary, or the local disk, would get another write's data.
+ * - primary: a request slot only after its local write ended *and* the secondary replied to the
+ *   frame sent from it, also in async and memsync, where the application was answered earlier;
+ * - primary: when the link dropped before the reply, only once the connection is gone (the
+ *   frame may still sit in the socket's buffer; lib/remote_link_test.ts covers the wait);
+ * - primary: a slot taken for a write that is refused before anything read it;
  * - secondary: only once the write received into it was applied;
  * - sync: a chunk's buffer only after the secondary's reply, never after a dropped link.
  */
@@ -44,7 +45,7 @@ function hold(disk: MemoryDisk): { open: () => void; held: () => number } {
   return { open, held: () => held };
 }
 
-/** A write of 128 KiB in a buffer of the primary's pool, filled with `byte`. */
+/** A write of 128 KiB in one of the primary's request slots, filled with `byte`. */
 function pooledWrite(s: Sim, byte: number): Uint8Array {
   const buffer = s.primary.writeBuffers.take(128 * KIB);
   expect(buffer).not.toBeNull();
@@ -60,9 +61,9 @@ for (const mode of ["async", "memsync"] as const) {
     await s.primary.write(0, pooledWrite(s, 1), false); // answered: the secondary still holds it
     await waitFor("secondary holds the write", () => secondary.held() === 1 || undefined);
     await settle();
-    expect(s.primary.writeBuffers.stats().free).toBe(0);
+    expect(s.primary.writeBuffers.stats().inUse).toBe(1);
     secondary.open();
-    await waitFor("given back", () => s.primary.writeBuffers.stats().free === 1 || undefined);
+    await waitFor("given back", () => s.primary.writeBuffers.stats().inUse === 0 || undefined);
     expect(s.primary.status().remoteInFlight).toBe(0);
     expect(s.secondaryDisk.bytes.subarray(0, 128 * KIB).every((b) => b === 1)).toBe(true);
   });
@@ -75,23 +76,35 @@ test("fullsync: the primary's buffer goes back only after its local write ended"
   await waitFor("local write held", () => local.held() === 1 || undefined);
   await waitFor("secondary replied", () => s.primary.status().remoteInFlight === 0 || undefined);
   await settle();
-  expect(s.primary.writeBuffers.stats().free).toBe(0);
+  expect(s.primary.writeBuffers.stats().inUse).toBe(1);
   local.open();
   await write;
-  await waitFor("given back", () => s.primary.writeBuffers.stats().free === 1 || undefined);
+  await waitFor("given back", () => s.primary.writeBuffers.stats().inUse === 0 || undefined);
   expect(s.primaryDisk.bytes.subarray(0, 128 * KIB).every((b) => b === 2)).toBe(true);
 });
 
-test("a buffer whose frame lost its link is never given back", async () => {
+test("a slot whose frame lost its link goes back once the connection is gone", async () => {
   const s = await connected("async");
   const secondary = hold(s.secondaryDisk);
   await s.primary.write(0, pooledWrite(s, 3), false);
   await waitFor("secondary holds the write", () => secondary.held() === 1 || undefined);
+  expect(s.primary.writeBuffers.stats().inUse).toBe(1);
   expect(s.dropLink("test: link lost")).toBe(true);
-  secondary.open();
+  // The sim's connection copies what it sends, so it holds nothing once closed.
   await waitFor("primary saw the drop", () => s.primary.status().link !== "connected" || undefined);
-  await settle();
-  expect(s.primary.writeBuffers.stats()).toEqual({ free: 0, reused: 0, allocated: 1 });
+  await waitFor("given back", () => s.primary.writeBuffers.stats().inUse === 0 || undefined);
+  secondary.open();
+  expect(s.primary.writeBuffers.stats().taken).toBe(1);
+});
+
+test("a slot goes back when its write is refused before anything read it", async () => {
+  const s = await connected("fullsync");
+  s.primaryMeta.beforeWriteMap = async () => {
+    throw new Error("injected map write failure");
+  };
+  await expect(s.primary.write(0, pooledWrite(s, 5), false)).rejects.toThrow();
+  expect(s.primary.writeBuffers.stats().inUse).toBe(0);
+  expect(s.primaryDisk.bytes[0]).toBe(0); // never written
 });
 
 test("the secondary's receive buffer goes back once the write was applied", async () => {

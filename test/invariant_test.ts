@@ -360,8 +360,8 @@ class ChaosRun {
     else if (roll < 0.35) op = primary.trim(from, to - from);
     else {
       data = this.randomData(to - from);
-      // As the NBD server does, a large write arrives in a buffer of the primary's pool (one
-      // given back too early would be refilled by another client while still being written).
+      // As the NBD server does, a large write arrives in one of the primary's request slots (one
+      // freed too early would be refilled by another client while still being written).
       const pooled = primary.writeBuffers.take(data.byteLength);
       pooled?.set(data);
       op = primary.write(from, pooled ?? data, this.random() < 0.005);
@@ -413,10 +413,12 @@ for (const c of CASES) {
     // After its failed flush the primary flushes (and so clears and syncs) nothing more until
     // it restarts, as the daemon restarts a resource's worker; it resumes from its on-disk map.
     expect(run.sim.primary.status().localFlushFailure).toContain("injected pFlushFail");
-    // Large writes travelled in reused buffers on both sides, so an early give-back would show.
-    const pooled = { primary: run.sim.primary.writeBuffers.stats().reused,
-      secondary: run.sim.secondary.receivePool.stats().reused };
+    // Large writes travelled in request slots (primary) and reused buffers (secondary), so an
+    // early give-back would show; and no slot stays taken once the primary stopped.
+    const slots = run.sim.primary.writeBuffers;
+    const pooled = { primary: slots.stats().taken, secondary: run.sim.secondary.receivePool.stats().reused };
     await run.sim.restartPrimary();
+    await waitFor("every request slot back", () => slots.stats().inUse === 0 || undefined, { timeoutMs: 5_000 });
     await waitFor("resynced after the faults", () => {
       const st = run.sim.primary.status();
       return st.status === "complete" && st.dirtyBytes === 0 && st.remoteInFlight === 0 ? true : undefined;

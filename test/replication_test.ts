@@ -65,9 +65,10 @@ test.each(CASES)("nbdcopy through the primary lands byte-identical on the second
     const workerOf = async (node: "a" | "b") =>
       JSON.parse((await c.hast(node, ["list", "--json"])).stdout).resources[0].worker;
     const [workerA, workerB] = [await workerOf("a"), await workerOf("b")];
-    // The data above arrived in reused buffers on both sides (each given back only once its
-    // request was done with it: a buffer reused too early would have changed the data).
-    expect(workerA.writeBuffers.reused).toBeGreaterThan(0);
+    // The data above arrived in request slots (a) and reused buffers (b), each given back only
+    // once its request was done with it: one reused too early would have changed the data.
+    expect(workerA.writeBuffers.taken).toBeGreaterThan(0);
+    expect(workerA.writeBuffers.inUse).toBe(0);
     expect(workerB.receiveBuffers.reused).toBeGreaterThan(0);
     // Each worker reports its memory; the pools' 1 MiB buffers are memory the collector counts.
     for (const worker of [workerA, workerB]) {
@@ -81,6 +82,8 @@ test.each(CASES)("nbdcopy through the primary lands byte-identical on the second
     const [onPrimary, onSecondary] = [workerA.pipeline, workerB.pipeline];
     if (c0.threaded) {
       expect(onPrimary.encoded).toBeGreaterThanOrEqual(8);
+      // …read where the NBD server received them, in the request slots the threads share.
+      expect(onPrimary.encodedInPlace).toBeGreaterThanOrEqual(8);
       expect(onSecondary.decoded).toBeGreaterThanOrEqual(8);
       expect(onPrimary).toMatchObject({ slotsInUse: 0, waitingForSlot: 0 });
     } else {

@@ -127,6 +127,8 @@ class MemoryConnection implements Connection {
   peer!: MemoryConnection;
   private isClosed = false;
   private readonly parser: FrameParser;
+  /** send() copies what it is given, so nothing given to it is held. */
+  readonly finished = Promise.resolve();
 
   constructor(
     readonly remoteAddress: string,

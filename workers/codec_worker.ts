@@ -1,12 +1,15 @@
 /**
  * A codec thread of lib/codec_pipeline.ts: sleeps on its request ring, takes
- * every slot queued at a wake-up, encodes or decodes each one in place (input
- * region → output region) with payload_codec, and pushes the batch back on
- * its completion ring with one wake-up of the event loop.
+ * every slot queued at a wake-up, encodes or decodes each one (input → the
+ * slot's output region) with payload_codec, and pushes the batch back on its
+ * completion ring with one wake-up of the event loop. The input is the slot's
+ * input region, or a payload in one of the primary's request slots, read
+ * where it lies.
  */
 import { workerData } from "node:worker_threads";
 import {
-  BODY_IS_INPUT, CHECKSUMS, CodecOp, COMPRESSIONS, type CodecWorkerData, PIPELINE_REGION_BYTES, STOP_ENTRY,
+  BODY_IS_INPUT, CHECKSUMS, CodecOp, COMPRESSIONS, type CodecWorkerData, INPUT_OFFSET, INPUT_SLOT,
+  PIPELINE_REGION_BYTES, STOP_ENTRY,
 } from "../lib/codec_pipeline.ts";
 import { decodePayload, encodePayload } from "../lib/payload_codec.ts";
 import { SpscRing } from "../lib/ring.ts";
@@ -16,6 +19,9 @@ const shared = workerData as CodecWorkerData;
 const pool = new SlotPool(shared.sab, {
   slotCount: shared.slotCount, slotDataBytes: shared.slotDataBytes,
   byteOffset: shared.poolOffset,
+});
+const inputs = shared.inputs === null ? null : new SlotPool(shared.inputs.sab, {
+  slotCount: shared.inputs.slotCount, slotDataBytes: shared.inputs.slotDataBytes,
 });
 const requests = new SpscRing(shared.sab, shared.requestsOffset, shared.ringCapacity);
 const completions = new SpscRing(shared.sab, shared.completionsOffset, shared.ringCapacity);
@@ -27,7 +33,11 @@ function work(slot: number): void {
   pool.transition(slot, SlotState.Filled, SlotState.Encoding);
   const meta = pool.meta(slot);
   const data = pool.data(slot);
-  const input = data.subarray(0, meta[SlotMeta.User0]!);
+  const inputBytes = meta[SlotMeta.User0]!;
+  const inputSlot = meta[INPUT_SLOT]! - 1;
+  const input = inputSlot < 0
+    ? data.subarray(0, inputBytes)
+    : inputs!.data(inputSlot).subarray(meta[INPUT_OFFSET]!, meta[INPUT_OFFSET]! + inputBytes);
   const output = data.subarray(PIPELINE_REGION_BYTES);
   const codec = { compression: COMPRESSIONS[meta[SlotMeta.User1]!]!, checksum: CHECKSUMS[meta[SlotMeta.User2]!]! };
   try {
