@@ -37,11 +37,14 @@ export const RESYNC_RETRY_MS = 3000;
 export const KEEPALIVE_MS = 10_000;
 export { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES };
 /**
- * Request slots for large writes (see RequestSlots), allocated at start: a slot is in use until
- * its local write ended and the link released its frame, so a full replication window
- * (MAX_REMOTE_IN_FLIGHT_BYTES of 1 MiB writes) and the application's queue of a few more.
+ * Request slots for large writes (see RequestSlots), allocated at start. A slot is in use until
+ * its local write ended and the link released its frame: in fullsync and memsync about the
+ * application's queue depth of 1 MiB writes, in async up to a replication window
+ * (MAX_REMOTE_IN_FLIGHT_BYTES); beyond, writes are received into fresh buffers. Not 64+: memory
+ * outside the JS heap costs this Bun page faults on every small request, used or not (an idle
+ * 80 MiB SharedArrayBuffer cost 10–25% of 4 KiB QD32 IOPS; README, "Design").
  */
-export const REQUEST_SLOTS = 80;
+export const REQUEST_SLOTS = 32;
 /** Writes from this size on are received into request slots (smaller ones are copied). */
 export const REQUEST_SLOT_MIN_BYTES = 64 * 1024;
 /**
@@ -289,7 +292,7 @@ export class Primary {
     const slot = data ? this.writeBuffers.slotOf(data) : -1;
     let dispatched = false;
     /** Resolves once the link no longer reads `data` (at once when nothing was sent). */
-    let remoteReleased: Promise<void> = Promise.resolve();
+    let remoteReleased = () => Promise.resolve();
     try {
       if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
       started = true; // from here on, afterWrite completes the activemap's writeStart
@@ -324,7 +327,7 @@ export class Primary {
       if (dispatched) {
         const partyDone = () => this.writeBuffers.partyDone(slot);
         void localResult.then(partyDone, partyDone);
-        void remoteReleased.then(partyDone, partyDone);
+        void remoteReleased().then(partyDone, partyDone);
       } else if (slot >= 0) {
         this.writeBuffers.give(data!); // refused before anything read it
       }
@@ -334,7 +337,7 @@ export class Primary {
   /** Sends the write in ≤ MAX_IO_BYTES frames; resolves once they are queued. */
   private async sendRemote(
     link: RemoteLink, offset: number, length: number, data: Uint8Array | null, fua: boolean,
-  ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; released: Promise<void> }> {
+  ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; released: () => Promise<void> }> {
     const calls: RemoteCall[] = [];
     for (let at = 0; at < length; ) {
       const pieceBytes = data ? Math.min(MAX_IO_BYTES, length - at) : Math.min(1 << 30, length - at);
@@ -362,7 +365,7 @@ export class Primary {
     return {
       received: this.mode === "async" ? Promise.resolve(complete) : settle("received"),
       done: settle("done"),
-      released: Promise.all(calls.map((c) => c.released)).then(() => {}),
+      released: () => Promise.all(calls.map((c) => c.released())).then(() => {}),
     };
   }
 

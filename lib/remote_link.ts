@@ -40,7 +40,6 @@ interface Pending {
   bytes: number;
   received: Deferred<void>;
   done: Deferred<Frame>;
-  released: Deferred<void>;
   /** The payload's encoding on a codec thread, until it settles (the thread reads the payload). */
   encoding: Promise<unknown> | null;
 }
@@ -83,8 +82,9 @@ export interface RemoteCall {
   /**
    * Resolves once nothing reads the request's payload any more: at the final reply, or, if the
    * link went down first, once its connection is gone and no codec thread reads it. Never rejects.
+   * (A function: most payloads are garbage-collected buffers that need no such promise.)
    */
-  released: Promise<void>;
+  released(): Promise<void>;
 }
 
 export interface RemoteLinkOptions {
@@ -164,7 +164,7 @@ export class RemoteLink {
       const error = new LinkDownError(this.closedReason ?? "link down");
       const failed = Promise.reject(error);
       failed.catch(() => {});
-      return { received: failed as Promise<never>, done: failed as Promise<never>, released: Promise.resolve() };
+      return { received: failed as Promise<never>, done: failed as Promise<never>, released: () => Promise.resolve() };
     }
     const seq = this.nextSeq;
     this.nextSeq = this.nextSeq >= 0xffffffff ? 1 : this.nextSeq + 1;
@@ -175,7 +175,6 @@ export class RemoteLink {
       bytes,
       received: deferred<void>(),
       done: deferred<Frame>(),
-      released: deferred<void>(),
       encoding: null,
     };
     this.pending.set(seq, entry);
@@ -196,7 +195,13 @@ export class RemoteLink {
     } else {
       this.transmit(encodeFrame({ ...frame, seq }));
     }
-    return { received: entry.received.promise, done: entry.done.promise, released: entry.released.promise };
+    // `done` rejects only once the link is down (a bad reply closes it at once): the frame may
+    // then still sit in the socket's buffer, or be read by a codec thread.
+    const released = () => entry.done.promise.then(
+      () => {},
+      () => Promise.allSettled([this.conn.finished, entry.encoding]).then(() => {}),
+    );
+    return { received: entry.received.promise, done: entry.done.promise, released };
   }
 
   /** Sends a frame that expects no reply. */
@@ -260,14 +265,12 @@ export class RemoteLink {
       } catch (error) {
         const why = error instanceof ProtocolError ? error.message : String(error);
         entry.done.reject(new LinkDownError(why));
-        entry.released.resolve(); // a reply: the frame was sent
         this.close(`bad data from secondary: ${why}`);
         return;
       }
     }
     if (!entry.received.settled) entry.received.resolve();
-    entry.done.resolve(frame);
-    entry.released.resolve(); // the secondary has all of the frame: the socket no longer holds it
+    entry.done.resolve(frame); // the secondary has all of the frame: the socket no longer holds it
     this.wakeSlot();
   }
 
@@ -300,8 +303,6 @@ export class RemoteLink {
     for (const entry of this.pending.values()) {
       entry.received.reject(error);
       entry.done.reject(error);
-      // Its frame may still sit in the socket's buffer, or be read by a codec thread.
-      void Promise.allSettled([this.conn.finished, entry.encoding]).then(() => entry.released.resolve());
     }
     this.pending.clear();
     this.pendingBytes = 0;

@@ -64,10 +64,10 @@ test("released comes with the final reply, not the early received acknowledgemen
   expect(conn.sent).toHaveLength(1);
   conn.reply(1, FrameFlag.Received);
   await call.received;
-  expect(await settled(call.released)).toBe(false);
+  expect(await settled(call.released())).toBe(false);
   conn.reply(1);
   await call.done;
-  expect(await settled(call.released)).toBe(true);
+  expect(await settled(call.released())).toBe(true);
   link.close("test over");
 });
 
@@ -77,10 +77,10 @@ test("after the link went down, released waits until the connection is gone", as
   const call = link.call(write(4096));
   link.close("test: link lost");
   await expect(call.done).rejects.toThrow("link lost");
-  expect(await settled(call.released)).toBe(false); // its bytes may still be in the socket
+  expect(await settled(call.released())).toBe(false); // its bytes may still be in the socket
   conn.gone.resolve();
-  expect(await settled(call.released)).toBe(true);
-  expect(await settled(link.call(write(4096)).released)).toBe(true); // never sent at all
+  expect(await settled(call.released())).toBe(true);
+  expect(await settled(link.call(write(4096)).released())).toBe(true); // never sent at all
 });
 
 test("a payload a codec thread still reads is released only after the encoding ended", async () => {
@@ -92,8 +92,8 @@ test("a payload a codec thread still reads is released only after the encoding e
   expect(conn.sent).toHaveLength(0);
   link.close("test: link lost");
   conn.gone.resolve();
-  expect(await settled(call.released)).toBe(false);
+  expect(await settled(call.released())).toBe(false);
   encoding.resolve({ flags: 0, pieces: [new Uint8Array(256 * 1024)] });
-  expect(await settled(call.released)).toBe(true);
+  expect(await settled(call.released())).toBe(true);
   expect(conn.sent).toHaveLength(0); // nothing goes out on a closed link
 });

@@ -87,9 +87,13 @@ export class RequestSlots {
     return this.pool.data(slot).subarray(0, bytes);
   }
 
-  /** The slot whose data `view` lies in, or -1 for memory that is not one of ours. */
+  /**
+   * The slot whose data `view` lies in, or -1 for memory that is not one of ours. A view shorter
+   * than minBytes is never one (take() hands out none) and is not looked at: reading `.buffer`
+   * of a small typed array makes the runtime create an ArrayBuffer for it, on every 4 KiB write.
+   */
   slotOf(view: Uint8Array): number {
-    if (view.buffer !== this.sab) return -1;
+    if (view.byteLength < this.minBytes || view.buffer !== this.sab) return -1;
     const slot = Math.floor((view.byteOffset - this.#dataStart) / this.#stride);
     assert.ok(slot >= 0 && slot < this.pool.slotCount, "Cannot locate slot: view outside the data region");
     return slot;

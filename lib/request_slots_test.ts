@@ -27,13 +27,14 @@ test("take serves sizes in [minBytes, slotBytes] from distinct slots, then falls
   });
 });
 
-test("slotOf finds the slot of any view into it, and -1 for other memory", () => {
+test("slotOf finds the slot of a view into it, and -1 for other memory and small views", () => {
   const slots = new RequestSlots(3, 100 * KIB, 64 * KIB); // a stride rounded up to 4 KiB
   const views = [slots.take(100 * KIB)!, slots.take(100 * KIB)!, slots.take(100 * KIB)!];
   const found = views.map((v) => slots.slotOf(v));
   expect(new Set(found).size).toBe(3);
   views.forEach((v, i) => {
-    expect(slots.slotOf(v.subarray(99 * KIB))).toBe(found[i]!);
+    expect(slots.slotOf(v.subarray(36 * KIB))).toBe(found[i]!);
+    expect(slots.slotOf(v.subarray(99 * KIB))).toBe(-1); // under minBytes: never a slot's payload
     expect(slots.owns(v)).toBe(true);
   });
   expect(slots.slotOf(new Uint8Array(100 * KIB))).toBe(-1);
