@@ -43,12 +43,15 @@ interface Case {
   replication: ResourceConfig["replication"];
   checksum: ResourceConfig["checksum"];
   compression: ResourceConfig["compression"];
+  /** Large payloads encoded on codec threads, read where they lie in the request slots. */
+  pipeline?: boolean;
 }
 
 const CASES: Case[] = [
   { replication: "fullsync", checksum: "crc32", compression: "lz4" },
   { replication: "memsync", checksum: "none", compression: "hole" },
   { replication: "async", checksum: "sha256", compression: "hole" },
+  { replication: "memsync", checksum: "sha256", compression: "lz4", pipeline: true },
 ];
 
 /** Durable state of a disk: per sector, the newest version a completed flush covered. */
@@ -116,7 +119,7 @@ class ChaosRun {
     this.random = seededRandom(seed);
     this.sim = new Sim({
       replication: c.replication, checksum: c.checksum, compression: c.compression,
-      mediasizeBytes: MEDIA, extentsizeBytes: EXTENT, keepdirty: 3, timeoutSeconds: 2,
+      mediasizeBytes: MEDIA, extentsizeBytes: EXTENT, keepdirty: 3, timeoutSeconds: 2, pipeline: c.pipeline,
     });
     this.durable = new DurableTracker(this.sim.primaryDisk.bytes);
     this.sDurable = new DurableTracker(this.sim.secondaryDisk.bytes);
@@ -400,7 +403,8 @@ class ChaosRun {
 }
 
 for (const c of CASES) {
-  test(`${c.replication} (${c.checksum}, ${c.compression}): a clean extent in the on-disk activemap ` +
+  const codec = `${c.checksum}, ${c.compression}${c.pipeline ? ", pipeline" : ""}`;
+  test(`${c.replication} (${codec}): a clean extent in the on-disk activemap ` +
     "never differs between the copies, under random load and faults", async () => {
     const seed = Number(process.env.HAST_SEED ?? Math.floor(Math.random() * 2 ** 31));
     console.log(`seed ${seed} (rerun with HAST_SEED=${seed})`);
@@ -435,6 +439,7 @@ for (const c of CASES) {
     expect(run.checks).toBeGreaterThan(1000);
     expect(pooled.primary).toBeGreaterThan(0);
     expect(pooled.secondary).toBeGreaterThan(0);
+    if (c.pipeline) expect(run.sim.pipeline!.stats().encodedInPlace).toBeGreaterThan(0);
     const { flip, ...diskFaults } = run.fired;
     for (const [fault, times] of Object.entries(diskFaults)) expect([fault, times > 0]).toEqual([fault, true]);
     if (c.checksum !== "none") {
@@ -443,6 +448,6 @@ for (const c of CASES) {
     }
     console.log(`seed ${seed}: ${run.counts.ok} ok, ${run.counts.failed} failed, ${run.counts.reads} reads, ` +
       `${run.drops} link drops, ${run.checks} checks, ${run.sim.primaryMeta.mapWrites} map writes, ` +
-      `faults ${JSON.stringify(run.fired)}, buffers reused ${JSON.stringify(pooled)}`);
+      `faults ${JSON.stringify(run.fired)}, slots taken / buffers reused ${JSON.stringify(pooled)}`);
   }, 60_000);
 }

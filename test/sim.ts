@@ -7,16 +7,17 @@
 import { ActiveMap } from "../lib/activemap.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
 import { CodecPipeline } from "../lib/codec_pipeline.ts";
+import { RequestSlots } from "../lib/request_slots.ts";
 import type { ResourceConfig } from "../lib/config.ts";
 import { parseHello } from "../lib/handshake.ts";
 import type { HookEvent, HookRunner } from "../lib/hooks.ts";
 import { computeLayout, type Metadata } from "../lib/metadata.ts";
-import { Primary } from "../lib/primary.ts";
+import { Primary, REQUEST_SLOT_MIN_BYTES, REQUEST_SLOTS } from "../lib/primary.ts";
 import { systemClock } from "../lib/remote_link.ts";
 import { Secondary } from "../lib/secondary.ts";
 import type { DataStore, MetaStore } from "../lib/storage.ts";
 import type { Connection, Network } from "../lib/transport.ts";
-import { FrameParser, type Frame } from "../lib/wire.ts";
+import { FrameParser, MAX_IO_BYTES, type Frame } from "../lib/wire.ts";
 import { waitFor } from "./harness.ts";
 
 /** An error as the kernel reports a failed disk operation (`what`: e.g. "fdatasync"). */
@@ -204,6 +205,12 @@ export class Sim {
   primary!: Primary;
   secondary!: Secondary;
   pipeline: CodecPipeline | null = null;
+  /**
+   * The primary's request slots, shared with the codec threads as a resource worker does; kept
+   * across restartPrimary (a worker would allocate new ones), so a slot a stopped primary never
+   * gave back stays counted in use.
+   */
+  readonly requestSlots = new RequestSlots(REQUEST_SLOTS, MAX_IO_BYTES, REQUEST_SLOT_MIN_BYTES);
   activemap!: ActiveMap;
   /** Primary-side ends of the connections made so far. */
   private readonly links: MemoryConnection[] = [];
@@ -243,7 +250,7 @@ export class Sim {
   start(): void {
     const config = this.config();
     if (this.options.secondaryAuthkey !== undefined) config.authkey = this.options.secondaryAuthkey;
-    this.pipeline = config.pipeline ? CodecPipeline.start() : null;
+    this.pipeline = config.pipeline ? CodecPipeline.start({ inputs: this.requestSlots }) : null;
     const pipeline = this.pipeline;
     this.secondary = new Secondary({
       config, data: this.secondaryDisk, meta: this.secondaryMeta, hooks: this.hooks("secondary"),
@@ -262,7 +269,7 @@ export class Sim {
     this.primary = new Primary({
       config: this.config(), data: this.primaryDisk, meta: this.primaryMeta, activemap: this.activemap,
       network: this.network(), clock: systemClock, hooks: this.hooks("primary"), log: this.log("primary"),
-      pipeline: this.pipeline,
+      pipeline: this.pipeline, requestSlots: this.requestSlots,
     });
     this.primary.start();
   }
