@@ -1,8 +1,9 @@
 /**
  * Recovery scenarios (spec §4–§6, §10) on two hosts made of network namespaces joined by a veth
  * pair, with real daemons, real NBD clients (qemu-io, fio, nbdfuse + loop + ext4) and real
- * faults: a partition (veth down), SIGKILL of the primary's whole process group, split-brain,
- * a sync cut half-way, and a secondary whose disk fails writes (nbdkit's error filter behind
+ * faults: a partition (veth down), SIGKILL of the primary's whole process group, SIGKILL of the
+ * secondary's during 1 MiB writes, split-brain, a sync cut half-way, and a secondary whose disk
+ * fails writes (nbdkit's error filter behind
  * nbdfuse + losetup). Each test proves that hast keeps serving, resyncs only what may differ,
  * and ends with byte-identical data areas.
  *
@@ -315,6 +316,39 @@ test("SIGKILL of the primary's process group: crash-dirty extents resync", async
     await checkFileSystem(cleanup, c, manifest);
   });
 }, 120_000);
+
+// Proves the primary's request slots survive the secondary's death mid-stream: async mode with
+// the codec threads on (so frames are queued in the socket, on a thread or awaiting replies when
+// the peer dies), SIGKILL of b's daemon and worker while fio writes 1 MiB blocks. The
+// application sees no error, every slot comes back once the dead connection is gone (a slot
+// still counted in use would be one the link never released), and b resyncs to identical.
+test("SIGKILL of the secondary during 1 MiB writes: no error, every request slot back, resync", async () => {
+  await scenario(async (cleanup, clusters) => {
+    const c = await startPair(cleanup, clusters, {
+      replication: "async", resourceLines: ["compression lz4", "checksum sha256", "pipeline on"],
+    });
+    const fio = spawnProcess(cleanup, ["fio", "--name=peerdeath", "--ioengine=nbd", `--uri=${c.uri("a")}`,
+      "--rw=write", "--bs=1m", "--iodepth=8", `--size=${DEVICE_BYTES}`, "--time_based", "--runtime=6"]);
+    const before = (await list(c, "a")).worker.writeBuffers.taken as number;
+    await waitFor("fio writing through request slots", async () => {
+      if (fio.hasExited()) throw new Error(`fio exited early: ${await fio.readLog()}`);
+      return (await list(c, "a")).worker.writeBuffers.taken > before + 100;
+    }, { timeoutMs: 20_000 });
+    await killGroup(c, "b");
+    await c.waitStatus("a", "degraded", (s) => s.status === "degraded", 20_000);
+    expect(await fio.exited).toBe(0); // every write succeeded, before and after b died
+    const slots = await waitFor("every request slot back", async () => {
+      const w = (await list(c, "a")).worker.writeBuffers;
+      return w.inUse === 0 ? w : undefined;
+    }, { timeoutMs: 10_000 });
+    expect(slots.taken).toBeGreaterThan(slots.slots); // slots were reused, after b died as well
+    expect((await list(c, "a")).worker.pipeline.encodedInPlace).toBeGreaterThan(0);
+    await c.startDaemon("b");
+    await c.hast("b", ["role", "secondary", "data"]);
+    await waitClean(c);
+    await expectIdentical(c);
+  });
+}, 90_000);
 
 // ---------------------------------------------------------------------------------------------
 // 3. Split-brain
