@@ -45,18 +45,43 @@ export const PIPELINE_MIN_BYTES = 64 * 1024;
 /** One region of a slot: a MAX_IO_BYTES payload, lz4's worst-case growth, the checksum. */
 export const PIPELINE_REGION_BYTES = MAX_IO_BYTES + 64 * 1024;
 
-/** Opcodes in SlotMeta.Command. */
+/** Opcodes in CodecMeta.Op. */
 export const enum CodecOp {
   Encode = 1,
   Decode = 2,
 }
 
-/** Meta word: 1 when the result's body is the input unchanged (only a trailer was written). */
-export const BODY_IS_INPUT = SlotMeta.CookieLo;
-/** Meta word: 0 when the input is in the slot's own input region, else 1 + the request slot it lies in. */
-export const INPUT_SLOT = SlotMeta.OffsetLo;
-/** Meta word: where in that request slot's data the input starts. */
-export const INPUT_OFFSET = SlotMeta.OffsetHi;
+/** Where a job's input is (CodecMeta.InputRegion). */
+export const enum InputRegion {
+  /** Copied into the codec slot's input region. */
+  Own = 1,
+  /** In a request slot of the primary (CodecMeta.InputSlot, at CodecMeta.InputOffset). */
+  RequestSlot = 2,
+}
+
+/**
+ * The caller words of a codec slot (its pool carries codec jobs, not device requests, so the
+ * words get the job's names; each is one of the pool's SlotMeta words).
+ */
+export const enum CodecMeta {
+  Op = SlotMeta.Command,
+  /** In: the frame flags of a payload to decode. Out: the flags of the encoded payload. */
+  Flags = SlotMeta.Flags,
+  InputRegion = SlotMeta.OffsetLo,
+  InputSlot = SlotMeta.OffsetHi,
+  /** The decoded length (a decode's expected output). */
+  Length = SlotMeta.Length,
+  OutLength = SlotMeta.OutLength,
+  /** 0, or 1 when the job failed (the output region then holds the message). */
+  Error = SlotMeta.Error,
+  /** 1 when the result's body is the input unchanged (only a trailer was written out). */
+  BodyIsInput = SlotMeta.CookieLo,
+  InputOffset = SlotMeta.CookieHi,
+  InputBytes = SlotMeta.User0,
+  /** Indices into COMPRESSIONS and CHECKSUMS. */
+  Compression = SlotMeta.User1,
+  Checksum = SlotMeta.User2,
+}
 
 /** Ring entry that tells a thread to exit. */
 export const STOP_ENTRY = 0xffffffff;
@@ -190,9 +215,9 @@ export class CodecPipeline {
     assert.ok(data.byteLength <= MAX_IO_BYTES, "Cannot encode: payload larger than MAX_IO_BYTES");
     const slot = await this.submit(CodecOp.Encode, data, 0, data.byteLength, codec);
     const meta = this.pool.meta(slot);
-    const flags = meta[SlotMeta.Flags]!;
-    const out = this.output(slot).slice(0, meta[SlotMeta.OutLength]!);
-    const bodyIsInput = meta[BODY_IS_INPUT] === 1;
+    const flags = meta[CodecMeta.Flags]!;
+    const out = this.output(slot).slice(0, meta[CodecMeta.OutLength]!);
+    const bodyIsInput = meta[CodecMeta.BodyIsInput] === 1;
     this.release(slot);
     this.encodedCount++;
     const pieces = bodyIsInput ? [data, out] : [out];
@@ -210,10 +235,10 @@ export class CodecPipeline {
     const codec: CodecOptions = { compression: "none", checksum };
     const slot = await this.submit(CodecOp.Decode, payload, flags, length, codec);
     const meta = this.pool.meta(slot);
-    const failed = meta[SlotMeta.Error]! !== 0;
-    const outBytes = meta[SlotMeta.OutLength]!;
+    const failed = meta[CodecMeta.Error]! !== 0;
+    const outBytes = meta[CodecMeta.OutLength]!;
     // A body that needed no expansion is the front of the payload we already hold.
-    const out = meta[BODY_IS_INPUT] === 1 && !failed
+    const out = meta[CodecMeta.BodyIsInput] === 1 && !failed
       ? payload.subarray(0, outBytes)
       : this.output(slot).slice(0, outBytes);
     this.release(slot);
@@ -271,18 +296,20 @@ export class CodecPipeline {
     if (slot < 0) return false;
     const meta = this.pool.meta(slot);
     if (job.inputSlot >= 0) {
-      meta[INPUT_SLOT] = job.inputSlot + 1;
-      meta[INPUT_OFFSET] = job.input.byteOffset - this.inputs!.pool.data(job.inputSlot).byteOffset;
+      meta[CodecMeta.InputRegion] = InputRegion.RequestSlot;
+      meta[CodecMeta.InputSlot] = job.inputSlot;
+      meta[CodecMeta.InputOffset] = job.input.byteOffset - this.inputs!.pool.data(job.inputSlot).byteOffset;
       this.encodedInPlace++;
     } else {
+      meta[CodecMeta.InputRegion] = InputRegion.Own;
       this.pool.data(slot).set(job.input, 0);
     }
-    meta[SlotMeta.Command] = job.op;
-    meta[SlotMeta.Flags] = job.flags;
-    meta[SlotMeta.Length] = job.length;
-    meta[SlotMeta.User0] = job.input.byteLength;
-    meta[SlotMeta.User1] = COMPRESSIONS.indexOf(job.codec.compression);
-    meta[SlotMeta.User2] = CHECKSUMS.indexOf(job.codec.checksum);
+    meta[CodecMeta.Op] = job.op;
+    meta[CodecMeta.Flags] = job.flags;
+    meta[CodecMeta.Length] = job.length;
+    meta[CodecMeta.InputBytes] = job.input.byteLength;
+    meta[CodecMeta.Compression] = COMPRESSIONS.indexOf(job.codec.compression);
+    meta[CodecMeta.Checksum] = CHECKSUMS.indexOf(job.codec.checksum);
     this.pending.set(slot, job);
     let target = this.threads[0]!;
     for (const t of this.threads) if (t.outstanding < target.outstanding) target = t;

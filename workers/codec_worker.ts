@@ -6,14 +6,15 @@
  * input region, or a payload in one of the primary's request slots, read
  * where it lies.
  */
+import assert from "node:assert/strict";
 import { workerData } from "node:worker_threads";
 import {
-  BODY_IS_INPUT, CHECKSUMS, CodecOp, COMPRESSIONS, type CodecWorkerData, INPUT_OFFSET, INPUT_SLOT,
-  PIPELINE_REGION_BYTES, STOP_ENTRY,
+  CHECKSUMS, CodecMeta, CodecOp, COMPRESSIONS, type CodecWorkerData, InputRegion, PIPELINE_REGION_BYTES,
+  STOP_ENTRY,
 } from "../lib/codec_pipeline.ts";
 import { decodePayload, encodePayload } from "../lib/payload_codec.ts";
 import { SpscRing } from "../lib/ring.ts";
-import { SlotMeta, SlotPool, SlotState } from "../lib/slot_pool.ts";
+import { SlotPool, SlotState } from "../lib/slot_pool.ts";
 
 const shared = workerData as CodecWorkerData;
 const pool = new SlotPool(shared.sab, {
@@ -33,40 +34,45 @@ function work(slot: number): void {
   pool.transition(slot, SlotState.Filled, SlotState.Encoding);
   const meta = pool.meta(slot);
   const data = pool.data(slot);
-  const inputBytes = meta[SlotMeta.User0]!;
-  const inputSlot = meta[INPUT_SLOT]! - 1;
-  const input = inputSlot < 0
-    ? data.subarray(0, inputBytes)
-    : inputs!.data(inputSlot).subarray(meta[INPUT_OFFSET]!, meta[INPUT_OFFSET]! + inputBytes);
+  const inputBytes = meta[CodecMeta.InputBytes]!;
+  const inputOffset = meta[CodecMeta.InputOffset]!;
+  const region = meta[CodecMeta.InputRegion]!;
+  assert.ok(region === InputRegion.Own || region === InputRegion.RequestSlot, `slot ${slot}: input region ${region}`);
+  const input = region === InputRegion.RequestSlot
+    ? inputs!.data(meta[CodecMeta.InputSlot]!).subarray(inputOffset, inputOffset + inputBytes)
+    : data.subarray(0, inputBytes);
   const output = data.subarray(PIPELINE_REGION_BYTES);
-  const codec = { compression: COMPRESSIONS[meta[SlotMeta.User1]!]!, checksum: CHECKSUMS[meta[SlotMeta.User2]!]! };
+  const codec = {
+    compression: COMPRESSIONS[meta[CodecMeta.Compression]!]!,
+    checksum: CHECKSUMS[meta[CodecMeta.Checksum]!]!,
+  };
   try {
     // When the body is the input unchanged (nothing compressed), only the checksum trailer is
     // written out and the event loop keeps using its own copy of the data.
-    if (meta[SlotMeta.Command] === CodecOp.Encode) {
+    if (meta[CodecMeta.Op] === CodecOp.Encode) {
       const { flags, pieces } = encodePayload(input, codec);
       const bodyIsInput = pieces[0] === input;
-      meta[BODY_IS_INPUT] = bodyIsInput ? 1 : 0;
+      meta[CodecMeta.BodyIsInput] = bodyIsInput ? 1 : 0;
       let at = 0;
       for (const piece of bodyIsInput ? pieces.slice(1) : pieces) {
         output.set(piece, at);
         at += piece.byteLength;
       }
-      meta[SlotMeta.Flags] = flags;
-      meta[SlotMeta.OutLength] = at;
+      meta[CodecMeta.Flags] = flags;
+      meta[CodecMeta.OutLength] = at;
     } else {
-      const decoded = decodePayload(meta[SlotMeta.Flags]!, input, meta[SlotMeta.Length]!, codec.checksum);
+      const decoded = decodePayload(meta[CodecMeta.Flags]!, input, meta[CodecMeta.Length]!, codec.checksum);
       const bodyIsInput = decoded.buffer === input.buffer && decoded.byteOffset === input.byteOffset;
-      meta[BODY_IS_INPUT] = bodyIsInput ? 1 : 0;
+      meta[CodecMeta.BodyIsInput] = bodyIsInput ? 1 : 0;
       if (!bodyIsInput) output.set(decoded, 0);
-      meta[SlotMeta.OutLength] = decoded.byteLength;
+      meta[CodecMeta.OutLength] = decoded.byteLength;
     }
-    meta[SlotMeta.Error] = 0;
+    meta[CodecMeta.Error] = 0;
   } catch (error) {
     const message = encoder.encode(error instanceof Error ? error.message : String(error)).subarray(0, 4096);
     output.set(message, 0);
-    meta[SlotMeta.OutLength] = message.byteLength;
-    meta[SlotMeta.Error] = 1;
+    meta[CodecMeta.OutLength] = message.byteLength;
+    meta[CodecMeta.Error] = 1;
   }
   pool.transition(slot, SlotState.Encoding, SlotState.Encoded);
 }
