@@ -14,11 +14,10 @@ import type { HookRunner } from "./hooks.ts";
 import { RangeLock } from "./range_lock.ts";
 import { LinkDownError, RemoteLink, type Clock, type RemoteCall } from "./remote_link.ts";
 import { recordLocalWritesLost, stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
-import { SYNC_CHUNK_BYTES, SYNC_WORKERS, Synchronizer, type SyncProgress } from "./synchronizer.ts";
+import { Synchronizer, type SyncProgress } from "./synchronizer.ts";
 import { Verifier, type VerifyProgress } from "./verifier.ts";
 import type { Network } from "./transport.ts";
 import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
-import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
 import { RequestSlots, type RequestSlotStats } from "./request_slots.ts";
 import { REFUSAL_LOG_INTERVAL_MS, RepeatLimiter } from "./log.ts";
 import {
@@ -129,13 +128,11 @@ export class Primary {
   };
 
   /**
-   * The request slots the NBD server receives large writes into (lib/request_slots.ts); the
-   * codec threads read them where they lie. A slot goes back once nothing reads it: its local
-   * write ended and the link released its frame (see mutate).
+   * The request slots the NBD server receives large writes into, and the sync reads its chunks
+   * into (lib/request_slots.ts); the codec threads read them where they lie. A slot goes back
+   * once nothing reads it: its local write ended and the link released its frame (see mutate).
    */
   readonly writeBuffers: RequestSlots;
-  /** The sync's chunk buffers (see Synchronizer), kept across syncs. */
-  readonly syncBuffers = new BufferPool(SYNC_CHUNK_BYTES, SYNC_WORKERS, 0);
 
   constructor(private readonly o: PrimaryOptions) {
     this.sizeBytes = o.data.sizeBytes;
@@ -730,7 +727,7 @@ export class Primary {
       hooks: this.o.hooks,
       log: this.o.log,
       onComplete: () => this.onSyncComplete(link),
-      buffers: this.syncBuffers,
+      slots: this.writeBuffers,
     });
     const previous = this.syncer?.stopped();
     this.syncer = syncer;
@@ -845,7 +842,6 @@ export class Primary {
       counters: { ...this.counters },
       activemap: am.stats(),
       writeBuffers: this.writeBuffers.stats(),
-      syncBuffers: this.syncBuffers.stats(),
     };
   }
 }
@@ -869,6 +865,5 @@ export interface PrimaryStatus {
   counters: Primary["counters"];
   activemap: ReturnType<ActiveMap["stats"]>;
   writeBuffers: RequestSlotStats;
-  syncBuffers: BufferPoolStats;
 }
 

@@ -9,10 +9,10 @@
  * an interruption (clean extents stay clean; the sync map is on disk).
  */
 import type { ActiveMap } from "./activemap.ts";
-import type { BufferPool } from "./buffer_pool.ts";
 import type { HookRunner } from "./hooks.ts";
 import type { RangeLock } from "./range_lock.ts";
-import type { Clock, RemoteLink } from "./remote_link.ts";
+import type { Clock, RemoteCall, RemoteLink } from "./remote_link.ts";
+import type { RequestSlots } from "./request_slots.ts";
 import { Pacer, RateMeter } from "./pacer.ts";
 import type { DataStore } from "./storage.ts";
 import { errnoName, FrameFlag, MAX_IO_BYTES, MessageType, type Frame } from "./wire.ts";
@@ -53,11 +53,11 @@ export interface SynchronizerOptions {
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
   onComplete: () => Promise<void>;
   /**
-   * Buffers chunks are read into (see BufferPool): one goes back when the secondary replied to
-   * the chunk sent from it; one whose link dropped first may still be in the socket's buffer and
-   * is left to the garbage collector. Shared by the syncs of a primary.
+   * The primary's request slots (lib/request_slots.ts), which chunks are read into: a slot goes
+   * back when the link released the chunk's frame (the secondary replied, or the connection is
+   * gone and no codec thread reads it). A chunk that finds none free is read into a fresh buffer.
    */
-  buffers: BufferPool;
+  slots: RequestSlots;
 }
 
 class ChunkFailed extends Error {}
@@ -264,23 +264,26 @@ export class Synchronizer {
   /** Local → secondary. The lock is held until the frame is queued: wire order is apply order. */
   private async pushChunk(offset: number, length: number): Promise<void> {
     const release = await this.o.lock.acquire(offset, length);
-    const pooled = this.o.buffers.take(length);
-    const data = pooled ?? new Uint8Array(length);
-    let done: Promise<Frame>;
+    const { slots } = this.o;
+    const data = slots.take(length) ?? new Uint8Array(length);
+    const slot = slots.slotOf(data);
+    let call: RemoteCall | null = null;
     try {
       await this.o.data.readInto(offset, data);
-      const call = await this.o.link.callWhenRoom({
+      // One party, the link, armed before it sees the slot.
+      if (slot >= 0) slots.dispatch(slot, 1);
+      call = await this.o.link.callWhenRoom({
         type: MessageType.Write, flags: FrameFlag.Sync, offset, length, payload: data,
       });
-      done = call.done;
-    } catch (error) {
-      if (pooled) this.o.buffers.give(pooled); // nothing was sent from it
-      throw error;
     } finally {
       release();
+      if (slot >= 0) {
+        if (slots.owns(data)) slots.give(data); // the read failed: never handed on
+        else if (call === null) slots.partyDone(slot); // the link went down before sending it
+        else void call.released().then(() => slots.partyDone(slot));
+      }
     }
-    const reply = await done;
-    if (pooled) this.o.buffers.give(pooled);
+    const reply = await call!.done;
     if (reply.error !== 0) {
       throw new ChunkFailed(`sync write at ${offset}+${length} failed on secondary: ${errnoName(reply.error)}`);
     }
