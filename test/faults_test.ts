@@ -21,37 +21,29 @@
  * - a primary that exceeds the replication window (requests or bytes) is a protocol
  *   violation: the secondary drops the connection, and the pair reconnects.
  */
-import { afterEach, expect, test } from "bun:test";
+import { expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { eio, inSync, Sim, type SimOptions, startSimPair } from "./sim.ts";
+import { eio, inSync, pairPerTest, pattern, Sim } from "./sim.ts";
 import type { Connection } from "../lib/transport.ts";
 import { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType } from "../lib/wire.ts";
 
 const MIB = 1024 * 1024;
-let sim: Sim | null = null;
-afterEach(async () => {
-  await sim?.stop();
-  sim = null;
-});
-
-/** Starts a pair (the module's `sim`, stopped by afterEach) and waits for its first sync. */
-const startPair = (options: SimOptions): Promise<Sim> => startSimPair(options, (started) => (sim = started));
-
-const pattern = (bytes: number, seed: number) => new Uint8Array(bytes).map((_, i) => (i * seed + 11) & 0xff);
+/** A pair per test, stopped after it; startPair waits for the first sync. */
+const { startPair, track } = pairPerTest();
 
 test("a silent partition is noticed by both sides within the timeout and resyncs after the heal", async () => {
-  sim = await startPair({ replication: "fullsync", timeoutSeconds: 1, keepdirty: 0 });
+  const sim = await startPair({ replication: "fullsync", timeoutSeconds: 1, keepdirty: 0 });
   await sim.primary.write(0, pattern(4096, 3), false);
   const started = performance.now();
   sim.silent = true;
   sim.reachable = false;
-  await waitFor("secondary notices", () => sim!.secondary.status().link === "waiting" || undefined,
+  await waitFor("secondary notices", () => sim.secondary.status().link === "waiting" || undefined,
     { timeoutMs: 5_000, intervalMs: 20 });
   const secondaryMs = performance.now() - started;
   expect(sim.logs.some((l) => l.startsWith("secondary warn") && l.includes("nothing received"))).toBe(true);
   expect(sim.events).toContain("secondary disconnect");
   // The primary's outstanding requests time out as well, and it keeps serving, degraded.
-  await waitFor("primary notices", () => sim!.primary.status().status === "degraded" || undefined,
+  await waitFor("primary notices", () => sim.primary.status().status === "degraded" || undefined,
     { timeoutMs: 5_000, intervalMs: 20 });
   expect(secondaryMs).toBeGreaterThanOrEqual(1_000);
   await sim.primary.write(5 * MIB, pattern(8192, 5), false);
@@ -63,7 +55,7 @@ test("a silent partition is noticed by both sides within the timeout and resyncs
 });
 
 test("a failed flush on the secondary leaves what it wrote since its last good flush dirty", async () => {
-  sim = await startPair({ replication: "fullsync", keepdirty: 0 });
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0 });
   await sim.primary.write(2 * MIB, pattern(65536, 7), false);
   await sim.primary.flush(); // succeeds on both: nothing is left to doubt
   await sim.primary.write(7 * MIB, pattern(4096, 9), false);
@@ -72,7 +64,7 @@ test("a failed flush on the secondary leaves what it wrote since its last good f
   sim.secondaryDisk.flushError = eio("fdatasync");
   // The application's flush succeeds: the primary's own copy is durable (spec §2).
   await sim.primary.flush();
-  await waitFor("extents marked dirty", () => sim!.primary.status().dirtyBytes === 2 * MIB || undefined,
+  await waitFor("extents marked dirty", () => sim.primary.status().dirtyBytes === 2 * MIB || undefined,
     { timeoutMs: 2_000, intervalMs: 10 });
   expect(sim.logs.some((l) => l.includes("remote flush failed"))).toBe(true);
   // The secondary's copy may lack those writes: recorded, so it is not promoted before a resync.
@@ -83,24 +75,24 @@ test("a failed flush on the secondary leaves what it wrote since its last good f
   sim.secondaryDisk.flushError = null;
   await inSync(sim, "resynced once the secondary flushes again");
   expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
-  await waitFor("record cleared by the sync", () => !sim!.secondaryMeta.metadata.localWritesLost || undefined,
+  await waitFor("record cleared by the sync", () => !sim.secondaryMeta.metadata.localWritesLost || undefined,
     { timeoutMs: 5_000, intervalMs: 10 });
 });
 
 test("a link lost while copied extents wait for the secondary's flush leaves them dirty; the next sync copies them",
   async () => {
-  sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
   const cut = async (what: string) => {
-    sim!.silent = true; // no FIN: the primary gives up after `timeout`
-    sim!.reachable = false;
-    await waitFor(what, () => sim!.primary.status().status === "degraded" || undefined,
+    sim.silent = true; // no FIN: the primary gives up after `timeout`
+    sim.reachable = false;
+    await waitFor(what, () => sim.primary.status().status === "degraded" || undefined,
       { timeoutMs: 5_000, intervalMs: 20 });
-    sim!.silent = false;
+    sim.silent = false;
   };
   await cut("first partition noticed");
   const extents = [1, 4, 6, 11];
   for (const e of extents) await sim.primary.write(e * MIB, pattern(MIB, e + 3), false);
-  await waitFor("extents dirty", () => sim!.primary.status().dirtyBytes === extents.length * MIB || undefined,
+  await waitFor("extents dirty", () => sim.primary.status().dirtyBytes === extents.length * MIB || undefined,
     { timeoutMs: 2_000, intervalMs: 10 });
   // The secondary takes every chunk, but its flush does not return: nothing copied is durable.
   const disk = sim.secondaryDisk;
@@ -126,26 +118,26 @@ test("a link lost while copied extents wait for the secondary's flush leaves the
 
 test("a link lost before any flush covered the copied extents leaves them dirty; the next sync copies them",
   async () => {
-  sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
   sim.silent = true;
   sim.reachable = false;
-  await waitFor("first partition noticed", () => sim!.primary.status().status === "degraded" || undefined,
+  await waitFor("first partition noticed", () => sim.primary.status().status === "degraded" || undefined,
     { timeoutMs: 5_000, intervalMs: 20 });
   sim.silent = false;
   const extents = [0, 2, 3, 5, 7, 8, 10, 12];
   for (const e of extents) await sim.primary.write(e * MIB, pattern(MIB, e + 5), false);
-  await waitFor("extents dirty", () => sim!.primary.status().dirtyBytes === extents.length * MIB || undefined,
+  await waitFor("extents dirty", () => sim.primary.status().dirtyBytes === extents.length * MIB || undefined,
     { timeoutMs: 2_000, intervalMs: 10 });
   // 4 MiB/s: two extents are copied within half a second, long before the first flush is due.
   sim.primary.setSyncRate(4 * MIB);
   const flushesBefore = sim.secondaryDisk.flushes;
   sim.reachable = true;
-  await waitFor("two extents copied", () => (sim!.primary.status().sync?.doneBytes ?? 0) >= 2 * MIB || undefined,
+  await waitFor("two extents copied", () => (sim.primary.status().sync?.doneBytes ?? 0) >= 2 * MIB || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
   expect(sim.secondaryDisk.flushes).toBe(flushesBefore);
   sim.silent = true;
   sim.reachable = false;
-  await waitFor("second partition noticed", () => sim!.primary.status().status === "degraded" || undefined,
+  await waitFor("second partition noticed", () => sim.primary.status().status === "degraded" || undefined,
     { timeoutMs: 5_000, intervalMs: 20 });
   expect(sim.primary.status().dirtyBytes).toBe(extents.length * MIB);
   sim.silent = false;
@@ -159,7 +151,7 @@ test("a link lost before any flush covered the copied extents leaves them dirty;
 for (const mode of ["fullsync", "memsync", "async"] as const) {
   test(`${mode}: a write that fails on the primary's disk is an I/O error even though the secondary took it`,
     async () => {
-    sim = await startPair({ replication: mode, keepdirty: 0 });
+    const sim = await startPair({ replication: mode, keepdirty: 0 });
     await sim.primary.write(3 * MIB, pattern(8192, 3), false);
     sim.primaryDisk.beforeWrite = async () => {
       throw eio("write");
@@ -170,19 +162,19 @@ for (const mode of ["fullsync", "memsync", "async"] as const) {
     expect(failed?.message).toContain("local write failed");
     expect(await sim.primary.read(3 * MIB, 8192)).toEqual(pattern(8192, 3));
     // The secondary's copy differs: the extent resyncs from the primary, so both hold one version.
-    await waitFor("extent marked dirty", () => sim!.primary.status().dirtyBytes === MIB || undefined,
+    await waitFor("extent marked dirty", () => sim.primary.status().dirtyBytes === MIB || undefined,
       { timeoutMs: 5_000, intervalMs: 5 });
     await inSync(sim, "resynced");
     expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
     await sim.primary.write(3 * MIB, pattern(8192, 7), false);
-    await waitFor("replicated", () => sim!.primary.status().remoteInFlight === 0 || undefined,
+    await waitFor("replicated", () => sim.primary.status().remoteInFlight === 0 || undefined,
       { timeoutMs: 5_000, intervalMs: 5 });
     expect(sim.secondaryDisk.bytes.subarray(3 * MIB, 3 * MIB + 8192)).toEqual(pattern(8192, 7));
   });
 }
 
 test("a local read error falls back to the secondary only where both copies are in step", async () => {
-  sim = await startPair({ replication: "memsync", keepdirty: 0 });
+  const sim = await startPair({ replication: "memsync", keepdirty: 0 });
   await sim.primary.write(1 * MIB, pattern(4096, 3), false);
   await sim.primary.write(2 * MIB, pattern(4096, 5), false);
   let release = () => {};
@@ -201,7 +193,7 @@ test("a local read error falls back to the secondary only where both copies are 
     sim.primaryDisk.readError = null;
     sim.secondaryDisk.beforeWrite = async () => {};
   }
-  await waitFor("written on the secondary", () => sim!.primary.status().remoteInFlight === 0 || undefined,
+  await waitFor("written on the secondary", () => sim.primary.status().remoteInFlight === 0 || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
   sim.primaryDisk.readError = eio("read");
   try {
@@ -212,7 +204,7 @@ test("a local read error falls back to the secondary only where both copies are 
 });
 
 test("a primary behind the secondary never serves its older extents, also after the link is lost", async () => {
-  sim = new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
+  const sim = track(new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 }));
   // The secondary was primary meanwhile and wrote extents 2 and 3 (the counters say so).
   const shared = { resuid: 77n, remotecnt: 1n };
   Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
@@ -224,13 +216,13 @@ test("a primary behind the secondary never serves its older extents, also after 
   sim.secondaryDisk.bytes.fill(5, 6 * MIB, 7 * MIB);
   sim.start();
   sim.primary.setSyncRate(64 * 1024); // the sync of extent 2 alone takes 16 s
-  await waitFor("syncing from the secondary", () => sim!.primary.status().syncSource === "secondary" || undefined,
+  await waitFor("syncing from the secondary", () => sim.primary.status().syncSource === "secondary" || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
   expect(sim.primaryMeta.metadata.syncTarget).toBe(true);
   expect(await sim.primary.read(3 * MIB, 4096)).toEqual(new Uint8Array(4096).fill(9)); // from the secondary
   sim.reachable = false;
   expect(sim.dropLink("test: link lost")).toBe(true);
-  await waitFor("disconnected", () => sim!.primary.status().status === "degraded" || undefined,
+  await waitFor("disconnected", () => sim.primary.status().status === "degraded" || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
   // Its own copy of extent 3 is older: an error, not the old data. Extents in step still read.
   const error = await sim.primary.read(3 * MIB, 4096).then(() => null, (e: Error) => e);
@@ -246,7 +238,7 @@ test("a primary behind the secondary never serves its older extents, also after 
 }, 30_000);
 
 test("a sync of a lost connection that has not stopped yet holds off the next connection's sync", async () => {
-  sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
   sim.reachable = false;
   sim.dropLink("test: partition");
   for (const e of [1, 2]) await sim.primary.write(e * MIB, pattern(MIB, e), false);
@@ -261,7 +253,7 @@ test("a sync of a lost connection that has not stopped yet holds off the next co
     sim.primaryDisk.beforeRead = async () => {};
     expect(sim.dropLink("test: link lost mid-sync")).toBe(true);
     // The primary reconnects within 2 s while the old sync still holds its extents.
-    await waitFor("reconnected", () => sim!.primary.status().link === "connected" || undefined,
+    await waitFor("reconnected", () => sim.primary.status().link === "connected" || undefined,
       { timeoutMs: 5_000, intervalMs: 5 });
     await Bun.sleep(200);
   } finally {
@@ -273,9 +265,9 @@ test("a sync of a lost connection that has not stopped yet holds off the next co
 });
 
 test("after a failed flush of the primary's disk every later flush fails, and nothing is cleared again", async () => {
-  sim = await startPair({ replication: "fullsync", keepdirty: 0 });
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0 });
   await sim.primary.write(4 * MIB, pattern(4096, 3), false);
-  await waitFor("settled", () => sim!.primary.status().activemap.inFlightExtents === 0 || undefined,
+  await waitFor("settled", () => sim.primary.status().activemap.inFlightExtents === 0 || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
   // One fdatasync fails (cached writes may be lost); the disk's next one would succeed. The
   // first two attempts to record that in the metadata fail as well.
@@ -308,7 +300,7 @@ test("after a failed flush of the primary's disk every later flush fails, and no
   // A sync could never mark anything clean: after a reconnect none starts.
   const syncsBefore = sim.events.filter((e) => e === "primary syncstart").length;
   sim.dropLink("test: reconnect");
-  await waitFor("reconnected, not syncing", () => sim!.logs.some((l) => l.includes("not syncing")) || undefined,
+  await waitFor("reconnected, not syncing", () => sim.logs.some((l) => l.includes("not syncing")) || undefined,
     { timeoutMs: 5_000, intervalMs: 10 });
   expect(sim.events.filter((e) => e === "primary syncstart").length).toBe(syncsBefore);
 });
@@ -318,14 +310,14 @@ test("after a failed flush of the primary's disk every later flush fails, and no
 // that extent come from the secondary while it is in step; once the link is gone, from the
 // local copy, as the only one left.
 test("after a failed flush of the primary's disk, reads of its dirty extents come from the secondary", async () => {
-  sim = await startPair({ replication: "memsync", keepdirty: 0 });
+  const sim = await startPair({ replication: "memsync", keepdirty: 0 });
   await sim.primary.write(0, pattern(4096, 3), false); // extent 0: flushed and clean before the failure
   await waitFor("extent 0 clean on disk", async () => {
-    await sim!.primary.clearRound();
-    return (sim!.primaryMeta.map[0]! & 1) === 0 || undefined;
+    await sim.primary.clearRound();
+    return (sim.primaryMeta.map[0]! & 1) === 0 || undefined;
   }, { timeoutMs: 5_000, intervalMs: 10 });
   await sim.primary.write(6 * MIB, pattern(4096, 5), false); // extent 6: dirty when the flush fails
-  await waitFor("settled", () => sim!.primary.status().activemap.inFlightExtents === 0 || undefined,
+  await waitFor("settled", () => sim.primary.status().activemap.inFlightExtents === 0 || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
   sim.primaryDisk.flushError = eio("fdatasync");
   await sim.primary.clearRound();
@@ -343,7 +335,7 @@ test("after a failed flush of the primary's disk, reads of its dirty extents com
 
 for (const exceeded of ["requests", "bytes"] as const) {
   test(`a primary that exceeds the window's ${exceeded} is dropped by the secondary, and reconnects`, async () => {
-    sim = await startPair({ replication: "fullsync", mediasizeBytes: 80 * MIB });
+    const sim = await startPair({ replication: "fullsync", mediasizeBytes: 80 * MIB });
     let release = () => {};
     const held = new Promise<void>((resolve) => (release = resolve));
     sim.secondaryDisk.beforeWrite = () => held;
@@ -363,7 +355,7 @@ for (const exceeded of ["requests", "bytes"] as const) {
     const violation = "secondary error: dropping connection: protocol violation: more than";
     expect(sim.logs.some((l) => l.includes(violation))).toBe(true);
     release();
-    const connects = () => sim!.events.filter((e) => e === "primary connect").length;
+    const connects = () => sim.events.filter((e) => e === "primary connect").length;
     expect(connects()).toBe(1);
     await waitFor("the primary reconnected", () => connects() === 2 || undefined, { timeoutMs: 10_000 });
     await inSync(sim, "in sync again");

@@ -4,6 +4,7 @@
  * network whose byte stream goes through the real framing and can be
  * corrupted. Drives the real Primary, Secondary and handshake code.
  */
+import { afterEach } from "bun:test";
 import { ActiveMap } from "../lib/activemap.ts";
 import type { BufferPool } from "../lib/buffer_pool.ts";
 import { CodecPipeline } from "../lib/codec_pipeline.ts";
@@ -324,13 +325,26 @@ export async function inSync(s: Sim, what: string, timeoutMs = 10_000): Promise<
 }
 
 /**
- * Starts a pair and waits for its first sync. `track` gets the pair first, so that a test
- * file's afterEach can stop it even if that sync never comes.
+ * For a test file whose tests each run one pair: registers an afterEach that stops the pair of
+ * the test (also when its first sync never came, or the test failed). `track` registers a pair
+ * the test builds itself; `startPair` builds, starts and waits for the first sync.
  */
-export async function startSimPair(options: SimOptions, track: (sim: Sim) => void): Promise<Sim> {
-  const sim = new Sim(options);
-  track(sim);
-  sim.start();
-  await inSync(sim, "first connect");
-  return sim;
+export function pairPerTest(): { startPair: (options: SimOptions) => Promise<Sim>; track: (sim: Sim) => Sim } {
+  let current: Sim | null = null;
+  afterEach(async () => {
+    await current?.stop();
+    current = null;
+  });
+  const track = (sim: Sim) => (current = sim);
+  const startPair = async (options: SimOptions) => {
+    const sim = track(new Sim(options));
+    sim.start();
+    await inSync(sim, "first connect");
+    return sim;
+  };
+  return { startPair, track };
 }
+
+/** `bytes` of a pattern that differs by `seed` and is not a hole. */
+export const pattern = (bytes: number, seed: number): Uint8Array =>
+  new Uint8Array(bytes).map((_, i) => (i * seed + 11) & 0xff);

@@ -10,20 +10,14 @@
  * - extents that need a sync are skipped, not reported; without a secondary it does not start;
  * - a rate limit paces it.
  */
-import { afterEach, expect, test } from "bun:test";
+import { expect, test } from "bun:test";
 import { VERIFY_CHUNK_BYTES } from "../lib/verifier.ts";
 import { seededRandom, waitFor } from "./harness.ts";
-import { eio, inSync, Sim, type SimOptions, startSimPair } from "./sim.ts";
+import { eio, inSync, pairPerTest, pattern, type Sim } from "./sim.ts";
 
 const MIB = 1024 * 1024;
-let sim: Sim | null = null;
-afterEach(async () => {
-  await sim?.stop();
-  sim = null;
-});
-
-/** Starts a pair (the module's `sim`, stopped by afterEach) and waits for its first sync. */
-const startPair = (options: SimOptions): Promise<Sim> => startSimPair(options, (started) => (sim = started));
+/** A pair per test, stopped after it; startPair waits for the first sync. */
+const { startPair } = pairPerTest();
 
 /** Starts a verify and waits for its result. */
 async function verify(s: Sim, timeoutMs = 20_000) {
@@ -34,10 +28,8 @@ async function verify(s: Sim, timeoutMs = 20_000) {
   }, { timeoutMs, intervalMs: 10 });
 }
 
-const pattern = (bytes: number, seed: number) => new Uint8Array(bytes).map((_, i) => (i * seed + 11) & 0xff);
-
 test("a pair in step verifies identical, every byte compared", async () => {
-  sim = await startPair({ replication: "fullsync", checksum: "crc32" });
+  const sim = await startPair({ replication: "fullsync", checksum: "crc32" });
   await sim.primary.write(3 * MIB, pattern(2 * MIB, 7), false);
   await inSync(sim, "written");
   const result = await verify(sim);
@@ -50,7 +42,7 @@ test("a pair in step verifies identical, every byte compared", async () => {
 });
 
 test("a byte changed behind hast's back on the secondary is found, resynced, and verifies after", async () => {
-  sim = await startPair({ replication: "memsync", extentsizeBytes: 2 * MIB });
+  const sim = await startPair({ replication: "memsync", extentsizeBytes: 2 * MIB });
   await sim.primary.write(0, pattern(8 * MIB, 3), false);
   await inSync(sim, "written");
   // Extent 2 (bytes 4-6 MiB), in its second chunk: the whole extent is named and resynced.
@@ -67,7 +59,7 @@ test("a byte changed behind hast's back on the secondary is found, resynced, and
 });
 
 test("a range the secondary cannot read is rewritten from the primary, and the verify goes on", async () => {
-  sim = await startPair({ replication: "fullsync", extentsizeBytes: MIB });
+  const sim = await startPair({ replication: "fullsync", extentsizeBytes: MIB });
   await sim.primary.write(0, pattern(6 * MIB, 9), false);
   await inSync(sim, "written");
   // Extent 3 of the secondary's disk has a bad sector: reads of it fail until it is rewritten.
@@ -89,7 +81,7 @@ test("a range the secondary cannot read is rewritten from the primary, and the v
 
 for (const replication of ["fullsync", "memsync", "async"] as const) {
   test(`${replication}: writes racing the verify never show as differences`, async () => {
-    sim = await startPair({ replication, mediasizeBytes: 8 * MIB, extentsizeBytes: MIB, checksum: "sha256" });
+    const sim = await startPair({ replication, mediasizeBytes: 8 * MIB, extentsizeBytes: MIB, checksum: "sha256" });
     const size = sim.primary.sizeBytes;
     const random = seededRandom(17);
     let writing = true;
@@ -99,7 +91,7 @@ for (const replication of ["fullsync", "memsync", "async"] as const) {
       while (writing) {
         const bytes = 4096 * (1 + Math.floor(random() * 64));
         const offset = Math.floor(random() * ((size - bytes) / 4096)) * 4096;
-        await sim!.primary.write(offset, pattern(bytes, 3 + w + writes), false);
+        await sim.primary.write(offset, pattern(bytes, 3 + w + writes), false);
         writes++;
       }
     });
@@ -119,7 +111,7 @@ for (const replication of ["fullsync", "memsync", "async"] as const) {
     await inSync(sim, "settled");
     // In async, writes answered may still be on their way (they are not "dirty" for status).
     await waitFor("replicated", () => {
-      const st = sim!.primary.status();
+      const st = sim.primary.status();
       return st.remoteInFlight === 0 && st.activemap.inFlightExtents === 0 ? true : undefined;
     }, { timeoutMs: 10_000, intervalMs: 10 });
     expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
@@ -127,18 +119,18 @@ for (const replication of ["fullsync", "memsync", "async"] as const) {
 }
 
 test("a rate limit paces the verify and is shown with the measured rate", async () => {
-  sim = await startPair({ replication: "fullsync", mediasizeBytes: 8 * MIB, extentsizeBytes: MIB });
+  const sim = await startPair({ replication: "fullsync", mediasizeBytes: 8 * MIB, extentsizeBytes: MIB });
   const rate = 8 * MIB; // the 7 MiB of data: about 0.9 s after the first chunk
   const started = performance.now();
   expect(sim.primary.startVerify(rate)).toBeNull();
   const running = await waitFor("verify measured", () => {
-    const v = sim!.primary.status().verify!;
+    const v = sim.primary.status().verify!;
     return v.state === "running" && v.bytesPerSecond > 0 ? v : undefined;
   }, { timeoutMs: 5_000, intervalMs: 10 });
   expect(running.rateLimitBytesPerSecond).toBe(rate);
   expect(running.etaSeconds).not.toBeNull();
   const result = await waitFor("verify finished", () => {
-    const v = sim!.primary.status().verify!;
+    const v = sim.primary.status().verify!;
     return v.state !== "running" ? v : undefined;
   }, { timeoutMs: 10_000, intervalMs: 10 });
   const elapsedMs = performance.now() - started;
@@ -150,10 +142,10 @@ test("a rate limit paces the verify and is shown with the measured rate", async 
 });
 
 test("extents that need a sync are skipped; without a secondary it does not start", async () => {
-  sim = await startPair({ replication: "fullsync", keepdirty: 0 });
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0 });
   sim.reachable = false;
   sim.dropLink("test: partition");
-  await waitFor("degraded", () => sim!.primary.status().status === "degraded" || undefined,
+  await waitFor("degraded", () => sim.primary.status().status === "degraded" || undefined,
     { timeoutMs: 5_000, intervalMs: 10 });
   expect(sim.primary.startVerify()).toMatch(/not connected/);
   await sim.primary.write(2 * MIB, pattern(MIB, 5), false); // extent 2 now needs a sync
@@ -162,7 +154,7 @@ test("extents that need a sync are skipped; without a secondary it does not star
   const held = new Promise<void>((resolve) => (release = resolve));
   sim.secondaryDisk.beforeWrite = () => held;
   sim.reachable = true;
-  await waitFor("connected", () => sim!.primary.status().link === "connected" || undefined,
+  await waitFor("connected", () => sim.primary.status().link === "connected" || undefined,
     { timeoutMs: 10_000, intervalMs: 10 });
   try {
     const result = await verify(sim);
