@@ -55,16 +55,11 @@ export class RequestSlots {
   readonly sab: SharedArrayBuffer;
   #taken = 0;
   #fallbacks = 0;
-  /** Where slot 0's data starts in `sab`; slot i's is at dataStart + i × stride. */
-  readonly #dataStart: number;
-  readonly #stride: number;
 
   constructor(slotCount: number, readonly slotBytes: number, readonly minBytes: number) {
     assert.ok(minBytes >= 1 && minBytes <= slotBytes, "Cannot create request slots: bad minBytes");
     this.sab = new SharedArrayBuffer(SlotPool.bytesFor(slotCount, slotBytes));
     this.pool = new SlotPool(this.sab, { slotCount, slotDataBytes: slotBytes, initialise: true });
-    this.#dataStart = this.pool.data(0).byteOffset;
-    this.#stride = Math.ceil(slotBytes / 4096) * 4096; // slot_pool.ts: data is 4096-aligned per slot
   }
 
   get shape(): RequestSlotsShape {
@@ -93,10 +88,7 @@ export class RequestSlots {
    * of a small typed array makes the runtime create an ArrayBuffer for it, on every 4 KiB write.
    */
   slotOf(view: Uint8Array): number {
-    if (view.byteLength < this.minBytes || view.buffer !== this.sab) return -1;
-    const slot = Math.floor((view.byteOffset - this.#dataStart) / this.#stride);
-    assert.ok(slot >= 0 && slot < this.pool.slotCount, "Cannot locate slot: view outside the data region");
-    return slot;
+    return view.byteLength < this.minBytes ? -1 : this.pool.slotContaining(view);
   }
 
   /** Whether `view` is in a slot that is taken and not yet handed on. */

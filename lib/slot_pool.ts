@@ -134,6 +134,10 @@ export class SlotPool {
   private readonly lines: Int32Array;
   private readonly dataViews: Uint8Array[];
   private readonly metaViews: Int32Array[];
+  private readonly sab: SharedArrayBuffer;
+  /** Where slot 0's data starts in `sab`, and the distance from one slot's data to the next. */
+  private readonly dataStart: number;
+  private readonly strideBytes: number;
 
   /** Bytes of SharedArrayBuffer needed for the pool (a multiple of 4096). */
   static bytesFor(slotCount: number, slotDataBytes: number): number {
@@ -160,13 +164,16 @@ export class SlotPool {
     );
     this.slotCount = slotCount;
     this.slotDataBytes = slotDataBytes;
+    this.sab = sab;
+    this.dataStart = base + layout.dataOffset;
+    this.strideBytes = layout.strideBytes;
     this.header = new Int32Array(sab, base, HEADER_INTS);
     this.freeStack = new Int32Array(sab, base + layout.freeStackOffset, slotCount);
     this.lines = new Int32Array(sab, base + layout.metaOffset, slotCount * LINE_INTS);
     this.dataViews = [];
     this.metaViews = [];
     for (let slot = 0; slot < slotCount; slot++) {
-      const dataOffset = base + layout.dataOffset + slot * layout.strideBytes;
+      const dataOffset = this.dataStart + slot * this.strideBytes;
       this.dataViews.push(new Uint8Array(sab, dataOffset, slotDataBytes));
       this.metaViews.push(this.lines.subarray(slot * LINE_INTS + M_USER, (slot + 1) * LINE_INTS));
     }
@@ -248,6 +255,19 @@ export class SlotPool {
   data(slot: number): Uint8Array {
     this.assertSlot(slot);
     return this.dataViews[slot]!;
+  }
+
+  /**
+   * The slot whose data buffer `view` lies in, or -1 for a view of other memory. A view of this
+   * pool's buffer that is not within one slot's data is a programmer error and throws.
+   */
+  slotContaining(view: Uint8Array): number {
+    if (view.buffer !== this.sab) return -1;
+    const slot = Math.floor((view.byteOffset - this.dataStart) / this.strideBytes);
+    const inside = slot >= 0 && slot < this.slotCount &&
+      view.byteOffset + view.byteLength <= this.dataViews[slot]!.byteOffset + this.slotDataBytes;
+    assert.ok(inside, `Cannot locate slot: ${view.byteLength} bytes at ${view.byteOffset} are not in one slot's data`);
+    return slot;
   }
 
   /** The slot's caller metadata: SLOT_META_WORDS Int32 words, see {@linkcode SlotMeta}. */

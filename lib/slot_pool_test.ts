@@ -80,6 +80,21 @@ test("data buffers are disjoint, slotDataBytes long and 4096-aligned in the buff
   expect(() => pool.meta(-1)).toThrow();
 });
 
+test("slotContaining finds a view's slot, at a pool's offset too; other memory is -1", () => {
+  const sab = new SharedArrayBuffer(8192 + SlotPool.bytesFor(3, 5000));
+  const pool = new SlotPool(sab, { slotCount: 3, slotDataBytes: 5000, byteOffset: 8192, initialise: true });
+  for (const slot of [0, 1, 2]) {
+    const data = pool.data(slot);
+    expect(pool.slotContaining(data)).toBe(slot);
+    expect(pool.slotContaining(data.subarray(4000, 5000))).toBe(slot);
+  }
+  expect(pool.slotContaining(new Uint8Array(5000))).toBe(-1);
+  // Memory of the pool's buffer that is not one slot's data: its header, or across two slots.
+  expect(() => pool.slotContaining(new Uint8Array(sab, 8192, 64))).toThrow("not in one slot's data");
+  const first = pool.data(0);
+  expect(() => pool.slotContaining(new Uint8Array(sab, first.byteOffset + 4096, 4096))).toThrow("not in one slot");
+});
+
 test("the full pipeline path and the shortcuts are allowed edges", () => {
   const pool = makePool(2, 0);
   const slot = pool.allocate();
