@@ -12,6 +12,7 @@
  *
  * The implementations are chosen here and nowhere else.
  */
+import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import type { ChecksumKind, CompressionKind } from "./config.ts";
 import { compressBlock, decompressBlock } from "./lz4.ts";
@@ -70,18 +71,25 @@ const CHECKSUM_FLAG: Record<ChecksumKind, number> = { none: 0, crc32: FrameFlag.
  * Encodes data for the wire. Returns the flags to set and the payload pieces
  * (body, then the checksum trailer if any), without copying the body when it
  * is sent as is.
+ *
+ * Compressed bytes go into `into` when given (the body is then a view of its start; it must not
+ * overlap `data`), otherwise into a fresh buffer: the caller of a codec thread gets no garbage
+ * per payload, the event loop's frame owns its bytes.
  */
-export function encodePayload(data: Uint8Array, options: CodecOptions): { flags: number; pieces: Uint8Array[] } {
+export function encodePayload(
+  data: Uint8Array, options: CodecOptions, into?: Uint8Array,
+): { flags: number; pieces: Uint8Array[] } {
   let flags = 0;
   let body = data;
   if (options.compression !== "none" && isAllZero(data)) {
     flags |= FrameFlag.Hole;
     body = new Uint8Array(0);
   } else if (options.compression === "lz4" && data.byteLength > LZ4_MIN_BYTES && worthCompressing(data)) {
-    const size = compressBlock(data, scratch.subarray(0, data.byteLength - LZ4_MIN_BYTES));
+    const dst = into ?? scratch;
+    const size = compressBlock(data, dst.subarray(0, data.byteLength - LZ4_MIN_BYTES));
     if (size >= 0) {
       flags |= FrameFlag.Lz4;
-      body = scratch.slice(0, size); // the scratch is reused by the next call
+      body = into ? into.subarray(0, size) : scratch.slice(0, size); // the scratch is reused by the next call
     }
   }
   if (options.checksum === "none") return { flags, pieces: body.byteLength ? [body] : [] };
@@ -93,10 +101,15 @@ export function encodePayload(data: Uint8Array, options: CodecOptions): { flags:
 /**
  * Decodes a received payload of logical size `length`: verifies the checksum
  * the flags announce, then expands holes and lz4. Throws ProtocolError on a
- * mismatch or malformed data (the caller drops the connection).
+ * mismatch or malformed data (the caller drops the connection). Expanded data goes into the
+ * start of `into` when given (at least `length` bytes, not overlapping `payload`), otherwise
+ * into a fresh buffer; a body sent as is is returned as a view of `payload`.
  */
-export function decodePayload(flags: number, payload: Uint8Array, length: number, expected: ChecksumKind): Uint8Array {
+export function decodePayload(
+  flags: number, payload: Uint8Array, length: number, expected: ChecksumKind, into?: Uint8Array,
+): Uint8Array {
   if (length > MAX_IO_BYTES) throw new ProtocolError(`Cannot accept data: length ${length} > ${MAX_IO_BYTES}`);
+  assert.ok(into === undefined || into.byteLength >= length, "Cannot decode: the output buffer is too small");
   const kind: ChecksumKind = flags & FrameFlag.Sha256 ? "sha256" : flags & FrameFlag.Crc32 ? "crc32" : "none";
   if (kind !== expected) {
     throw new ProtocolError(`Cannot accept data: checksum "${kind}" but "${expected}" was agreed`);
@@ -114,10 +127,10 @@ export function decodePayload(flags: number, payload: Uint8Array, length: number
   }
   if (flags & FrameFlag.Hole) {
     if (body.byteLength !== 0) throw new ProtocolError("Cannot accept data: hole with a body");
-    return new Uint8Array(length);
+    return into ? into.fill(0, 0, length).subarray(0, length) : new Uint8Array(length);
   }
   if (flags & FrameFlag.Lz4) {
-    const out = new Uint8Array(length);
+    const out = into ? into.subarray(0, length) : new Uint8Array(length);
     let size: number;
     try {
       size = decompressBlock(body, out);

@@ -74,3 +74,32 @@ test("large, barely compressible payloads skip lz4; compressible ones use it", (
   const body = new Uint8Array(Buffer.concat(packed.pieces));
   expect(Buffer.compare(decodePayload(packed.flags, body, text.byteLength, "none"), text)).toBe(0);
 });
+
+// The codec threads pass their slot's output region: compressed and expanded bytes land at its
+// start, byte-identical to the default path; bytes sent as is stay views of the input.
+test("encoding and decoding into a given buffer", () => {
+  for (const compression of kinds.compression) {
+    for (const checksum of kinds.checksum) {
+      for (const data of Object.values(samples)) {
+        const codec = { compression, checksum };
+        const into = new Uint8Array(70000).fill(0xee);
+        const fresh = encodePayload(data, codec);
+        const given = encodePayload(data, codec, into);
+        expect(given.flags).toBe(fresh.flags);
+        expect(Buffer.compare(Buffer.concat(given.pieces), Buffer.concat(fresh.pieces))).toBe(0);
+        const body = given.pieces[0];
+        if (given.flags & FrameFlag.Lz4) expect(body!.buffer).toBe(into.buffer);
+        if (!(given.flags & (FrameFlag.Lz4 | FrameFlag.Hole)) && body) expect(body).toBe(data);
+
+        const wire = new Uint8Array(Buffer.concat(fresh.pieces));
+        const out = new Uint8Array(70000).fill(0xee);
+        const back = decodePayload(fresh.flags, wire, data.byteLength, checksum, out);
+        expect(Buffer.compare(back, data)).toBe(0);
+        const expanded = (fresh.flags & (FrameFlag.Lz4 | FrameFlag.Hole)) !== 0;
+        expect(back.buffer).toBe(expanded ? out.buffer : wire.buffer);
+      }
+    }
+  }
+  const { flags, pieces } = encodePayload(samples.text, { compression: "lz4", checksum: "none" });
+  expect(() => decodePayload(flags, pieces[0]!, 65536, "none", new Uint8Array(1000))).toThrow(/too small/);
+});

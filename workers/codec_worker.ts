@@ -29,6 +29,11 @@ const completions = new SpscRing(shared.sab, shared.completionsOffset, shared.ri
 const batch = new Uint32Array(shared.ringCapacity);
 const encoder = new TextEncoder();
 
+/** True when `piece` is the bytes of `region` starting at offset `at`. */
+function isAt(piece: Uint8Array, region: Uint8Array, at: number): boolean {
+  return piece.buffer === region.buffer && piece.byteOffset === region.byteOffset + at;
+}
+
 /** Runs one slot's job; errors become the slot's result, never an exception of the thread. */
 function work(slot: number): void {
   pool.transition(slot, SlotState.Filled, SlotState.Encoding);
@@ -48,23 +53,24 @@ function work(slot: number): void {
   };
   try {
     // When the body is the input unchanged (nothing compressed), only the checksum trailer is
-    // written out and the event loop keeps using its own copy of the data.
+    // written out and the event loop keeps using its own copy of the data. Compressed and
+    // expanded bytes are written straight into the output region: no buffer per payload.
     if (meta[CodecMeta.Op] === CodecOp.Encode) {
-      const { flags, pieces } = encodePayload(input, codec);
+      const { flags, pieces } = encodePayload(input, codec, output);
       const bodyIsInput = pieces[0] === input;
       meta[CodecMeta.BodyIsInput] = bodyIsInput ? 1 : 0;
       let at = 0;
       for (const piece of bodyIsInput ? pieces.slice(1) : pieces) {
-        output.set(piece, at);
+        if (!isAt(piece, output, at)) output.set(piece, at);
         at += piece.byteLength;
       }
       meta[CodecMeta.Flags] = flags;
       meta[CodecMeta.OutLength] = at;
     } else {
-      const decoded = decodePayload(meta[CodecMeta.Flags]!, input, meta[CodecMeta.Length]!, codec.checksum);
-      const bodyIsInput = decoded.buffer === input.buffer && decoded.byteOffset === input.byteOffset;
+      const decoded = decodePayload(meta[CodecMeta.Flags]!, input, meta[CodecMeta.Length]!, codec.checksum, output);
+      const bodyIsInput = isAt(decoded, input, 0);
       meta[CodecMeta.BodyIsInput] = bodyIsInput ? 1 : 0;
-      if (!bodyIsInput) output.set(decoded, 0);
+      assert.ok(bodyIsInput || isAt(decoded, output, 0), `slot ${slot}: decoded outside the output region`);
       meta[CodecMeta.OutLength] = decoded.byteLength;
     }
     meta[CodecMeta.Error] = 0;
