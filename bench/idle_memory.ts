@@ -95,6 +95,7 @@ if (values.child !== undefined) {
   console.log(`\nreceiving ${values.gib} GiB over a Unix socket (node:net), ${values.rounds} rounds:`);
   console.log("| idle SharedArrayBuffer | page faults | CPU ms | RSS at end, MiB |\n| --- | --- | --- | --- |");
   for (const [size, samples] of results) {
-    console.log(`| ${size} MiB | ${list(samples, "faults")} | ${list(samples, "cpuMs")} | ${list(samples, "rssMiB")} |`);
+    const cells = [list(samples, "faults"), list(samples, "cpuMs"), list(samples, "rssMiB")];
+    console.log(`| ${size} MiB | ${cells.join(" | ")} |`);
   }
 }
