@@ -42,10 +42,28 @@ export interface SecondaryOptions {
   log: (level: "info" | "warn" | "error" | "debug", message: string) => void;
 }
 
-/** A connection's data requests not yet answered, and their bytes (see MAX_REMOTE_IN_FLIGHT). */
-interface Window {
+/**
+ * What the secondary tracks per connection: its data requests not yet answered and their bytes
+ * (see MAX_REMOTE_IN_FLIGHT), how many frames arrived, and the arrival number of the first frame
+ * refused for bad data or a protocol violation.
+ */
+interface Inbound {
   requests: number;
   bytes: number;
+  arrived: number;
+  /**
+   * memsync: the early acknowledgements not sent yet, in arrival order (null when none waits).
+   * A frame's receipt is acknowledged only after every earlier one's, and only if it and all
+   * frames before it were intact: the primary answers the application on it.
+   */
+  receipts: Promise<void> | null;
+  /**
+   * Frames that arrived after this one are never applied: the stream has a gap there, and our
+   * image must stay a prefix of the primary's history (a later write without an earlier one
+   * would be a state the primary never had). Frames before it still are (memsync may have
+   * acknowledged their receipt). Infinity while the stream is whole.
+   */
+  brokenAt: number;
 }
 
 export type SecondaryLink = "waiting" | "connected" | "split-brain" | "refused";
@@ -121,10 +139,10 @@ export class Secondary {
     this.o.log("info", `primary connected from ${conn.remoteAddress} (${how})`);
     this.o.hooks.run("connect", []);
     let lastRxMs = Date.now();
-    const window: Window = { requests: 0, bytes: 0 };
+    const inbound: Inbound = { requests: 0, bytes: 0, arrived: 0, receipts: null, brokenAt: Infinity };
     conn.onFrame = (frame) => {
       lastRxMs = Date.now();
-      this.onFrame(conn, frame, window);
+      this.onFrame(conn, frame, inbound);
     };
     // A primary sends something at least every timeout/2 (a keepalive when idle); silence for
     // the whole timeout means the link or the primary is gone, even if TCP has not noticed.
@@ -181,17 +199,26 @@ export class Secondary {
     await Promise.all([...this.applying]);
   }
 
-  private onFrame(conn: Connection, frame: Frame, window: Window): void {
-    if (frame.type === MessageType.Keepalive) {
-      conn.send(encodeFrame({ type: MessageType.Keepalive }));
-      return;
-    }
+  private onFrame(conn: Connection, frame: Frame, inbound: Inbound): void {
     // The received payload: decoding may replace frame.payload, and a pooled buffer goes back
     // only when nothing reads it any more (its write was applied, or it was refused).
     const received = frame.payload;
     const pooled = this.receivePool.owns(received);
-    const leave = this.enterWindow(conn, frame, window);
-    const admitted = leave !== null && this.decodeAndAdmit(conn, frame);
+    if (conn.closed) {
+      // The rest of a chunk whose earlier frame made us close: nothing after that is applied.
+      if (pooled) this.receivePool.give(received);
+      return;
+    }
+    if (frame.type === MessageType.Keepalive) {
+      conn.send(encodeFrame({ type: MessageType.Keepalive }));
+      return;
+    }
+    const arrival = ++inbound.arrived;
+    const leave = this.enterWindow(conn, frame, inbound, arrival);
+    const admitted = leave !== null && this.decodeAndAdmit(conn, frame, inbound, arrival);
+    if (frame.type === MessageType.Write && this.replication === "memsync" && !(frame.flags & FrameFlag.Sync)) {
+      this.acknowledgeReceipt(conn, frame, admitted, inbound, arrival);
+    }
     if (admitted === false) {
       leave?.();
       if (pooled) this.receivePool.give(received);
@@ -200,7 +227,8 @@ export class Secondary {
     this.queued++;
     const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0 &&
       frame.type !== MessageType.Read && frame.type !== MessageType.Verify;
-    const { applied, task } = this.schedule(conn, frame, admitted, ordered ? this.chain : null);
+    const { applied, task } = this.schedule(conn, frame, admitted, ordered ? this.chain : null,
+      () => arrival < inbound.brokenAt);
     void task.finally(() => {
       leave!();
       if (pooled) this.receivePool.give(received);
@@ -225,6 +253,7 @@ export class Secondary {
    */
   private schedule(
     conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, after: Promise<void> | null,
+    stillWhole: () => boolean,
   ): { applied: Promise<void>; task: Promise<void> } {
     const ranged = isRangeRequest(frame.type);
     const locked = ranged && frame.length > 0 ? this.lock.acquire(frame.offset, frame.length) : null;
@@ -236,7 +265,8 @@ export class Secondary {
       try {
         await after;
         await Promise.all(before);
-        await this.applyAndReply(conn, frame, admitted, markApplied);
+        // Asked when its turn comes: a frame before it may have failed its decoding meanwhile.
+        await this.applyAndReply(conn, frame, stillWhole() ? admitted : false, markApplied);
       } finally {
         release?.();
         markApplied();
@@ -297,20 +327,21 @@ export class Secondary {
    * it once the request is done, before its reply leaves), or null when the primary exceeded the
    * window: a protocol violation, the connection is dropped.
    */
-  private enterWindow(conn: Connection, frame: Frame, window: Window): (() => void) | null {
+  private enterWindow(conn: Connection, frame: Frame, inbound: Inbound, arrival: number): (() => void) | null {
     const { type } = frame;
     if (!isRangeRequest(type)) return () => {};
     const bytes = windowBytes(type, frame.length);
-    const requests = window.requests + 1;
-    const total = window.bytes + bytes;
+    const requests = inbound.requests + 1;
+    const total = inbound.bytes + bytes;
     if (requests <= MAX_REMOTE_IN_FLIGHT && (requests === 1 || total <= MAX_REMOTE_IN_FLIGHT_BYTES)) {
-      window.requests = requests;
-      window.bytes = total;
+      inbound.requests = requests;
+      inbound.bytes = total;
       return () => {
-        window.requests--;
-        window.bytes -= bytes;
+        inbound.requests--;
+        inbound.bytes -= bytes;
       };
     }
+    inbound.brokenAt = Math.min(inbound.brokenAt, arrival);
     this.counters.invalid++;
     const why = `protocol violation: more than ${MAX_REMOTE_IN_FLIGHT} requests or ` +
       `${MAX_REMOTE_IN_FLIGHT_BYTES} bytes in flight (${requests} requests, ${total} bytes)`;
@@ -325,7 +356,9 @@ export class Secondary {
    * applied. Frames still go to the apply chain in arrival order, so a write decoded on a
    * thread is applied in its place, not when its decoding ends.
    */
-  private decodeAndAdmit(conn: Connection, frame: Frame): boolean | Promise<boolean> {
+  private decodeAndAdmit(
+    conn: Connection, frame: Frame, inbound: Inbound, arrival: number,
+  ): boolean | Promise<boolean> {
     if (frame.type !== MessageType.Write || frame.length > MAX_IO_BYTES) return this.admit(conn, frame);
     const config = this.o.config;
     const pipeline = config.pipeline ? this.o.pipeline : null;
@@ -335,20 +368,21 @@ export class Secondary {
           frame.payload = payload;
           return !conn.closed && this.admit(conn, frame);
         },
-        (error) => this.dropForBadData(conn, frame, error),
+        (error) => this.dropForBadData(conn, frame, error, inbound, arrival),
       );
     }
     try {
       frame.payload = decodePayload(frame.flags, frame.payload, frame.length, config.checksum);
     } catch (error) {
-      return this.dropForBadData(conn, frame, error);
+      return this.dropForBadData(conn, frame, error, inbound, arrival);
     }
     return this.admit(conn, frame);
   }
 
   /** Never write data that failed verification: drop the connection; the primary keeps the
    *  extent dirty and resyncs it (spec §7). */
-  private dropForBadData(conn: Connection, frame: Frame, error: unknown): false {
+  private dropForBadData(conn: Connection, frame: Frame, error: unknown, inbound: Inbound, arrival: number): false {
+    inbound.brokenAt = Math.min(inbound.brokenAt, arrival);
     const why = error instanceof ProtocolError ? error.message : String(error);
     this.counters.invalid++;
     this.o.log("error", `dropping connection: write at ${frame.offset}+${frame.length}: ${why}`);
@@ -356,7 +390,7 @@ export class Secondary {
     return false;
   }
 
-  /** Validates a request (EINVAL reply if invalid); sends memsync's early acknowledgement. */
+  /** Validates a request (EINVAL reply if invalid). */
   private admit(conn: Connection, frame: Frame): boolean {
     const invalid = this.validate(frame);
     if (invalid) {
@@ -365,11 +399,31 @@ export class Secondary {
       conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, error: Errno.EINVAL }));
       return false;
     }
-    if (frame.type === MessageType.Write && this.replication === "memsync" && !(frame.flags & FrameFlag.Sync)) {
-      // memsync: acknowledge receipt before writing (spec §2).
-      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, flags: FrameFlag.Received }));
-    }
     return true;
+  }
+
+  /**
+   * memsync: acknowledges the receipt of a write before writing it (spec §2), once it was found
+   * intact and every earlier acknowledgement has left. A large write verified on a codec thread
+   * can finish after a small one that arrived later: that one's acknowledgement waits, since we
+   * never apply it if the earlier one turns out corrupt.
+   */
+  private acknowledgeReceipt(
+    conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, inbound: Inbound, arrival: number,
+  ): void {
+    const send = (intact: boolean) => {
+      if (!intact || arrival >= inbound.brokenAt || conn.closed) return;
+      conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, flags: FrameFlag.Received }));
+    };
+    if (inbound.receipts === null && typeof admitted === "boolean") {
+      send(admitted);
+      return;
+    }
+    const receipt = (inbound.receipts ?? Promise.resolve()).then(() => admitted).then(send);
+    inbound.receipts = receipt;
+    void receipt.finally(() => {
+      if (inbound.receipts === receipt) inbound.receipts = null;
+    });
   }
 
   /** Returns why a request is invalid (→ EINVAL), or null. */

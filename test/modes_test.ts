@@ -9,7 +9,10 @@
  *   order, but sync copies (FrameFlag.Sync) and reads in parallel; a flush (also a FUA write's)
  *   waits for the writes before it, and the writes after it do not wait for the flush;
  * - a bit flipped on the wire is caught by crc32 and sha256, the corrupt data
- *   is never written, the connection drops, and the extent is resynchronised.
+ *   is never written, the connection drops, and the extent is resynchronised;
+ * - in memsync and async, no write that arrived after a corrupt one is applied or has its
+ *   receipt acknowledged, also when the corrupt one is verified on a codec thread and a later
+ *   small one inline first: the secondary's image stays a state the primary had.
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
@@ -335,4 +338,55 @@ for (const [mode, kind] of FLUSH_KINDS) {
       release();
     }
   });
+}
+
+for (const replication of ["memsync", "async"] as const) {
+  test(`${replication}: nothing that arrived after a corrupt write is applied or acknowledged as received`,
+    async () => {
+      // W1 (1 MiB) is verified on a codec thread and arrives corrupt; W2 (4 KiB, behind it) is
+      // verified inline at once. Before the fix W2 was applied, ahead of the missing W1.
+      for (let round = 0; round < 4; round++) {
+        sim = new Sim({ replication, checksum: "crc32", compression: "none", pipeline: true });
+        sim.start();
+        await connected(sim);
+        const receipts: number[] = [];
+        sim.tamperToPrimary = (bytes) => {
+          // Replies: an early acknowledgement carries FrameFlag.Received.
+          const view = new DataView(bytes.buffer, bytes.byteOffset);
+          if (bytes[5] === MessageType.Reply && (view.getUint16(6) & FrameFlag.Received) !== 0) {
+            receipts.push(view.getUint32(12));
+          }
+          return bytes;
+        };
+        let corrupted = false;
+        sim.tamperToSecondary = (bytes) => {
+          if (corrupted || bytes.byteLength < 1024 * 1024) return bytes;
+          corrupted = true;
+          const copy = bytes.slice();
+          copy[HEADER_BYTES + 1000]! ^= 0x10;
+          return copy;
+        };
+        const w1 = new Uint8Array(1024 * 1024).fill(0x31);
+        const w2 = new Uint8Array(4096).fill(0x32);
+        const first = sim.primary.write(0, w1, false);
+        await Bun.sleep(0);
+        const second = sim.primary.write(4 * 1024 * 1024, w2, false);
+        await Promise.all([first, second]);
+        await waitFor("corrupt write refused", () => sim!.logs.some((l) => l.includes("crc32 mismatch")) || undefined);
+        await Bun.sleep(100);
+        const disk = sim.secondaryDisk.bytes;
+        const hasW2 = disk.subarray(4 * 1024 * 1024, 4 * 1024 * 1024 + 4096).every((b) => b === 0x32);
+        expect(corrupted).toBe(true);
+        expect(hasW2).toBe(false);
+        expect(receipts).toEqual([]);
+        // The pair reconnects and resyncs both.
+        await waitFor("resynced", () => {
+          const st = sim!.primary.status();
+          return st.status === "complete" && st.dirtyBytes === 0 ? true : undefined;
+        }, { timeoutMs: 10_000, intervalMs: 20 });
+        expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+        await sim.stop();
+        sim = null;
+      }
+    }, 60_000);
 }

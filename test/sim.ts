@@ -199,6 +199,8 @@ export class Sim {
   readonly logs: string[] = [];
   /** Applied to primary → secondary bytes (e.g. flip a bit). */
   tamperToSecondary: (bytes: Uint8Array) => Uint8Array = (b) => b;
+  /** What the secondary sends, one frame per call, on its way to the primary. */
+  tamperToPrimary: (bytes: Uint8Array) => Uint8Array = (b) => b;
   /** False makes connect attempts fail (partition). */
   reachable = true;
   /** True makes established connections lose every byte and close without telling the peer. */
@@ -287,7 +289,8 @@ export class Sim {
         if (!this.reachable) throw new Error("unreachable (simulated partition)");
         const silent = () => this.silent;
         const client = new MemoryConnection("secondary", (b) => this.tamperToSecondary(b), silent);
-        const server = new MemoryConnection("primary", (b) => b, silent, this.secondary.receivePool);
+        const server = new MemoryConnection("primary", (b) => this.tamperToPrimary(b), silent,
+          this.secondary.receivePool);
         client.peer = server;
         server.peer = client;
         this.links.push(client);
