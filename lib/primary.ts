@@ -290,11 +290,14 @@ export class Primary {
     let dispatched = false;
     /** Resolves once the link no longer reads `data` (at once when nothing was sent). */
     let remoteReleased = () => Promise.resolve();
+    /** The application is answered success. */
+    let acknowledged = false;
     try {
-      if (!this.link?.isUp && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
       started = true; // from here on, afterWrite completes the activemap's writeStart
       await this.beforeWrite(offset, length);
       const link = this.link?.isUp ? this.link : null;
+      // A write the secondary will lack: counted on disk before it is done (spec §5).
+      if (!link && !this.bumpedSinceDisconnect) await this.bumpLocalcnt();
       // Two parties, the local write and the link, each count down once done with the slot;
       // armed before either sees it (spec §11).
       if (slot >= 0) {
@@ -316,11 +319,22 @@ export class Primary {
       const localOk = await localResult;
       // A FUA write is a write and a flush of it: in memsync, as a FLUSH, it waits for both disks.
       const waitDone = this.mode === "fullsync" || (fua && this.mode === "memsync");
-      if (remote) await (waitDone ? remote.done : remote.received);
+      const remoteOk = remote ? await (waitDone ? remote.done : remote.received) : null;
       if (!localOk) throw new IoError("local write failed", "EIO");
+      if (remoteOk === false) {
+        // While this node syncs from the secondary, the secondary's copy is the one the sync
+        // keeps: a write it lacks would be overwritten by its older data. Fail it instead.
+        if (this.syncSource === "secondary") {
+          throw new IoError("the secondary, whose copy this node is syncing from, failed the write", "EIO");
+        }
+        // The secondary lacks a write we are about to answer: the generation is on disk first,
+        // so that a crash now cannot let a later promotion of the secondary look "in step".
+        if (!this.bumpedSinceDisconnect) await this.bumpLocalcnt();
+      }
+      acknowledged = true;
     } finally {
       release();
-      if (started) void this.afterWrite(offset, length, localResult, remoteDone);
+      if (started) void this.afterWrite(offset, length, localResult, remoteDone, acknowledged);
       if (dispatched) {
         const partyDone = () => this.writeBuffers.partyDone(slot);
         void localResult.then(partyDone, partyDone);
@@ -448,16 +462,27 @@ export class Primary {
   }
 
   private async afterWrite(
-    offset: number, length: number, local: Promise<boolean>, remote: Promise<boolean>,
+    offset: number, length: number, local: Promise<boolean>, remote: Promise<boolean>, acknowledged: boolean,
   ): Promise<void> {
     const [localOk, remoteOk] = await Promise.all([local, remote]);
     if (!remoteOk && this.link?.isUp) this.counters.remoteErrors++;
 
-    // A write the secondary lacks is a generation of ours it has not seen, even
-    // if the link was up when it started: count it, so a later promotion of
-    // the secondary cannot look "in step" (spec §5).
-    if (localOk && !remoteOk && !this.bumpedSinceDisconnect) {
-      await this.bumpLocalcnt().catch((error) => this.o.log("error", `cannot bump localcnt: ${error}`));
+    // A write the application was told succeeded and the secondary lacks is a generation of
+    // ours it has not seen, even if the link was up when it started: count it, so a later
+    // promotion of the secondary cannot look "in step" (spec §5). (A write answered with an
+    // error may hold either copy's data: the sync decides.)
+    if (acknowledged && localOk && !remoteOk) {
+      if (!this.bumpedSinceDisconnect) {
+        await this.bumpLocalcnt().catch((error) => this.o.log("error", `cannot bump localcnt: ${error}`));
+      }
+      // Answered before the secondary's outcome was known (memsync, async): the secondary's
+      // copy, which this node syncs from, lacks it, and ours lacks what the sync has not copied
+      // yet. Neither may overwrite the other: the reconnect finds both changed (split-brain).
+      if (this.syncSource === "secondary" && this.link?.isUp) {
+        this.o.log("error", `a write at ${offset}+${length} answered to the application failed on the ` +
+          "secondary while this node syncs from it: dropping the link");
+        this.link.close("a write failed on the secondary while syncing from it");
+      }
     }
     // A failed local write (answered EIO) leaves the copies differing; it is
     // resynced like a remote failure, from the sync source. The map does not
@@ -694,6 +719,12 @@ export class Primary {
     this.linkState = "connected";
     this.bumpedSinceDisconnect = false;
     this.lastLinkError = "";
+    if (conn.closed) {
+      // Closed while the metadata and map were written above: its only close event went to
+      // the handshake, so the link would look up until its timeout.
+      this.link.close("connection closed while it was being set up");
+      return down;
+    }
     this.o.log("info", `connected to ${conn.remoteAddress} (${result.reason}; sync from ${result.source})`);
     this.o.hooks.run("connect", []);
     this.startSync(this.link);
@@ -761,6 +792,9 @@ export class Primary {
     await this.o.meta.write({ remotecnt: peer.localcnt, syncTarget: false }, { flush: this.metaflush });
     this.syncSource = "primary";
     this.localBehind = false;
+    // The secondary now records our localcnt as seen: the next write it lacks is a new
+    // generation again. (If SyncDone is lost, an extra generation is harmless.)
+    this.bumpedSinceDisconnect = false;
     const reply = await link.call({
       type: MessageType.SyncDone,
       payload: new TextEncoder().encode(JSON.stringify({
@@ -775,13 +809,14 @@ export class Primary {
 
   /**
    * SIGHUP: swaps settings in place (the config object is shared with the
-   * link and sync). A change of peer or wire format closes the link; the
-   * connect loop reconnects with the new settings.
+   * link and sync). A change of peer, wire format or replication mode closes
+   * the link; the connect loop reconnects with the new settings.
    */
   reconfigure(next: ResourceConfig): void {
     const config = this.o.config;
-    const reconnect = JSON.stringify([config.remote, config.source, config.checksum, config.compression]) !==
-      JSON.stringify([next.remote, next.source, next.checksum, next.compression]);
+    // The secondary learns the mode from our Hello: it orders its writes by it.
+    const linkSettings = (c: ResourceConfig) => [c.remote, c.source, c.checksum, c.compression, c.replication];
+    const reconnect = JSON.stringify(linkSettings(config)) !== JSON.stringify(linkSettings(next));
     Object.assign(config, next);
     this.syncer?.setRate(next.syncRateBytesPerSecond);
     if (reconnect) this.link?.close("configuration changed");

@@ -19,7 +19,14 @@
  *   kernel reports a lost cached write once), so nothing is cleared again, and
  *   the metadata records that the local copy may have lost writes;
  * - a primary that exceeds the replication window (requests or bytes) is a protocol
- *   violation: the secondary drops the connection, and the pair reconnects.
+ *   violation: the secondary drops the connection, and the pair reconnects;
+ * - a write the secondary lacks is counted (localcnt) before the application hears success, and
+ *   again after a resync made the counters equal, so a later promotion of the secondary is seen
+ *   as split-brain, never as "in step";
+ * - while the primary syncs from the secondary, a write the secondary fails is never overwritten
+ *   by the secondary's older copy: an I/O error when the answer waits for the secondary, a
+ *   dropped link and split-brain when it did not;
+ * - a change of replication mode by SIGHUP reconnects, so the secondary orders writes by it.
  */
 import { expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
@@ -362,3 +369,107 @@ for (const exceeded of ["requests", "bytes"] as const) {
     expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
   }, 30_000);
 }
+
+/** Fails the secondary's disk writes that start in [from, to) until `stop()`. */
+function failSecondaryWrites(sim: Sim, from: number, to: number): { stop(): void } {
+  sim.secondaryDisk.beforeWrite = async (offset) => {
+    if (offset >= from && offset < to) throw eio("write");
+  };
+  return { stop: () => (sim.secondaryDisk.beforeWrite = async () => {}) };
+}
+
+test("a write the secondary fails is counted before it is answered, and again after a resync", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 });
+  const start = sim.primaryMeta.metadata.localcnt;
+  const failing = failSecondaryWrites(sim, MIB, 2 * MIB);
+  await sim.primary.write(MIB, pattern(4096, 3), false);
+  // Counted on disk by the time the application hears success (a crash now must not lose it).
+  expect(sim.primaryMeta.metadata.localcnt).toBe(start + 1n);
+  failing.stop();
+  await inSync(sim, "resynced", 15_000);
+  await waitFor("secondary confirmed the sync", () =>
+    sim.secondaryMeta.metadata.remotecnt === sim.primaryMeta.metadata.localcnt || undefined,
+  { timeoutMs: 5_000, intervalMs: 10 });
+  // The counters are equal again: the next write the secondary lacks is a new generation.
+  sim.reachable = false;
+  sim.dropLink("test: partition");
+  await waitFor("disconnected", () => sim.primary.status().status === "degraded" || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  await sim.primary.write(5 * MIB, pattern(4096, 7), false);
+  expect(sim.primaryMeta.metadata.localcnt).toBe(start + 2n);
+}, 40_000);
+
+/**
+ * A pair where the primary is behind: the secondary wrote extent 2 (and with `more`, extents
+ * 8–15) while it was primary. The sync from it runs at 64 KiB/s until the test lifts the limit.
+ */
+async function startBehind(replication: "fullsync" | "memsync", more = false): Promise<Sim> {
+  const sim = track(new Sim({ replication, keepdirty: 0, timeoutSeconds: 2 }));
+  const shared = { resuid: 77n, remotecnt: 1n };
+  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
+  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+  sim.secondaryMeta.map[0] = 0b0100;
+  sim.secondaryDisk.bytes.fill(9, 2 * MIB, 3 * MIB);
+  if (more) {
+    sim.secondaryMeta.map[1] = 0xff;
+    sim.secondaryDisk.bytes.fill(9, 8 * MIB, 16 * MIB);
+  }
+  sim.primaryDisk.bytes.fill(1, 2 * MIB, 3 * MIB);
+  sim.start();
+  sim.primary.setSyncRate(64 * 1024);
+  await waitFor("syncing from the secondary", () => sim.primary.status().syncSource === "secondary" || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  return sim;
+}
+
+test("syncing from the secondary, fullsync: a write the secondary fails is an I/O error", async () => {
+  const sim = await startBehind("fullsync");
+  const failing = failSecondaryWrites(sim, 6 * MIB, 7 * MIB);
+  const error = await sim.primary.write(6 * MIB, pattern(4096, 5), false).then(() => null, (e: Error) => e);
+  failing.stop();
+  expect(error?.message).toContain("failed the write");
+  // The sync then brings both copies in step (from the secondary, whose copy it keeps).
+  sim.primary.setSyncRate(0);
+  await inSync(sim, "synced from the secondary", 20_000);
+  expect(Buffer.compare(sim.primaryDisk.bytes, sim.secondaryDisk.bytes)).toBe(0);
+  expect(sim.primaryDisk.bytes.subarray(2 * MIB, 3 * MIB).every((b) => b === 9)).toBe(true);
+}, 40_000);
+
+test("syncing from the secondary, memsync: an answered write the secondary fails is kept, as split-brain", async () => {
+  const sim = await startBehind("memsync", true);
+  const failing = failSecondaryWrites(sim, 6 * MIB, 7 * MIB);
+  // memsync answers on the secondary's receipt; its write fails afterwards.
+  await sim.primary.write(6 * MIB, pattern(4096, 5), false);
+  await waitFor("split-brain", () => sim.primary.status().link === "split-brain" || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  failing.stop();
+  expect(sim.logs.some((l) => l.includes("failed on the secondary while this node syncs from it"))).toBe(true);
+  // Nothing overwrote the answered write with the secondary's older copy.
+  await Bun.sleep(200);
+  expect(sim.primaryDisk.bytes.subarray(6 * MIB, 6 * MIB + 4096)).toEqual(pattern(4096, 5));
+}, 40_000);
+
+test("a change of replication mode by SIGHUP reconnects: the secondary then keeps async's order", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 5 });
+  sim.primary.reconfigure({ ...sim.config(), replication: "async" });
+  await waitFor("reconnected", () => sim.events.filter((e) => e === "primary connect").length >= 2 || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  await inSync(sim, "in sync after the reconnect");
+  let release = () => {};
+  const gate = new Promise<void>((resolve) => (release = resolve));
+  const order: number[] = [];
+  sim.secondaryDisk.beforeWrite = async (offset) => {
+    if (offset === MIB) await gate;
+  };
+  sim.secondaryDisk.onChange = (offset) => order.push(offset);
+  try {
+    await sim.primary.write(MIB, pattern(4096, 1), false); // answered at once (async)
+    await sim.primary.write(5 * MIB, pattern(4096, 2), false);
+    await Bun.sleep(200);
+    expect(order).toEqual([]); // the second waits for the first, held at the secondary
+  } finally {
+    release();
+  }
+  await waitFor("both applied", () => order.length >= 2 || undefined, { timeoutMs: 5_000, intervalMs: 5 });
+  expect(order.slice(0, 2)).toEqual([MIB, 5 * MIB]);
+}, 30_000);
