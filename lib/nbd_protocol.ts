@@ -231,9 +231,26 @@ function assertUint(value: number, bits: 16 | 32, what: string): void {
 export function encodeNbdString(text: string, what: string): Uint8Array {
   const bytes = textEncoder.encode(text);
   if (bytes.length > STRING_BYTES_MAX || bytes.includes(0)) {
-    throw new RangeError(`Cannot encode ${what}: '${text}' has a NUL or exceeds 4096 bytes`);
+    const why = `${quoteBounded(text)} has a NUL or exceeds 4096 bytes`;
+    throw new RangeError(`Cannot encode ${what}: ${why}`);
   }
   return bytes;
+}
+
+/** Characters of a peer's string kept by quoteBounded: the spec's advised string length. */
+export const QUOTED_CHARS_MAX = 256;
+
+/**
+ * `text` in single quotes for a message or a log line, cut to QUOTED_CHARS_MAX characters with
+ * an ellipsis: a peer's string may be 4096 bytes, which would overflow a reply message that
+ * quotes it and flood the log. At most 3 * QUOTED_CHARS_MAX + 5 UTF-8 bytes.
+ */
+export function quoteBounded(text: string): string {
+  if (text.length <= QUOTED_CHARS_MAX) return `'${text}'`;
+  let end = QUOTED_CHARS_MAX;
+  const last = text.charCodeAt(end - 1);
+  if (last >= 0xd800 && last <= 0xdbff) end--; // do not split a surrogate pair
+  return `'${text.slice(0, end)}…'`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -526,7 +543,8 @@ export function decodeOptionReplyHeader(
 export type NbdClientFrame =
   | { kind: "clientFlags"; flags: number }
   | { kind: "option"; option: number; data: Uint8Array }
-  /** Option data longer than maxOptionBytes; the parser stops, the server replies and closes. */
+  /** Option data longer than maxOptionBytes; the parser stops, the server closes (after an
+   *  NBD_REP_ERR_TOO_BIG reply unless the option is NBD_OPT_EXPORT_NAME, which gets none). */
   | { kind: "optionTooBig"; option: number; lengthBytes: number }
   /** A request; `payload` holds the data of a WRITE (exactly `length` bytes), else null. */
   | { kind: "request"; request: NbdRequest; payload: Uint8Array | null }

@@ -28,6 +28,7 @@ import {
   NbdServerParser,
   Option,
   OptionReply,
+  quoteBounded,
 } from "./nbd_protocol.ts";
 
 const LIMITS = { maxOptionBytes: 65536, maxPayloadBytes: 1 << 20 };
@@ -140,6 +141,16 @@ describe("codecs", () => {
     expect(() => encodeGreeting(0x10000)).toThrow(RangeError);
     expect(() => encodeInfoString(InfoType.NAME, "a\0b")).toThrow(RangeError);
     expect(() => encodeInfoString(InfoType.NAME, "x".repeat(4097))).toThrow(RangeError);
+  });
+
+  // A peer's string is quoted whole up to 256 characters, else cut with an ellipsis and never
+  // in the middle of a surrogate pair, so the quote stays valid UTF-16 and short.
+  test("quoteBounded cuts long strings at 256 characters, whole code points only", () => {
+    expect(quoteBounded("data")).toBe("'data'");
+    expect(quoteBounded("x".repeat(256))).toBe(`'${"x".repeat(256)}'`);
+    expect(quoteBounded("x".repeat(4096))).toBe(`'${"x".repeat(256)}…'`);
+    expect(quoteBounded("x".repeat(255) + "😀" + "y")).toBe(`'${"x".repeat(255)}…'`);
+    expect(() => encodeInfoString(InfoType.NAME, "x".repeat(5000))).toThrow(/^.{0,400}$/);
   });
 });
 

@@ -37,6 +37,7 @@ import {
   NbdServerParser,
   Option,
   OptionReply,
+  quoteBounded,
   type ReceiveBuffers,
   TransmissionFlag,
 } from "./nbd_protocol.ts";
@@ -555,17 +556,7 @@ class NbdConnection {
       case "option":
         return this.#onOption(frame.option, frame.data);
       case "optionTooBig":
-        this.#sendOptionReply(
-          frame.option,
-          OptionReply.ERR_TOO_BIG,
-          `option data of ${frame.lengthBytes} bytes exceeds ${this.#ctx.limits.maxOptionBytes}`,
-        );
-        // Graceful: the ERR_TOO_BIG reply must reach the client before the FIN.
-        return this.#violation(
-          `option ${frame.option} carries ${frame.lengthBytes} bytes ` +
-            `(limit ${this.#ctx.limits.maxOptionBytes})`,
-          true,
-        );
+        return this.#onOptionTooBig(frame.option, frame.lengthBytes);
       case "request":
         return this.#onRequest(frame.request, frame.payload, false);
       case "oversizedWrite":
@@ -585,6 +576,22 @@ class NbdConnection {
       return this.#violation(`client flags 0x${flags.toString(16)} lack FIXED_NEWSTYLE`);
     }
     this.#noZeroes = (flags & ClientFlag.NO_ZEROES) !== 0;
+  }
+
+  /** The parser has stopped: the option's data is not read, so the connection must close. */
+  #onOptionTooBig(option: number, lengthBytes: number): void {
+    const limit = `(limit ${this.#ctx.limits.maxOptionBytes})`;
+    if (option === Option.EXPORT_NAME) {
+      // The spec allows no option reply to NBD_OPT_EXPORT_NAME, not even an error: close only.
+      return this.#violation(`EXPORT_NAME carries ${lengthBytes} bytes ${limit}, no reply allowed`);
+    }
+    this.#sendOptionReply(
+      option,
+      OptionReply.ERR_TOO_BIG,
+      `option data of ${lengthBytes} bytes exceeds ${this.#ctx.limits.maxOptionBytes}`,
+    );
+    // Graceful: the ERR_TOO_BIG reply must reach the client before the FIN.
+    return this.#violation(`option ${option} carries ${lengthBytes} bytes ${limit}`, true);
   }
 
   #onOption(option: number, data: Uint8Array): void {
@@ -619,7 +626,7 @@ class NbdConnection {
       return this.#violation(messageOf(error));
     }
     // NBD_OPT_EXPORT_NAME cannot be refused with an error reply: the spec says close.
-    if (!this.#knowsExport(name)) return this.#violation(`unknown export '${name}'`);
+    if (!this.#knowsExport(name)) return this.#violation(`unknown export ${quoteBounded(name)}`);
     const { device } = this.#ctx;
     this.#send(encodeExportNameReply(device.sizeBytes, TRANSMISSION_FLAGS, this.#noZeroes));
     this.#enterTransmission();
@@ -643,8 +650,9 @@ class NbdConnection {
       return this.#sendOptionReply(option, OptionReply.ERR_INVALID, messageOf(error));
     }
     if (!this.#knowsExport(request.name)) {
-      const known = `this server exports '${this.#ctx.exportName}'`;
-      const message = `Cannot open export '${request.name}': unknown, ${known}`;
+      // Both names bounded: a valid 4096-byte name quoted whole would overflow the message.
+      const known = `this server exports ${quoteBounded(this.#ctx.exportName)}`;
+      const message = `Cannot open export ${quoteBounded(request.name)}: unknown, ${known}`;
       return this.#sendOptionReply(option, OptionReply.ERR_UNKNOWN, message);
     }
     const { device, description, exportName, limits } = this.#ctx;
@@ -724,8 +732,10 @@ class NbdConnection {
       return [NbdErrno.EINVAL, `not aligned to ${limits.minBlockBytes} bytes`];
     }
     if (offset + length > device.sizeBytes) {
-      // The spec asks for ENOSPC when a write goes past the end; a read past the end is EINVAL.
-      const errno = type === Command.READ ? NbdErrno.EINVAL : NbdErrno.ENOSPC;
+      // The spec asks for ENOSPC when a WRITE or WRITE_ZEROES goes past the end, EINVAL for a
+      // READ or TRIM (or any other command) that does.
+      const isWrite = type === Command.WRITE || type === Command.WRITE_ZEROES;
+      const errno = isWrite ? NbdErrno.ENOSPC : NbdErrno.EINVAL;
       return [errno, `beyond the end of the export (${device.sizeBytes} bytes)`];
     }
     return [0, ""];

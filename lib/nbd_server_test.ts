@@ -355,6 +355,42 @@ describe("handshake", () => {
     expect(logs.join("\n")).toContain("carries 1073741824 bytes");
   });
 
+  // The spec: EXPORT_NAME never gets an option reply, so a too-big one is answered by a close
+  // alone; the client must see no reply bytes after the greeting.
+  test("an EXPORT_NAME longer than 64 KiB closes the connection without a reply", async () => {
+    await serve();
+    const client = await connect();
+    await client.start();
+    const header = encodeOption(Option.EXPORT_NAME);
+    new DataView(header.buffer).setUint32(12, 1 << 30);
+    client.write(header);
+    expect(await client.closesWithin(2000)).toBe(true);
+    await expect(client.read(1)).rejects.toThrow("connection closed with 0/1 bytes");
+    expect(logs.join("\n")).toContain("warn: ");
+    expect(logs.join("\n")).toContain("EXPORT_NAME carries 1073741824 bytes");
+  });
+
+  // A name that is valid (at most 4096 bytes) but unknown must not make the error message
+  // exceed the 4096-byte string limit: the client gets ERR_UNKNOWN with a bounded message, no
+  // log line repeats the name whole, and haggling goes on.
+  test("an unknown 4096-byte export name gets ERR_UNKNOWN and the connection stays up", async () => {
+    await serve();
+    const client = await connect();
+    await client.start();
+    const name = "x".repeat(4096);
+    for (const option of [Option.INFO, Option.GO]) {
+      const replies = await client.option(option, encodeInfoRequest({ name, infoTypes: [] }));
+      expect(replies.map(([type]) => type)).toEqual([OptionReply.ERR_UNKNOWN]);
+      const message = new TextDecoder().decode(replies[0]![1]);
+      expect(message).toContain(`'${"x".repeat(256)}…'`);
+      expect(message.length).toBeLessThan(512);
+    }
+    const info = await client.option(Option.INFO, encodeInfoRequest({ name: "", infoTypes: [] }));
+    expect(info.at(-1)![0]).toBe(OptionReply.ACK);
+    expect(logs.filter((line) => !line.startsWith("info: "))).toEqual([]);
+    expect(logs.every((line) => line.length < 1024)).toBe(true);
+  });
+
   test("a client that never finishes the handshake is dropped after the timeout", async () => {
     await serve({ handshakeTimeoutMs: 100 });
     const client = await connect();
@@ -410,7 +446,7 @@ describe("transmission", () => {
       [{ type: Command.READ, offset: end - 511, length: 512 }, 0, NbdErrno.EINVAL],
       [{ type: Command.READ, offset: 2 ** 53 - 1, length: 1 }, 0, NbdErrno.EINVAL],
       [{ type: Command.WRITE, offset: end - 1 }, 2, NbdErrno.ENOSPC],
-      [{ type: Command.TRIM, offset: end, length: 1 }, 0, NbdErrno.ENOSPC],
+      [{ type: Command.TRIM, offset: end, length: 1 }, 0, NbdErrno.EINVAL],
       [{ type: Command.WRITE_ZEROES, offset: 512, length: end }, 0, NbdErrno.ENOSPC],
       [{ type: Command.READ, length: 64 * 1024 + 1 }, 0, NbdErrno.EINVAL],
       [{ type: Command.WRITE }, 3 << 20, NbdErrno.EINVAL],
@@ -427,6 +463,28 @@ describe("transmission", () => {
     expect(await client.reply(512)).toMatchObject({ errno: 0, cookie: 1n });
     expect(server!.stats().errors).toBe(cases.length);
     expect(logs.join("\n")).toContain("exceeds maxRequestBytes 65536");
+  });
+
+  // The spec asks for ENOSPC when a WRITE or WRITE_ZEROES goes past the end of the export and
+  // EINVAL for any other command (READ, TRIM) that does; each case checks the reply's errno.
+  test("beyond the end: ENOSPC for WRITE and WRITE_ZEROES only, EINVAL for READ and TRIM", async () => {
+    await serve({}, 1 << 20);
+    const client = await connect();
+    await client.go();
+    const end = 1 << 20;
+    const cases: Array<[Partial<NbdRequest> & { type: number }, number, number]> = [
+      [{ type: Command.WRITE, offset: end }, 512, NbdErrno.ENOSPC],
+      [{ type: Command.WRITE_ZEROES, offset: end - 512, length: 1024 }, 0, NbdErrno.ENOSPC],
+      [{ type: Command.READ, offset: end, length: 512 }, 0, NbdErrno.EINVAL],
+      [{ type: Command.TRIM, offset: end - 512, length: 1024 }, 0, NbdErrno.EINVAL],
+    ];
+    let cookie = 0n;
+    for (const [request, payloadBytes, errno] of cases) {
+      const payload = payloadBytes ? new Uint8Array(payloadBytes) : undefined;
+      client.send({ ...request, cookie: ++cookie }, payload);
+      expect(await client.reply()).toMatchObject({ errno, cookie });
+    }
+    expect(device.calls).toEqual([]);
   });
 
   test("minBlockBytes is advertised and unaligned requests get EINVAL", async () => {
