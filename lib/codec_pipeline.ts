@@ -26,11 +26,19 @@
  *
  * Slot data: an input region then an output region, each large enough for a
  * MAX_IO_BYTES payload after lz4's worst-case growth plus a checksum.
+ *
+ * A thread that fails (an uncaught error, or an exit while the pipeline is
+ * open) must not take replication down with it: the replication link drops
+ * its connection when a large write cannot be encoded, so a resync could
+ * never finish. The pipeline then stops its threads and computes every job
+ * not yet returned, and every later one, inline with payload_codec (the same
+ * bytes, on the event loop); `hast list` shows the reason (`failed`) and the
+ * count (`inline`). Only close() makes it refuse work.
  */
 import assert from "node:assert/strict";
 import { Worker } from "node:worker_threads";
 import type { ChecksumKind, CompressionKind } from "./config.ts";
-import type { CodecOptions } from "./payload_codec.ts";
+import { type CodecOptions, decodePayload, encodePayload } from "./payload_codec.ts";
 import { SpscRing } from "./ring.ts";
 import type { RequestSlots, RequestSlotsShape } from "./request_slots.ts";
 import { SlotPool, SlotMeta, SlotState } from "./slot_pool.ts";
@@ -85,6 +93,8 @@ export const enum CodecMeta {
 
 /** Ring entry that tells a thread to exit. */
 export const STOP_ENTRY = 0xffffffff;
+/** How long a thread may take to exit once told to (then it is terminated, or given up on). */
+const THREAD_STOP_TIMEOUT_MS = 2000;
 
 export const COMPRESSIONS: readonly CompressionKind[] = ["none", "hole", "lz4"];
 export const CHECKSUMS: readonly ChecksumKind[] = ["none", "crc32", "sha256"];
@@ -117,6 +127,10 @@ export interface PipelineStats {
   decoded: number;
   /** Completions taken per wake-up of the event loop, on average. */
   completionsPerWake: number;
+  /** Why the threads were stopped (a thread failed; jobs are computed inline since), or null. */
+  failed: string | null;
+  /** Jobs computed inline since a thread failed (also in encoded/decoded when they succeeded). */
+  inline: number;
 }
 
 interface ThreadLink {
@@ -124,6 +138,8 @@ interface ThreadLink {
   requests: SpscRing;
   completions: SpscRing;
   outstanding: number;
+  /** Settles when the thread has exited (for whatever reason). */
+  exited: Promise<void>;
 }
 
 interface Job {
@@ -134,7 +150,8 @@ interface Job {
   flags: number;
   length: number;
   codec: CodecOptions;
-  resolve: (slot: number) => void;
+  /** With the slot holding the thread's result, or null when the job is to be computed inline. */
+  resolve: (slot: number | null) => void;
   reject: (error: Error) => void;
 }
 
@@ -146,6 +163,9 @@ export class CodecPipeline {
   private readonly waiting: Job[] = [];
   private readonly batch: Uint32Array;
   private closed = false;
+  /** Why the threads failed, or null while they serve (see the module comment). */
+  private failure: string | null = null;
+  private inlineCount = 0;
   private encodedCount = 0;
   private encodedInPlace = 0;
   private decodedCount = 0;
@@ -176,8 +196,13 @@ export class CodecPipeline {
       };
       const worker = new Worker(workerUrl, { workerData });
       worker.unref();
-      worker.on("error", (error: Error) => this.fail(`codec thread ${t} failed: ${error.message}`));
-      const link: ThreadLink = { worker, requests, completions, outstanding: 0 };
+      // An 'error' is followed by an 'exit'; the first one seen gives the reason.
+      worker.on("error", (error: Error) => this.threadFailed(`codec thread ${t} failed: ${error.message}`));
+      const exited = new Promise<void>((resolve) => worker.once("exit", (code: number) => {
+        this.threadFailed(`codec thread ${t} exited with code ${code}`);
+        resolve();
+      }));
+      const link: ThreadLink = { worker, requests, completions, outstanding: 0, exited };
       this.threads.push(link);
       void this.drain(link);
     }
@@ -207,26 +232,32 @@ export class CodecPipeline {
   }
 
   /**
-   * Same result as payload_codec's encodePayload, computed on a thread. A `data` in a request
-   * slot must stay unchanged until this settles (the thread reads it there); the result's
-   * pieces may include `data` itself.
+   * Same result as payload_codec's encodePayload, computed on a thread (inline once a thread
+   * failed). `data` must stay unchanged until this settles (a thread may read it in its request
+   * slot, and after a failure it is encoded again inline); the result's pieces may include
+   * `data` itself. Rejects with the codec's message if encoding fails.
    */
   async encode(data: Uint8Array, codec: CodecOptions): Promise<{ flags: number; pieces: Uint8Array[] }> {
     assert.ok(data.byteLength <= MAX_IO_BYTES, "Cannot encode: payload larger than MAX_IO_BYTES");
     const slot = await this.submit(CodecOp.Encode, data, 0, data.byteLength, codec);
+    if (slot === null) return this.encodeInline(data, codec);
     const meta = this.pool.meta(slot);
+    const failed = meta[CodecMeta.Error]! !== 0;
     const flags = meta[CodecMeta.Flags]!;
     const out = this.output(slot).slice(0, meta[CodecMeta.OutLength]!);
     const bodyIsInput = meta[CodecMeta.BodyIsInput] === 1;
     this.release(slot);
+    // The output region then holds the thread's message, not a payload.
+    if (failed) throw new Error(new TextDecoder().decode(out));
     this.encodedCount++;
     const pieces = bodyIsInput ? [data, out] : [out];
     return { flags, pieces: pieces.filter((piece) => piece.byteLength > 0) };
   }
 
   /**
-   * Same result as payload_codec's decodePayload, computed on a thread; a bad
-   * checksum or corrupt data rejects with a ProtocolError.
+   * Same result as payload_codec's decodePayload, computed on a thread (inline once a thread
+   * failed); a bad checksum or corrupt data rejects with a ProtocolError. `payload` must stay
+   * unchanged until this settles.
    */
   async decode(flags: number, payload: Uint8Array, length: number, checksum: ChecksumKind): Promise<Uint8Array> {
     if (payload.byteLength > PIPELINE_REGION_BYTES || length > MAX_IO_BYTES) {
@@ -234,6 +265,7 @@ export class CodecPipeline {
     }
     const codec: CodecOptions = { compression: "none", checksum };
     const slot = await this.submit(CodecOp.Decode, payload, flags, length, codec);
+    if (slot === null) return this.decodeInline(flags, payload, length, checksum);
     const meta = this.pool.meta(slot);
     const failed = meta[CodecMeta.Error]! !== 0;
     const outBytes = meta[CodecMeta.OutLength]!;
@@ -258,31 +290,52 @@ export class CodecPipeline {
       encodedInPlace: this.encodedInPlace,
       decoded: this.decodedCount,
       completionsPerWake: this.wakes === 0 ? 0 : Math.round((this.completions / this.wakes) * 100) / 100,
+      failed: this.failure,
+      inline: this.inlineCount,
     };
   }
 
-  /** Stops the threads; requests still queued fail. */
+  /** Stops the threads; requests still queued fail, and so does any later one. */
   async close(): Promise<void> {
     if (this.closed) return;
-    this.fail("pipeline closed");
-    for (const t of this.threads) {
-      t.requests.push(STOP_ENTRY);
-      t.requests.notifyConsumer();
+    this.closed = true;
+    const error = new Error("Cannot run codec: pipeline closed");
+    for (const job of this.waiting.splice(0)) job.reject(error);
+    for (const job of this.pending.values()) job.reject(error);
+    this.pending.clear();
+    if (this.failure === null) { // else the threads are stopped or stopping
+      for (const t of this.threads) {
+        t.requests.push(STOP_ENTRY);
+        t.requests.notifyConsumer();
+      }
     }
-    await Promise.all(this.threads.map((t) => new Promise<void>((resolve) => {
-      t.worker.once("exit", () => resolve());
-      setTimeout(() => void t.worker.terminate().then(() => resolve()), 2000).unref();
-    })));
+    if (!(await this.threadsExited())) await Promise.all(this.threads.map((t) => t.worker.terminate()));
+  }
+
+  private encodeInline(data: Uint8Array, codec: CodecOptions): { flags: number; pieces: Uint8Array[] } {
+    this.inlineCount++;
+    const result = encodePayload(data, codec);
+    this.encodedCount++;
+    return result;
+  }
+
+  private decodeInline(flags: number, payload: Uint8Array, length: number, checksum: ChecksumKind): Uint8Array {
+    this.inlineCount++;
+    const decoded = decodePayload(flags, payload, length, checksum);
+    this.decodedCount++;
+    return decoded;
   }
 
   private output(slot: number): Uint8Array {
     return this.pool.data(slot).subarray(PIPELINE_REGION_BYTES);
   }
 
+  /** Resolves with the slot holding a thread's result, or with null: compute it inline. */
   private submit(
     op: CodecOp, input: Uint8Array, flags: number, length: number, codec: CodecOptions,
-  ): Promise<number> {
+  ): Promise<number | null> {
     if (this.closed) return Promise.reject(new Error("Cannot use pipeline: it is closed"));
+    if (this.failure !== null) return Promise.resolve(null);
     const inputSlot = op === CodecOp.Encode && this.inputs ? this.inputs.slotOf(input) : -1;
     return new Promise((resolve, reject) => {
       const job: Job = { op, input, inputSlot, flags, length, codec, resolve, reject };
@@ -321,7 +374,7 @@ export class CodecPipeline {
 
   /** Event-loop side of one thread: takes every completion there is per wake-up. */
   private async drain(t: ThreadLink): Promise<void> {
-    while (!this.closed) {
+    while (!this.closed && this.failure === null) {
       const n = t.completions.popBatch(this.batch);
       if (n === 0) {
         await t.completions.waitForData(1000);
@@ -344,15 +397,43 @@ export class CodecPipeline {
   /** Frees a slot whose result was copied out, and starts the next waiting job. */
   private release(slot: number): void {
     this.pool.free(slot);
+    if (this.failure !== null) return; // nothing waits: waiting jobs went inline
     const next = this.waiting.shift();
     if (next && !this.dispatch(next)) this.waiting.unshift(next);
   }
 
-  private fail(reason: string): void {
-    this.closed = true;
-    const error = new Error(`Cannot run codec: ${reason}`);
-    for (const job of this.waiting.splice(0)) job.reject(error);
-    for (const job of this.pending.values()) job.reject(error);
-    this.pending.clear();
+  /**
+   * A thread failed while the pipeline was open: from now on every job is computed inline
+   * (module comment). Jobs waiting for a slot never reached a thread and go inline at once.
+   * Jobs on a thread go inline once every thread has exited, so that no thread still reads
+   * their input when their caller, seeing the job done, reuses it (a request slot is freed
+   * then). Inline and not rejected: the result is the same bytes (the caller keeps the input
+   * unchanged until the job settles, and the slot is not read), while a rejection would drop
+   * the replication link and start a resync. A thread that does not exit even when terminated
+   * is given up on after the timeout: it could still read an input, but it writes only its own
+   * slot, which is never read again.
+   */
+  private threadFailed(reason: string): void {
+    if (this.closed || this.failure !== null) return;
+    this.failure = reason;
+    for (const job of this.waiting.splice(0)) job.resolve(null);
+    for (const t of this.threads) void t.worker.terminate();
+    void this.threadsExited().then(() => {
+      for (const job of this.pending.values()) job.resolve(null);
+      this.pending.clear();
+      for (const t of this.threads) t.outstanding = 0;
+    });
+  }
+
+  /** True once every thread has exited; false if some have not within THREAD_STOP_TIMEOUT_MS. */
+  private async threadsExited(): Promise<boolean> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(false), THREAD_STOP_TIMEOUT_MS);
+      timer.unref();
+    });
+    const exited = await Promise.race([Promise.all(this.threads.map((t) => t.exited)).then(() => true), timeout]);
+    clearTimeout(timer);
+    return exited;
   }
 }

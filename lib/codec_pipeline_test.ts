@@ -3,10 +3,15 @@
  * gives (every compression × checksum, holes, compressible and random data),
  * rejects corrupt input with the inline codec's reason, queues callers when
  * every slot is busy and completes each of them once, and leaves no slot in
- * use afterwards.
+ * use afterwards. A job that fails on a thread rejects with the thread's
+ * message; a thread that dies leaves a pipeline that computes inline, byte
+ * for byte the same, and says so in its stats.
  */
-import { afterEach, expect, test } from "bun:test";
+import { afterAll, afterEach, expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { CHECKSUMS, CodecPipeline, COMPRESSIONS, PIPELINE_MIN_BYTES } from "./codec_pipeline.ts";
 import { decodePayload, encodePayload, type CodecOptions } from "./payload_codec.ts";
 import { RequestSlots } from "./request_slots.ts";
@@ -19,6 +24,41 @@ afterEach(async () => {
 });
 
 const concat = (pieces: Uint8Array[]) => new Uint8Array(Buffer.concat(pieces));
+
+// Faulty codec threads for the failure tests: a prelude, then the real thread (workers/codec_worker.ts),
+// so the product code has no test-only branch. They live in a temporary directory.
+const workerDir = mkdtempSync(join(tmpdir(), "hast-codec-worker-"));
+afterAll(() => rmSync(workerDir, { recursive: true, force: true }));
+
+function faultyWorker(name: string, prelude: string): string {
+  const path = join(workerDir, `${name}.ts`);
+  const real = new URL("../workers/codec_worker.ts", import.meta.url).pathname;
+  writeFileSync(path, `${prelude}\nawait import(${JSON.stringify(real)});\n`);
+  return path;
+}
+
+/** First bytes of a payload that the thread of markedWorker() refuses, or dies on. */
+const REFUSE = 0xe2;
+const DIE = 0xe1;
+
+/** A thread whose crc32 throws for a payload starting with REFUSE and exits the thread for DIE. */
+function markedWorker(): string {
+  return faultyWorker("marked", [
+    "const crc32 = Bun.hash.crc32;",
+    "Bun.hash.crc32 = (data, seed) => {",
+    `  if (data[0] === ${DIE}) process.exit(7);`,
+    `  if (data[0] === ${REFUSE}) throw new RangeError("crc32 refused a marked payload");`,
+    "  return crc32(data, seed);",
+    "};",
+  ].join("\n"));
+}
+
+/** A payload of `bytes` random bytes whose first byte is `first`. */
+function marked(bytes: number, first: number): Uint8Array {
+  const data = new Uint8Array(randomBytes(bytes));
+  data[0] = first;
+  return data;
+}
 
 function samples(): Uint8Array[] {
   const text = new Uint8Array(MAX_IO_BYTES).map((_, i) => "hast replicates blocks "[i % 23]!.charCodeAt(0));
@@ -128,4 +168,68 @@ test("a closed pipeline refuses work with a clear error", async () => {
   await pipeline.close();
   await expect(pipeline.encode(new Uint8Array(PIPELINE_MIN_BYTES), { compression: "none", checksum: "crc32" }))
     .rejects.toThrow("closed");
+});
+
+test("an encode that fails on a thread rejects with the thread's message, and the pipeline goes on", async () => {
+  // The thread's crc32 throws for a marked payload: before the fix, encode() returned the message
+  // as the frame's payload (flags 0).
+  pipeline = CodecPipeline.start({ threads: 1, slots: 2, workerUrl: markedWorker() });
+  const codec: CodecOptions = { compression: "none", checksum: "crc32" };
+  await expect(pipeline.encode(marked(PIPELINE_MIN_BYTES, REFUSE), codec))
+    .rejects.toThrow("crc32 refused a marked payload");
+  const data = marked(PIPELINE_MIN_BYTES, 0);
+  const ok = await pipeline.encode(data, codec);
+  expect(Buffer.compare(concat(ok.pieces), concat(encodePayload(data, codec).pieces))).toBe(0);
+  expect(pipeline.stats()).toMatchObject({ encoded: 1, slotsInUse: 0, failed: null, inline: 0 });
+});
+
+/** Encodes and decodes every input on `p`, in parallel, and expects the inline codec's bytes. */
+async function expectInlineResults(p: CodecPipeline, inputs: Uint8Array[], codec: CodecOptions): Promise<void> {
+  const encoded = await Promise.all(inputs.map((data) => p.encode(data, codec)));
+  const wires = inputs.map((data, i) => {
+    const inline = encodePayload(data, codec);
+    expect(encoded[i]!.flags).toBe(inline.flags);
+    expect(Buffer.compare(concat(encoded[i]!.pieces), concat(inline.pieces))).toBe(0);
+    return { flags: inline.flags, wire: concat(inline.pieces) };
+  });
+  const decoded = await Promise.all(wires.map(({ flags, wire }, i) =>
+    p.decode(flags, wire, inputs[i]!.byteLength, codec.checksum)));
+  decoded.forEach((data, i) => expect(Buffer.compare(data, inputs[i]!)).toBe(0));
+}
+
+test("when a thread fails at start, encode and decode go on inline, byte for byte, and the stats say why", async () => {
+  // Jobs submitted before the thread's error arrives are on a thread or waiting for a slot then;
+  // those submitted after it never reach a thread. All of them must complete, as inline would.
+  pipeline = CodecPipeline.start({
+    threads: 2, slots: 2, workerUrl: faultyWorker("broken", 'throw new Error("codec thread test: cannot start");'),
+  });
+  const codec: CodecOptions = { compression: "lz4", checksum: "sha256" };
+  await expectInlineResults(pipeline, samples(), codec);
+  await expectInlineResults(pipeline, samples(), codec);
+  const stats = pipeline.stats();
+  expect(stats.failed).toContain("cannot start");
+  expect(stats).toMatchObject({ encoded: 8, decoded: 8, inline: 16, waitingForSlot: 0 });
+  // A corrupt payload is still rejected with the inline codec's reason.
+  const { flags, pieces } = encodePayload(samples()[2]!, codec);
+  const wire = concat(pieces);
+  wire[1000]! ^= 0x10;
+  await expect(pipeline.decode(flags, wire, MAX_IO_BYTES, "sha256")).rejects.toThrow("sha256 mismatch");
+});
+
+test("a thread that exits mid-job: its job, the jobs behind it and later ones complete inline", async () => {
+  // The first payload makes its thread exit while encoding it (an 'exit' without an 'error');
+  // the other thread and the waiting callers are busy with the rest.
+  pipeline = CodecPipeline.start({ threads: 2, slots: 2, workerUrl: markedWorker() });
+  const codec: CodecOptions = { compression: "none", checksum: "crc32" };
+  const inputs = [DIE, 1, 2, 3, 4, 5].map((first) => marked(256 * 1024, first));
+  const encodes = inputs.map((data) => pipeline!.encode(data, codec));
+  expect(pipeline.stats().waitingForSlot).toBe(4);
+  const encoded = await Promise.all(encodes);
+  encoded.forEach((result, i) => {
+    expect(Buffer.compare(concat(result.pieces), concat(encodePayload(inputs[i]!, codec).pieces))).toBe(0);
+  });
+  expect(pipeline.stats()).toMatchObject({ threadQueueDepths: [0, 0], waitingForSlot: 0 });
+  expect(pipeline.stats().failed).toContain("exited");
+  await expectInlineResults(pipeline, [marked(PIPELINE_MIN_BYTES, DIE), marked(MAX_IO_BYTES, 0)], codec);
+  expect(pipeline.stats().inline).toBeGreaterThanOrEqual(5);
 });
