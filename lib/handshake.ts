@@ -207,6 +207,15 @@ export async function handshakeAsSecondary(
     conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason, splitBrain }));
     return decision;
   }
+  if (decision.kind === "sync" && decision.source === "secondary" && m.localWritesLost) {
+    // Our copy is the newer one, but our disk may have dropped writes we acknowledged: pulling
+    // from it could replace the primary's good data with older data. An operator chooses.
+    const reason = "this node's copy is newer than the primary's, but its disk lost cached writes " +
+      "(a flush failed): it cannot be the sync source. Keep this copy with `hast role --force " +
+      "primary` here, or the primary's with `hast discard` here (role init first)";
+    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason }));
+    return { kind: "mismatch", reason };
+  }
   const resuid = primary.resuid === 0n ? BigInt(hello.proposedResuid) : primary.resuid;
   const update: Parameters<MetaStore["write"]>[0] = {};
   if (m.resuid === 0n) update.resuid = resuid;

@@ -26,7 +26,9 @@
  * - while the primary syncs from the secondary, a write the secondary fails is never overwritten
  *   by the secondary's older copy: an I/O error when the answer waits for the secondary, a
  *   dropped link and split-brain when it did not;
- * - a change of replication mode by SIGHUP reconnects, so the secondary orders writes by it.
+ * - a change of replication mode by SIGHUP reconnects, so the secondary orders writes by it;
+ * - a secondary whose copy is the newer one but whose disk lost cached writes is never a sync
+ *   source: the connection is refused with what the operator can do.
  */
 import { expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
@@ -473,3 +475,20 @@ test("a change of replication mode by SIGHUP reconnects: the secondary then keep
   await waitFor("both applied", () => order.length >= 2 || undefined, { timeoutMs: 5_000, intervalMs: 5 });
   expect(order.slice(0, 2)).toEqual([MIB, 5 * MIB]);
 }, 30_000);
+
+test("a newer secondary whose disk lost cached writes is refused as the sync source", async () => {
+  const sim = track(new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 2 }));
+  const shared = { resuid: 77n, remotecnt: 1n };
+  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
+  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n, localWritesLost: true });
+  sim.secondaryMeta.map[0] = 0b0100;
+  sim.secondaryDisk.bytes.fill(9, 2 * MIB, 3 * MIB);
+  sim.primaryDisk.bytes.fill(1, 2 * MIB, 3 * MIB);
+  sim.start();
+  await waitFor("refused", () => sim.primary.status().link === "refused" || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  expect(sim.primary.status().linkError).toContain("disk lost cached writes");
+  await Bun.sleep(300);
+  expect(sim.primaryDisk.bytes.subarray(2 * MIB, 3 * MIB).every((b) => b === 1)).toBe(true);
+  expect(sim.primary.status().syncSource).toBe("primary");
+}, 20_000);
