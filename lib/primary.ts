@@ -82,6 +82,11 @@ export class IoError extends Error {
   }
 }
 
+/** What the secondary learns from our Hello and keeps for the connection, as one string. */
+function linkSettings(c: ResourceConfig): string {
+  return JSON.stringify([c.remote, c.source, c.checksum, c.compression, c.replication]);
+}
+
 export class Primary {
   readonly sizeBytes: number;
   /** The local data; once a flush of it failed, every later flush fails (see stickyFlushFailure). */
@@ -94,6 +99,14 @@ export class Primary {
   private readonly repeats = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
   private stopped = false;
   private bumpedSinceDisconnect = false;
+  /**
+   * An answered write the secondary lacks could not be counted (a failed metadata write): the
+   * next connection attempt counts it first, or fails, so that the reconnect cannot take the
+   * pair for "in step" or "primary behind" and overwrite it.
+   */
+  private generationUnrecorded = false;
+  /** The link settings our last Hello carried (the secondary orders writes by the mode). */
+  private helloSettings = "";
   /** Extents the secondary wrote since its last successful flush began: its page cache may
    *  still lose them (a failing disk, a crash), so a failed flush or a lost link resyncs them. */
   private remoteUnflushed = new Set<number>();
@@ -481,6 +494,8 @@ export class Primary {
       if (this.syncSource === "secondary" && this.link?.isUp) {
         this.o.log("error", `a write at ${offset}+${length} answered to the application failed on the ` +
           "secondary while this node syncs from it: dropping the link");
+        // The split-brain needs that generation on disk: until it is, no new connection.
+        if (!this.bumpedSinceDisconnect) this.generationUnrecorded = true;
         this.link.close("a write failed on the secondary while syncing from it");
       }
     }
@@ -632,7 +647,12 @@ export class Primary {
 
   /** Connects, handshakes, starts the sync; resolves with a promise of the link's end. */
   private async connectOnce(): Promise<Promise<void> | null> {
+    if (this.generationUnrecorded) {
+      await this.bumpLocalcnt(); // throws: this attempt fails, the loop retries
+      this.generationUnrecorded = false;
+    }
     const remote = this.o.config.remote!;
+    this.helloSettings = linkSettings(this.o.config);
     const conn = await this.o.network.connect({
       host: remote.host,
       port: remote.port,
@@ -725,6 +745,11 @@ export class Primary {
       this.link.close("connection closed while it was being set up");
       return down;
     }
+    if (linkSettings(this.o.config) !== this.helloSettings) {
+      // Reloaded (SIGHUP) while this connection was set up: reconfigure() closed the old link.
+      this.link.close("configuration changed while connecting");
+      return down;
+    }
     this.o.log("info", `connected to ${conn.remoteAddress} (${result.reason}; sync from ${result.source})`);
     this.o.hooks.run("connect", []);
     this.startSync(this.link);
@@ -788,17 +813,18 @@ export class Primary {
   private async onSyncComplete(link: RemoteLink): Promise<void> {
     const peer = this.peerCounters;
     assert.ok(peer !== null);
-    const meta = this.o.meta.metadata;
+    // The secondary will record this localcnt as seen: a write it lacks from now on (also one
+    // failing during the awaits below) is a new generation again. Taken before any await, so
+    // that such a write's bump is never reported as seen. (An extra generation is harmless.)
+    const seen = this.o.meta.metadata.localcnt;
+    this.bumpedSinceDisconnect = false;
     await this.o.meta.write({ remotecnt: peer.localcnt, syncTarget: false }, { flush: this.metaflush });
     this.syncSource = "primary";
     this.localBehind = false;
-    // The secondary now records our localcnt as seen: the next write it lacks is a new
-    // generation again. (If SyncDone is lost, an extra generation is harmless.)
-    this.bumpedSinceDisconnect = false;
     const reply = await link.call({
       type: MessageType.SyncDone,
       payload: new TextEncoder().encode(JSON.stringify({
-        localcnt: String(peer.localcnt), remotecnt: String(meta.localcnt),
+        localcnt: String(peer.localcnt), remotecnt: String(seen),
       })),
     }).done.catch((error: Error) => error);
     if (reply instanceof Error || reply.error !== 0) {
@@ -814,9 +840,7 @@ export class Primary {
    */
   reconfigure(next: ResourceConfig): void {
     const config = this.o.config;
-    // The secondary learns the mode from our Hello: it orders its writes by it.
-    const linkSettings = (c: ResourceConfig) => [c.remote, c.source, c.checksum, c.compression, c.replication];
-    const reconnect = JSON.stringify(linkSettings(config)) !== JSON.stringify(linkSettings(next));
+    const reconnect = linkSettings(config) !== linkSettings(next);
     Object.assign(config, next);
     this.syncer?.setRate(next.syncRateBytesPerSecond);
     if (reconnect) this.link?.close("configuration changed");

@@ -341,7 +341,7 @@ export class Secondary {
         inbound.bytes -= bytes;
       };
     }
-    inbound.brokenAt = Math.min(inbound.brokenAt, arrival);
+    this.breakStream(frame, inbound, arrival);
     this.counters.invalid++;
     const why = `protocol violation: more than ${MAX_REMOTE_IN_FLIGHT} requests or ` +
       `${MAX_REMOTE_IN_FLIGHT_BYTES} bytes in flight (${requests} requests, ${total} bytes)`;
@@ -382,12 +382,23 @@ export class Secondary {
   /** Never write data that failed verification: drop the connection; the primary keeps the
    *  extent dirty and resyncs it (spec §7). */
   private dropForBadData(conn: Connection, frame: Frame, error: unknown, inbound: Inbound, arrival: number): false {
-    inbound.brokenAt = Math.min(inbound.brokenAt, arrival);
+    this.breakStream(frame, inbound, arrival);
     const why = error instanceof ProtocolError ? error.message : String(error);
     this.counters.invalid++;
     this.o.log("error", `dropping connection: write at ${frame.offset}+${frame.length}: ${why}`);
     conn.close(`bad data: ${why}`);
     return false;
+  }
+
+  /**
+   * A frame refused for bad data or a protocol violation: a gap in the application's writes if
+   * it is one, and nothing after it is applied. A sync copy (FrameFlag.Sync) leaves no gap: the
+   * primary keeps its range dirty, and writes after it (some already acknowledged as received)
+   * are still applied.
+   */
+  private breakStream(frame: Frame, inbound: Inbound, arrival: number): void {
+    if ((frame.flags & FrameFlag.Sync) !== 0) return;
+    inbound.brokenAt = Math.min(inbound.brokenAt, arrival);
   }
 
   /** Validates a request (EINVAL reply if invalid). */

@@ -492,3 +492,46 @@ test("a newer secondary whose disk lost cached writes is refused as the sync sou
   expect(sim.primaryDisk.bytes.subarray(2 * MIB, 3 * MIB).every((b) => b === 1)).toBe(true);
   expect(sim.primary.status().syncSource).toBe("primary");
 }, 20_000);
+
+test("syncing from the secondary: an answered write it fails is counted before any reconnect", async () => {
+  const sim = await startBehind("memsync", true);
+  // The primary's metadata record cannot be written for a while (its map still can).
+  let metaFails = true;
+  sim.primaryMeta.beforeWrite = async (update) => {
+    if (metaFails && update.localcnt !== undefined) throw eio("meta");
+  };
+  const failing = failSecondaryWrites(sim, 6 * MIB, 7 * MIB);
+  await sim.primary.write(6 * MIB, pattern(4096, 5), false); // answered on the receipt
+  await waitFor("link dropped", () => sim.logs.some((l) => l.includes("dropping the link")) || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  failing.stop();
+  sim.primary.setSyncRate(0);
+  await Bun.sleep(1_500); // reconnect attempts fail while the generation cannot be counted
+  expect(sim.primary.status().link).not.toBe("connected");
+  metaFails = false;
+  await waitFor("split-brain", () => sim.primary.status().link === "split-brain" || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  expect(sim.primaryDisk.bytes.subarray(6 * MIB, 6 * MIB + 4096)).toEqual(pattern(4096, 5));
+}, 40_000);
+
+test("a change of replication mode while a connection is being set up reconnects too", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 5 });
+  sim.dropLink("test: link lost");
+  await waitFor("down", () => sim.primary.status().link !== "connected" || undefined,
+    { timeoutMs: 3_000, intervalMs: 5 });
+  sim.secondaryMeta.map[0] = 0b1000; // a dirty extent there: the next connect writes our map
+  let open = () => {};
+  const gate = new Promise<void>((resolve) => (open = resolve));
+  let gated = false;
+  sim.primaryMeta.beforeWriteMap = async () => {
+    if (gated) return;
+    gated = true;
+    await gate;
+  };
+  await waitFor("connecting, map write held", () => gated || undefined, { timeoutMs: 5_000, intervalMs: 5 });
+  sim.primary.reconfigure({ ...sim.config(), replication: "async" }); // SIGHUP now
+  open();
+  await waitFor("connected with the new mode", () =>
+    sim.primary.status().link === "connected" && (sim.secondary as unknown as { replication: string }).replication === "async"
+      ? true : undefined, { timeoutMs: 10_000, intervalMs: 10 });
+}, 30_000);

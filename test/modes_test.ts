@@ -12,7 +12,8 @@
  *   is never written, the connection drops, and the extent is resynchronised;
  * - in memsync and async, no write that arrived after a corrupt one is applied or has its
  *   receipt acknowledged, also when the corrupt one is verified on a codec thread and a later
- *   small one inline first: the secondary's image stays a state the primary had.
+ *   small one inline first: the secondary's image stays a state the primary had. A corrupt
+ *   sync copy leaves no such gap: writes acknowledged after it are applied.
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
@@ -390,3 +391,46 @@ for (const replication of ["memsync", "async"] as const) {
       }
     }, 60_000);
 }
+
+test("memsync: a corrupt sync copy leaves no gap: writes acknowledged after it are still applied", async () => {
+  sim = new Sim({ replication: "memsync", checksum: "crc32", compression: "none", pipeline: true });
+  sim.start();
+  await connected(sim);
+  const s = sim;
+  // The secondary fails one write: its extent is resynced within this connection (a sync copy).
+  let failOnce = true;
+  s.secondaryDisk.beforeWrite = async (offset) => {
+    if (failOnce && offset === 0) {
+      failOnce = false;
+      throw eio("write");
+    }
+    if (offset === 4 * 1024 * 1024) await Bun.sleep(200); // P: slow, so A waits behind it
+  };
+  // A busy codec thread: the sync copy's check takes 50 ms, while P and A are admitted.
+  const pipeline = s.pipeline!;
+  const decode = pipeline.decode.bind(pipeline);
+  pipeline.decode = async (flags, payload, length, checksum) => {
+    if (flags & FrameFlag.Sync) await Bun.sleep(50);
+    return decode(flags, payload, length, checksum);
+  };
+  const written: Promise<void>[] = [];
+  s.tamperToSecondary = (bytes) => {
+    const flags = new DataView(bytes.buffer, bytes.byteOffset).getUint16(6);
+    if (written.length > 0 || !(flags & FrameFlag.Sync) || bytes.byteLength < 65536) return bytes;
+    setImmediate(() => {
+      written.push(s.primary.write(4 * 1024 * 1024, new Uint8Array(4096).fill(0x50), false)); // P
+      written.push(s.primary.write(8 * 1024 * 1024, new Uint8Array(4096).fill(0x41), false)); // A
+    });
+    const copy = bytes.slice();
+    copy[HEADER_BYTES + 1000]! ^= 0x10;
+    return copy;
+  };
+  await s.primary.write(0, new Uint8Array(1024 * 1024).fill(0x11), false);
+  await waitFor("the sync copy went out", () => written.length === 2 || undefined, { timeoutMs: 10_000 });
+  await Promise.all(written); // answered: the secondary acknowledged their receipt
+  await waitFor("corrupt copy refused", () => s.logs.some((l) => l.includes("crc32 mismatch")) || undefined);
+  await Bun.sleep(400);
+  const disk = s.secondaryDisk.bytes;
+  expect(disk.subarray(4 * 1024 * 1024, 4 * 1024 * 1024 + 4096).every((b) => b === 0x50)).toBe(true);
+  expect(disk.subarray(8 * 1024 * 1024, 8 * 1024 * 1024 + 4096).every((b) => b === 0x41)).toBe(true);
+}, 30_000);
