@@ -531,7 +531,8 @@ test("a change of replication mode while a connection is being set up reconnects
   await waitFor("connecting, map write held", () => gated || undefined, { timeoutMs: 5_000, intervalMs: 5 });
   sim.primary.reconfigure({ ...sim.config(), replication: "async" }); // SIGHUP now
   open();
+  const secondaryMode = () => (sim.secondary as unknown as { replication: string }).replication;
   await waitFor("connected with the new mode", () =>
-    sim.primary.status().link === "connected" && (sim.secondary as unknown as { replication: string }).replication === "async"
-      ? true : undefined, { timeoutMs: 10_000, intervalMs: 10 });
+    sim.primary.status().link === "connected" && secondaryMode() === "async" ? true : undefined,
+  { timeoutMs: 10_000, intervalMs: 10 });
 }, 30_000);
