@@ -3,15 +3,16 @@
  * replication listen sockets and the configuration; runs one worker process
  * per active resource (spec §11) and restarts a worker that crashes.
  */
+import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { lookup } from "node:dns/promises";
 import { chmodSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { dirname } from "node:path";
-import { formatAddress, loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
+import { type Address, formatAddress, loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
 import { controlRequest, controlServer, type ControlRequest, type ControlResponse } from "./control.ts";
 import { parseHello, type Hello } from "./handshake.ts";
-import { EX_UNAVAILABLE } from "./exit_codes.ts";
+import { EX_TEMPFAIL, EX_UNAVAILABLE } from "./exit_codes.ts";
 import { execHooks } from "./hooks.ts";
 import { makeLogger, REFUSAL_LOG_INTERVAL_MS, RepeatLimiter, type Logger } from "./log.ts";
 import type { FromWorker, ToWorker, WorkerRole } from "./resource_worker.ts";
@@ -25,6 +26,12 @@ export interface DaemonOptions {
   node?: string;
   debug: number;
   pidfile?: string;
+  /** Starts a worker process (tests pass fakes); default: `hast __worker` with an IPC channel. */
+  spawnWorker?: () => ChildProcess;
+  /** Ends the process once shutdown is done; default process.exit. */
+  exit?: (code: number) => void;
+  /** Whether start() installs the SIGTERM, SIGINT and SIGHUP handlers; default true. */
+  signals?: boolean;
 }
 
 /** A worker that exits on its own is restarted after this delay. */
@@ -32,6 +39,11 @@ export const WORKER_RESTART_MS = 1000;
 export const WORKER_RESTART_MAX_MS = 30_000;
 /** How long a worker may take to stop before it is killed. */
 export const WORKER_STOP_MS = 30_000;
+/**
+ * How long a worker may take to start (open the disk, read metadata and activemap) before it is
+ * killed: role changes of a resource run one after another, so a hung start would block them all.
+ */
+export const WORKER_START_MS = 60_000;
 /** Time allowed for a connecting primary to send its Hello. */
 export const HELLO_TIMEOUT_MS = 10_000;
 
@@ -43,10 +55,23 @@ interface Failure {
 interface Slot {
   config: ResourceConfig;
   role: Role;
+  /** The one worker of the resource; at most one exists at any time. */
   child: ChildProcess | null;
+  /** Resolves once `child` has exited or failed to spawn. */
+  childGone: Promise<void>;
   pending: Map<number, (value: unknown) => void>;
+  /** The daemon asked `child` to stop: its exit is no crash, and it takes no new role. */
   stopping: boolean;
+  /** Set once a reload removed the resource: nothing may start a worker for it again. */
+  removed: boolean;
   lastError: string;
+  /**
+   * Role changes, reload restarts and crash restarts of the resource, chained so that one runs
+   * at a time: each stops the worker before it may start another, and a same-role request sees
+   * the outcome of the ones before it. Without it, two changes that overlapped both waited for
+   * the old worker's exit and both spawned one; the untracked one kept serving.
+   */
+  queue: Promise<void>;
 }
 
 /**
@@ -83,6 +108,11 @@ export class Daemon {
   private readonly slots = new Map<string, Slot>();
   private readonly log: Logger;
   private control: net.Server | null = null;
+  /** The control socket and pidfile this daemon created: shutdown removes these, not the config's. */
+  private controlPath: string | null = null;
+  private pidfilePath: string | null = null;
+  /** SIGHUPs, applied one after another. */
+  private reloads: Promise<void> = Promise.resolve();
   private listeners: net.Server[] = [];
   /** Refused replication connections, logged once a minute per peer and reason. */
   private readonly refusals = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
@@ -95,27 +125,35 @@ export class Daemon {
     for (const resource of this.config.resources) this.slots.set(resource.resource, newSlot(resource));
   }
 
+  /** The pidfile the configuration (or -P) asks for. */
   get pidfile(): string {
     return this.options.pidfile ?? this.config.pidfile;
   }
 
   /** Binds the control and listen sockets and writes the pidfile. */
   async start(): Promise<void> {
-    await this.openControl();
+    this.control = await this.openControl(this.config.control);
+    this.controlPath = this.config.control.kind === "unix" ? this.config.control.path : null;
     for (const address of this.config.listen) await this.openListener(address);
     if (this.listeners.length === 0 && this.config.listen.length > 0) {
       throw new Error("Cannot listen: no listen address could be bound");
     }
-    mkdirSync(dirname(this.pidfile), { recursive: true });
-    writeFileSync(this.pidfile, `${process.pid}\n`);
-    process.on("SIGTERM", () => void this.shutdown("SIGTERM"));
-    process.on("SIGINT", () => void this.shutdown("SIGINT"));
-    process.on("SIGHUP", () => void this.reload());
+    this.writePidfile(this.pidfile);
+    if (this.options.signals !== false) {
+      process.on("SIGTERM", () => void this.shutdown("SIGTERM"));
+      process.on("SIGINT", () => void this.shutdown("SIGINT"));
+      process.on("SIGHUP", () => void this.reload());
+    }
     this.log("info", `serving ${this.slots.size} resources as node "${this.config.node}"`);
   }
 
-  private async openControl(): Promise<void> {
-    const control = this.config.control;
+  private writePidfile(path: string): void {
+    mkdirSync(dirname(path), { recursive: true });
+    writeFileSync(path, `${process.pid}\n`);
+    this.pidfilePath = path;
+  }
+
+  private async openControl(control: Address): Promise<net.Server> {
     if (control.kind !== "unix") throw new Error("Cannot serve control: only uds:// control addresses are supported");
     const alive = await controlRequest(control.path, { command: "ping" }, 2000).then(() => true, () => false);
     if (alive) {
@@ -130,7 +168,7 @@ export class Daemon {
       server.listen(control.path, () => resolve());
     });
     chmodSync(control.path, 0o600);
-    this.control = server;
+    return server;
   }
 
   private async openListener(address: NodeConfig["listen"][number]): Promise<void> {
@@ -197,10 +235,10 @@ export class Daemon {
     if (!allowed.includes(from)) {
       return `address ${from} is not the configured remote ${remote.host} of "${hello.resource}"`;
     }
-    if (slot.role !== "secondary" || !slot.child) {
+    if (slot.role !== "secondary" || !slot.child || slot.stopping) {
       return `resource "${hello.resource}" is not secondary here (role ${slot.role})`;
     }
-    slot.child.send({ type: "peer", hello } satisfies ToWorker, socket as never);
+    if (!sendTo(slot.child, { type: "peer", hello }, socket)) return `the worker of "${hello.resource}" is gone`;
     return null;
   }
 
@@ -273,10 +311,26 @@ export class Daemon {
     return { ok: true, value: null };
   }
 
-  /** Any role to any other: stops the old worker, starts the new one (spec §9). */
-  private async setRole(slot: Slot, role: Role, force: boolean): Promise<Failure | null> {
+  /** Any role to any other, after the resource's earlier changes (spec §9). */
+  private setRole(slot: Slot, role: Role, force: boolean): Promise<Failure | null> {
+    return this.serialise(slot, () => this.changeRole(slot, role, force));
+  }
+
+  /**
+   * Runs `operation` once every earlier one of the resource has finished, so that role changes,
+   * reload restarts and crash restarts never overlap (see Slot.queue).
+   */
+  private serialise<T>(slot: Slot, operation: () => Promise<T>): Promise<T> {
+    const result = slot.queue.then(operation);
+    slot.queue = result.then(() => {}, () => {});
+    return result;
+  }
+
+  /** Stops the old worker, starts the new one; run only through serialise(). */
+  private async changeRole(slot: Slot, role: Role, force: boolean): Promise<Failure | null> {
     const old = slot.role;
-    if (old === role && (role === "init" || slot.child)) return null;
+    // A no-op only when a worker runs in that role; earlier changes have finished (queue).
+    if (old === role && (role === "init" || (slot.child !== null && !slot.stopping))) return null;
     await this.stopWorker(slot);
     slot.role = "init";
     if (role !== "init") {
@@ -289,15 +343,48 @@ export class Daemon {
     return null;
   }
 
-  private startWorker(slot: Slot, role: WorkerRole, force: boolean): Promise<Failure | null> {
-    const { command, args } = selfCommand(["__worker"]);
-    const child = spawn(command, args, { stdio: ["ignore", "inherit", "inherit", "ipc"], env: workerEnv() });
+  /** Starts the resource's one worker and resolves once it runs or failed; run only through serialise(). */
+  private async startWorker(slot: Slot, role: WorkerRole, force: boolean): Promise<Failure | null> {
+    const name = slot.config.resource;
+    assert.equal(slot.child, null, `resource "${name}" already has a worker`);
+    if (this.shuttingDown || slot.removed) {
+      const why = slot.removed ? "it was removed from the configuration" : "the daemon is shutting down";
+      return { message: `Cannot start worker for "${name}": ${why}`, exitCode: EX_TEMPFAIL };
+    }
+    let child: ChildProcess;
+    try {
+      child = (this.options.spawnWorker ?? spawnSelfWorker)();
+    } catch (error) {
+      return { message: `Cannot start worker for "${name}": ${(error as Error).message}`, exitCode: EX_TEMPFAIL };
+    }
     slot.child = child;
     slot.stopping = false;
+    const started = this.superviseWorker(slot, child, role);
+    const timer = setTimeout(() => {
+      this.log("error", `resource "${name}": worker ${child.pid} did not start in ${WORKER_START_MS} ms; killing it`);
+      child.kill("SIGKILL");
+    }, WORKER_START_MS);
+    // A worker that failed to spawn has no channel: its 'error' settles `started`.
+    sendTo(child, { type: "start", role, config: slot.config, force, debug: this.options.debug });
+    const failure = await started;
+    clearTimeout(timer);
+    return failure;
+  }
+
+  /**
+   * Follows a worker from its spawn to its end: its replies, its readiness (the promise returned)
+   * and its end, which clears slot.child and, unless asked for, restarts it. Bun reports a failed
+   * spawn (ENOENT, EAGAIN) by 'error' alone, never 'exit'; a worker without a pid is such a one.
+   */
+  private superviseWorker(slot: Slot, child: ChildProcess, role: WorkerRole): Promise<Failure | null> {
+    const name = slot.config.resource;
+    let gone!: () => void;
+    slot.childGone = new Promise((resolve) => (gone = resolve));
     return new Promise((resolve) => {
       let settled = false;
       /** The worker reported that it cannot start: its exit is that, not a crash. */
       let startFailed = false;
+      let ended = false;
       child.on("message", (message: FromWorker) => {
         if (message.type === "ready" && !settled) {
           settled = true;
@@ -312,53 +399,59 @@ export class Daemon {
           slot.pending.delete(message.id);
         }
       });
-      child.on("exit", (code, signal) => {
+      /** `why` completes "Cannot start worker", `how` "worker exited unexpectedly". */
+      const end = (why: string, how: string) => {
+        if (ended) return;
+        ended = true;
+        const stopped = slot.stopping;
         if (slot.child === child) slot.child = null;
         for (const reply of slot.pending.values()) reply(null);
         slot.pending.clear();
+        gone();
         if (!settled) {
           settled = true;
-          const message = `Cannot start worker for "${slot.config.resource}": exited (${signal ?? code})`;
-          resolve({ message, exitCode: 75 });
-          return;
+          resolve({ message: `Cannot start worker for "${name}": ${why}`, exitCode: EX_TEMPFAIL });
+        } else if (!stopped && !this.shuttingDown && !startFailed) {
+          this.onWorkerCrash(slot, role, how);
         }
-        if (!slot.stopping && !this.shuttingDown && !startFailed) {
-          this.onWorkerCrash(slot, role, signal ?? String(code));
-        }
+      };
+      child.on("exit", (code, signal) => end(`exited (${signal ?? code})`, signal ?? String(code)));
+      child.on("error", (error) => {
+        if (child.pid === undefined) end(error.message, error.message);
+        else this.log("warn", `resource "${name}": worker ${child.pid}: ${error.message}`);
       });
-      child.send({ type: "start", role, config: slot.config, force, debug: this.options.debug } satisfies ToWorker);
     });
   }
 
   /**
    * Restarts a crashed worker in the same role, retrying with a doubling delay (up to
    * WORKER_RESTART_MAX_MS) while it cannot start, e.g. while its disk fails. The role the
-   * operator chose is kept; `hast status` shows the last error meanwhile.
+   * operator chose is kept; `hast status` shows the last error meanwhile. The restart waits for
+   * any role change under way, and gives way to it: a worker running by then is left alone.
    */
   private onWorkerCrash(slot: Slot, role: WorkerRole, how: string, attempt = 0): void {
     if (attempt === 0) slot.lastError = `worker exited unexpectedly (${how})`;
     const delayMs = Math.min(WORKER_RESTART_MS * 2 ** attempt, WORKER_RESTART_MAX_MS);
     this.log("error", `resource "${slot.config.resource}": ${slot.lastError}; restarting in ${delayMs} ms`);
-    setTimeout(() => {
-      if (slot.role !== role || slot.child || this.shuttingDown) return;
-      void this.startWorker(slot, role, false).then((failure) => {
-        if (!failure) return;
-        slot.lastError = `restart failed: ${failure.message}`;
-        this.onWorkerCrash(slot, role, how, attempt + 1);
-      });
-    }, delayMs);
+    setTimeout(() => void this.serialise(slot, async () => {
+      if (slot.role !== role || slot.child || slot.removed || this.shuttingDown) return;
+      const failure = await this.startWorker(slot, role, false);
+      if (!failure) return;
+      slot.lastError = `restart failed: ${failure.message}`;
+      this.onWorkerCrash(slot, role, how, attempt + 1);
+    }), delayMs);
   }
 
+  /** Stops the worker, if any, and resolves once it has exited. */
   private async stopWorker(slot: Slot): Promise<void> {
     const child = slot.child;
     if (!child) return;
     slot.stopping = true;
-    const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-    if (child.connected) child.send({ type: "stop" } satisfies ToWorker);
+    sendTo(child, { type: "stop" });
     const timer = setTimeout(() => child.kill("SIGKILL"), WORKER_STOP_MS);
-    await exited;
+    await slot.childGone;
     clearTimeout(timer);
-    slot.child = null;
+    assert.notEqual(slot.child, child);
   }
 
   private ask(slot: Slot, make: (id: number) => ToWorker): Promise<unknown> {
@@ -374,7 +467,9 @@ export class Daemon {
         clearTimeout(timer);
         resolve(value);
       });
-      child.send(make(id));
+      if (sendTo(child, make(id))) return;
+      slot.pending.get(id)?.(null);
+      slot.pending.delete(id);
     });
   }
 
@@ -387,8 +482,17 @@ export class Daemon {
 
   // ---- signals -------------------------------------------------------------------
 
-  /** SIGHUP: re-read the config; new resources start in init, removed ones stop. */
-  private async reload(): Promise<void> {
+  /**
+   * SIGHUP: re-read the config; new resources start in init, removed ones stop; control, pidfile
+   * and listen apply live (spec §9). Resolves once applied; overlapping reloads run in turn.
+   */
+  reload(): Promise<void> {
+    const done = this.reloads.then(() => this.reloadOnce());
+    this.reloads = done.catch((error: Error) => this.log("error", `SIGHUP: ${error.stack ?? error}`));
+    return done;
+  }
+
+  private async reloadOnce(): Promise<void> {
     let next: NodeConfig;
     try {
       next = loadConfig(this.options.configPath, { node: this.options.node });
@@ -398,10 +502,12 @@ export class Daemon {
     }
     const names = new Set(next.resources.map((r) => r.resource));
     for (const [name, slot] of this.slots) {
-      if (!names.has(name)) {
-        await this.setRole(slot, "init", false);
-        this.slots.delete(name);
-      }
+      if (names.has(name)) continue;
+      this.slots.delete(name);
+      await this.serialise(slot, async () => {
+        slot.removed = true;
+        await this.changeRole(slot, "init", false);
+      });
     }
     for (const resource of next.resources) {
       const slot = this.slots.get(resource.resource);
@@ -413,6 +519,8 @@ export class Daemon {
     }
     const listenChanged = JSON.stringify(next.listen) !== JSON.stringify(this.config.listen);
     this.config = next;
+    await this.moveControl(next.control);
+    this.movePidfile(this.pidfile);
     if (listenChanged) {
       for (const listener of this.listeners.splice(0)) listener.close();
       for (const address of next.listen) await this.openListener(address);
@@ -426,14 +534,19 @@ export class Daemon {
    * worker (which reconnects when remote, source, checksum or compression
    * changed).
    */
-  private async reconfigure(slot: Slot, next: ResourceConfig): Promise<void> {
+  private reconfigure(slot: Slot, next: ResourceConfig): Promise<void> {
+    // Queued: a worker being started gets the change once it runs (it would drop it before).
+    return this.serialise(slot, () => this.applyResourceConfig(slot, next));
+  }
+
+  private async applyResourceConfig(slot: Slot, next: ResourceConfig): Promise<void> {
     const before = slot.config;
     slot.config = next;
     if (JSON.stringify(before) === JSON.stringify(next) || slot.role === "init") return;
     const restart = before.name !== next.name || before.local !== next.local ||
       JSON.stringify(before.export) !== JSON.stringify(next.export);
     if (!restart) {
-      slot.child?.send({ type: "reconfigure", config: next } satisfies ToWorker);
+      if (slot.child) sendTo(slot.child, { type: "reconfigure", config: next });
       return;
     }
     const role = slot.role;
@@ -445,22 +558,81 @@ export class Daemon {
     }
   }
 
-  /** SIGTERM: stops every worker, removes the control socket and pidfile, exits. */
+  /** Opens the control socket a reload named, then closes the old one; keeps the old on failure. */
+  private async moveControl(control: Address): Promise<void> {
+    const path = control.kind === "unix" ? control.path : null;
+    if (path === this.controlPath) return;
+    try {
+      const server = await this.openControl(control);
+      this.control?.close();
+      if (this.controlPath !== null) rmSync(this.controlPath, { force: true });
+      this.control = server;
+      this.controlPath = path;
+      this.log("info", `control socket moved to "${path}"`);
+    } catch (error) {
+      this.log("error", `SIGHUP: control socket stays "${this.controlPath}": ${(error as Error).message}`);
+    }
+  }
+
+  /** Writes the pidfile a reload named, then removes the old one; keeps the old on failure. */
+  private movePidfile(path: string): void {
+    if (path === this.pidfilePath) return;
+    const old = this.pidfilePath;
+    try {
+      this.writePidfile(path);
+      if (old !== null) rmSync(old, { force: true });
+    } catch (error) {
+      this.log("error", `SIGHUP: pidfile stays "${old}": ${(error as Error).message}`);
+    }
+  }
+
+  /**
+   * SIGTERM: stops every worker, removes the control socket and pidfile, exits. Workers stop at
+   * once, not after queued role changes; those then start nothing (startWorker checks shuttingDown).
+   */
   async shutdown(why: string): Promise<void> {
     if (this.shuttingDown) return;
     this.shuttingDown = true;
     this.log("info", `${why}: stopping workers`);
-    await Promise.all([...this.slots.values()].map((slot) => this.stopWorker(slot)));
+    await Promise.all([...this.slots.values()].map(async (slot) => {
+      await this.stopWorker(slot);
+      await slot.queue;
+      assert.equal(slot.child, null, `resource "${slot.config.resource}" kept a worker after shutdown`);
+    }));
     this.control?.close();
     for (const listener of this.listeners) listener.close();
-    if (this.config.control.kind === "unix") rmSync(this.config.control.path, { force: true });
-    rmSync(this.pidfile, { force: true });
-    process.exit(0);
+    if (this.controlPath !== null) rmSync(this.controlPath, { force: true });
+    if (this.pidfilePath !== null) rmSync(this.pidfilePath, { force: true });
+    (this.options.exit ?? process.exit)(0);
   }
 }
 
+/** Starts `hast __worker` with an IPC channel. */
+function spawnSelfWorker(): ChildProcess {
+  const { command, args } = selfCommand(["__worker"]);
+  return spawn(command, args, { stdio: ["ignore", "inherit", "inherit", "ipc"], env: workerEnv() });
+}
+
 function newSlot(config: ResourceConfig): Slot {
-  return { config, role: "init", child: null, pending: new Map(), stopping: false, lastError: "" };
+  return {
+    config, role: "init", child: null, childGone: Promise.resolve(), pending: new Map(), stopping: false,
+    removed: false, lastError: "", queue: Promise.resolve(),
+  };
+}
+
+/**
+ * Sends to a worker if its IPC channel is open. False when it is not: the worker has exited, is
+ * exiting, or never spawned (Bun's child then has no send()); its end is reported by
+ * superviseWorker. A send that fails later is reported by the child's 'error' event.
+ */
+function sendTo(child: ChildProcess, message: ToWorker, handle?: net.Socket): boolean {
+  if (!child.connected || typeof child.send !== "function") return false;
+  try {
+    child.send(message, handle as never);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function normalizeIp(ip: string): string {

@@ -1,7 +1,17 @@
-// The worker's allocator setting (lib/daemon.ts): purging off by default, the operator's own
-// MIMALLOC_PURGE_DELAY kept as it is. recovery_test checks a real worker's environment.
-import { expect, test } from "bun:test";
-import { WORKER_MIMALLOC_PURGE_DELAY, workerEnv } from "./daemon.ts";
+// The daemon's supervision of workers, driven in-process with fake workers (an injected spawn)
+// whose start and stop take a set time and which, like the real ones, lock the disk: role
+// commands, reloads, crash restarts and shutdown that overlap must leave at most one worker per
+// resource at any moment, the one the daemon tracks, in the role last asked for. Also the
+// worker's allocator setting; recovery_test checks a real worker's environment.
+import { afterEach, expect, test } from "bun:test";
+import { type ChildProcess, spawn } from "node:child_process";
+import { EventEmitter } from "node:events";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { controlRequest, type ControlRequest, type ControlResponse } from "./control.ts";
+import { Daemon, WORKER_MIMALLOC_PURGE_DELAY, WORKER_RESTART_MS, workerEnv } from "./daemon.ts";
+import type { FromWorker, ToWorker } from "./resource_worker.ts";
 
 test("a worker runs with the allocator's purging off unless the operator chose a delay", () => {
   expect(WORKER_MIMALLOC_PURGE_DELAY).toBe("-1");
@@ -10,4 +20,324 @@ test("a worker runs with the allocator's purging off unless the operator chose a
   expect(workerEnv({ PATH: "/usr/bin", MIMALLOC_PURGE_DELAY: "1000" })).toEqual({
     PATH: "/usr/bin", MIMALLOC_PURGE_DELAY: "1000",
   });
+});
+
+/** How long a control request may take before the test counts it as hung. */
+const REQUEST_TIMEOUT_MS = 5000;
+
+/** The fake workers of one test: every one started, those alive, and the disk's lock. */
+class Workers {
+  readonly all: FakeWorker[] = [];
+  readonly live = new Set<FakeWorker>();
+  liveMax = 0;
+  diskOwner: FakeWorker | null = null;
+  startMs = 30;
+  stopMs = 100;
+  /** Called with each message a worker receives, after it acted on it. */
+  onMessage: (worker: FakeWorker, message: ToWorker) => void = () => {};
+
+  spawn(): FakeWorker {
+    const worker = new FakeWorker(this);
+    this.all.push(worker);
+    this.live.add(worker);
+    this.liveMax = Math.max(this.liveMax, this.live.size);
+    return worker;
+  }
+}
+
+let nextFakePid = 900_000;
+
+/** A worker as the daemon sees it: IPC messages, 'exit', pid, connected, kill. */
+class FakeWorker extends EventEmitter {
+  readonly pid = nextFakePid++;
+  connected = true;
+  ready = false;
+  role: string | null = null;
+  config: unknown = null;
+  readonly received: ToWorker[] = [];
+
+  constructor(private readonly workers: Workers) {
+    super();
+  }
+
+  send(message: ToWorker): boolean {
+    if (!this.connected) throw new Error("Cannot send: channel closed");
+    setTimeout(() => this.receive(message), 0);
+    return true;
+  }
+
+  kill(signal: string): boolean {
+    this.exit(null, signal);
+    return true;
+  }
+
+  /** Ends the worker as a crash would, if it is still alive. */
+  exit(code: number | null, signal: string | null = null): void {
+    if (!this.connected) return;
+    this.connected = false;
+    this.workers.live.delete(this);
+    if (this.workers.diskOwner === this) this.workers.diskOwner = null;
+    this.emit("exit", code, signal);
+  }
+
+  private reply(message: FromWorker): void {
+    if (this.connected) this.emit("message", message);
+  }
+
+  private receive(message: ToWorker): void {
+    if (!this.connected) return;
+    this.received.push(message);
+    switch (message.type) {
+      case "start":
+        setTimeout(() => this.start(message), this.workers.startMs);
+        break;
+      case "stop":
+        setTimeout(() => this.exit(0), this.workers.stopMs);
+        break;
+      case "status":
+        this.reply({ type: "reply", id: message.id, value: this.ready ? { status: "complete" } : null });
+        break;
+      case "reconfigure":
+        // Like the worker before it buffered them: one that is not running yet drops it.
+        if (this.ready) this.config = message.config;
+        break;
+      default:
+        if ("id" in message) this.reply({ type: "reply", id: message.id, value: true });
+    }
+    this.workers.onMessage(this, message);
+  }
+
+  private start(message: Extract<ToWorker, { type: "start" }>): void {
+    if (!this.connected) return;
+    if (this.workers.diskOwner !== null) {
+      this.reply({ type: "failed", message: "Cannot open the disk: it is in use", exitCode: 75 });
+      setTimeout(() => this.exit(1), 10);
+      return;
+    }
+    this.workers.diskOwner = this;
+    this.ready = true;
+    this.role = message.role;
+    this.config = message.config;
+    this.reply({ type: "ready", pid: this.pid });
+  }
+}
+
+interface Harness {
+  dir: string;
+  configPath: string;
+  control: string;
+  workers: Workers;
+  daemon: Daemon;
+  exitCodes: number[];
+  request(request: Omit<ControlRequest, "names"> & { names?: string[] }): Promise<ControlResponse>;
+  role(role: string): Promise<ControlResponse>;
+  /** The resource's `hast list --json` row. */
+  list(): Promise<Record<string, unknown>>;
+}
+
+const harnesses: Harness[] = [];
+
+afterEach(async () => {
+  for (const h of harnesses.splice(0)) {
+    await Promise.race([h.daemon.shutdown("test end"), Bun.sleep(REQUEST_TIMEOUT_MS)]);
+    for (const worker of h.workers.live) worker.exit(null, "SIGKILL");
+    rmSync(h.dir, { recursive: true, force: true });
+  }
+});
+
+const port = 20_000 + ((process.pid * 13) % 20_000);
+
+function renderConfig(dir: string, lines: { control?: string; pidfile?: string; resource?: string[] } = {}): string {
+  return [
+    `control uds://${lines.control ?? join(dir, "ctl.sock")}`,
+    `pidfile ${lines.pidfile ?? join(dir, "hast.pid")}`,
+    `listen tcp://127.0.0.1:${port}`,
+    "resource r {",
+    `  local ${join(dir, "r.img")}`,
+    `  export uds://${join(dir, "r.sock")}`,
+    ...(lines.resource ?? []).map((line) => `  ${line}`),
+    "  on a { remote 127.0.0.2 }",
+    "}",
+    "",
+  ].join("\n");
+}
+
+/** A daemon for node "a" with resource "r" whose workers come from `spawnWorker` (default fakes). */
+async function startDaemon(spawnWorker?: (workers: Workers) => ChildProcess): Promise<Harness> {
+  const dir = mkdtempSync(join(tmpdir(), "hast-daemon-"));
+  const configPath = join(dir, "hast.conf");
+  writeFileSync(configPath, renderConfig(dir));
+  const workers = new Workers();
+  const exitCodes: number[] = [];
+  const daemon = new Daemon({
+    configPath, node: "a", debug: 0, signals: false,
+    spawnWorker: () => spawnWorker?.(workers) ?? (workers.spawn() as unknown as ChildProcess),
+    exit: (code) => void exitCodes.push(code),
+  });
+  const control = join(dir, "ctl.sock");
+  const h: Harness = {
+    dir, configPath, control, workers, daemon, exitCodes,
+    request: (request) => controlRequest(control, request as ControlRequest, REQUEST_TIMEOUT_MS),
+    role: (role) => h.request({ command: "role", role: role as never, names: ["r"], force: false }),
+    async list() {
+      const response = await h.request({ command: "list", names: ["r"] });
+      expect(response.ok).toBe(true);
+      return (response as { value: Record<string, unknown>[] }).value[0]!;
+    },
+  };
+  harnesses.push(h);
+  await daemon.start();
+  return h;
+}
+
+/** Resolves once a worker receives a message of `type`. */
+function nextMessage(workers: Workers, type: ToWorker["type"]): Promise<FakeWorker> {
+  return new Promise((resolve) => {
+    const previous = workers.onMessage;
+    workers.onMessage = (worker, message) => {
+      previous(worker, message);
+      if (message.type === type) resolve(worker);
+    };
+  });
+}
+
+/** Exactly one worker is alive, in `role`, and it is the one `hast list` shows. */
+async function expectOneWorker(h: Harness, role: string): Promise<void> {
+  expect(h.workers.liveMax).toBe(1);
+  const live = [...h.workers.live];
+  expect(live.length).toBe(1);
+  expect(live[0]!.role).toBe(role);
+  const row = await h.list();
+  expect(row.role).toBe(role);
+  expect(row.workerPid).toBe(live[0]!.pid);
+}
+
+test("concurrent role commands while a worker stops leave one worker, the tracked one", async () => {
+  // Two `role primary` arrive while the secondary worker is stopping: before the fix both waited
+  // for its exit and both spawned a primary; one lost the disk lock, and the survivor was either
+  // untracked (an orphan still serving) or tracked with the loser's exit clearing it.
+  const h = await startDaemon();
+  expect((await h.role("secondary")).ok).toBe(true);
+  const responses = await Promise.all([h.role("primary"), h.role("primary"), h.role("primary")]);
+  for (const response of responses) expect(response).toEqual({ ok: true, value: null });
+  await expectOneWorker(h, "primary");
+  expect(h.workers.all.length).toBe(2);
+  expect(await h.role("init")).toEqual({ ok: true, value: null });
+  expect(h.workers.live.size).toBe(0);
+  expect((await h.list()).workerPid).toBeNull();
+  expect((await h.list()).status).toBe("stopped");
+});
+
+test("a role command during another's stop runs after it: the last request wins", async () => {
+  // `role secondary` is stopping the primary when `role primary` arrives: before the fix the
+  // second counted as a no-op (the slot still said primary) and the node ended up secondary.
+  const h = await startDaemon();
+  expect((await h.role("primary")).ok).toBe(true);
+  const stopping = nextMessage(h.workers, "stop");
+  const toSecondary = h.role("secondary");
+  await stopping;
+  const toPrimary = h.role("primary");
+  expect(await toSecondary).toEqual({ ok: true, value: null });
+  expect(await toPrimary).toEqual({ ok: true, value: null });
+  await expectOneWorker(h, "primary");
+  expect(h.workers.all.map((w) => w.role)).toEqual(["primary", "secondary", "primary"]);
+});
+
+test("a reload that restarts a resource and a role command do not overlap", async () => {
+  // A changed `local` restarts the worker; `role secondary` arriving during that stop used to
+  // stop the same worker and spawn a second one beside the reload's.
+  const h = await startDaemon();
+  expect((await h.role("primary")).ok).toBe(true);
+  writeFileSync(h.configPath, renderConfig(h.dir, { resource: [`name other`] }));
+  const stopping = nextMessage(h.workers, "stop");
+  const reloaded = h.daemon.reload();
+  await stopping;
+  const toSecondary = h.role("secondary");
+  await reloaded;
+  expect(await toSecondary).toEqual({ ok: true, value: null });
+  await expectOneWorker(h, "secondary");
+});
+
+test("a crashed worker is restarted once, in its role, and a role command meanwhile wins", async () => {
+  const h = await startDaemon();
+  expect((await h.role("primary")).ok).toBe(true);
+  [...h.workers.live][0]!.exit(1);
+  await Bun.sleep(WORKER_RESTART_MS + 300);
+  await expectOneWorker(h, "primary");
+  [...h.workers.live][0]!.exit(1);
+  expect((await h.role("secondary")).ok).toBe(true);
+  await Bun.sleep(WORKER_RESTART_MS + 300);
+  await expectOneWorker(h, "secondary");
+});
+
+test("a worker that cannot be spawned gives a clear error; the next role works; SIGTERM exits", async () => {
+  // A missing executable: Bun emits only 'error' (no 'exit') and the child has no send(). Before
+  // the fix the command failed with "child.send is not a function", the dead child stayed
+  // tracked, the next role command hung waiting for its exit, and so did shutdown.
+  let missing = true;
+  const h = await startDaemon((workers) => {
+    if (!missing) return workers.spawn() as unknown as ChildProcess;
+    return spawn(join(tmpdir(), "hast-no-such-worker"), [], { stdio: ["ignore", "ignore", "ignore", "ipc"] });
+  });
+  const failed = await h.role("primary");
+  expect(failed.ok).toBe(false);
+  const error = (failed as { error: string }).error;
+  expect(error).toMatch(/^Cannot start worker for "r": .*ENOENT/);
+  expect((failed as { exitCode: number }).exitCode).toBe(75);
+  expect((await h.list()).role).toBe("init");
+  missing = false;
+  expect(await h.role("primary")).toEqual({ ok: true, value: null });
+  await expectOneWorker(h, "primary");
+  await h.daemon.shutdown("SIGTERM");
+  expect(h.exitCodes).toEqual([0]);
+  expect(h.workers.live.size).toBe(0);
+});
+
+test("shutdown during a role change stops the worker being started and exits", async () => {
+  const h = await startDaemon();
+  h.workers.startMs = 300;
+  const starting = nextMessage(h.workers, "start");
+  const toPrimary = h.role("primary").catch((error: Error) => error);
+  await starting;
+  await h.daemon.shutdown("SIGTERM");
+  expect(h.exitCodes).toEqual([0]);
+  expect(h.workers.live.size).toBe(0);
+  await toPrimary;
+  await Bun.sleep(h.workers.startMs + 100);
+  expect(h.workers.all.length).toBe(1);
+});
+
+test("a reload while a worker starts reaches it once it runs", async () => {
+  // An in-place change (timeout) sent while the worker was still starting was dropped.
+  const h = await startDaemon();
+  h.workers.startMs = 300;
+  const starting = nextMessage(h.workers, "start");
+  const toPrimary = h.role("primary");
+  await starting;
+  writeFileSync(h.configPath, renderConfig(h.dir, { resource: ["timeout 7"] }));
+  await h.daemon.reload();
+  expect(await toPrimary).toEqual({ ok: true, value: null });
+  await Bun.sleep(50);
+  const worker = [...h.workers.live][0]!;
+  expect((worker.config as { timeoutSeconds: number }).timeoutSeconds).toBe(7);
+});
+
+test("a reload with a new control socket and pidfile applies them; shutdown removes those", async () => {
+  // Before the fix the reload kept serving the old socket yet shutdown removed the new paths,
+  // leaving the old socket and pidfile behind.
+  const h = await startDaemon();
+  const oldPidfile = join(h.dir, "hast.pid");
+  expect(existsSync(oldPidfile)).toBe(true);
+  const control = join(h.dir, "ctl2.sock");
+  const pidfile = join(h.dir, "hast2.pid");
+  writeFileSync(h.configPath, renderConfig(h.dir, { control, pidfile }));
+  await h.daemon.reload();
+  const ping = await controlRequest(control, { command: "ping" }, REQUEST_TIMEOUT_MS);
+  expect(ping).toEqual({ ok: true, value: { pid: process.pid } });
+  expect(existsSync(h.control)).toBe(false);
+  expect(existsSync(oldPidfile)).toBe(false);
+  expect(existsSync(pidfile)).toBe(true);
+  await h.daemon.shutdown("SIGTERM");
+  expect(existsSync(control)).toBe(false);
+  expect(existsSync(pidfile)).toBe(false);
 });
