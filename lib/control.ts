@@ -7,6 +7,11 @@ import net from "node:net";
 
 /** Largest request or response line. */
 export const MAX_CONTROL_BYTES = 4 * 1024 * 1024;
+/**
+ * How long a control connection may take to send its request line (a `hast` command
+ * sends it at once), and to close once answered.
+ */
+export const CONTROL_TIMEOUT_MS = 10_000;
 
 export interface ControlRequest {
   command: "role" | "status" | "list" | "syncrate" | "discard" | "verify" | "ping";
@@ -52,34 +57,74 @@ export function controlRequest(
   });
 }
 
-/** Serves control requests on `path` with `handler`; one request per connection. */
+export interface ControlServerOptions {
+  /** See CONTROL_TIMEOUT_MS, the default. */
+  timeoutMs?: number;
+}
+
+/**
+ * Serves control requests with `handler`: one request line per connection, and at most
+ * MAX_CONTROL_BYTES in all. Bytes after the first newline are read and dropped (never
+ * parsed, never run again); they are drained rather than left unread because closing a
+ * Unix socket with unread input resets the peer, which could lose the answer.
+ * A connection is closed if its request line is not complete `timeoutMs` after it
+ * connected (silent or trickling), or if it is still open `timeoutMs` after its answer;
+ * in between, the handler may take as long as it needs.
+ */
 export function controlServer(
   handler: (request: ControlRequest) => Promise<ControlResponse>,
   log: (level: "warn", message: string) => void,
+  options: ControlServerOptions = {},
 ): net.Server {
+  const timeoutMs = options.timeoutMs ?? CONTROL_TIMEOUT_MS;
   return net.createServer((socket) => {
-    let input = "";
-    socket.setEncoding("utf8");
+    const chunks: Buffer[] = [];
+    let receivedBytes = 0;
+    let lineSeen = false;
+    const closeAfter = (what: string) => setTimeout(() => {
+      log("warn", `control connection ${what} in ${timeoutMs} ms; closing`);
+      socket.destroy();
+    }, timeoutMs);
+    let deadline = closeAfter("sent no complete request");
+    socket.on("close", () => clearTimeout(deadline));
     socket.on("error", () => {});
-    socket.on("data", (chunk: string) => {
-      input += chunk;
-      if (input.length > MAX_CONTROL_BYTES) {
+    socket.on("data", (chunk: Buffer) => {
+      receivedBytes += chunk.length;
+      if (receivedBytes > MAX_CONTROL_BYTES) {
         log("warn", `control request over ${MAX_CONTROL_BYTES} bytes; closing`);
         socket.destroy();
         return;
       }
-      const newline = input.indexOf("\n");
-      if (newline < 0) return;
-      let request: ControlRequest;
-      try {
-        request = JSON.parse(input.slice(0, newline)) as ControlRequest;
-      } catch {
-        socket.end(JSON.stringify({ ok: false, error: "malformed control request", exitCode: 64 }));
+      if (lineSeen) return;
+      const newline = chunk.indexOf(0x0a);
+      if (newline < 0) {
+        chunks.push(chunk);
         return;
       }
-      handler(request)
-        .catch((error: Error) => ({ ok: false as const, error: error.message, exitCode: 70 }))
-        .then((response) => socket.end(JSON.stringify(response) + "\n"));
+      lineSeen = true;
+      clearTimeout(deadline);
+      chunks.push(chunk.subarray(0, newline));
+      const line = Buffer.concat(chunks).toString("utf8");
+      chunks.length = 0;
+      answer(line, socket, handler).then(() => {
+        if (!socket.destroyed) deadline = closeAfter("did not close after its answer");
+      });
     });
   });
+}
+
+/** Parses one request line, runs it, and sends the response and end of stream. */
+async function answer(
+  line: string, socket: net.Socket, handler: (request: ControlRequest) => Promise<ControlResponse>,
+): Promise<void> {
+  let request: ControlRequest;
+  try {
+    request = JSON.parse(line) as ControlRequest;
+  } catch {
+    socket.end(JSON.stringify({ ok: false, error: "malformed control request", exitCode: 64 }));
+    return;
+  }
+  const response = await handler(request)
+    .catch((error: Error) => ({ ok: false as const, error: error.message, exitCode: 70 }));
+  socket.end(JSON.stringify(response) + "\n");
 }

@@ -17,12 +17,27 @@ export interface HookRunner {
   run(event: HookEvent, args: string[]): void;
 }
 
+/** A HookRunner that spawns processes and can say how many are still running. */
+export interface ExecHookRunner extends HookRunner {
+  /** Hooks started and not yet ended (exited, or failed to start). */
+  running(): number;
+}
+
+export interface ExecHookOptions {
+  /** Warn about a hook still running after this long; HOOK_WARN_MS by default. */
+  warnMs?: number;
+}
+
 type Log = (level: "info" | "warn" | "error" | "debug", message: string) => void;
 
 /** Runs `program event resource args…` for each event (nothing when program is null). */
-export function execHooks(program: string | null, resource: string, log: Log): HookRunner {
+export function execHooks(
+  program: string | null, resource: string, log: Log, options: ExecHookOptions = {},
+): ExecHookRunner {
+  const warnMs = options.warnMs ?? HOOK_WARN_MS;
   let running = 0;
   return {
+    running: () => running,
     run(event, args) {
       if (program === null) return;
       if (running >= MAX_RUNNING_HOOKS) {
@@ -35,22 +50,33 @@ export function execHooks(program: string | null, resource: string, log: Log): H
       try {
         child = spawn(program, argv, { stdio: "ignore", detached: false });
       } catch (error) {
-        log("error", `hook "${program}" ${argv.join(" ")} failed to start: ${error}`);
+        log("error", `hook "${program}" ${argv.join(" ")} could not start: ${error}`);
         return;
       }
       running++;
       const warn = setTimeout(() => {
-        log("warn", `hook "${program}" ${argv.join(" ")} still running after ${HOOK_WARN_MS} ms`);
-      }, HOOK_WARN_MS);
+        log("warn", `hook "${program}" ${argv.join(" ")} still running after ${warnMs} ms`);
+      }, warnMs);
       warn.unref?.();
-      child.on("error", (error) => log("error", `hook "${program}" ${argv.join(" ")}: ${error.message}`));
-      child.on("exit", (code, signal) => {
+      // The hook ends once, on whichever comes first: 'exit', or 'error' from a spawn that
+      // failed (ENOENT, EACCES), after which Bun emits no 'exit' (Node may emit both).
+      // We never kill hooks nor talk to them over IPC, so 'error' means it did not start.
+      let ended = false;
+      const end = (): boolean => {
+        if (ended) return false;
+        ended = true;
         running--;
         clearTimeout(warn);
-        if (code !== 0) {
-          const how = signal ? `signal ${signal}` : `exit code ${code}`;
-          log("warn", `hook "${program}" ${argv.join(" ")} ended with ${how} after ${Date.now() - started} ms`);
-        }
+        return true;
+      };
+      child.on("error", (error) => {
+        if (end()) log("error", `hook "${program}" ${argv.join(" ")} could not start: ${error.message}`);
+        else log("error", `hook "${program}" ${argv.join(" ")}: ${error.message}`);
+      });
+      child.on("exit", (code, signal) => {
+        if (!end() || code === 0) return;
+        const how = signal ? `signal ${signal}` : `exit code ${code}`;
+        log("warn", `hook "${program}" ${argv.join(" ")} ended with ${how} after ${Date.now() - started} ms`);
       });
     },
   };

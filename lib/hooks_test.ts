@@ -1,0 +1,72 @@
+import { afterAll, expect, test } from "bun:test";
+import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { execHooks, MAX_RUNNING_HOOKS } from "./hooks.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "hast-hooks-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+/** A hook script that leaves a file named after its event in `dir`. */
+function markerHook(): string {
+  const path = join(dir, "mark.sh");
+  writeFileSync(path, `#!/bin/sh\ntouch "${dir}/ran-$1"\n`);
+  chmodSync(path, 0o755);
+  return path;
+}
+
+async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error("Cannot wait: condition not met in time");
+    await Bun.sleep(10);
+  }
+}
+
+for (const [what, program] of [
+  ["does not exist", join(dir, "missing-hook")],
+  ["is not executable", join(dir, "noexec.sh")],
+] as const) {
+  test(`a hook that ${what} frees its running slot, so later hooks still run`, async () => {
+    // 40 failed spawns, spread over time (more than MAX_RUNNING_HOOKS), each report an error and no false
+    // "still running" warning; afterwards a valid hook runs and the count is back to 0.
+    writeFileSync(join(dir, "noexec.sh"), "#!/bin/sh\nexit 0\n");
+    chmodSync(join(dir, "noexec.sh"), 0o644);
+    const logs: string[] = [];
+    const log = (level: string, message: string) => logs.push(`${level}: ${message}`);
+    const failing = execHooks(program, "r0", log, { warnMs: 50 });
+    const fired = MAX_RUNNING_HOOKS + 8;
+    for (let i = 0; i < fired; i++) {
+      failing.run("connect", [String(i)]);
+      // The spawn failure arrives asynchronously; wait for it, as separate events would.
+      await until(() => failing.running() === 0);
+    }
+    await Bun.sleep(100);
+    const failures = logs.filter((line) => line.startsWith("error:") && line.includes("could not start"));
+    expect(failures.length).toBe(fired);
+    expect(failures[0]).toContain(`"${program}"`);
+    expect(failures[0]).toContain("connect r0 0");
+    expect(logs.filter((line) => line.includes("still running"))).toEqual([]);
+
+    const valid = execHooks(markerHook(), "r0", log, { warnMs: 50 });
+    failing.run("syncstart", []);
+    valid.run("disconnect", []);
+    await until(() => existsSync(join(dir, "ran-disconnect")));
+    await until(() => valid.running() === 0 && failing.running() === 0);
+    expect(logs.filter((line) => line.includes("hooks still running"))).toEqual([]);
+    rmSync(join(dir, "ran-disconnect"));
+  });
+}
+
+test("a hook that outlives the warning time is reported once, and the count drops when it ends", async () => {
+  // A real process sleeping past warnMs: one warning, then running() returns to 0 on exit.
+  const path = join(dir, "slow.sh");
+  writeFileSync(path, "#!/bin/sh\nsleep 0.3\n");
+  chmodSync(path, 0o755);
+  const logs: string[] = [];
+  const hooks = execHooks(path, "r0", (level, message) => logs.push(`${level}: ${message}`), { warnMs: 50 });
+  hooks.run("role", ["init", "primary"]);
+  expect(hooks.running()).toBe(1);
+  await until(() => hooks.running() === 0);
+  expect(logs.filter((line) => line.includes("still running after 50 ms")).length).toBe(1);
+});
