@@ -529,6 +529,22 @@ async function fuseUnmount(dir: string): Promise<void> {
 }
 
 /**
+ * A disk that loses cached writes, as a failing one does: a loop device over a sparse file of
+ * `sizeBytes` on a tmpfs with room for `roomBytes`. Once the tmpfs is full, writeback fails and
+ * the next fdatasync reports EIO (once). `resize` gives the tmpfs room again (the disk "works").
+ * Registers the unmount and the detach.
+ */
+export async function diskThatLosesWrites(
+  cleanup: Cleanup, sizeBytes: number, roomBytes: number,
+): Promise<{ dev: string; resize(bytes: number): Promise<void> }> {
+  const tmpfs = await mountTmpfs(cleanup, roomBytes);
+  const backing = join(tmpfs.dir, "disk.img");
+  await run(["truncate", "-s", String(sizeBytes), backing]);
+  const dev = await attachLoop(cleanup, backing);
+  return { dev, resize: tmpfs.resize };
+}
+
+/**
  * Attaches `file` to a free loop device (`losetup -f --show --direct-io=off`).
  * Registers `losetup -d`, but only while the device still holds this attachment (same
  * /sys/block/loopN/diskseq, which the kernel bumps on every attach and detach), so a device that

@@ -18,7 +18,7 @@ import { expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { type Cluster, type ClusterOptions, createCluster, hastCommand, type NodeName } from "./cluster.ts";
-import { attachLoop, Cleanup, mountTmpfs, run, type SpawnedProcess, spawnProcess } from "./harness.ts";
+import { Cleanup, diskThatLosesWrites, run, type SpawnedProcess, spawnProcess } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const DEVICE_BYTES = 64 * MIB;
@@ -145,10 +145,8 @@ test("keepalived's notify_fault demotes a primary whose disk lost writes; b take
   await scenario(async (cleanup, registered) => {
     // a's disk: a loop device over a sparse file on a 2 MiB tmpfs, room for the metadata and one
     // extent. Writeback of any 1 MiB more fails, and the next flush reports EIO.
-    const tmpfs = await mountTmpfs(cleanup, 2 * MIB);
-    const backing = join(tmpfs.dir, "disk.img");
-    await run(["truncate", "-s", String(DEVICE_BYTES), backing]);
-    const dev = await attachLoop(cleanup, backing);
+    const disk = await diskThatLosesWrites(cleanup, DEVICE_BYTES, 2 * MIB);
+    const dev = disk.dev;
     const { cluster } = await startManagedPair(cleanup, {
       createArgs: ["-e", "1M", "-k", "4"], localOverride: { a: dev }, sizeBytes: DEVICE_BYTES,
     });
@@ -179,7 +177,7 @@ test("keepalived's notify_fault demotes a primary whose disk lost writes; b take
 
     // The disk has room again. a's worker may have failed to start as secondary on the
     // kernel's leftover writeback error; the operator repeats the command (README).
-    await tmpfs.resize(2 * DEVICE_BYTES);
+    await disk.resize(2 * DEVICE_BYTES);
     if ((await cluster.status("a")).role !== "secondary") {
       const first = await cluster.hast("a", ["role", "secondary", "data"], { allowFailure: true });
       if (first.code !== 0) await cluster.hast("a", ["role", "secondary", "data"]);

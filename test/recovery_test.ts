@@ -18,7 +18,7 @@ import { ACTIVEMAP_CLEAR_INTERVAL_MS } from "../lib/primary.ts";
 import { SYNC_FLUSH_INTERVAL_MS, SYNC_WORKERS } from "../lib/synchronizer.ts";
 import { type Cluster, type ClusterOptions, createCluster, type NodeName } from "./cluster.ts";
 import {
-  attachLoop, Cleanup, expandRanges, fsckClean, hashTree, makeTempDir, mountFs, mountTmpfs, nbdfuseMount, run,
+  attachLoop, Cleanup, diskThatLosesWrites, expandRanges, fsckClean, hashTree, makeTempDir, mountFs, nbdfuseMount, run,
   spawnProcess, waitFor, writeTree,
 } from "./harness.ts";
 
@@ -525,10 +525,8 @@ test("secondary disk fails writes: extents stay dirty, recovery after the disk h
 test("primary disk loses cached writes: promotion refused, failover resyncs it from the peer", async () => {
   await scenario(async (cleanup, clusters) => {
     // Room for the metadata and one extent: a's disk then fails the writeback of any 1 MiB more.
-    const tmpfs = await mountTmpfs(cleanup, 2 * MIB);
-    const backing = join(tmpfs.dir, "disk.img");
-    await run(["truncate", "-s", String(DEVICE_BYTES), backing]);
-    const dev = await attachLoop(cleanup, backing);
+    const disk = await diskThatLosesWrites(cleanup, DEVICE_BYTES, 2 * MIB);
+    const dev = disk.dev;
     const c = await startPair(cleanup, clusters, { replication: "fullsync", localOverride: { a: dev } });
     await writeExtents(c, "a", [0], 0x11);
     await waitClean(c);
@@ -562,7 +560,7 @@ test("primary disk loses cached writes: promotion refused, failover resyncs it f
     expect(refused.stderr).toMatch(/--force/);
     expect((await c.status("a")).role).toBe("init");
 
-    await tmpfs.resize(2 * DEVICE_BYTES); // the disk is replaced or has room again
+    await disk.resize(2 * DEVICE_BYTES); // the disk is replaced or has room again
     await c.hast("b", ["role", "primary", "data"]);
     // Writeback of a's last writes may have failed after its last flush. The kernel reports such
     // an error to the next flush of whoever opens the disk, so a's first start may fail on it;
