@@ -187,17 +187,46 @@ export class Daemon {
 
   // ---- incoming replication connections -------------------------------------
 
-  /** Reads the Hello, checks resource, role and source address, then hands the socket over. */
+  /**
+   * Checks that the peer's address is the remote of some resource before reading anything from
+   * it (anyone else is refused at once, without buffering a Hello of up to a frame's size for
+   * HELLO_TIMEOUT_MS); then reads the Hello, checks resource, role and source address, and hands
+   * the socket over.
+   */
   private onPeer(socket: net.Socket): void {
+    socket.pause();
+    socket.on("error", () => {});
+    const from = normalizeIp(socket.remoteAddress ?? "");
+    void this.isSomeRemote(from).then((known) => {
+      if (known) this.readHello(socket);
+      else this.refusePeer(socket, `address ${from} is not the remote of any resource here`);
+    }, (error: Error) => this.refusePeer(socket, `cannot check address ${from}: ${error.message}`));
+  }
+
+  /** True when `address` is (one of the addresses of) the remote of a resource. */
+  private async isSomeRemote(address: string): Promise<boolean> {
+    for (const slot of this.slots.values()) {
+      const remote = slot.config.remote;
+      if (remote !== null && (await resolveAll(remote.host)).includes(address)) return true;
+    }
+    return false;
+  }
+
+  /** Answers a refusal the primary's handshake reads as its reason, then closes. */
+  private refusePeer(socket: net.Socket, reason: string): void {
+    // A primary retries every RECONNECT_INTERVAL_MS: one line per peer and reason per minute.
+    const line = this.refusals.pass(`${socket.remoteAddress} ${reason}`,
+      `refused connection from ${socket.remoteAddress}: ${reason}`);
+    if (line !== null) this.log("warn", line);
+    if (!socket.destroyed) socket.end(Buffer.concat(encodeJson(MessageType.HelloReply, { accepted: false, reason })));
+    setTimeout(() => socket.destroy(), 1000).unref();
+  }
+
+  private readHello(socket: net.Socket): void {
     const timer = setTimeout(() => refuse("no Hello in time"), HELLO_TIMEOUT_MS);
     const refuse = (reason: string) => {
       clearTimeout(timer);
-      // A primary retries every RECONNECT_INTERVAL_MS: one line per peer and reason per minute.
-      const line = this.refusals.pass(`${socket.remoteAddress} ${reason}`,
-        `refused connection from ${socket.remoteAddress}: ${reason}`);
-      if (line !== null) this.log("warn", line);
-      if (!socket.destroyed) socket.end(Buffer.concat(encodeJson(MessageType.HelloReply, { accepted: false, reason })));
-      setTimeout(() => socket.destroy(), 1000).unref();
+      this.refusePeer(socket, reason);
     };
     let got = false;
     const parser = new FrameParser((frame) => {
@@ -214,7 +243,6 @@ export class Daemon {
       }
       this.routePeer(socket, hello).then((reason) => reason && refuse(reason), (error) => refuse(String(error)));
     });
-    socket.on("error", () => {});
     socket.on("data", (chunk: Buffer) => {
       try {
         parser.push(chunk);
@@ -222,6 +250,7 @@ export class Daemon {
         refuse((error as Error).message);
       }
     });
+    socket.resume();
   }
 
   /** Returns why the connection is refused, or null once handed to the worker. */

@@ -8,10 +8,12 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { EventEmitter } from "node:events";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
+import net from "node:net";
 import { join } from "node:path";
 import { controlRequest, type ControlRequest, type ControlResponse } from "./control.ts";
 import { Daemon, WORKER_MIMALLOC_PURGE_DELAY, WORKER_RESTART_MS, workerEnv } from "./daemon.ts";
 import type { FromWorker, ToWorker } from "./resource_worker.ts";
+import { decodeJson, encodeJson, FrameParser, MessageType } from "./wire.ts";
 
 test("a worker runs with the allocator's purging off unless the operator chose a delay", () => {
   expect(WORKER_MIMALLOC_PURGE_DELAY).toBe("-1");
@@ -340,4 +342,39 @@ test("a reload with a new control socket and pidfile applies them; shutdown remo
   await h.daemon.shutdown("SIGTERM");
   expect(existsSync(control)).toBe(false);
   expect(existsSync(pidfile)).toBe(false);
+});
+
+/** Connects to the daemon's replication port from `localAddress`; resolves with the first reply. */
+function firstReply(localAddress: string, send: Uint8Array | null): Promise<Record<string, unknown> | null> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: "127.0.0.1", port, localAddress });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve(null); // nothing within the time: the daemon waits for a Hello
+    }, 1_000);
+    const parser = new FrameParser((frame) => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(decodeJson(frame));
+    });
+    socket.on("connect", () => send && socket.write(send));
+    socket.on("data", (chunk: Buffer) => parser.push(chunk));
+    socket.on("error", (error) => {
+      clearTimeout(timer);
+      reject(error);
+    });
+  });
+}
+
+test("a replication connection from an address that is no resource's remote is refused before any read", async () => {
+  await startDaemon();
+  // 127.0.0.1 is not r's remote (127.0.0.2): refused at once, without sending anything.
+  const refused = await firstReply("127.0.0.1", null);
+  expect(refused).toEqual({ accepted: false, reason: "address 127.0.0.1 is not the remote of any resource here" });
+  // From r's remote the daemon waits for the Hello, then judges it.
+  expect(await firstReply("127.0.0.2", null)).toBeNull();
+  const hello = Buffer.concat(encodeJson(MessageType.Hello, { resource: "nope" }));
+  const answer = await firstReply("127.0.0.2", hello);
+  expect(answer?.accepted).toBe(false);
+  expect(String(answer?.reason)).not.toContain("is not the remote");
 });
