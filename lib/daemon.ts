@@ -582,7 +582,8 @@ export class Daemon {
     await this.stopWorker(slot);
     const failure = await this.startWorker(slot, role, false);
     if (failure) {
-      this.log("error", `resource "${next.resource}": restart after reload failed: ${failure.message}`);
+      slot.lastError = `restart after reload failed: ${failure.message}`;
+      this.log("error", `resource "${next.resource}": ${slot.lastError}`);
       slot.role = "init";
     }
   }
