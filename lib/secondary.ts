@@ -216,9 +216,8 @@ export class Secondary {
     const arrival = ++inbound.arrived;
     const leave = this.enterWindow(conn, frame, inbound, arrival);
     const admitted = leave !== null && this.decodeAndAdmit(conn, frame, inbound, arrival);
-    if (frame.type === MessageType.Write && this.replication === "memsync" && !(frame.flags & FrameFlag.Sync)) {
-      this.acknowledgeReceipt(conn, frame, admitted, inbound, arrival);
-    }
+    const receipt = frame.type === MessageType.Write && this.replication === "memsync" &&
+      !(frame.flags & FrameFlag.Sync) ? this.acknowledgeReceipt(conn, frame, admitted, inbound, arrival) : null;
     if (admitted === false) {
       leave?.();
       if (pooled) this.receivePool.give(received);
@@ -228,7 +227,7 @@ export class Secondary {
     const ordered = this.replication !== "fullsync" && (frame.flags & FrameFlag.Sync) === 0 &&
       frame.type !== MessageType.Read && frame.type !== MessageType.Verify;
     const { applied, task } = this.schedule(conn, frame, admitted, ordered ? this.chain : null,
-      () => arrival < inbound.brokenAt);
+      () => arrival < inbound.brokenAt, receipt);
     void task.finally(() => {
       leave!();
       if (pooled) this.receivePool.give(received);
@@ -253,7 +252,7 @@ export class Secondary {
    */
   private schedule(
     conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, after: Promise<void> | null,
-    stillWhole: () => boolean,
+    stillWhole: () => boolean, receipt: Promise<void> | null = null,
   ): { applied: Promise<void>; task: Promise<void> } {
     const ranged = isRangeRequest(frame.type);
     const locked = ranged && frame.length > 0 ? this.lock.acquire(frame.offset, frame.length) : null;
@@ -265,6 +264,9 @@ export class Secondary {
       try {
         await after;
         await Promise.all(before);
+        // memsync: the early acknowledgement leaves before the write starts (and so before the
+        // final reply), also when it waited for an earlier frame's check.
+        await receipt;
         // Asked when its turn comes: a frame before it may have failed its decoding meanwhile.
         await this.applyAndReply(conn, frame, stillWhole() ? admitted : false, markApplied);
       } finally {
@@ -417,24 +419,26 @@ export class Secondary {
    * memsync: acknowledges the receipt of a write before writing it (spec §2), once it was found
    * intact and every earlier acknowledgement has left. A large write verified on a codec thread
    * can finish after a small one that arrived later: that one's acknowledgement waits, since we
-   * never apply it if the earlier one turns out corrupt.
+   * never apply it if the earlier one turns out corrupt. Returns what settles once it has left
+   * (or was withheld), which the write waits for; null when that happened at once.
    */
   private acknowledgeReceipt(
     conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, inbound: Inbound, arrival: number,
-  ): void {
+  ): Promise<void> | null {
     const send = (intact: boolean) => {
       if (!intact || arrival >= inbound.brokenAt || conn.closed) return;
       conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, flags: FrameFlag.Received }));
     };
     if (inbound.receipts === null && typeof admitted === "boolean") {
       send(admitted);
-      return;
+      return null;
     }
     const receipt = (inbound.receipts ?? Promise.resolve()).then(() => admitted).then(send);
     inbound.receipts = receipt;
     void receipt.finally(() => {
       if (inbound.receipts === receipt) inbound.receipts = null;
     });
+    return receipt;
   }
 
   /** Returns why a request is invalid (→ EINVAL), or null. */

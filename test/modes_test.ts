@@ -434,3 +434,36 @@ test("memsync: a corrupt sync copy leaves no gap: writes acknowledged after it a
   expect(disk.subarray(4 * 1024 * 1024, 4 * 1024 * 1024 + 4096).every((b) => b === 0x50)).toBe(true);
   expect(disk.subarray(8 * 1024 * 1024, 8 * 1024 * 1024 + 4096).every((b) => b === 0x41)).toBe(true);
 }, 30_000);
+
+test("memsync: a receipt that waited for an earlier write's check still precedes its write's final reply", async () => {
+  sim = new Sim({ replication: "memsync", checksum: "sha256", compression: "none", pipeline: true });
+  sim.start();
+  await connected(sim);
+  const replies: string[] = [];
+  sim.tamperToPrimary = (bytes) => {
+    const view = new DataView(bytes.buffer, bytes.byteOffset);
+    if (bytes[5] === MessageType.Reply) {
+      const received = (view.getUint16(6) & FrameFlag.Received) !== 0;
+      replies.push(`${view.getUint32(12)}${received ? " received" : " done"}`);
+    }
+    return bytes;
+  };
+  const writes = new Set<string>(); // application writes (flushes of the clear rounds also get replies)
+  sim.tamperToSecondary = (bytes) => {
+    const view = new DataView(bytes.buffer, bytes.byteOffset);
+    if (bytes[5] === MessageType.Write && !(view.getUint16(6) & FrameFlag.Sync)) writes.add(String(view.getUint32(12)));
+    return bytes;
+  };
+  // Each 1 MiB write is checked on a codec thread; the 4 KiB one behind it inline, at once.
+  for (let round = 0; round < 20; round++) {
+    const large = sim.primary.write(0, new Uint8Array(1024 * 1024).fill(round), false);
+    const small = sim.primary.write(4 * 1024 * 1024, new Uint8Array(4096).fill(round), false);
+    await Promise.all([large, small]);
+  }
+  await Bun.sleep(100);
+  expect(writes.size).toBe(40);
+  for (const seq of writes) {
+    const mine = replies.filter((r) => r.startsWith(`${seq} `));
+    expect(mine).toEqual([`${seq} received`, `${seq} done`]);
+  }
+}, 30_000);
