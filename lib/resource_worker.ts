@@ -5,7 +5,8 @@
  * primary's TCP connections (secondary role) after reading their Hello.
  *
  * Messages daemon → worker: start, peer (+ socket), status, syncrate, verify, reconfigure, stop.
- * A reconfigure that arrives while the worker starts is applied once it runs.
+ * The daemon sends a reconfigure only to a running worker (its role changes, reload restarts and
+ * crash restarts of a resource run one at a time).
  * Messages worker → daemon: ready, failed, reply.
  */
 import { mkdirSync } from "node:fs";
@@ -71,20 +72,14 @@ function send(message: FromWorker): void {
 /** Entry point of `hast __worker`. */
 export function runWorker(): void {
   let running: Running | null = null;
-  /** A reconfigure that arrived while the worker was starting, applied once it runs. */
-  let starting = false;
-  let startConfig: ResourceConfig | null = null;
   let log: Logger = makeLogger("worker", 0);
   process.on("message", (message: ToWorker, handle?: Socket) => {
     void (async () => {
       switch (message.type) {
         case "start":
           log = makeLogger(`${message.config.resource}/${message.role}`, message.debug);
-          starting = true;
           try {
             running = await start(message, log);
-            starting = false;
-            if (startConfig !== null) reconfigure(running, startConfig);
             send({ type: "ready", pid: process.pid });
           } catch (error) {
             const exitCode = exitCodeOf(error);
@@ -113,8 +108,8 @@ export function runWorker(): void {
           return;
         }
         case "reconfigure":
-          if (running !== null) reconfigure(running, message.config);
-          else if (starting) startConfig = message.config;
+          running?.primary?.reconfigure(message.config);
+          running?.secondary?.reconfigure(message.config);
           return;
         case "stop":
           await running?.stop();
@@ -129,11 +124,6 @@ export function runWorker(): void {
     // The daemon is gone: stop serving rather than run unsupervised.
     void (running as Running | null)?.stop().finally(() => process.exit(0));
   });
-}
-
-function reconfigure(running: Running, config: ResourceConfig): void {
-  running.primary?.reconfigure(config);
-  running.secondary?.reconfigure(config);
 }
 
 class StartError extends Error {

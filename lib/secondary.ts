@@ -252,7 +252,7 @@ export class Secondary {
    */
   private schedule(
     conn: Connection, frame: Frame, admitted: boolean | Promise<boolean>, after: Promise<void> | null,
-    stillWhole: () => boolean, receipt: Promise<void> | null = null,
+    stillWhole: () => boolean, receipt: Promise<void> | null,
   ): { applied: Promise<void>; task: Promise<void> } {
     const ranged = isRangeRequest(frame.type);
     const locked = ranged && frame.length > 0 ? this.lock.acquire(frame.offset, frame.length) : null;
