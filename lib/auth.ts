@@ -11,13 +11,18 @@
  *   secondary checks it before it acts on the connection at all (it neither drops the
  *   current primary's link nor touches its metadata), then answers the Hello as before.
  *
- * Fresh 32-byte nonces on both sides make a recorded exchange useless. This authenticates the
- * peers when they connect; it does not encrypt or sign the frames after it (use a VPN or IPsec
- * on untrusted networks). Both nodes without an authkey: no exchange, as before this existed;
- * one without: refused, with the reason on both sides.
+ * Fresh 32-byte nonces on both sides make a recorded exchange useless. By itself this
+ * authenticates the peers when they connect; with `encryption aes-256-gcm` (which needs the
+ * authkey) each side then seals all it sends after the exchange, with keys derived from the key
+ * and both nonces (link_crypto.ts): the primary right after it sends Auth, the secondary right
+ * after it checked it. Both nodes must agree on `encryption`; the Hello says the primary's, and
+ * the secondary refuses a difference before the exchange. Both nodes without an authkey: no
+ * exchange, as before this existed; one without: refused, with the reason on both sides.
  */
 import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
+import type { EncryptionKind } from "./config.ts";
+import { deriveLinkKeys } from "./link_crypto.ts";
 import type { Connection } from "./transport.ts";
 import { decodeJson, encodeJson, MessageType, type Frame } from "./wire.ts";
 
@@ -71,7 +76,10 @@ export function nextFrame(conn: Connection, timeoutMs: number, what: string): Pr
     const timer = setTimeout(() => done(new Error(`no ${what} within ${timeoutMs} ms`)), timeoutMs);
     const done = (result: Frame | Error) => {
       clearTimeout(timer);
-      conn.onFrame = () => {};
+      // Until the caller takes the connection on, nothing may arrive: a frame that came with
+      // this one in the same chunk would otherwise be read unsealed after the switch.
+      conn.onFrame = (frame) => conn.close(`protocol violation from ${conn.remoteAddress}: ` +
+        `message type ${frame.type} during the authentication exchange`);
       conn.onClose = () => {};
       if (result instanceof Error) reject(result);
       else resolve(result);
@@ -88,12 +96,15 @@ export function nextFrame(conn: Connection, timeoutMs: number, what: string): Pr
  */
 export async function authenticateAsSecondary(
   conn: Connection,
-  hello: { resource: string; auth?: unknown; authNonce?: unknown },
-  options: { keyPath: string | null; timeoutMs: number },
+  hello: { resource: string; auth?: unknown; authNonce?: unknown; encryption?: unknown },
+  options: { keyPath: string | null; timeoutMs: number; encryption: EncryptionKind },
 ): Promise<string | null> {
+  const theirEncryption = hello.encryption ?? "none";
   if (options.keyPath === null) {
-    return hello.auth === true ? "the primary authenticates, but this node has no authkey " +
-      "(set the same authkey on both nodes)" : null;
+    if (hello.auth === true) {
+      return "the primary authenticates, but this node has no authkey (set the same authkey on both nodes)";
+    }
+    return theirEncryption === "none" ? null : encryptionDiffers(theirEncryption, options.encryption);
   }
   let key: Buffer;
   try {
@@ -105,6 +116,7 @@ export async function authenticateAsSecondary(
     return "authentication required: this node has an authkey and the primary sent none " +
       "(set the same authkey on both nodes)";
   }
+  if (theirEncryption !== options.encryption) return encryptionDiffers(theirEncryption, options.encryption);
   const theirs = Buffer.from(hello.authNonce, "hex");
   const ours = randomBytes(NONCE_BYTES);
   const answer = nextFrame(conn, options.timeoutMs, "authentication from the primary");
@@ -122,7 +134,19 @@ export async function authenticateAsSecondary(
   if (!proofMatches(expected, decodeJson(frame).proof)) {
     return "authentication failed: the primary's authkey differs from this node's";
   }
+  if (options.encryption !== "none") {
+    try {
+      conn.secure(deriveLinkKeys(key, hello.resource, theirs, ours, "secondary"));
+    } catch (error) {
+      return `authentication failed: ${(error as Error).message}`;
+    }
+  }
   return null;
+}
+
+function encryptionDiffers(theirs: unknown, ours: EncryptionKind): string {
+  return `the primary's link encryption is ${JSON.stringify(theirs)}, this node's is "${ours}" ` +
+    "(set the same encryption on both nodes)";
 }
 
 /**
@@ -133,7 +157,7 @@ export async function authenticateAsSecondary(
  */
 export async function authenticateAsPrimary(
   conn: Connection,
-  options: { key: Buffer; nonce: Buffer; resource: string; timeoutMs: number },
+  options: { key: Buffer; nonce: Buffer; resource: string; timeoutMs: number; encryption: EncryptionKind },
 ): Promise<Frame | null> {
   const frame = await nextFrame(conn, options.timeoutMs, "authentication challenge");
   if (frame.type === MessageType.HelloReply) return frame;
@@ -151,5 +175,8 @@ export async function authenticateAsPrimary(
   conn.send(encodeJson(MessageType.Auth, {
     proof: proof(options.key, "primary", options.resource, theirs, options.nonce).toString("hex"),
   }));
+  if (options.encryption !== "none") {
+    conn.secure(deriveLinkKeys(options.key, options.resource, options.nonce, theirs, "primary"));
+  }
   return null;
 }

@@ -11,8 +11,8 @@
  *   (name defaults to the resource name; local has no default; export defaults to
  *   `uds:///run/hast/<name>.sock`). HAST's grammar does not allow name/local globally.
  * - metaflush, authkey: resource `on` section > resource section > global > default (on; none).
- * - replication, checksum, compression, timeout, exec, syncrate, pipeline:
- *   resource section > global > default.
+ * - replication, checksum, compression, timeout, exec, syncrate, pipeline, encryption:
+ *   resource section > global > default. `encryption aes-256-gcm` needs an authkey.
  * - control, pidfile, listen: matching top-level `on` section > global > default.
  * - remote, source: only in a resource `on` section.
  */
@@ -32,6 +32,7 @@ import {
   fail,
   OPTION_SPECS,
   type Entry,
+  type Pos,
   type Section,
 } from "./config_tree.ts";
 import { parseYamlSyntax } from "./config_yaml.ts";
@@ -45,6 +46,8 @@ export type ReplicationMode = "fullsync" | "memsync" | "async";
 export type ChecksumKind = "none" | "crc32" | "sha256";
 /** Compression of data on the wire. */
 export type CompressionKind = "none" | "hole" | "lz4";
+/** Encryption of the replication link (link_crypto.ts). */
+export type EncryptionKind = "none" | "aes-256-gcm";
 /** tcp endpoint; family "tcp" = either, from `tcp://` or no scheme, "tcp4"/"tcp6" from those. */
 export interface TcpAddress {
   kind: "tcp";
@@ -89,6 +92,11 @@ export interface ResourceConfig {
    * replication connection is then mutually authenticated (handshake.ts). null: `none`.
    */
   authkey: string | null;
+  /**
+   * `encryption none|aes-256-gcm`: with aes-256-gcm, everything after the authkey exchange is
+   * sealed with keys derived from the authkey (link_crypto.ts); needs `authkey`.
+   */
+  encryption: EncryptionKind;
   /** Where the primary serves NBD. */
   export: Address;
   /** Line of the `resource` keyword (YAML: of the resource's key). */
@@ -267,6 +275,7 @@ interface Values {
   syncRateBytesPerSecond?: number;
   pipeline?: boolean;
   authkey?: string | null;
+  encryption?: { kind: EncryptionKind; pos: Pos };
   name?: string;
   local?: string;
   export?: Address;
@@ -317,6 +326,7 @@ function applyEntry(file: string, values: Values, entry: Entry): void {
     }
     case "syncrate": values.syncRateBytesPerSecond = unit(file, entry, parseSizeBytes); return;
     case "authkey": values.authkey = v === "none" ? null : absolutePath(file, entry); return;
+    case "encryption": values.encryption = { kind: choice(file, entry) as EncryptionKind, pos: entry.keyPos }; return;
     case "name": checkPlainName(file, `set "name" to`, v, entry.valuePos); values.name = v; return;
     case "local": values.local = absolutePath(file, entry); return;
     case "export": values.export = address(file, entry, NBD_PORT); return;
@@ -454,6 +464,12 @@ function resolveResource(
       `missing in its "on ${match.section.name}" section (write "remote none" if unknown)`);
   }
   const name = node.name ?? res.name ?? section.name;
+  const encryption = res.encryption ?? global.encryption;
+  if (encryption !== undefined && encryption.kind !== "none" &&
+    firstDefined(node.authkey, res.authkey, global.authkey) == null) {
+    fail(file, encryption.pos, `Cannot configure resource ${quoted}: "encryption ${encryption.kind}" ` +
+      `needs an "authkey" (the link's keys are derived from it); set one for this resource`);
+  }
   const config: ResourceConfig = {
     resource: section.name,
     name,
@@ -469,6 +485,7 @@ function resolveResource(
     syncRateBytesPerSecond: res.syncRateBytesPerSecond ?? global.syncRateBytesPerSecond ?? 0,
     pipeline: res.pipeline ?? global.pipeline ?? pipelineAuto(),
     authkey: firstDefined(node.authkey, res.authkey, global.authkey) ?? null,
+    encryption: encryption?.kind ?? "none",
     export: node.export ?? res.export ?? { kind: "unix", path: `/run/hast/${name}.sock` },
     line: section.pos.line,
   };

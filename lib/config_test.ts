@@ -96,6 +96,7 @@ describe("spec example and node matching", () => {
         syncRateBytesPerSecond: 0,
         pipeline: pipelineAuto(),
         authkey: null,
+        encryption: "none",
         export: { kind: "unix", path: "/run/hast/data.sock" },
         line: 1,
       }],
@@ -287,6 +288,38 @@ describe("precedence and defaults", () => {
     ]);
     expect(() => parseConfig(lines("authkey relative.key"), "hast.conf", { node: "hosta" }))
       .toThrow(/hast\.conf:1:9: Cannot set "authkey" to "relative\.key"/);
+  });
+
+  test("encryption: resource > global > none; aes-256-gcm needs an authkey, else file and line", () => {
+    const text = lines(
+      "encryption aes-256-gcm",
+      "authkey /etc/hast/global.key",
+      "resource r1 {",
+      "  local /dev/a",
+      "  on hosta { remote none }",
+      "}",
+      "resource r2 {",
+      "  encryption none",
+      "  local /dev/b",
+      "  on hosta { remote none }",
+      "}",
+    );
+    const config = parseConfig(text, "hast.conf", { node: "hosta" });
+    expect(config.resources.map((r) => r.encryption)).toEqual(["aes-256-gcm", "none"]);
+    const keyless = lines(
+      "resource r1 {",
+      "  local /dev/a",
+      "  encryption aes-256-gcm",
+      "  on hosta { remote none }",
+      "}",
+    );
+    expect(() => parseConfig(keyless, "hast.conf", { node: "hosta" }))
+      .toThrow(/hast\.conf:3:3: Cannot configure resource "r1": "encryption aes-256-gcm" needs an "authkey"/);
+    const keyOff = lines("encryption aes-256-gcm", "resource r1 {", "  authkey none", "  local /dev/a",
+      "  on hosta { remote none }", "}");
+    expect(() => parseConfig(keyOff, "hast.conf", { node: "hosta" })).toThrow(/hast\.conf:1:1: .*needs an "authkey"/);
+    expect(() => parseConfig(lines("encryption aes-128-cbc"), "hast.conf", { node: "hosta" }))
+      .toThrow(/hast\.conf:1:12: Cannot set "encryption" to "aes-128-cbc"/);
   });
 
   test("resource-node values win for name, local, metaflush and export", () => {

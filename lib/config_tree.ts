@@ -98,6 +98,7 @@ export const OPTION_SPECS: Readonly<Record<string, OptionSpec>> = {
   syncrate: { kind: "word", values: [], sections: [G, R] },
   pipeline: { kind: "bool", values: [...ON_OFF, "auto"], sections: [G, R] },
   authkey: { kind: "word", values: ["none"], sections: [G, R, RN] },
+  encryption: { kind: "enum", values: ["none", "aes-256-gcm"], sections: [G, R] },
   metaflush: { kind: "bool", values: ON_OFF, sections: [G, R, RN] },
   name: { kind: "word", values: [], sections: [R, RN] },
   local: { kind: "word", values: [], sections: [R, RN] },

@@ -29,6 +29,8 @@ export interface Hello {
   /** Present when the primary has an authkey (auth.ts): the secondary must authenticate. */
   auth?: true;
   authNonce?: string;
+  /** The primary's `encryption` (auth.ts, link_crypto.ts); absent from an older hast: none. */
+  encryption?: string;
 }
 
 export type HandshakeResult =
@@ -54,6 +56,9 @@ export function parseHello(frame: Frame): Hello {
     "replication", "checksum", "compression"] as const;
   for (const key of strings) {
     if (typeof raw[key] !== "string") throw new ProtocolError(`Cannot parse Hello: "${key}" missing`);
+  }
+  if (raw.encryption !== undefined && typeof raw.encryption !== "string") {
+    throw new ProtocolError(`Cannot parse Hello: "encryption" is ${JSON.stringify(raw.encryption)}`);
   }
   for (const key of ["protocol", "datasizeBytes", "extentsizeBytes"] as const) {
     if (!Number.isSafeInteger(raw[key])) throw new ProtocolError(`Cannot parse Hello: "${key}" missing`);
@@ -89,6 +94,7 @@ export async function handshakeAsPrimary(
     replication: options.config.replication,
     checksum: options.config.checksum,
     compression: options.config.compression,
+    encryption: options.config.encryption,
   };
   let frames: ReturnType<typeof collectReply>;
   if (key === null) {
@@ -97,7 +103,7 @@ export async function handshakeAsPrimary(
   } else {
     conn.send(encodeJson(MessageType.Hello, hello));
     const unauthenticated = await authenticateAsPrimary(conn, {
-      key, nonce: nonce!, resource: m.resource, timeoutMs: options.timeoutMs,
+      key, nonce: nonce!, resource: m.resource, timeoutMs: options.timeoutMs, encryption: options.config.encryption,
     });
     if (unauthenticated !== null) {
       const reply = decodeJson(unauthenticated);

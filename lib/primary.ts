@@ -84,7 +84,7 @@ export class IoError extends Error {
 
 /** What the secondary learns from our Hello and keeps for the connection, as one string. */
 function linkSettings(c: ResourceConfig): string {
-  return JSON.stringify([c.remote, c.source, c.checksum, c.compression, c.replication]);
+  return JSON.stringify([c.remote, c.source, c.checksum, c.compression, c.replication, c.authkey, c.encryption]);
 }
 
 export class Primary {

@@ -19,6 +19,11 @@ class ScriptedConnection implements Connection {
   closed = false;
   readonly gone = Promise.withResolvers<void>();
   readonly finished = this.gone.promise;
+  readonly encrypted = false;
+
+  secure(): void {
+    throw new Error("not used by these tests");
+  }
 
   send(pieces: Uint8Array[]): boolean {
     this.sent.push(pieces);

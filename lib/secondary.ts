@@ -105,6 +105,7 @@ export class Secondary {
     // Before anything else: an unauthenticated peer must not even drop the current primary's link.
     const unauthenticated = await authenticateAsSecondary(conn, hello, {
       keyPath: this.o.config.authkey, timeoutMs: this.o.config.timeoutSeconds * 1000,
+      encryption: this.o.config.encryption,
     });
     if (unauthenticated !== null) {
       conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason: unauthenticated }));

@@ -4,6 +4,7 @@
  * own status, and how it is printed as text.
  */
 import { AUTHKEY_MIN_BYTES } from "./auth.ts";
+import { RECORD_MAX_BYTES } from "./link_crypto.ts";
 import {
   PIPELINE_MIN_BYTES, PIPELINE_REGION_BYTES, PIPELINE_SLOTS, PIPELINE_THREADS,
 } from "./codec_pipeline.ts";
@@ -49,6 +50,7 @@ export const LIMITS = {
   verifyParallelChunks: VERIFY_WORKERS,
   verifyListedExtentsMax: VERIFY_LIST_MAX,
   authkeyMinBytes: AUTHKEY_MIN_BYTES,
+  encryptionRecordMaxBytes: RECORD_MAX_BYTES,
   syncFlushBytes: SYNC_FLUSH_BYTES,
   syncFlushIntervalMs: SYNC_FLUSH_INTERVAL_MS,
   activemapClearIntervalMs: ACTIVEMAP_CLEAR_INTERVAL_MS,
@@ -104,6 +106,7 @@ export function describeResource(
     metaflush: config.metaflush,
     syncRateBytesPerSecond: config.syncRateBytesPerSecond,
     authkey: config.authkey, // the path; the key itself is never shown
+    encryption: config.encryption,
     exec: config.exec,
     workerPid: options.pid,
     lastError: options.lastError || null,

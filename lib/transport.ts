@@ -5,6 +5,7 @@
  */
 import net from "node:net";
 import type { BufferPool } from "./buffer_pool.ts";
+import { type LinkKeys, Opener, RECORD_MAX_BYTES, Sealer } from "./link_crypto.ts";
 import { encodeFrame, FrameParser, ProtocolError, type Frame } from "./wire.ts";
 
 /** A bidirectional stream of frames. */
@@ -26,6 +27,15 @@ export interface Connection {
    * close, when its socket is gone (queued bytes may leave during a linger).
    */
   readonly finished: Promise<void>;
+  /**
+   * Seals everything sent from now on and opens everything received (link_crypto.ts); what
+   * send() was given before leaves as it was. Called by each side at the point of the
+   * exchange where its peer switches too (auth.ts). Throws ProtocolError when part of a frame
+   * has already arrived: the peer sent bytes that it must not send before the switch.
+   */
+  secure(keys: LinkKeys): void;
+  /** True once secure() was called. */
+  readonly encrypted: boolean;
 }
 
 /** How the primary reaches its secondary. */
@@ -83,6 +93,41 @@ export function writePieces(socket: net.Socket, pieces: readonly Uint8Array[]): 
 }
 
 /**
+ * writePieces for a sealed connection: the same runs (small pieces together, up to
+ * SEALED_RUN_MAX_BYTES, large ones alone), each sealed into one record. Same contract: returns
+ * how many pieces it wrote, stopping after a write that reports the socket's buffer full.
+ */
+export function writeSealed(socket: net.Socket, sealer: Sealer, pieces: readonly Uint8Array[]): number {
+  let at = 0;
+  while (at < pieces.length) {
+    let end = at + 1;
+    let bytes = pieces[at]!.byteLength;
+    if (bytes < COALESCE_PIECE_MAX) {
+      while (end < pieces.length && pieces[end]!.byteLength < COALESCE_PIECE_MAX &&
+        bytes + pieces[end]!.byteLength <= SEALED_RUN_MAX_BYTES) {
+        bytes += pieces[end++]!.byteLength;
+      }
+    }
+    const plaintext = end - at === 1 ? pieces[at]! : Buffer.concat(pieces.slice(at, end), bytes);
+    let ok = true;
+    for (let from = 0; from < plaintext.byteLength; from += RECORD_MAX_BYTES) {
+      const record = sealer.seal(plaintext.subarray(from, Math.min(plaintext.byteLength, from + RECORD_MAX_BYTES)));
+      if (record[1]!.byteLength < COALESCE_PIECE_MAX) {
+        ok = socket.write(Buffer.concat(record));
+      } else {
+        for (const part of record) ok = socket.write(part);
+      }
+    }
+    at = end;
+    if (!ok) return at;
+  }
+  return pieces.length;
+}
+
+/** A sealed record of coalesced small pieces holds at most this much. */
+const SEALED_RUN_MAX_BYTES = 256 * 1024;
+
+/**
  * Wraps a connected socket in a framed Connection. Parsing starts immediately. With `pool`,
  * large payloads are received into its buffers (see BufferPool: the receiver gives them back).
  */
@@ -98,15 +143,18 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
   let full = false;
   let drainWaiters: (() => void)[] = [];
   const gone = Promise.withResolvers<void>();
+  let sealer: Sealer | null = null;
+  let opener: Opener | null = null;
   const flushOutbox = (force = false) => {
     flushScheduled = false;
     if (outbox.length === 0 || socket.destroyed || (full && !force)) return;
     if (force) {
-      for (const piece of outbox) socket.write(piece);
+      if (sealer !== null) writeSealed(socket, sealer, outbox);
+      else for (const piece of outbox) socket.write(piece);
       outbox = [];
       return;
     }
-    const written = writePieces(socket, outbox);
+    const written = sealer !== null ? writeSealed(socket, sealer, outbox) : writePieces(socket, outbox);
     outbox = written === outbox.length ? [] : outbox.slice(written);
     full = outbox.length > 0 || socket.writableNeedDrain;
   };
@@ -127,6 +175,17 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
     finished: gone.promise,
     get closed() {
       return closed;
+    },
+    get encrypted() {
+      return sealer !== null;
+    },
+    secure(keys) {
+      if (!parser.idle) {
+        throw new ProtocolError("Cannot encrypt the link: the peer sent part of a frame before the switch");
+      }
+      flushOutbox(true); // what was sent before the switch leaves unsealed, as the peer expects
+      sealer = new Sealer(keys.send);
+      opener = new Opener(keys.receive, (plaintext) => parser.push(plaintext));
     },
     send(pieces) {
       if (closed) return false;
@@ -162,7 +221,8 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
   socket.on("data", (chunk: Buffer) => {
     if (closed) return;
     try {
-      parser.push(chunk);
+      if (opener !== null) opener.push(chunk);
+      else parser.push(chunk);
     } catch (error) {
       const why = error instanceof ProtocolError ? error.message : `handler failed: ${error}`;
       conn.close(`protocol violation from ${conn.remoteAddress}: ${why}`);

@@ -221,6 +221,11 @@ export class FrameParser {
   /** `pool`: large payloads are received into its buffers (the consumer gives them back). */
   constructor(private readonly onFrame: (frame: Frame) => void, private readonly pool: BufferPool | null = null) {}
 
+  /** True when no part of a frame is held: the stream may end, or change form, here. */
+  get idle(): boolean {
+    return this.pending === null && this.headerFill === 0;
+  }
+
   /** Consumes one chunk of the byte stream. */
   push(chunk: Uint8Array): void {
     let at = 0;

@@ -12,13 +12,14 @@ import { RequestSlots } from "../lib/request_slots.ts";
 import type { ResourceConfig } from "../lib/config.ts";
 import { parseHello } from "../lib/handshake.ts";
 import type { HookEvent, HookRunner } from "../lib/hooks.ts";
+import { type LinkKeys, Opener, Sealer } from "../lib/link_crypto.ts";
 import { computeLayout, type Metadata } from "../lib/metadata.ts";
 import { Primary, REQUEST_SLOT_MIN_BYTES, REQUEST_SLOTS } from "../lib/primary.ts";
 import { systemClock } from "../lib/remote_link.ts";
 import { Secondary } from "../lib/secondary.ts";
 import type { DataStore, MetaStore } from "../lib/storage.ts";
 import type { Connection, Network } from "../lib/transport.ts";
-import { FrameParser, MAX_IO_BYTES, type Frame } from "../lib/wire.ts";
+import { FrameParser, MAX_IO_BYTES, ProtocolError, type Frame } from "../lib/wire.ts";
 import { waitFor } from "./harness.ts";
 
 /** An error as the kernel reports a failed disk operation (`what`: e.g. "fdatasync"). */
@@ -129,6 +130,8 @@ class MemoryConnection implements Connection {
   peer!: MemoryConnection;
   private isClosed = false;
   private readonly parser: FrameParser;
+  private sealer: Sealer | null = null;
+  private opener: Opener | null = null;
   /** send() copies what it is given, so nothing given to it is held. */
   readonly finished = Promise.resolve();
 
@@ -147,15 +150,30 @@ class MemoryConnection implements Connection {
     return this.isClosed;
   }
 
+  get encrypted(): boolean {
+    return this.sealer !== null;
+  }
+
+  secure(keys: LinkKeys): void {
+    if (!this.parser.idle) {
+      throw new ProtocolError("Cannot encrypt the link: part of a frame arrived before the switch");
+    }
+    this.sealer = new Sealer(keys.send);
+    this.opener = new Opener(keys.receive, (plaintext) => this.parser.push(plaintext));
+  }
+
   send(pieces: Uint8Array[]): boolean {
     if (this.isClosed) return false;
     if (this.silent()) return true;
-    const bytes = this.tamper(new Uint8Array(Buffer.concat(pieces)));
+    let plain: Uint8Array = Buffer.concat(pieces);
+    if (this.sealer !== null) plain = Buffer.concat(this.sealer.seal(plain));
+    const bytes = this.tamper(new Uint8Array(plain));
     const peer = this.peer;
     setImmediate(() => {
       if (peer.isClosed) return;
       try {
-        peer.parser.push(bytes);
+        if (peer.opener !== null) peer.opener.push(bytes);
+        else peer.parser.push(bytes);
       } catch (error) {
         peer.close(`protocol violation: ${(error as Error).message}`);
       }
@@ -187,6 +205,9 @@ export interface SimOptions {
   /** `authkey` of both sides, unless `secondaryAuthkey` sets the secondary's (null: none). */
   authkey?: string;
   secondaryAuthkey?: string | null;
+  /** `encryption` of both sides, unless `secondaryEncryption` sets the secondary's. */
+  encryption?: ResourceConfig["encryption"];
+  secondaryEncryption?: ResourceConfig["encryption"];
 }
 
 /** A primary and a secondary joined by an in-memory network. */
@@ -236,7 +257,7 @@ export class Sim {
       compression: this.options.compression ?? "hole", timeoutSeconds: this.options.timeoutSeconds ?? 5,
       exec: null,
       metaflush: true, syncRateBytesPerSecond: 0, pipeline: this.options.pipeline ?? false,
-      authkey: this.options.authkey ?? null,
+      authkey: this.options.authkey ?? null, encryption: this.options.encryption ?? "none",
       export: { kind: "unix", path: "/sim.sock" },
     };
   }
@@ -253,6 +274,7 @@ export class Sim {
   start(): void {
     const config = this.config();
     if (this.options.secondaryAuthkey !== undefined) config.authkey = this.options.secondaryAuthkey;
+    if (this.options.secondaryEncryption !== undefined) config.encryption = this.options.secondaryEncryption;
     this.pipeline = config.pipeline ? CodecPipeline.start({ inputs: this.requestSlots }) : null;
     const pipeline = this.pipeline;
     this.secondary = new Secondary({
