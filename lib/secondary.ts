@@ -183,7 +183,8 @@ export class Secondary {
   /** SIGHUP: swaps settings in place; a change of wire format drops the link. */
   reconfigure(next: ResourceConfig): void {
     const config = this.o.config;
-    const reconnect = config.checksum !== next.checksum || config.compression !== next.compression;
+    const reconnect = config.checksum !== next.checksum || config.compression !== next.compression ||
+      config.authkey !== next.authkey || config.encryption !== next.encryption;
     Object.assign(config, next);
     if (reconnect) this.conn?.close("configuration changed");
   }

@@ -128,3 +128,18 @@ test("a different encryption setting on the two sides is refused with the reason
     sim = null;
   }
 });
+
+test("a reload that turns encryption on at both sides reconnects, encrypted", async () => {
+  const s = start({ encryption: "none" });
+  await inSync(s, "connected in the clear");
+  const next = { ...s.config(), encryption: "aes-256-gcm" as const };
+  s.secondary.reconfigure({ ...next });
+  s.primary.reconfigure({ ...next });
+  await waitFor("reconnected", () => s.logs.some((l) => l.includes("reconnecting")) || undefined);
+  await inSync(s, "connected encrypted");
+  const seen = record(s);
+  await s.primary.write(0, marked(65536), false);
+  expect(Buffer.compare(s.secondaryDisk.bytes, s.primaryDisk.bytes)).toBe(0);
+  expect(seen.toSecondary.length).toBeGreaterThan(0);
+  expect(holdsMarker(seen.toSecondary)).toBe(false);
+});
