@@ -3,7 +3,8 @@
  * fio's nbd engine, all in one run, and writes the tables to stdout and bench/RESULTS.md.
  *
  * Configurations: the reference; a hast primary without a secondary (degraded); a primary with a
- * secondary on loopback per replication mode; fullsync with sha256 + lz4, pipeline on and off.
+ * secondary on loopback per replication mode; fullsync with sha256 + lz4, pipeline on and off;
+ * fullsync with an encrypted link.
  * Runs are interleaved (run 1 of every configuration, then run 2, …) so that drift of this shared
  * machine hits all configurations alike; each figure is the median of the runs. Then a resync of
  * a fully dirty 1 GiB resource is timed. Every process is started here and stopped by PID in a
@@ -49,6 +50,8 @@ interface HastConfig {
   secondary: SecondaryMode;
   resourceLines: string[];
   targetClass: TargetClass;
+  /** Both nodes get the same fresh authkey. */
+  authkey?: boolean;
 }
 
 const SHA_LZ4 = ["replication fullsync", "checksum sha256", "compression lz4"];
@@ -66,6 +69,8 @@ const HAST_CONFIGS: readonly HastConfig[] = [
     secondary: "secondary", resourceLines: [...SHA_LZ4, "pipeline on"], targetClass: "fullsync" },
   { name: "fs-sha-lz4-off", label: "hast fullsync, sha256 + lz4, pipeline off",
     secondary: "secondary", resourceLines: [...SHA_LZ4, "pipeline off"], targetClass: "fullsync" },
+  { name: "fullsync-aes", label: "hast fullsync, authkey + encryption aes-256-gcm", secondary: "secondary",
+    resourceLines: ["replication fullsync", "encryption aes-256-gcm"], targetClass: "fullsync", authkey: true },
 ];
 
 /** The name `--only` takes for the resync measurement. */
@@ -150,7 +155,7 @@ async function startAll(
     mkdirSync(setupDir);
     const setup = new HastSetup(processes, {
       label: config.label, dir: setupDir, hast, port: portBase + index, sizeBytes: DEVICE_BYTES,
-      secondary: config.secondary, resourceLines: config.resourceLines,
+      secondary: config.secondary, resourceLines: config.resourceLines, authkey: config.authkey,
     });
     await setup.start();
     const result = fresh(config.label, config.targetClass);

@@ -4,6 +4,7 @@
  * file-backed disks, a config, daemons started with `hast serve -F`, and its NBD export on a Unix
  * socket. Every process is registered with {@link Processes}, so the caller stops it by PID.
  */
+import { randomBytes } from "node:crypto";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { commandLine, type Processes, runCommand, type Started, waitFor } from "./proc.ts";
@@ -74,6 +75,8 @@ export interface HastSetupOptions {
    * to a block does not pay for file-system allocation (a block device would not).
    */
   preallocate?: boolean;
+  /** Give both nodes the same fresh `authkey` (for `encryption aes-256-gcm` in resourceLines). */
+  authkey?: boolean;
 }
 
 type NodeName = "a" | "b";
@@ -101,6 +104,9 @@ export class HastSetup implements Target {
     const nodes: NodeName[] = this.options.secondary === "none" ? ["a"] : ["a", "b"];
     for (const node of nodes) {
       await this.#createImage(this.#path(`${node}.img`));
+    }
+    if (this.options.authkey) {
+      writeFileSync(this.#path("authkey"), randomBytes(32).toString("base64") + "\n", { mode: 0o600 });
     }
     writeFileSync(this.#path("hast.conf"), this.#config());
     for (const node of nodes) await this.hast(node, ["create", "data"]);
@@ -254,6 +260,7 @@ export class HastSetup implements Target {
         `  pidfile ${this.#path(`${node}.pid`)}`, `  listen tcp://${ip[node]}:${port}`, "}");
     }
     lines.push("resource data {", ...this.options.resourceLines.map((line) => `  ${line}`));
+    if (this.options.authkey) lines.push(`  authkey ${this.#path("authkey")}`);
     for (const node of ["a", "b"] as const) {
       const other = node === "a" ? "b" : "a";
       lines.push(`  on ${node} {`, `    local ${this.#path(`${node}.img`)}`,

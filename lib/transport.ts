@@ -6,7 +6,7 @@
 import net from "node:net";
 import type { BufferPool } from "./buffer_pool.ts";
 import { type LinkKeys, Opener, RECORD_MAX_BYTES, Sealer } from "./link_crypto.ts";
-import { encodeFrame, FrameParser, ProtocolError, type Frame } from "./wire.ts";
+import { decodeJson, encodeFrame, encodeJson, FrameParser, MessageType, ProtocolError, type Frame } from "./wire.ts";
 
 /** A bidirectional stream of frames. */
 export interface Connection {
@@ -59,6 +59,8 @@ export interface ConnectOptions {
 const COALESCE_PIECE_MAX = 16 * 1024;
 /** After close(), queued bytes get this long to leave before the socket is destroyed. */
 const CLOSE_LINGER_MS = 2_000;
+/** The reason a Goodbye carries is cut to this many characters. */
+const GOODBYE_REASON_MAX = 1000;
 
 /**
  * Writes `pieces` in order (runs of small ones copied into one buffer, large ones as they are)
@@ -204,11 +206,16 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
       return new Promise((resolve) => drainWaiters.push(resolve));
     },
     close(reason) {
+      // The peer learns why (its log and status show it), after what was queued before.
+      if (!closed) conn.send(encodeJson(MessageType.Goodbye, { reason: reason.slice(0, GOODBYE_REASON_MAX) }));
       flushOutbox(true); // e.g. the error reply that explains why we close
       finish(reason);
-      socket.end();
-      setTimeout(() => socket.destroy(), CLOSE_LINGER_MS).unref();
+      endSocket();
     },
+  };
+  const endSocket = () => {
+    socket.end();
+    setTimeout(() => socket.destroy(), CLOSE_LINGER_MS).unref();
   };
   const finish = (reason: string) => {
     if (closed) return;
@@ -217,7 +224,12 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
     wakeDrainWaiters();
     conn.onClose(reason);
   };
-  const parser = new FrameParser((frame) => conn.onFrame(frame), pool);
+  const parser = new FrameParser((frame) => {
+    if (frame.type !== MessageType.Goodbye) return conn.onFrame(frame);
+    const why = String(decodeJson(frame).reason ?? "").slice(0, GOODBYE_REASON_MAX);
+    finish(`peer closed the connection: ${why}`);
+    endSocket();
+  }, pool);
   socket.on("data", (chunk: Buffer) => {
     if (closed) return;
     try {

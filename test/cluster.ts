@@ -43,6 +43,11 @@ export interface ClusterOptions {
    * set up); it is neither created nor truncated here, and `image`/`readData` refer to it.
    */
   localOverride?: Partial<Record<NodeName, string>>;
+  /**
+   * A `remote` address per node ("host:port") used instead of the other node's listen address,
+   * e.g. a relay the test puts on the link.
+   */
+  remoteOverride?: Partial<Record<NodeName, string>>;
 }
 
 export interface ClusterNode {
@@ -206,7 +211,8 @@ function renderConfig(nodes: Record<NodeName, ClusterNode>, port: number, option
   }
   lines.push("resource data {", ...(options.resourceLines ?? []).map((l) => `  ${l}`));
   for (const node of Object.values(nodes)) {
-    lines.push(`  on ${node.name} {`, `    local ${node.image}`, `    remote tcp://${other(node.name).ip}:${port}`,
+    const remote = options.remoteOverride?.[node.name] ?? `${other(node.name).ip}:${port}`;
+    lines.push(`  on ${node.name} {`, `    local ${node.image}`, `    remote tcp://${remote}`,
       `    source tcp://${node.ip}`, `    export uds://${node.socket}`,
       ...(options.nodeLines?.[node.name] ?? []).map((l) => `    ${l}`), "  }");
   }
