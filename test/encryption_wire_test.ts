@@ -8,8 +8,9 @@
  * - with `encryption aes-256-gcm` the pair replicates, the secondary's disk holds the data at
  *   its offset, and the data appears in neither direction of the recorded bytes;
  * - a bit flipped on the way during a write is caught: the connection drops with a decryption
- *   error in both logs (the secondary's Goodbye tells the primary why), the secondary's disk never holds a corrupted byte, and after the relay
- *   passes the next connection unmodified the data resyncs and both disks are identical;
+ *   error in both logs (the secondary's Goodbye tells the primary why), the secondary's disk
+ *   never holds a corrupted byte, and after the relay passes the next connection unmodified
+ *   the data resyncs and both disks are identical;
  * - `encryption aes-256-gcm` without an authkey is a config error naming the file and line.
  * The in-process counterpart (simulated link, same checks) is test/encryption_test.ts.
  */
