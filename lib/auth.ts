@@ -19,9 +19,10 @@
  * the secondary refuses a difference before the exchange. Both nodes without an authkey: no
  * exchange, as before this existed; one without: refused, with the reason on both sides.
  */
-import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
 import type { EncryptionKind } from "./config.ts";
+import type { Hello } from "./handshake.ts";
 import { deriveLinkKeys } from "./link_crypto.ts";
 import type { Connection } from "./transport.ts";
 import { decodeJson, encodeJson, MessageType, type Frame } from "./wire.ts";
@@ -61,8 +62,24 @@ export function helloAuthFields(key: Buffer | null): { auth?: true; authNonce?: 
   return { auth: true, authNonce: nonce.toString("hex"), nonce };
 }
 
-function proof(key: Buffer, role: "primary" | "secondary", resource: string, first: Buffer, second: Buffer): Buffer {
-  return createHmac("sha256", key).update(`hast-auth-1 ${role} ${resource}\n`).update(first).update(second).digest();
+/**
+ * The digest of what the primary's Hello says, every field the secondary acts on, in a fixed
+ * order (the daemon hands the worker a re-serialised copy). Both proofs and the link's keys
+ * cover it, so a Hello changed on the way (counters rewritten to make the secondary the sync
+ * source, say) fails the exchange instead of being acted on.
+ */
+export function helloDigest(hello: Hello): Buffer {
+  const fields = [hello.protocol, hello.resource, hello.resuid, hello.proposedResuid, hello.localcnt,
+    hello.remotecnt, hello.datasizeBytes, hello.extentsizeBytes, hello.replication, hello.checksum,
+    hello.compression, hello.encryption ?? "none", hello.authNonce];
+  return createHash("sha256").update(JSON.stringify(fields)).digest();
+}
+
+function proof(
+  key: Buffer, role: "primary" | "secondary", resource: string, first: Buffer, second: Buffer, hello: Buffer,
+): Buffer {
+  return createHmac("sha256", key).update(`hast-auth-2 ${role} ${resource}\n`)
+    .update(first).update(second).update(hello).digest();
 }
 
 function proofMatches(expected: Buffer, got: unknown): boolean {
@@ -96,7 +113,7 @@ export function nextFrame(conn: Connection, timeoutMs: number, what: string): Pr
  */
 export async function authenticateAsSecondary(
   conn: Connection,
-  hello: { resource: string; auth?: unknown; authNonce?: unknown; encryption?: unknown },
+  hello: Hello,
   options: { keyPath: string | null; timeoutMs: number; encryption: EncryptionKind },
 ): Promise<string | null> {
   const theirEncryption = hello.encryption ?? "none";
@@ -119,9 +136,11 @@ export async function authenticateAsSecondary(
   if (theirEncryption !== options.encryption) return encryptionDiffers(theirEncryption, options.encryption);
   const theirs = Buffer.from(hello.authNonce, "hex");
   const ours = randomBytes(NONCE_BYTES);
+  const digest = helloDigest(hello);
   const answer = nextFrame(conn, options.timeoutMs, "authentication from the primary");
   conn.send(encodeJson(MessageType.AuthChallenge, {
-    nonce: ours.toString("hex"), proof: proof(key, "secondary", hello.resource, theirs, ours).toString("hex"),
+    nonce: ours.toString("hex"),
+    proof: proof(key, "secondary", hello.resource, theirs, ours, digest).toString("hex"),
   }));
   let frame: Frame;
   try {
@@ -130,15 +149,19 @@ export async function authenticateAsSecondary(
     return `authentication failed: ${(error as Error).message}`;
   }
   if (frame.type !== MessageType.Auth) return `authentication failed: message type ${frame.type} instead of Auth`;
-  const expected = proof(key, "primary", hello.resource, ours, theirs);
+  const expected = proof(key, "primary", hello.resource, ours, theirs, digest);
   if (!proofMatches(expected, decodeJson(frame).proof)) {
     return "authentication failed: the primary's authkey differs from this node's";
   }
+  if (conn.closed) return "authentication failed: the connection closed during the exchange";
   if (options.encryption !== "none") {
     try {
-      conn.secure(deriveLinkKeys(key, hello.resource, theirs, ours, "secondary"));
+      conn.secure(deriveLinkKeys(key, hello.resource, theirs, ours, "secondary", digest));
     } catch (error) {
-      return `authentication failed: ${(error as Error).message}`;
+      // The primary seals from here on, so a refusal in the clear would not reach it readably.
+      const why = `authentication failed: ${(error as Error).message}`;
+      conn.close(why);
+      return why;
     }
   }
   return null;
@@ -157,7 +180,7 @@ function encryptionDiffers(theirs: unknown, ours: EncryptionKind): string {
  */
 export async function authenticateAsPrimary(
   conn: Connection,
-  options: { key: Buffer; nonce: Buffer; resource: string; timeoutMs: number; encryption: EncryptionKind },
+  options: { key: Buffer; nonce: Buffer; hello: Hello; timeoutMs: number; encryption: EncryptionKind },
 ): Promise<Frame | null> {
   const frame = await nextFrame(conn, options.timeoutMs, "authentication challenge");
   if (frame.type === MessageType.HelloReply) return frame;
@@ -169,14 +192,17 @@ export async function authenticateAsPrimary(
     throw new Error("authentication failed: the secondary's challenge has no valid nonce");
   }
   const theirs = Buffer.from(body.nonce, "hex");
-  if (!proofMatches(proof(options.key, "secondary", options.resource, options.nonce, theirs), body.proof)) {
-    throw new Error("authentication failed: the secondary's authkey differs from this node's");
+  const digest = helloDigest(options.hello);
+  const resource = options.hello.resource;
+  if (!proofMatches(proof(options.key, "secondary", resource, options.nonce, theirs, digest), body.proof)) {
+    throw new Error("authentication failed: the secondary's proof does not match (its authkey differs from " +
+      "this node's, or our Hello was changed on the way)");
   }
   conn.send(encodeJson(MessageType.Auth, {
-    proof: proof(options.key, "primary", options.resource, theirs, options.nonce).toString("hex"),
+    proof: proof(options.key, "primary", resource, theirs, options.nonce, digest).toString("hex"),
   }));
   if (options.encryption !== "none") {
-    conn.secure(deriveLinkKeys(options.key, options.resource, options.nonce, theirs, "primary"));
+    conn.secure(deriveLinkKeys(options.key, resource, options.nonce, theirs, "primary", digest));
   }
   return null;
 }

@@ -103,12 +103,14 @@ export async function handshakeAsPrimary(
   } else {
     conn.send(encodeJson(MessageType.Hello, hello));
     const unauthenticated = await authenticateAsPrimary(conn, {
-      key, nonce: nonce!, resource: m.resource, timeoutMs: options.timeoutMs, encryption: options.config.encryption,
+      key, nonce: nonce!, hello, timeoutMs: options.timeoutMs, encryption: options.config.encryption,
     });
     if (unauthenticated !== null) {
       const reply = decodeJson(unauthenticated);
       if (reply.accepted !== true) {
-        return { kind: "refused", reason: String(reply.reason), splitBrain: reply.splitBrain === true };
+        // Sent before the exchange, so anyone on the path could have sent it: a reason to log,
+        // never a split-brain verdict to act on (the secondary gives that only after it).
+        return { kind: "refused", reason: String(reply.reason), splitBrain: false };
       }
       throw new Error("authentication failed: the secondary accepted without authenticating itself " +
         "(it has no authkey, or runs an older hast)");

@@ -3,7 +3,7 @@
  * exchange (auth.ts) both sides derive two keys, one per direction, from the authkey and the
  * exchange's two fresh nonces:
  *
- *   key(direction) = HKDF-SHA256(ikm = authkey, salt = primaryNonce ‖ secondaryNonce,
+ *   key(direction) = HKDF-SHA256(ikm = authkey, salt = primaryNonce ‖ secondaryNonce ‖ helloDigest,
  *                                info = "hast-link-1 <direction> <resource>", 32 bytes)
  *
  * and from then on every byte in each direction travels in sealed records:
@@ -38,8 +38,9 @@ export interface LinkKeys {
 /** Derives the keys of `role`'s side; the other side derives the same two, swapped. */
 export function deriveLinkKeys(
   authkey: Buffer, resource: string, primaryNonce: Buffer, secondaryNonce: Buffer, role: "primary" | "secondary",
+  helloDigest: Buffer,
 ): LinkKeys {
-  const salt = Buffer.concat([primaryNonce, secondaryNonce]);
+  const salt = Buffer.concat([primaryNonce, secondaryNonce, helloDigest]);
   const key = (direction: string) =>
     Buffer.from(hkdfSync("sha256", authkey, salt, `hast-link-1 ${direction} ${resource}`, 32));
   const toSecondary = key("primary-to-secondary");

@@ -6,8 +6,9 @@ import { encodeJson, MessageType, ProtocolError } from "./wire.ts";
 const authkey = Buffer.from("correct horse battery staple");
 const primaryNonce = randomBytes(32);
 const secondaryNonce = randomBytes(32);
-const primary = deriveLinkKeys(authkey, "data", primaryNonce, secondaryNonce, "primary");
-const secondary = deriveLinkKeys(authkey, "data", primaryNonce, secondaryNonce, "secondary");
+const hello = randomBytes(32);
+const primary = deriveLinkKeys(authkey, "data", primaryNonce, secondaryNonce, "primary", hello);
+const secondary = deriveLinkKeys(authkey, "data", primaryNonce, secondaryNonce, "secondary", hello);
 
 /** Seals `messages` as primary → secondary records, as one byte stream. */
 function stream(messages: Uint8Array[]): Buffer {
@@ -27,10 +28,12 @@ test("each direction has its own key; the two sides derive the same pair, swappe
   expect(primary.send.equals(secondary.receive)).toBe(true);
   expect(primary.receive.equals(secondary.send)).toBe(true);
   expect(primary.send.equals(primary.receive)).toBe(false);
-  const otherResource = deriveLinkKeys(authkey, "other", primaryNonce, secondaryNonce, "primary");
-  const otherNonce = deriveLinkKeys(authkey, "data", randomBytes(32), secondaryNonce, "primary");
+  const otherResource = deriveLinkKeys(authkey, "other", primaryNonce, secondaryNonce, "primary", hello);
+  const otherNonce = deriveLinkKeys(authkey, "data", randomBytes(32), secondaryNonce, "primary", hello);
+  const otherHello = deriveLinkKeys(authkey, "data", primaryNonce, secondaryNonce, "primary", randomBytes(32));
   expect(otherResource.send.equals(primary.send)).toBe(false);
   expect(otherNonce.send.equals(primary.send)).toBe(false);
+  expect(otherHello.send.equals(primary.send)).toBe(false);
 });
 
 test("records open in order from chunks of any size, including one byte at a time", () => {
@@ -71,7 +74,7 @@ test("a dropped, repeated or reordered record fails to open (records are numbere
 test("a record sealed with the other direction's key or another connection's keys fails to open", () => {
   const reflected = Buffer.concat(new Sealer(secondary.send).seal(Buffer.alloc(10)));
   expect(() => new Opener(secondary.receive, () => {}).push(reflected)).toThrow(ProtocolError);
-  const later = deriveLinkKeys(authkey, "data", randomBytes(32), randomBytes(32), "primary");
+  const later = deriveLinkKeys(authkey, "data", randomBytes(32), randomBytes(32), "primary", hello);
   const replayed = Buffer.concat(new Sealer(primary.send).seal(Buffer.alloc(10)));
   expect(() => new Opener(later.receive, () => {}).push(replayed)).toThrow(ProtocolError);
 });

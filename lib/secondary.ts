@@ -132,6 +132,11 @@ export class Secondary {
       this.refuse(conn, decision.kind === "split-brain", reason);
       return;
     }
+    if (conn.closed) {
+      // It ended during the handshake (its onClose was not ours yet): nothing to adopt.
+      this.refuse(conn, false, "the connection closed during the handshake");
+      return;
+    }
     this.conn = conn;
     this.data = stickyFlushFailure(this.o.data);
     this.linkState = "connected";

@@ -97,9 +97,12 @@ export function writePieces(socket: net.Socket, pieces: readonly Uint8Array[]): 
 /**
  * writePieces for a sealed connection: the same runs (small pieces together, up to
  * SEALED_RUN_MAX_BYTES, large ones alone), each sealed into one record. Same contract: returns
- * how many pieces it wrote, stopping after a write that reports the socket's buffer full.
+ * how many pieces it wrote, stopping after a write that reports the socket's buffer full
+ * unless `force` (close() hands everything over).
  */
-export function writeSealed(socket: net.Socket, sealer: Sealer, pieces: readonly Uint8Array[]): number {
+export function writeSealed(
+  socket: net.Socket, sealer: Sealer, pieces: readonly Uint8Array[], force = false,
+): number {
   let at = 0;
   while (at < pieces.length) {
     let end = at + 1;
@@ -121,7 +124,7 @@ export function writeSealed(socket: net.Socket, sealer: Sealer, pieces: readonly
       }
     }
     at = end;
-    if (!ok) return at;
+    if (!ok && !force) return at;
   }
   return pieces.length;
 }
@@ -151,7 +154,7 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
     flushScheduled = false;
     if (outbox.length === 0 || socket.destroyed || (full && !force)) return;
     if (force) {
-      if (sealer !== null) writeSealed(socket, sealer, outbox);
+      if (sealer !== null) writeSealed(socket, sealer, outbox, true);
       else for (const piece of outbox) socket.write(piece);
       outbox = [];
       return;

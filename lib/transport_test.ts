@@ -3,7 +3,9 @@
 // none is handed to a socket whose buffer is full: they wait for 'drain', and drained() with
 // them, and all arrive in order.
 import { expect, test } from "bun:test";
+import { randomBytes } from "node:crypto";
 import net from "node:net";
+import { deriveLinkKeys } from "./link_crypto.ts";
 import { encodeFrame, MessageType, type Frame } from "./wire.ts";
 import { socketConnection, writePieces } from "./transport.ts";
 
@@ -92,3 +94,43 @@ test("a connection holds frames while the peer does not read, then delivers all 
     server.close();
   }
 }, 20_000);
+
+for (const sealed of [false, true]) {
+  test(`${sealed ? "sealed" : "unsealed"}: close() hands over every queued frame, then a Goodbye with the reason`,
+    async () => {
+      const server = net.createServer();
+      await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+      const port = (server.address() as net.AddressInfo).port;
+      const accepted = new Promise<net.Socket>((resolve) => server.once("connection", resolve));
+      const client = net.connect({ host: "127.0.0.1", port });
+      try {
+        await new Promise<void>((resolve) => client.once("connect", resolve));
+        const peer = await accepted;
+        peer.pause();
+        const sender = socketConnection(client);
+        const receiver = socketConnection(peer);
+        if (sealed) {
+          const nonces = [randomBytes(32), randomBytes(32), randomBytes(32)] as const;
+          const key = Buffer.from("0123456789abcdef0123");
+          sender.secure(deriveLinkKeys(key, "r", nonces[0], nonces[1], "primary", nonces[2]));
+          receiver.secure(deriveLinkKeys(key, "r", nonces[0], nonces[1], "secondary", nonces[2]));
+        }
+        const received: Frame[] = [];
+        receiver.onFrame = (frame) => received.push(frame);
+        const closed = new Promise<string>((resolve) => (receiver.onClose = resolve));
+        const MIB = 1 << 20;
+        const frames = 64; // far more than the socket buffers hold
+        for (let i = 0; i < frames; i++) {
+          const payload = new Uint8Array(MIB).fill(i);
+          sender.send(encodeFrame({ type: MessageType.Write, seq: i + 1, offset: i * MIB, length: MIB, payload }));
+        }
+        sender.close("the test is done");
+        peer.resume();
+        expect(await closed).toBe("peer closed the connection: the test is done");
+        expect(received.map((f) => f.seq)).toEqual(Array.from({ length: frames }, (_, i) => i + 1));
+      } finally {
+        client.destroy();
+        server.close();
+      }
+    }, 20_000);
+}

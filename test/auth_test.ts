@@ -11,6 +11,7 @@ import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { readAuthKey } from "../lib/auth.ts";
+import { encodeJson, HEADER_BYTES, MessageType } from "../lib/wire.ts";
 import { waitFor } from "./harness.ts";
 import { inSync, Sim, type SimOptions } from "./sim.ts";
 
@@ -62,7 +63,8 @@ test("a different key is refused on both sides; nothing reaches the secondary", 
     authkey: keyFile("mine", "0123456789abcdef-primary"),
     secondaryAuthkey: keyFile("theirs", "0123456789abcdef-secondary"),
   });
-  expect(await refusedWith(s)).toMatch(/authentication failed: the secondary's authkey differs/);
+  expect(await refusedWith(s))
+    .toMatch(/authentication failed: the secondary's proof does not match \(its authkey differs/);
   await waitFor("secondary logged it", () =>
     s.logs.some((l) => l.startsWith("secondary error") && l.includes("authentication failed")) || undefined,
   { timeoutMs: 5_000, intervalMs: 10 });
@@ -88,4 +90,40 @@ test("a short key or one readable by others is refused, naming the file", async 
   expect(() => readAuthKey(join(dir, "missing"))).toThrow(/Cannot use authkey ".*missing": ENOENT/);
   const s = start({ authkey: open });
   expect(await refusedWith(s)).toContain(`Cannot use authkey "${open}"`);
+});
+
+/** The JSON body of a frame that starts `bytes` (the Sim passes one send() per call), if it is of `type`. */
+function jsonOf(bytes: Uint8Array, type: number): Record<string, unknown> | null {
+  if (bytes.byteLength < HEADER_BYTES || bytes[5] !== type) return null;
+  return JSON.parse(Buffer.from(bytes.subarray(HEADER_BYTES)).toString("utf8"));
+}
+
+test("a Hello changed on the way fails the exchange and is not acted on", async () => {
+  // The primary's counters say it has writes the secondary lacks; a forger rewrites them to
+  // "nothing new" so that the secondary would become the sync source and overwrite them.
+  for (const encryption of ["none", "aes-256-gcm"] as const) {
+    const s = start({ authkey: keyFile(`forge-${encryption}`, "0123456789abcdef-forge"), encryption });
+    let forged = 0;
+    s.tamperToSecondary = (bytes) => {
+      const hello = jsonOf(bytes, MessageType.Hello);
+      if (hello === null) return bytes;
+      forged++;
+      const rewritten = { ...hello, localcnt: "0", remotecnt: "0", replication: "async" };
+      return Buffer.concat(encodeJson(MessageType.Hello, rewritten));
+    };
+    expect(await refusedWith(s)).toMatch(/the secondary's proof does not match .*Hello was changed on the way/);
+    expect(forged).toBeGreaterThan(0);
+    expect(s.logs.some((l) => l.startsWith("secondary info: primary connected"))).toBe(false);
+    await s.stop();
+    sim = null;
+  }
+});
+
+test("a refusal sent in place of the challenge is never taken as split-brain", async () => {
+  const s = start({ authkey: keyFile("injected", "0123456789abcdef-inject") });
+  s.tamperToPrimary = (bytes) => jsonOf(bytes, MessageType.AuthChallenge) === null ? bytes
+    : Buffer.concat(encodeJson(MessageType.HelloReply, { accepted: false, splitBrain: true, reason: "forged" }));
+  expect(await refusedWith(s)).toContain("forged");
+  expect(s.primary.status().link).not.toBe("split-brain");
+  expect(s.events.some((e) => e.includes("split-brain"))).toBe(false);
 });

@@ -13,14 +13,18 @@
  * The real Primary and Secondary run in-process (test/sim.ts) under random
  * concurrent writes, zeroings, trims, FUA writes, flushes and reads, while a
  * chaos loop drops the link, partitions it, fails and delays disk writes,
- * flushes and map writes on either side, and flips bits on the wire. The
+ * flushes and map writes on either side, and flips bits on the wire (caught by the checksum,
+ * or by the link's encryption in the encrypted case). The
  * invariant is checked synchronously after every change of a disk, a map or
  * durable state. At the end the faults stop, the pair resyncs, and both copies
  * must equal a model of every write the application was told succeeded.
  *
  * Each run prints its seed; HAST_SEED=N reruns that seed.
  */
-import { afterEach, expect, test } from "bun:test";
+import { afterAll, afterEach, expect, test } from "bun:test";
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { ResourceConfig } from "../lib/config.ts";
 import { seededRandom, waitFor } from "./harness.ts";
 import { eio, Sim } from "./sim.ts";
@@ -32,6 +36,13 @@ const MEDIA = 2 * 1024 * KIB + 64 * KIB; // room for metadata, 2 MiB of data
 const CHAOS_MS = 8_000;
 /** Extents most requests go to at a time (keepdirty is 3). */
 const HOT_EXTENTS = 6;
+
+/** The authkey of the encrypted case. */
+const keyDir = mkdtempSync(join(tmpdir(), "hast-invariant-"));
+const keyPath = join(keyDir, "key");
+writeFileSync(keyPath, "invariant-test-key-0123456789\n");
+chmodSync(keyPath, 0o600);
+afterAll(() => rmSync(keyDir, { recursive: true, force: true }));
 
 let sim: Sim | null = null;
 afterEach(async () => {
@@ -45,6 +56,8 @@ interface Case {
   compression: ResourceConfig["compression"];
   /** Large payloads encoded on codec threads, read where they lie in the request slots. */
   pipeline?: boolean;
+  /** authkey and `encryption aes-256-gcm`: flipped bits are caught by the records' tags. */
+  encrypted?: boolean;
 }
 
 const CASES: Case[] = [
@@ -52,6 +65,7 @@ const CASES: Case[] = [
   { replication: "memsync", checksum: "none", compression: "hole" },
   { replication: "async", checksum: "sha256", compression: "hole" },
   { replication: "memsync", checksum: "sha256", compression: "lz4", pipeline: true },
+  { replication: "memsync", checksum: "none", compression: "lz4", encrypted: true },
 ];
 
 /** Durable state of a disk: per sector, the newest version a completed flush covered. */
@@ -120,6 +134,7 @@ class ChaosRun {
     this.sim = new Sim({
       replication: c.replication, checksum: c.checksum, compression: c.compression,
       mediasizeBytes: MEDIA, extentsizeBytes: EXTENT, keepdirty: 3, timeoutSeconds: 2, pipeline: c.pipeline,
+      ...(c.encrypted ? { authkey: keyPath, encryption: "aes-256-gcm" as const } : {}),
     });
     this.durable = new DurableTracker(this.sim.primaryDisk.bytes);
     this.sDurable = new DurableTracker(this.sim.secondaryDisk.bytes);
@@ -276,7 +291,7 @@ class ChaosRun {
       },
       during("sWriteFail", 0.05), during("pWriteFail", 0.03), arm("sFlushFail"),
       arm("mapFail"),
-      this.c.checksum === "none" ? () => {} : arm("flip"),
+      this.c.checksum === "none" && !this.c.encrypted ? () => {} : arm("flip"),
       () => s.primary.clearRound(), () => s.primary.clearRound(),
       async () => { // a slow sync for a while (a link lost meanwhile must not confuse the next one)
         s.primary.setSyncRate(256 * 1024);
@@ -403,7 +418,7 @@ class ChaosRun {
 }
 
 for (const c of CASES) {
-  const codec = `${c.checksum}, ${c.compression}${c.pipeline ? ", pipeline" : ""}`;
+  const codec = `${c.checksum}, ${c.compression}${c.pipeline ? ", pipeline" : ""}${c.encrypted ? ", encrypted" : ""}`;
   test(`${c.replication} (${codec}): a clean extent in the on-disk activemap ` +
     "never differs between the copies, under random load and faults", async () => {
     const seed = Number(process.env.HAST_SEED ?? Math.floor(Math.random() * 2 ** 31));
@@ -442,9 +457,10 @@ for (const c of CASES) {
     if (c.pipeline) expect(run.sim.pipeline!.stats().encodedInPlace).toBeGreaterThan(0);
     const { flip, ...diskFaults } = run.fired;
     for (const [fault, times] of Object.entries(diskFaults)) expect([fault, times > 0]).toEqual([fault, true]);
-    if (c.checksum !== "none") {
+    if (c.checksum !== "none" || c.encrypted) {
       expect(flip).toBeGreaterThan(0);
-      expect(run.sim.logs.some((l) => l.includes(`${c.checksum} mismatch`))).toBe(true);
+      const caughtBy = c.encrypted ? "Cannot decrypt record" : `${c.checksum} mismatch`;
+      expect(run.sim.logs.some((l) => l.includes(caughtBy))).toBe(true);
     }
     console.log(`seed ${seed}: ${run.counts.ok} ok, ${run.counts.failed} failed, ${run.counts.reads} reads, ` +
       `${run.drops} link drops, ${run.checks} checks, ${run.sim.primaryMeta.mapWrites} map writes, ` +
