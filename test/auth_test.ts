@@ -127,3 +127,17 @@ test("a refusal sent in place of the challenge is never taken as split-brain", a
   expect(s.primary.status().link).not.toBe("split-brain");
   expect(s.events.some((e) => e.includes("split-brain"))).toBe(false);
 });
+
+test("a frame smuggled in behind Auth closes the connection, and the secondary does not adopt it", async () => {
+  const s = start({ authkey: keyFile("smuggle", "0123456789abcdef-smuggle") });
+  let smuggled = 0;
+  s.tamperToSecondary = (bytes) => {
+    if (jsonOf(bytes, MessageType.Auth) === null) return bytes;
+    smuggled++;
+    return Buffer.concat([bytes, ...encodeJson(MessageType.Keepalive, {})]);
+  };
+  await waitFor("smuggled twice", () => smuggled >= 2 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
+  expect(s.secondary.status().link).not.toBe("connected");
+  expect(s.logs.some((l) => l.startsWith("secondary info: primary connected"))).toBe(false);
+  expect(s.logs.some((l) => l.includes("during the authentication exchange"))).toBe(true);
+});
