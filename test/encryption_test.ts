@@ -13,6 +13,7 @@ import { afterAll, afterEach, beforeAll, expect, test } from "bun:test";
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { MessageType } from "../lib/wire.ts";
 import { waitFor } from "./harness.ts";
 import { inSync, Sim, type SimOptions } from "./sim.ts";
 
@@ -142,4 +143,16 @@ test("a reload that turns encryption on at both sides reconnects, encrypted", as
   expect(Buffer.compare(s.secondaryDisk.bytes, s.primaryDisk.bytes)).toBe(0);
   expect(seen.toSecondary.length).toBeGreaterThan(0);
   expect(holdsMarker(seen.toSecondary)).toBe(false);
+});
+
+test("part of a frame smuggled in behind Auth: the secondary refuses, and the primary hears why", async () => {
+  const s = start({ encryption: "aes-256-gcm" });
+  s.tamperToSecondary = (bytes) =>
+    bytes[5] === MessageType.Auth ? Buffer.concat([bytes, new Uint8Array(10)]) : bytes;
+  const error = await waitFor("refused", () => {
+    const st = s.primary.status();
+    return st.link !== "connected" && st.linkError !== "" ? st.linkError : undefined;
+  }, { timeoutMs: 5_000, intervalMs: 10 });
+  expect(error).toContain("part of a frame arrived before the switch");
+  expect(s.secondary.status().link).not.toBe("connected");
 });
