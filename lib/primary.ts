@@ -34,6 +34,8 @@ export const RECONNECT_INTERVAL_MS = 500;
 /** Pause before another sync pass when extents are dirty while connected. */
 export const RESYNC_RETRY_MS = 3000;
 export const KEEPALIVE_MS = 10_000;
+/** A zeroing or trim travels in Delete frames of at most this many bytes. */
+export const DELETE_FRAME_MAX_BYTES = 1 << 30;
 export { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES };
 /**
  * Request slots for large writes (see RequestSlots), allocated at start. A slot is in use until
@@ -363,8 +365,9 @@ export class Primary {
     link: RemoteLink, offset: number, length: number, data: Uint8Array | null, fua: boolean,
   ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; released: () => Promise<void> }> {
     const calls: RemoteCall[] = [];
+    const pieceMax = data ? MAX_IO_BYTES : DELETE_FRAME_MAX_BYTES;
     for (let at = 0; at < length; ) {
-      const pieceBytes = data ? Math.min(MAX_IO_BYTES, length - at) : Math.min(1 << 30, length - at);
+      const pieceBytes = Math.min(pieceMax, length - at);
       try {
         calls.push(await link.callWhenRoom({
           type: data ? MessageType.Write : MessageType.Delete,
@@ -378,7 +381,9 @@ export class Primary {
       }
       at += pieceBytes;
     }
-    const complete = calls.length > 0 && (data ? Math.ceil(length / MAX_IO_BYTES) : 1) <= calls.length;
+    // Complete only if every piece went out: a zeroing of more than one frame that lost its link
+    // after the first must leave the rest of its extents dirty.
+    const complete = calls.length > 0 && calls.length === Math.ceil(length / pieceMax);
     const settle = (which: "received" | "done") =>
       Promise.all(calls.map((c) => which === "done"
         ? c.done.then((reply: Frame) => reply.error === 0)
