@@ -10,8 +10,16 @@
  *
  * HAST writes one unchecksummed record in place. We keep two slots: each write
  * goes to the slot that does NOT hold the newest valid record, with the next
- * generation, and is then flushed. A torn or corrupt slot fails its CRC and the
+ * generation, and is made durable. A torn or corrupt slot fails its CRC and the
  * other slot (the previous generation) is read instead.
+ *
+ * Records and map pages are made durable through the provider's O_DSYNC
+ * descriptor (Provider.writeDurable), never by an fdatasync of the data's
+ * descriptor: Linux reports a lost cached write (writeback EIO) to one
+ * fdatasync per open file description only, and a metadata write that took
+ * that report would leave the data's next flush succeeding over the loss
+ * (it is that flush that records localWritesLost and fails the application's
+ * flush, see storage.ts stickyFlushFailure).
  *
  * Slot format (little-endian), crc32 over bytes [0, 4092). Magic, version and
  * the crc32 position form the envelope that every future version keeps:
@@ -351,14 +359,13 @@ export class MetadataStore {
   /** Slot holding #metadata. */
   #slot: number;
   #queue: Promise<void> = Promise.resolve();
-  #flushSupported = true;
   readonly #map: MapWriter;
 
   private constructor(provider: Provider, metadata: Metadata, slot: number) {
     this.#provider = provider;
     this.#metadata = metadata;
     this.#slot = slot;
-    this.#map = new MapWriter(provider, metadata, () => this.#flushSupported);
+    this.#map = new MapWriter(provider, metadata);
   }
 
   /**
@@ -406,15 +413,11 @@ export class MetadataStore {
     return { ...this.#metadata };
   }
 
-  /** False once the provider reported that it cannot flush; flushes are then skipped. */
-  get flushSupported(): boolean {
-    return this.#flushSupported;
-  }
-
   /**
    * Writes the record with `update` applied, as the next generation, into the
-   * slot that does not hold the current record, then flushes (unless
-   * `flush: false`) and reads it back. Layout fields cannot change.
+   * slot that does not hold the current record, durably (unless `flush:
+   * false`; see the file comment for why not with an fdatasync), and reads it
+   * back. Layout fields cannot change.
    */
   write(
     update: Partial<Omit<Metadata, "generation">>,
@@ -442,17 +445,12 @@ export class MetadataStore {
     const encoded = encodeMetadata(next);
     // Until this write succeeds, the current record stays the newest valid one
     // and a retry goes to the same (possibly torn) slot.
-    await this.#provider.write(offset, encoded);
-    if (flush) await this.#flush();
+    if (flush) await this.#provider.writeDurable(offset, encoded);
+    else await this.#provider.write(offset, encoded);
     const back = await this.#provider.read(offset, METADATA_SLOT_BYTES);
     assert.deepEqual(decodeMetadata(back), next, "metadata read back differs");
     this.#metadata = next;
     this.#slot = slot;
-  }
-
-  async #flush(): Promise<void> {
-    if (!this.#flushSupported) return;
-    this.#flushSupported = await this.#provider.flush();
   }
 
   /** Reads the on-disk activemap (mapSizeBytes bytes). */
@@ -489,19 +487,16 @@ class MapWriter {
   readonly #writing: Uint8Array;
   /** What the disk holds, or null when unknown (never read, or a write failed). */
   #onDisk: Uint8Array | null = null;
-  /** False once the provider cannot flush: map pages are then written without O_DSYNC. */
-  readonly #canFlush: () => boolean;
   #round: { promise: Promise<void>; resolve: () => void; reject: (e: unknown) => void } | null =
     null;
   #roundFlush = false;
   #running = false;
 
-  constructor(provider: Provider, m: Metadata, canFlush: () => boolean) {
+  constructor(provider: Provider, m: Metadata) {
     this.#provider = provider;
     this.#offsetBytes = m.mapOffsetBytes;
     this.#next = new Uint8Array(m.mapSizeBytes);
     this.#writing = new Uint8Array(m.mapSizeBytes);
-    this.#canFlush = canFlush;
   }
 
   async read(): Promise<Uint8Array> {
@@ -538,7 +533,7 @@ class MapWriter {
       this.#round = null;
       this.#writing.set(this.#next);
       try {
-        await this.#writeChangedPages(flush && this.#canFlush());
+        await this.#writeChangedPages(flush);
         this.#onDisk ??= new Uint8Array(this.#writing.length);
         this.#onDisk.set(this.#writing);
         round.resolve();

@@ -194,6 +194,28 @@ describe("MetadataStore", () => {
     });
   });
 
+  // Linux reports a lost cached write to one fdatasync per open file description: a metadata
+  // write must not fdatasync the data's descriptor and take that report from the data's flush
+  // (test/flush_error_test.ts shows it with a real writeback error). Counted with a spy.
+  test("durable metadata and map writes never fdatasync the data's descriptor", async () => {
+    await withProvider(16 * MiB, async (p) => {
+      await createMetadata(p, { resource: "sync", extentsizeBytes: MiB });
+      const store = await MetadataStore.load(p);
+      let flushes = 0;
+      let durable = 0;
+      const writeDurable = p.writeDurable.bind(p);
+      Object.assign(p, {
+        flush: () => Promise.resolve(++flushes > 0),
+        writeDurable: (offset: number, data: Uint8Array) => (durable++, writeDurable(offset, data)),
+      });
+      await store.write({ localcnt: 1n });
+      await store.write({ localWritesLost: true }, { flush: true });
+      await store.writeMap(new Uint8Array([1]));
+      expect([flushes, durable]).toEqual([0, 3]);
+      expect((await MetadataStore.load(p)).metadata.localWritesLost).toBe(true);
+    });
+  });
+
   test("a torn newest slot leaves the previous generation readable", async () => {
     await withProvider(16 * MiB, async (p) => {
       await createMetadata(p, { resource: "torn", extentsizeBytes: MiB });

@@ -427,8 +427,10 @@ export class Provider {
    * Writes all of `data` at `offset` and returns once that range is durable. It goes through
    * an O_DSYNC descriptor, so the kernel writes back and flushes this range only; write +
    * flush would first write back every dirty page of the provider (the data written since
-   * the last flush). For small metadata writes (the activemap) whose durability may not wait
-   * for the data's.
+   * the last flush). For small metadata writes (the records, the activemap) whose durability
+   * may not wait for the data's. A lost cached write of the data (writeback EIO) may fail it
+   * too: the kernel reports that once to each open file description, so this descriptor's
+   * report leaves the data descriptor's for its next flush.
    */
   async writeDurable(offset: number, data: Uint8Array): Promise<void> {
     assert(!this.#readOnly, "write on a read-only provider");
@@ -482,7 +484,12 @@ export class Provider {
 
   /**
    * fdatasync. Returns false when the device does not support flushing
-   * (EINVAL, ENOTSUP, EOPNOTSUPP), so `metaflush` can turn itself off.
+   * (EINVAL, ENOTSUP, EOPNOTSUPP).
+   *
+   * Linux reports a lost cached write (writeback EIO) to one fdatasync of this
+   * descriptor only, so only the data's flush path (whose failure is recorded,
+   * see storage.ts stickyFlushFailure) and the worker's start and stop (which
+   * record it themselves) call this; metadata uses writeDurable.
    */
   async flush(): Promise<boolean> {
     this.#assertOpen();

@@ -27,7 +27,7 @@ import { Primary, REQUEST_SLOT_MIN_BYTES, REQUEST_SLOTS } from "./primary.ts";
 import { Provider } from "./provider.ts";
 import { systemClock } from "./remote_link.ts";
 import { Secondary } from "./secondary.ts";
-import { providerDataStore } from "./storage.ts";
+import { providerDataStore, recordLocalWritesLost, type MetaStore } from "./storage.ts";
 import { socketConnection, tcpNetwork } from "./transport.ts";
 import { MAX_IO_BYTES } from "./wire.ts";
 
@@ -54,7 +54,7 @@ export const NBD_MIN_BLOCK_BYTES = 512;
 export const NBD_MAX_IN_FLIGHT = 64;
 export const NBD_MAX_CLIENTS = 16;
 
-interface Running {
+export interface Running {
   role: WorkerRole;
   provider: Provider;
   meta: MetadataStore;
@@ -79,7 +79,7 @@ export function runWorker(): void {
         case "start":
           log = makeLogger(`${message.config.resource}/${message.role}`, message.debug);
           try {
-            running = await start(message, log);
+            running = await startResource(message, log);
             send({ type: "ready", pid: process.pid });
           } catch (error) {
             const exitCode = exitCodeOf(error);
@@ -132,11 +132,19 @@ class StartError extends Error {
   }
 }
 
-async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger): Promise<Running> {
+/**
+ * Opens the resource's provider and starts it in the role `message` asks for (the worker's
+ * "start" message; exported for tests of a restart).
+ * @returns the running role, with its stop()
+ * @throws StartError (exit code 65) when a stale copy is to become primary without --force,
+ *   or what opening, loading or writing the provider throws
+ */
+export async function startResource(message: Extract<ToWorker, { type: "start" }>, log: Logger): Promise<Running> {
   const { config, role } = message;
   const provider = Provider.open(config.local, { exclusive: true });
   try {
     const meta = await MetadataStore.load(provider, { resource: config.resource });
+    await flushAtStart(provider, meta, log);
     const m = meta.metadata;
     const stale = stalenessOf(m);
     if (role === "primary" && stale !== null && !message.force) {
@@ -167,6 +175,8 @@ async function start(message: Extract<ToWorker, { type: "start" }>, log: Logger)
       return { role, provider, meta, secondary, pipeline, stop: async () => {
         await secondary.stop();
         await pipeline?.close();
+        // The secondary records its own sessions' flush failures (cleared by a completed sync).
+        await flushAtStop(provider, meta, log, null);
         provider.close();
       } };
     }
@@ -215,9 +225,63 @@ async function startPrimary(
       await nbd.close();
       await primary.stop();
       await pipeline?.close();
+      await flushAtStop(provider, meta, log, primary.status().localFlushFailure);
       provider.close();
     },
   };
+}
+
+/**
+ * Flushes the provider before anything writes to it, and records metadata.localWritesLost when
+ * that fails. Linux reports a lost cached write (writeback EIO) to one fdatasync per open file
+ * description, and a descriptor opened after the loss still gets it if no one has yet: a worker
+ * that crashed or stopped without flushing leaves the report to this start. Taken for a
+ * transient error it would fail this start only, and the daemon's retry a second later would
+ * start with nothing recorded (and, as primary, resync the lost copy over the peer's).
+ * @returns the flush error, or null when the flush succeeded
+ * @throws what the metadata write throws (the start then fails)
+ */
+export async function flushAtStart(provider: Provider, meta: MetaStore, log: Logger): Promise<string | null> {
+  try {
+    await provider.flush();
+    return null;
+  } catch (error) {
+    log("error", `the first flush of the local disk failed, so writes of an earlier run may be lost: ${error}`);
+    if (await recordLocalWritesLost(meta)) {
+      log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
+        "node needs --force until a sync from the peer completes");
+    }
+    return String(error);
+  }
+}
+
+/**
+ * Flushes the data before the provider closes, so that a loss is reported to this run, which
+ * records it (metadata.localWritesLost), rather than to the next start's flush. `knownFailure`
+ * is a flush failure the role already saw (the primary's sticky one): a later flush would no
+ * longer report it, so it is recorded too, in case the role's own attempt failed.
+ * @returns the flush error or `knownFailure`, or null
+ */
+export async function flushAtStop(
+  provider: Provider, meta: MetaStore, log: Logger, knownFailure: string | null,
+): Promise<string | null> {
+  let failure = knownFailure;
+  try {
+    await provider.flush();
+  } catch (error) {
+    log("error", `the last flush of the local disk failed, so cached writes may be lost: ${error}`);
+    failure ??= String(error);
+  }
+  if (failure === null) return null;
+  try {
+    if (await recordLocalWritesLost(meta)) {
+      log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
+        "node again needs --force");
+    }
+  } catch (error) {
+    log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
+  }
+  return failure;
 }
 
 /**

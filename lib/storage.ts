@@ -48,7 +48,10 @@ export function providerDataStore(
  * reports that to one fdatasync of a descriptor only: the next would succeed
  * over the loss, and a clear round (or a sync) would then mark extents clean
  * whose data is not on disk, or an application's flush would report success.
- * `failure()` is the first flush error, or null.
+ * `failure()` is the first flush error, or null. The guard sees every report
+ * only because nothing else fdatasyncs the data's descriptor while it runs:
+ * metadata is made durable through a second descriptor (metadata.ts), and the
+ * worker flushes before a role starts and after it stopped (resource_worker.ts).
  */
 export function stickyFlushFailure(data: DataStore): DataStore & { failure(): string | null } {
   let failure: string | null = null;
