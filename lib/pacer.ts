@@ -13,6 +13,8 @@ const PACE_SLICE_MS = 100;
 /** Token-bucket pacing: each piece of work starts no earlier than the rate allows. */
 export class Pacer {
   private nextFreeMs = 0;
+  /** Bumped by setRate: a piece waiting under the old rate starts at once. */
+  private generation = 0;
 
   /** @param bytesPerSecond 0 = unlimited */
   constructor(private readonly clock: Clock, private bytesPerSecond: number) {}
@@ -25,6 +27,7 @@ export class Pacer {
   setRate(bytesPerSecond: number): void {
     this.bytesPerSecond = bytesPerSecond;
     this.nextFreeMs = 0;
+    this.generation++;
   }
 
   /**
@@ -37,7 +40,9 @@ export class Pacer {
     const now = this.clock.now();
     const startMs = Math.max(this.nextFreeMs, now);
     this.nextFreeMs = startMs + (bytes * 1000) / rate;
-    for (let left = startMs - now; left > 0 && keepGoing(); left = startMs - this.clock.now()) {
+    const generation = this.generation;
+    for (let left = startMs - now; left > 0 && keepGoing() && this.generation === generation;
+      left = startMs - this.clock.now()) {
       await this.clock.sleep(Math.min(left, PACE_SLICE_MS));
     }
   }

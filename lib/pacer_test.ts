@@ -42,6 +42,19 @@ test("0 is unlimited; a new rate applies at once; keepGoing false stops the wait
   expect(pacer.rateBytesPerSecond).toBe(MIB / 10);
 });
 
+test("a piece already waiting under the old rate starts once the rate changes", async () => {
+  const clock = fakeClock();
+  const pacer = new Pacer(clock, MIB / 100); // 100 s per MiB
+  await pacer.pace(MIB, () => true); // the first starts at once
+  let checks = 0;
+  // The next would wait 100 s; the rate is lifted at the third check, after two slices.
+  await pacer.pace(MIB, () => {
+    if (++checks === 3) pacer.setRate(0);
+    return true;
+  });
+  expect(clock.now()).toBe(200);
+});
+
 test("the meter gives the rate over the last 5 s and the time left at it", async () => {
   const clock = fakeClock();
   const meter = new RateMeter(clock);

@@ -333,7 +333,12 @@ export class Primary {
       // success would hand back, and later resync, the old data.
       const localOk = await localResult;
       // A FUA write is a write and a flush of it: in memsync, as a FLUSH, it waits for both disks.
-      const waitDone = this.mode === "fullsync" || (fua && this.mode === "memsync");
+      // While this node syncs from the secondary, every mode waits as fullsync does: the
+      // secondary's copy is the one the sync keeps, so a write is answered only once it has it
+      // (else EIO, below), and the range lock held until then keeps the sync from pulling the
+      // extent's older data over an answered write (found by review: memsync and async lost it).
+      const waitDone = this.mode === "fullsync" || (fua && this.mode === "memsync") ||
+        this.syncSource === "secondary";
       const remoteOk = remote ? await (waitDone ? remote.done : remote.received) : null;
       if (!localOk) throw new IoError("local write failed", "EIO");
       if (remoteOk === false) {
