@@ -14,6 +14,9 @@
  * | fresh secondary     | secondary resuid = 0      | adopt the primary's resuid; if the       |
  * |                     |                           | primary is virgin too, sync nothing,     |
  * |                     |                           | else full sync from the primary          |
+ * | secondary written   | secondary resuid = 0,     | it was primary alone before it ever      |
+ * | before it connected | SL > 0 (not discarded)    | connected: full sync from it if the      |
+ * |                     |                           | primary is virgin, else split-brain      |
  * | different resource  | resuids differ            | refuse ("resource unique ID mismatch")   |
  * | primary is behind   | SL > PR and SR == PL      | sync from the secondary to the primary   |
  * | in step             | SL == PR and SR == PL     | sync the dirty extents from the primary  |
@@ -58,6 +61,16 @@ export function decideSync(
     // "Virgin": the primary has never connected either (its resuid is still 0;
     // it proposes a new one in its Hello) and never wrote while disconnected.
     const primaryVirgin = primary.resuid === 0n && PL === 0n && PR === 0n;
+    if (SL > 0n) {
+      // The secondary never connected, yet wrote while it was primary alone (its first write
+      // bumped localcnt): its writes exist nowhere else (found by review: they were overwritten
+      // by a "fresh secondary" full sync, or, against a virgin primary, never synced at all).
+      if (options.secondaryDiscarded) {
+        return { kind: "sync", source: "primary", full: true, reason: "secondary discarded" };
+      }
+      if (primaryVirgin) return { kind: "sync", source: "secondary", full: true, reason: "secondary written alone" };
+      return { kind: "split-brain" };
+    }
     if (primaryVirgin) return { kind: "virgin" };
     return { kind: "sync", source: "primary", full: true, reason: "fresh secondary" };
   }

@@ -13,6 +13,20 @@ test("fresh secondary: virgin pair syncs nothing, else a full sync from the prim
   expect(decideSync(side(7n, 0n, 0n), side(0n, 0n, 0n))).toMatchObject({ kind: "sync", source: "primary", full: true });
 });
 
+test("a secondary that wrote as primary before it ever connected is synced from, or split-brain", () => {
+  // The primary never wrote either: the secondary's copy is the only written one.
+  expect(decideSync(side(0n, 0n, 0n), side(0n, 1n, 0n)))
+    .toMatchObject({ kind: "sync", source: "secondary", full: true, reason: "secondary written alone" });
+  // Both wrote alone: neither may silently replace the other.
+  expect(decideSync(side(0n, 1n, 0n), side(0n, 1n, 0n))).toEqual({ kind: "split-brain" });
+  expect(decideSync(side(7n, 2n, 1n), side(0n, 1n, 0n))).toEqual({ kind: "split-brain" });
+  // Once the operator discarded the secondary's writes: a full sync from the primary, virgin or not.
+  for (const primary of [side(0n, 1n, 0n), side(0n, 0n, 0n)]) {
+    expect(decideSync(primary, side(0n, 1n, 0n), { secondaryDiscarded: true }))
+      .toMatchObject({ kind: "sync", source: "primary", full: true });
+  }
+});
+
 test("different resource ids are refused, also a re-created primary meeting a used secondary", () => {
   expect(decideSync(side(7n, 1n, 1n), side(8n, 1n, 1n))).toEqual({ kind: "uid-mismatch" });
   expect(decideSync(side(0n, 0n, 0n), side(8n, 1n, 1n))).toEqual({ kind: "uid-mismatch" });

@@ -32,7 +32,10 @@
  */
 import { expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { eio, inSync, pairPerTest, pattern, Sim } from "./sim.ts";
+import { eio, inSync, MemoryDisk, MemoryMeta, pairPerTest, pattern, Sim } from "./sim.ts";
+import { ActiveMap } from "../lib/activemap.ts";
+import { Primary } from "../lib/primary.ts";
+import { systemClock } from "../lib/remote_link.ts";
 import type { Connection } from "../lib/transport.ts";
 import { MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, MessageType } from "../lib/wire.ts";
 
@@ -540,4 +543,52 @@ test("a change of replication mode while a connection is being set up reconnects
   await waitFor("connected with the new mode", () =>
     sim.primary.status().link === "connected" && secondaryMode() === "async" ? true : undefined,
   { timeoutMs: 10_000, intervalMs: 10 });
+}, 30_000);
+
+/** Runs the node of `disk`/`meta` as a primary with no reachable peer, writes at `offset`, stops. */
+async function writeAloneAsPrimary(sim: Sim, disk: MemoryDisk, meta: MemoryMeta, offset: number, seed: number) {
+  const m = meta.metadata;
+  const activemap = new ActiveMap({
+    extentCount: Math.ceil(m.datasizeBytes / m.extentsizeBytes), extentsizeBytes: m.extentsizeBytes,
+    datasizeBytes: m.datasizeBytes, keepdirty: m.keepdirty, onDisk: meta.map,
+  });
+  const alone = new Primary({
+    config: { ...sim.config(), remote: null }, data: disk, meta, activemap,
+    network: { connect: async () => { throw new Error("unreachable"); } },
+    clock: systemClock, hooks: { run: () => {} }, log: () => {},
+  });
+  alone.start();
+  await alone.write(offset, pattern(4096, seed), false);
+  await alone.flush();
+  await alone.stop();
+}
+
+test("a node written as primary before the pair ever connected: its writes are synced from it", async () => {
+  // Found by review: the pair said "both fresh" and complete while the copies differed.
+  const sim = track(new Sim({ replication: "fullsync", keepdirty: 0 }));
+  await writeAloneAsPrimary(sim, sim.secondaryDisk, sim.secondaryMeta, MIB, 3);
+  sim.start();
+  await inSync(sim, "synced from the secondary");
+  expect(sim.logs.some((l) => l.includes("secondary written alone"))).toBe(true);
+  expect(sim.primaryDisk.bytes.subarray(MIB, MIB + 4096)).toEqual(pattern(4096, 3));
+  expect(Buffer.compare(sim.primaryDisk.bytes, sim.secondaryDisk.bytes)).toBe(0);
+  // The pair goes on as any other: a write replicates, a reconnect finds it in step.
+  await sim.primary.write(2 * MIB, pattern(4096, 4), false);
+  await sim.restartPrimary();
+  await inSync(sim, "reconnected");
+  expect(sim.logs.filter((l) => l.includes("in step")).length).toBeGreaterThan(0);
+  expect(Buffer.compare(sim.primaryDisk.bytes, sim.secondaryDisk.bytes)).toBe(0);
+}, 30_000);
+
+test("both nodes written as primary before the pair ever connected: split-brain, nothing overwritten", async () => {
+  // Found by review: the secondary's writes were overwritten by a "fresh secondary" full sync.
+  const sim = track(new Sim({ replication: "fullsync", keepdirty: 0 }));
+  await writeAloneAsPrimary(sim, sim.secondaryDisk, sim.secondaryMeta, MIB, 3);
+  await writeAloneAsPrimary(sim, sim.primaryDisk, sim.primaryMeta, 5 * MIB, 4);
+  sim.start();
+  await waitFor("split-brain", () => sim.primary.status().link === "split-brain" || undefined,
+    { timeoutMs: 5_000, intervalMs: 10 });
+  await Bun.sleep(200);
+  expect(sim.secondaryDisk.bytes.subarray(MIB, MIB + 4096)).toEqual(pattern(4096, 3));
+  expect(sim.primaryDisk.bytes.subarray(5 * MIB, 5 * MIB + 4096)).toEqual(pattern(4096, 4));
 }, 30_000);
