@@ -215,6 +215,14 @@ export async function handshakeAsSecondary(
     conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason, splitBrain }));
     return decision;
   }
+  if (decision.kind === "sync" && decision.source === "secondary" && m.syncTarget) {
+    // Our copy is the target of a sync that has not completed: stale in places, never a source.
+    const reason = "this node's copy would be the sync source, but a sync to it never completed " +
+      "(it is stale): keep this copy with `hast role --force primary` here, or the primary's " +
+      "with `hast discard` here (role init first)";
+    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason }));
+    return { kind: "mismatch", reason };
+  }
   if (decision.kind === "sync" && decision.source === "secondary" && m.localWritesLost) {
     // Our copy is the newer one, but our disk may have dropped writes we acknowledged: pulling
     // from it could replace the primary's good data with older data. An operator chooses.

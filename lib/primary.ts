@@ -496,7 +496,13 @@ export class Primary {
     // error may hold either copy's data: the sync decides.)
     if (acknowledged && localOk && !remoteOk) {
       if (!this.bumpedSinceDisconnect) {
-        await this.bumpLocalcnt().catch((error) => this.o.log("error", `cannot bump localcnt: ${error}`));
+        await this.bumpLocalcnt().catch((error) => {
+          // Uncounted, a later promotion of the secondary would look "in step" and its older
+          // copy would be synced over this write: no connection until it is counted.
+          this.o.log("error", `cannot bump localcnt: ${error}; dropping the link until it is recorded`);
+          this.generationUnrecorded = true;
+          this.link?.close("cannot record a write the secondary lacks");
+        });
       }
       // Answered before the secondary's outcome was known (memsync, async): the secondary's
       // copy, which this node syncs from, lacks it, and ours lacks what the sync has not copied

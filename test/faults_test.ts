@@ -592,3 +592,40 @@ test("both nodes written as primary before the pair ever connected: split-brain,
   expect(sim.secondaryDisk.bytes.subarray(MIB, MIB + 4096)).toEqual(pattern(4096, 3));
   expect(sim.primaryDisk.bytes.subarray(5 * MIB, 5 * MIB + 4096)).toEqual(pattern(4096, 4));
 }, 30_000);
+
+test("an answered write the secondary fails, whose count cannot be recorded, holds the link down until it is", async () => {
+  // Found by review: the failed bump was only logged, the link stayed up, and a later promotion
+  // of the secondary would have looked "in step" and synced its older copy over the write.
+  const sim = await startPair({ replication: "memsync", keepdirty: 0, timeoutSeconds: 2 });
+  const start = sim.primaryMeta.metadata.localcnt;
+  let metaFails = true;
+  sim.primaryMeta.beforeWrite = async (update) => {
+    if (metaFails && update.localcnt !== undefined) throw eio("meta");
+  };
+  const failing = failSecondaryWrites(sim, 6 * MIB, 7 * MIB);
+  await sim.primary.write(6 * MIB, pattern(4096, 5), false); // answered on the receipt
+  await waitFor("link dropped", () => sim.logs.some((l) => l.includes("dropping the link until it is recorded")) ||
+    undefined, { timeoutMs: 5_000, intervalMs: 5 });
+  failing.stop();
+  await Bun.sleep(1_500); // reconnect attempts fail while the generation cannot be counted
+  expect(sim.primary.status().link).not.toBe("connected");
+  metaFails = false;
+  await inSync(sim, "counted, reconnected and resynced");
+  expect(sim.primaryMeta.metadata.localcnt).toBe(start + 1n);
+  expect(sim.secondaryDisk.bytes.subarray(6 * MIB, 6 * MIB + 4096)).toEqual(pattern(4096, 5));
+}, 40_000);
+
+test("a secondary whose copy is the target of an unfinished sync is refused as the sync source", async () => {
+  const sim = track(new Sim({ replication: "fullsync", keepdirty: 0 }));
+  const shared = { resuid: 77n, remotecnt: 1n };
+  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
+  // By the counters the primary is behind, but the secondary's copy is a stale sync target.
+  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n, syncTarget: true });
+  sim.start();
+  const error = await waitFor("refused", () => {
+    const st = sim.primary.status();
+    return st.linkError !== "" ? st.linkError : undefined;
+  }, { timeoutMs: 5_000, intervalMs: 10 });
+  expect(error).toContain("a sync to it never completed");
+  expect(sim.primary.status().syncSource).toBe("primary");
+}, 20_000);
