@@ -593,7 +593,8 @@ test("both nodes written as primary before the pair ever connected: split-brain,
   expect(sim.primaryDisk.bytes.subarray(5 * MIB, 5 * MIB + 4096)).toEqual(pattern(4096, 4));
 }, 30_000);
 
-test("an answered write the secondary fails, whose count cannot be recorded, holds the link down until it is", async () => {
+test("an answered write the secondary fails, whose count cannot be recorded, holds the link down till it is",
+  async () => {
   // Found by review: the failed bump was only logged, the link stayed up, and a later promotion
   // of the secondary would have looked "in step" and synced its older copy over the write.
   const sim = await startPair({ replication: "memsync", keepdirty: 0, timeoutSeconds: 2 });
