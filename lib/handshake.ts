@@ -215,20 +215,10 @@ export async function handshakeAsSecondary(
     conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason, splitBrain }));
     return decision;
   }
-  if (decision.kind === "sync" && decision.source === "secondary" && m.syncTarget) {
-    // Our copy is the target of a sync that has not completed: stale in places, never a source.
-    const reason = "this node's copy would be the sync source, but a sync to it never completed " +
-      "(it is stale): keep this copy with `hast role --force primary` here, or the primary's " +
-      "with `hast discard` here (role init first)";
-    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason }));
-    return { kind: "mismatch", reason };
-  }
-  if (decision.kind === "sync" && decision.source === "secondary" && m.localWritesLost) {
-    // Our copy is the newer one, but our disk may have dropped writes we acknowledged: pulling
-    // from it could replace the primary's good data with older data. An operator chooses.
-    const reason = "this node's copy is newer than the primary's, but its disk lost cached writes " +
-      "(a flush failed): it cannot be the sync source. Keep this copy with `hast role --force " +
-      "primary` here, or the primary's with `hast discard` here (role init first)";
+  const unfit = decision.kind === "sync" && decision.source === "secondary" ? unfitSource(m) : null;
+  if (unfit !== null) {
+    const reason = `this node's copy would be the sync source, but ${unfit}: it cannot be. Keep this ` +
+      "copy with `hast role --force primary` here, or the primary's with `hast discard` here (role init first)";
     conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason }));
     return { kind: "mismatch", reason };
   }
@@ -263,6 +253,17 @@ export async function handshakeAsSecondary(
     conn.send(encodeFrame({ type: MessageType.Map, offset: at, flags: last ? FrameFlag.Last : 0, payload: piece }));
   }
   return decision;
+}
+
+/**
+ * Why this node's copy, newer by the counters, must not be pulled by the primary, or null: its
+ * disk may have dropped writes it acknowledged (a flush failed), or a sync to it never completed
+ * (stale in places). Pulling it could replace the primary's good data with older data.
+ */
+function unfitSource(m: { localWritesLost: boolean; syncTarget: boolean }): string | null {
+  if (m.localWritesLost) return "its disk lost cached writes (a flush failed)";
+  if (m.syncTarget) return "a sync to it never completed (it is stale)";
+  return null;
 }
 
 /** Returns why the primary's Hello cannot be accepted here, or null. */

@@ -43,16 +43,22 @@ test("writePieces stops after the write that reports the socket full", () => {
   expect(writePieces({ write: () => false } as unknown as net.Socket, [small, small, large])).toBe(2);
 });
 
-test("a connection holds frames while the peer does not read, then delivers all in order", async () => {
+/** A TCP connection on loopback: the client socket, the server's end (paused), and the server. */
+async function socketPair(): Promise<{ client: net.Socket; peer: net.Socket; server: net.Server }> {
   const server = net.createServer();
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   const port = (server.address() as net.AddressInfo).port;
   const accepted = new Promise<net.Socket>((resolve) => server.once("connection", resolve));
   const client = net.connect({ host: "127.0.0.1", port });
+  await new Promise<void>((resolve) => client.once("connect", resolve));
+  const peer = await accepted;
+  peer.pause(); // the receiver reads nothing for now
+  return { client, peer, server };
+}
+
+test("a connection holds frames while the peer does not read, then delivers all in order", async () => {
+  const { client, peer, server } = await socketPair();
   try {
-    await new Promise<void>((resolve) => client.once("connect", resolve));
-    const peer = await accepted;
-    peer.pause(); // the receiver reads nothing for now
     const sender = socketConnection(client);
     const MIB = 1 << 20;
     const frames = 64;
@@ -98,15 +104,8 @@ test("a connection holds frames while the peer does not read, then delivers all 
 for (const sealed of [false, true]) {
   test(`${sealed ? "sealed" : "unsealed"}: close() hands over every queued frame, then a Goodbye with the reason`,
     async () => {
-      const server = net.createServer();
-      await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-      const port = (server.address() as net.AddressInfo).port;
-      const accepted = new Promise<net.Socket>((resolve) => server.once("connection", resolve));
-      const client = net.connect({ host: "127.0.0.1", port });
+      const { client, peer, server } = await socketPair();
       try {
-        await new Promise<void>((resolve) => client.once("connect", resolve));
-        const peer = await accepted;
-        peer.pause();
         const sender = socketConnection(client);
         const receiver = socketConnection(peer);
         if (sealed) {
