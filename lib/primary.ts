@@ -903,6 +903,7 @@ export class Primary {
     return {
       status,
       link: this.linkState,
+      linkEncrypted: connected && this.link?.encrypted === true,
       linkError: this.lastLinkError,
       dirtyBytes,
       syncSource: this.syncSource,
@@ -924,6 +925,8 @@ export class Primary {
 export interface PrimaryStatus {
   status: "complete" | "degraded" | "syncing" | "split-brain";
   link: LinkState;
+  /** The connected link is sealed (`encryption aes-256-gcm`); false while not connected. */
+  linkEncrypted: boolean;
   linkError: string;
   dirtyBytes: number;
   syncSource: "primary" | "secondary";

@@ -133,6 +133,11 @@ export class RemoteLink {
     return this.closedReason === null;
   }
 
+  /** The connection is sealed (`encryption aes-256-gcm`). */
+  get encrypted(): boolean {
+    return this.conn.encrypted;
+  }
+
   get inFlight(): number {
     return this.pending.size;
   }

@@ -539,6 +539,7 @@ export class Secondary {
     return {
       status,
       link: this.linkState,
+      linkEncrypted: this.linkState === "connected" && this.conn?.encrypted === true,
       linkError: this.lastRefusal,
       queued: this.queued,
       counters: { ...this.counters },
@@ -550,6 +551,8 @@ export class Secondary {
 export interface SecondaryStatus {
   status: "complete" | "degraded" | "syncing" | "split-brain";
   link: SecondaryLink;
+  /** The connected link is sealed (`encryption aes-256-gcm`); false while not connected. */
+  linkEncrypted: boolean;
   linkError: string;
   queued: number;
   counters: Secondary["counters"];

@@ -86,6 +86,7 @@ export function describeResource(
     sync: running ? syncOf(worker) : null,
     verify: running ? worker.verify ?? null : null,
     link: running ? worker.link : null,
+    linkEncrypted: running ? worker.linkEncrypted === true : null,
     linkError: (running ? worker.linkError : config ? options.lastError : "") || null,
     localError: running && typeof worker.localFlushFailure === "string"
       ? `a flush of the local disk failed (${worker.localFlushFailure}); it may have lost writes: ` +

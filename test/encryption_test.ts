@@ -68,6 +68,8 @@ test("encrypted, the pair replicates and no written data crosses the link in the
     await s.primary.write(2 * 1024 * 1024, marked(1024 * 1024), true);
     expect(Buffer.compare(s.secondaryDisk.bytes, s.primaryDisk.bytes)).toBe(0);
     expect(holdsMarker(seen.toSecondary)).toBe(encryption === "none");
+    expect(s.primary.status().linkEncrypted).toBe(encryption !== "none");
+    expect(s.secondary.status().linkEncrypted).toBe(encryption !== "none");
     expect(s.logs.filter((l) => / (warn|error):/.test(l))).toEqual([]);
     await s.stop();
     sim = null;

@@ -197,7 +197,8 @@ describe("a relayed link", () => {
   test("encryption none: the written data crosses the link in the clear (the control)", async () => {
     const { c, relay } = await relayedPair("none");
     await writePattern(c);
-    await inSync(c, "written and in sync");
+    expect((await inSync(c, "written and in sync")).linkEncrypted).toBe(false);
+    expect((await c.status("b")).linkEncrypted).toBe(false);
     expect(Buffer.compare(await c.readData("b", PATTERN_OFFSET, PATTERN_BYTES), pattern())).toBe(0);
     expect(relay.saw("toSecondary", MARKER)).toBe(true);
   }, TEST_TIMEOUT_MS);
@@ -205,7 +206,9 @@ describe("a relayed link", () => {
   test("aes-256-gcm: the pair replicates and the data crosses the link in neither direction", async () => {
     const { c, relay } = await relayedPair("aes-256-gcm");
     await writePattern(c);
-    await inSync(c, "written and in sync");
+    // `hast status` on both nodes says the link is sealed.
+    expect((await inSync(c, "written and in sync")).linkEncrypted).toBe(true);
+    expect((await c.status("b")).linkEncrypted).toBe(true);
     expect(Buffer.compare(await c.readData("b", PATTERN_OFFSET, PATTERN_BYTES), pattern())).toBe(0);
     expect(Buffer.compare(await c.readData("a"), await c.readData("b"))).toBe(0);
     expect(relay.connections.length).toBeGreaterThan(0);
