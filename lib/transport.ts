@@ -57,51 +57,21 @@ export interface ConnectOptions {
  * 290 ms per GiB on this machine), and copying the payload into one buffer cost 1.5×.
  */
 const COALESCE_PIECE_MAX = 16 * 1024;
+/** A sealed record of coalesced small pieces holds at most this much. */
+const SEALED_RUN_MAX_BYTES = 256 * 1024;
 /** After close(), queued bytes get this long to leave before the socket is destroyed. */
 const CLOSE_LINGER_MS = 2_000;
 /** The reason a Goodbye carries is cut to this many characters. */
 const GOODBYE_REASON_MAX = 1000;
 
 /**
- * Writes `pieces` in order (runs of small ones copied into one buffer, large ones as they are)
- * until a write reports the socket's buffer full; returns how many pieces it wrote. The caller
- * keeps the rest until 'drain': a socket that accepts more than its kernel buffer holds copies
- * it into a user-space buffer, which in async mode grew to tens of MiB of copied payloads.
+ * Hands `pieces` to `write` in order, one unit at a time: a run of consecutive small pieces
+ * copied into one buffer (at most `runMaxBytes` of them), a large piece (a payload) as it is.
+ * Stops after a unit that `write` reports the socket's buffer full with, unless `force`; returns
+ * how many pieces it handed over.
  */
-export function writePieces(socket: net.Socket, pieces: readonly Uint8Array[]): number {
-  let runStart = 0;
-  let runBytes = 0;
-  const writeRun = (end: number): boolean => {
-    const count = end - runStart;
-    if (count === 0) return true;
-    const ok = count === 1 ? socket.write(pieces[runStart]!)
-      : socket.write(Buffer.concat(pieces.slice(runStart, end), runBytes));
-    runStart = end;
-    runBytes = 0;
-    return ok;
-  };
-  for (let i = 0; i < pieces.length; i++) {
-    const piece = pieces[i]!;
-    if (piece.byteLength < COALESCE_PIECE_MAX) {
-      runBytes += piece.byteLength;
-      continue;
-    }
-    if (!writeRun(i)) return i;
-    runStart = i + 1;
-    if (!socket.write(piece)) return i + 1;
-  }
-  writeRun(pieces.length);
-  return pieces.length;
-}
-
-/**
- * writePieces for a sealed connection: the same runs (small pieces together, up to
- * SEALED_RUN_MAX_BYTES, large ones alone), each sealed into one record. Same contract: returns
- * how many pieces it wrote, stopping after a write that reports the socket's buffer full
- * unless `force` (close() hands everything over).
- */
-export function writeSealed(
-  socket: net.Socket, sealer: Sealer, pieces: readonly Uint8Array[], force = false,
+function writeRuns(
+  pieces: readonly Uint8Array[], runMaxBytes: number, write: (unit: Uint8Array) => boolean, force: boolean,
 ): number {
   let at = 0;
   while (at < pieces.length) {
@@ -109,11 +79,36 @@ export function writeSealed(
     let bytes = pieces[at]!.byteLength;
     if (bytes < COALESCE_PIECE_MAX) {
       while (end < pieces.length && pieces[end]!.byteLength < COALESCE_PIECE_MAX &&
-        bytes + pieces[end]!.byteLength <= SEALED_RUN_MAX_BYTES) {
+        bytes + pieces[end]!.byteLength <= runMaxBytes) {
         bytes += pieces[end++]!.byteLength;
       }
     }
-    const plaintext = end - at === 1 ? pieces[at]! : Buffer.concat(pieces.slice(at, end), bytes);
+    const ok = write(end - at === 1 ? pieces[at]! : Buffer.concat(pieces.slice(at, end), bytes));
+    at = end;
+    if (!ok && !force) return at;
+  }
+  return pieces.length;
+}
+
+/**
+ * Writes `pieces` in order (runs of small ones copied into one buffer, large ones as they are)
+ * until a write reports the socket's buffer full, unless `force` (close() hands everything
+ * over); returns how many pieces it wrote. The caller keeps the rest until 'drain': a socket
+ * that accepts more than its kernel buffer holds copies it into a user-space buffer, which in
+ * async mode grew to tens of MiB of copied payloads.
+ */
+export function writePieces(socket: net.Socket, pieces: readonly Uint8Array[], force = false): number {
+  return writeRuns(pieces, Infinity, (unit) => socket.write(unit), force);
+}
+
+/**
+ * writePieces for a sealed connection: the same runs, those of small pieces up to
+ * SEALED_RUN_MAX_BYTES, each sealed into records of at most RECORD_MAX_BYTES. Same contract.
+ */
+export function writeSealed(
+  socket: net.Socket, sealer: Sealer, pieces: readonly Uint8Array[], force = false,
+): number {
+  return writeRuns(pieces, SEALED_RUN_MAX_BYTES, (plaintext) => {
     let ok = true;
     for (let from = 0; from < plaintext.byteLength; from += RECORD_MAX_BYTES) {
       const record = sealer.seal(plaintext.subarray(from, Math.min(plaintext.byteLength, from + RECORD_MAX_BYTES)));
@@ -123,14 +118,9 @@ export function writeSealed(
         for (const part of record) ok = socket.write(part);
       }
     }
-    at = end;
-    if (!ok && !force) return at;
-  }
-  return pieces.length;
+    return ok;
+  }, force);
 }
-
-/** A sealed record of coalesced small pieces holds at most this much. */
-const SEALED_RUN_MAX_BYTES = 256 * 1024;
 
 /**
  * Wraps a connected socket in a framed Connection. Parsing starts immediately. With `pool`,
@@ -153,13 +143,7 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
   const flushOutbox = (force = false) => {
     flushScheduled = false;
     if (outbox.length === 0 || socket.destroyed || (full && !force)) return;
-    if (force) {
-      if (sealer !== null) writeSealed(socket, sealer, outbox, true);
-      else for (const piece of outbox) socket.write(piece);
-      outbox = [];
-      return;
-    }
-    const written = sealer !== null ? writeSealed(socket, sealer, outbox) : writePieces(socket, outbox);
+    const written = sealer !== null ? writeSealed(socket, sealer, outbox, force) : writePieces(socket, outbox, force);
     outbox = written === outbox.length ? [] : outbox.slice(written);
     full = outbox.length > 0 || socket.writableNeedDrain;
   };
