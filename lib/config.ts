@@ -464,9 +464,9 @@ function resolveResource(
       `missing in its "on ${match.section.name}" section (write "remote none" if unknown)`);
   }
   const name = node.name ?? res.name ?? section.name;
+  const authkey = firstDefined(node.authkey, res.authkey, global.authkey) ?? null;
   const encryption = res.encryption ?? global.encryption;
-  if (encryption !== undefined && encryption.kind !== "none" &&
-    firstDefined(node.authkey, res.authkey, global.authkey) == null) {
+  if (encryption !== undefined && encryption.kind !== "none" && authkey === null) {
     fail(file, encryption.pos, `Cannot configure resource ${quoted}: "encryption ${encryption.kind}" ` +
       `needs an "authkey" (the link's keys are derived from it); set one for this resource`);
   }
@@ -484,7 +484,7 @@ function resolveResource(
     metaflush: node.metaflush ?? res.metaflush ?? global.metaflush ?? DEFAULTS.metaflush,
     syncRateBytesPerSecond: res.syncRateBytesPerSecond ?? global.syncRateBytesPerSecond ?? 0,
     pipeline: res.pipeline ?? global.pipeline ?? pipelineAuto(),
-    authkey: firstDefined(node.authkey, res.authkey, global.authkey) ?? null,
+    authkey,
     encryption: encryption?.kind ?? "none",
     export: node.export ?? res.export ?? { kind: "unix", path: `/run/hast/${name}.sock` },
     line: section.pos.line,
