@@ -261,7 +261,7 @@ export async function handshakeAsSecondary(
  * (stale in places). Pulling it could replace the primary's good data with older data.
  */
 function unfitSource(m: { localWritesLost: boolean; syncTarget: boolean }): string | null {
-  if (m.localWritesLost) return "its disk lost cached writes (a flush failed)";
+  if (m.localWritesLost) return "its disk may lack writes (a write or flush failed)";
   if (m.syncTarget) return "a sync to it never completed (it is stale)";
   return null;
 }

@@ -101,7 +101,7 @@ export interface Metadata {
 export function stalenessOf(m: Metadata): string | null {
   if (m.discardPending) return `discarded by "hast discard"`;
   if (m.localWritesLost) {
-    return "a flush of its disk failed, so cached writes may be lost; the peer's copy has them: " +
+    return "a write or flush of its disk failed, so it may lack writes; the peer's copy has them: " +
       "keep or make the peer primary, and this node resyncs from it as secondary";
   }
   if (m.syncTarget) return "it was the target of an unfinished sync";

@@ -79,6 +79,11 @@ export class Secondary {
   private queued = 0;
   private replication = "fullsync";
   /**
+   * The primary syncs from our copy (it is behind) until its SyncDone: meanwhile it answers
+   * every write only after our reply, in every mode.
+   */
+  private syncingFromHere = false;
+  /**
    * The data, per session: a failed flush means a cached write of this session may be lost,
    * and the kernel reports that to one fdatasync only, so every later flush of the session
    * fails too and the link drops (see applyAndReplyOrThrow); the primary then resyncs all it
@@ -141,6 +146,7 @@ export class Secondary {
     this.data = stickyFlushFailure(this.o.data);
     this.linkState = "connected";
     this.replication = hello.replication;
+    this.syncingFromHere = decision.kind === "sync" && decision.source === "secondary";
     const how = decision.kind === "sync" ? `${decision.reason}, sync from ${decision.source}` : "both fresh";
     this.o.log("info", `primary connected from ${conn.remoteAddress} (${how})`);
     this.o.hooks.run("connect", []);
@@ -320,6 +326,14 @@ export class Secondary {
       if (!reply.payload) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
       conn.close(`flush failed: ${flushFailure}`);
       return;
+    }
+    if (reply.error !== undefined && this.answeredBeforeApplied(frame)) {
+      // memsync and async: the primary may have answered the application already, so our copy
+      // lacks a write it was told is done (and, in order, no longer is a state the primary had).
+      // Durable before the primary hears of it: should the primary fail before it records its
+      // side (localcnt), this node must not be promoted without --force.
+      await this.recordLocalWritesLost();
+      if (conn.closed) return;
     }
     if (reply.payload) {
       const { flags, pieces } = encodePayload(reply.payload, this.o.config);
@@ -506,6 +520,16 @@ export class Secondary {
     return { error: Errno.EINVAL };
   }
 
+  /**
+   * True for an application write or zeroing the primary may answer before our reply: memsync
+   * and async, not a sync copy (a sync target is marked as such until the sync completes), and
+   * not while the primary syncs from us (it then waits for our reply, a failure is its EIO).
+   */
+  private answeredBeforeApplied(frame: Frame): boolean {
+    return (frame.type === MessageType.Write || frame.type === MessageType.Delete) &&
+      (frame.flags & FrameFlag.Sync) === 0 && this.replication !== "fullsync" && !this.syncingFromHere;
+  }
+
   /** Records metadata.localWritesLost (cleared by the next completed sync, see syncDone). */
   private async recordLocalWritesLost(): Promise<void> {
     const recorded = await recordLocalWritesLost(this.o.meta).catch((error: Error) => {
@@ -522,6 +546,7 @@ export class Secondary {
   private async syncDone(frame: Frame): Promise<void> {
     const body = decodeJson(frame);
     const remotecnt = BigInt(String(body.remotecnt));
+    this.syncingFromHere = false; // the primary's writes after this may be answered before ours
     await this.data.flush();
     await this.o.meta.writeMap(new Uint8Array(this.o.meta.metadata.mapSizeBytes), { flush: this.metaflush });
     await this.o.meta.write(

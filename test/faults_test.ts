@@ -404,6 +404,32 @@ test("a write the secondary fails is counted before it is answered, and again af
   expect(sim.primaryMeta.metadata.localcnt).toBe(start + 2n);
 }, 40_000);
 
+for (const replication of ["memsync", "async", "fullsync"] as const) {
+  const answeredFirst = replication !== "fullsync";
+  test(`${replication}: a write the secondary fails ${answeredFirst ? "after the answer is recorded on the secondary " +
+    "before the primary hears of it" : "is not recorded on the secondary (the primary waits for it)"}`, async () => {
+    // memsync answers on the receipt, async at once: should the primary die before it counts the
+    // failure (localcnt), only the secondary's own record keeps it from being promoted with a copy
+    // that lacks an answered write.
+    const sim = await startPair({ replication, keepdirty: 0, timeoutSeconds: 1 });
+    const recordedWhenCounted: boolean[] = [];
+    sim.primaryMeta.beforeWrite = async (update) => {
+      if (update.localcnt !== undefined) recordedWhenCounted.push(sim.secondaryMeta.metadata.localWritesLost);
+    };
+    const failing = failSecondaryWrites(sim, MIB, 2 * MIB);
+    await sim.primary.write(MIB, pattern(4096, 3), false);
+    await waitFor("the primary counted the failure", () => recordedWhenCounted.length > 0 || undefined,
+      { timeoutMs: 5_000, intervalMs: 5 });
+    expect(recordedWhenCounted).toEqual([answeredFirst]);
+    expect(sim.secondaryMeta.metadata.localWritesLost).toBe(answeredFirst);
+    failing.stop();
+    await inSync(sim, "resynced", 15_000);
+    expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+    await waitFor("record cleared by the sync", () => !sim.secondaryMeta.metadata.localWritesLost || undefined,
+      { timeoutMs: 5_000, intervalMs: 10 });
+  }, 40_000);
+}
+
 /**
  * A pair where the primary is behind: the secondary wrote extent 2 (and with `more`, extents
  * 8–15) while it was primary. The sync from it runs at `rate` bytes/s (64 KiB/s unless given; 0 is
