@@ -65,6 +65,8 @@ interface Slot {
   /** Set once a reload removed the resource: nothing may start a worker for it again. */
   removed: boolean;
   lastError: string;
+  /** When lastError was set (ISO 8601), "" if never: it stays after the worker recovers. */
+  lastErrorAt: string;
   /**
    * Role changes, reload restarts and crash restarts of the resource, chained so that one runs
    * at a time: each stops the worker before it may start another, and a same-role request sees
@@ -421,7 +423,7 @@ export class Daemon {
         } else if (message.type === "failed" && !settled) {
           settled = true;
           startFailed = true;
-          slot.lastError = message.message;
+          setLastError(slot, message.message);
           resolve({ message: message.message, exitCode: message.exitCode });
         } else if (message.type === "reply") {
           slot.pending.get(message.id)?.(message.value);
@@ -459,14 +461,14 @@ export class Daemon {
    * any role change under way, and gives way to it: a worker running by then is left alone.
    */
   private onWorkerCrash(slot: Slot, role: WorkerRole, how: string, attempt = 0): void {
-    if (attempt === 0) slot.lastError = `worker exited unexpectedly (${how})`;
+    if (attempt === 0) setLastError(slot, `worker exited unexpectedly (${how})`);
     const delayMs = Math.min(WORKER_RESTART_MS * 2 ** attempt, WORKER_RESTART_MAX_MS);
     this.log("error", `resource "${slot.config.resource}": ${slot.lastError}; restarting in ${delayMs} ms`);
     setTimeout(() => void this.serialise(slot, async () => {
       if (slot.role !== role || slot.child || slot.removed || this.shuttingDown) return;
       const failure = await this.startWorker(slot, role, false);
       if (!failure) return;
-      slot.lastError = `restart failed: ${failure.message}`;
+      setLastError(slot, `restart failed: ${failure.message}`);
       this.onWorkerCrash(slot, role, how, attempt + 1);
     }), delayMs);
   }
@@ -505,7 +507,7 @@ export class Daemon {
   private async describe(slot: Slot, full: boolean): Promise<unknown> {
     const worker = slot.role === "init" ? null : await this.ask(slot, (id) => ({ type: "status", id }));
     return describeResource(slot.config, slot.role, worker as Record<string, unknown> | null, {
-      full, pid: slot.child?.pid ?? null, lastError: slot.lastError,
+      full, pid: slot.child?.pid ?? null, lastError: slot.lastError, lastErrorAt: slot.lastErrorAt,
     });
   }
 
@@ -582,7 +584,7 @@ export class Daemon {
     await this.stopWorker(slot);
     const failure = await this.startWorker(slot, role, false);
     if (failure) {
-      slot.lastError = `restart after reload failed: ${failure.message}`;
+      setLastError(slot, `restart after reload failed: ${failure.message}`);
       this.log("error", `resource "${next.resource}": ${slot.lastError}`);
       slot.role = "init";
     }
@@ -646,7 +648,7 @@ function spawnSelfWorker(): ChildProcess {
 function newSlot(config: ResourceConfig): Slot {
   return {
     config, role: "init", child: null, childGone: Promise.resolve(), pending: new Map(), stopping: false,
-    removed: false, lastError: "", queue: Promise.resolve(),
+    removed: false, lastError: "", lastErrorAt: "", queue: Promise.resolve(),
   };
 }
 
@@ -676,4 +678,10 @@ async function resolveAll(host: string): Promise<string[]> {
   } catch {
     return [];
   }
+}
+
+/** Records a worker-level error and when it happened (`hast list`: lastError, lastErrorAt). */
+function setLastError(slot: Slot, message: string): void {
+  slot.lastError = message;
+  slot.lastErrorAt = new Date().toISOString();
 }

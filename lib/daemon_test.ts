@@ -263,9 +263,17 @@ test("a reload that restarts a resource and a role command do not overlap", asyn
 test("a crashed worker is restarted once, in its role, and a role command meanwhile wins", async () => {
   const h = await startDaemon();
   expect((await h.role("primary")).ok).toBe(true);
+  expect((await h.list()).lastError).toBeNull();
+  const crashedAt = Date.now();
   [...h.workers.live][0]!.exit(1);
   await Bun.sleep(WORKER_RESTART_MS + 300);
   await expectOneWorker(h, "primary");
+  // The crash stays visible after the restart, with the time it happened.
+  const listed = await h.list();
+  expect(listed.lastError).toMatch(/^worker exited unexpectedly/);
+  const at = Date.parse(String(listed.lastErrorAt));
+  expect(at).toBeGreaterThanOrEqual(crashedAt - 1000);
+  expect(at).toBeLessThanOrEqual(Date.now());
   [...h.workers.live][0]!.exit(1);
   expect((await h.role("secondary")).ok).toBe(true);
   await Bun.sleep(WORKER_RESTART_MS + 300);

@@ -72,7 +72,7 @@ export function describeResource(
   config: ResourceConfig,
   role: string,
   worker: Record<string, unknown> | null,
-  options: { full: boolean; pid: number | null; lastError: string },
+  options: { full: boolean; pid: number | null; lastError: string; lastErrorAt?: string },
 ): Record<string, unknown> {
   const running = worker !== null;
   const base: Record<string, unknown> = {
@@ -111,6 +111,7 @@ export function describeResource(
     exec: config.exec,
     workerPid: options.pid,
     lastError: options.lastError || null,
+    lastErrorAt: options.lastErrorAt || null,
     limits: LIMITS,
     worker: worker ?? null,
   };
