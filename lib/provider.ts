@@ -17,10 +17,11 @@
  * throttling dirty pages (6 GiB sequential write, p99.9 25 ms), and a write that
  * covers part of a page may have to read that page from the device first. So a
  * write takes the blocking path only when it is small (≤ 128 KiB), whole pages
- * (4 KiB aligned), and the last blocking write that was slow (over 2 ms: the
- * kernel waited for the device) is more than 1 s ago; everything else goes
- * through the asynchronous fs.write. The blocking path saves the two thread
- * hand-offs of fs.write, about 20 µs of every 4 KiB write at queue depth 1.
+ * (4 KiB aligned), and blocking writes have not stalled the event loop for long
+ * lately (see StallBudget: 20 ms of writes over 2 ms each within a second pause
+ * the blocking path for 1 s); everything else goes through the asynchronous
+ * fs.write. The blocking path saves the two thread hand-offs of fs.write, about
+ * 20 µs of every 4 KiB write at queue depth 1.
  * Reads first try preadv2 with RWF_NOWAIT, which copies from the page cache
  * without ever waiting for the device, and fall back to the asynchronous
  * fs.read for what is not cached. Buffered pwritev2(RWF_NOWAIT) is not
@@ -40,11 +41,13 @@ export interface ProviderOptions {
   exclusive?: boolean;
   /** Open read-only; write, zero and flush are then programmer errors. */
   readOnly?: boolean;
-  /**
-   * A blocking write slower than this (ms) sends every write through the thread pool
-   * for the next second. Default 2.
-   */
+  /** A blocking write slower than this (ms) is slow. Default 2. */
   blockingWriteSlowMs?: number;
+  /**
+   * When slow blocking writes add up to this much (ms) within a second, every write goes
+   * through the thread pool for the next second. Default 20.
+   */
+  blockingStallBudgetMs?: number;
 }
 
 /** An operating error on a provider; `code` is an errno name ("EBUSY", "EIO"). */
@@ -72,10 +75,55 @@ const BLKZEROOUT = 0x127f; // _IO(0x12, 127)
 const BLOCKING_WRITE_MAX_BYTES = 128 * 1024;
 /** Blocking writes must cover whole pages: a partial page may need a read first. */
 const BLOCKING_WRITE_ALIGN_BYTES = 4096;
-/** A blocking write slower than this means the kernel waited for the device... */
+/** A blocking write slower than this stalled the event loop (ms)... */
 const BLOCKING_WRITE_SLOW_MS = 2;
-/** ...and for this long afterwards every write goes through the thread pool (ms). */
+/** ...and when such stalls add up to this much within BLOCKING_STALL_WINDOW_MS... */
+const BLOCKING_STALL_BUDGET_MS = 20;
+const BLOCKING_STALL_WINDOW_MS = 1000;
+/** ...every write goes through the thread pool for this long (ms). */
 const BLOCKING_WRITE_BACKOFF_MS = 1000;
+
+/**
+ * Decides when blocking writes stalled the event loop too much. One slow write is not enough:
+ * on this 2-core VM, 2–5 ms blocking writes came every second or so under 4 KiB QD32 load
+ * (a thread preempted in the syscall, a journal commit), and pausing the blocking path for a
+ * second after each sent ~40–80% of all writes through the thread pool, ~10% fewer IOPS
+ * (bench/RESULTS.md). The kernel's dirty-page throttling stalls a write for 10–200 ms, and
+ * does so again and again: one such stall, or a few, exhaust the budget.
+ */
+export class StallBudget {
+  readonly #slowMs: number;
+  readonly #budgetMs: number;
+  #windowStartMs = -Infinity;
+  #stalledMs = 0;
+
+  constructor(slowMs = BLOCKING_WRITE_SLOW_MS, budgetMs = BLOCKING_STALL_BUDGET_MS) {
+    this.#slowMs = slowMs;
+    this.#budgetMs = budgetMs;
+  }
+
+  /** True when a write of `tookMs` is slow (it counts against the budget). */
+  isSlow(tookMs: number): boolean {
+    return tookMs >= this.#slowMs;
+  }
+
+  /**
+   * Notes a write that ended at `endedMs` after `tookMs`; true when the stalls within the
+   * current window now exceed the budget (the window then starts over).
+   */
+  exceeded(endedMs: number, tookMs: number): boolean {
+    if (!this.isSlow(tookMs)) return false;
+    if (endedMs - this.#windowStartMs > BLOCKING_STALL_WINDOW_MS) {
+      this.#windowStartMs = endedMs - tookMs;
+      this.#stalledMs = 0;
+    }
+    this.#stalledMs += tookMs;
+    if (this.#stalledMs < this.#budgetMs) return false;
+    this.#windowStartMs = -Infinity;
+    this.#stalledMs = 0;
+    return true;
+  }
+}
 /** Largest buffer of zeros written when the device cannot zero by itself. */
 const ZERO_WRITE_CHUNK_BYTES = 1 << 20;
 /** Largest range given to one fallocate/ioctl, so the event loop runs in between. */
@@ -235,11 +283,13 @@ export class Provider {
   #closePending = false;
   #pendingOps = 0;
   #nowaitReads = true;
-  readonly #blockingWriteSlowMs: number;
+  readonly #stalls: StallBudget;
   #blockingPausedUntilMs = 0;
   /** Writes that took the blocking path, and those of them slower than 2 ms. */
   blockingWrites = 0;
   slowBlockingWrites = 0;
+  /** How many times slow blocking writes sent every write through the thread pool for 1 s. */
+  blockingPauses = 0;
   #canPunch = true;
   /** A second descriptor on the same inode, opened O_DSYNC on first use (see writeDurable). */
   #dsyncFd = -1;
@@ -251,7 +301,7 @@ export class Provider {
     isBlockDevice: boolean;
     sectorSizeBytes: number;
     readOnly: boolean;
-    blockingWriteSlowMs: number;
+    stalls: StallBudget;
   }) {
     this.path = args.path;
     this.fd = args.fd;
@@ -259,7 +309,7 @@ export class Provider {
     this.isBlockDevice = args.isBlockDevice;
     this.sectorSizeBytes = args.sectorSizeBytes;
     this.#readOnly = args.readOnly;
-    this.#blockingWriteSlowMs = args.blockingWriteSlowMs;
+    this.#stalls = args.stalls;
   }
 
   /**
@@ -287,10 +337,8 @@ export class Provider {
       const sectorSizeBytes = isBlockDevice
         ? blockDeviceIoctl(fd, path, BLKSSZGET, "sector size")
         : 512;
-      const blockingWriteSlowMs = options.blockingWriteSlowMs ?? BLOCKING_WRITE_SLOW_MS;
-      return new Provider({
-        path, fd, sizeBytes, isBlockDevice, sectorSizeBytes, readOnly, blockingWriteSlowMs,
-      });
+      const stalls = new StallBudget(options.blockingWriteSlowMs, options.blockingStallBudgetMs);
+      return new Provider({ path, fd, sizeBytes, isBlockDevice, sectorSizeBytes, readOnly, stalls });
     } catch (error) {
       fs.closeSync(fd);
       throw error;
@@ -379,8 +427,10 @@ export class Provider {
       this.#writeBlocking(offset, data);
       const endedMs = performance.now();
       this.blockingWrites++;
-      if (endedMs - startedMs >= this.#blockingWriteSlowMs) {
-        this.slowBlockingWrites++;
+      const tookMs = endedMs - startedMs;
+      if (this.#stalls.isSlow(tookMs)) this.slowBlockingWrites++;
+      if (this.#stalls.exceeded(endedMs, tookMs)) {
+        this.blockingPauses++;
         this.#blockingPausedUntilMs = endedMs + BLOCKING_WRITE_BACKOFF_MS;
       }
       return;

@@ -6,7 +6,7 @@ import { dlopen, FFIType } from "bun:ffi";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { Provider, ProviderError } from "./provider.ts";
+import { Provider, ProviderError, StallBudget } from "./provider.ts";
 
 const MiB = 1024 * 1024;
 let dir = "";
@@ -111,19 +111,41 @@ describe("regular file", () => {
     } finally {
       p.close();
     }
-    // With a threshold of 0 ms every blocking write counts as slow: the next ones within
-    // a second go through the thread pool, and still land.
-    const q = Provider.open(file, { blockingWriteSlowMs: 0 });
+    // With a threshold of 0 ms every blocking write counts as slow, and with no budget one
+    // such write pauses the blocking path: the next ones within a second go through the thread
+    // pool, and still land.
+    const q = Provider.open(file, { blockingWriteSlowMs: 0, blockingStallBudgetMs: 0 });
     try {
       await q.write(0, pattern(4096, 8));
       await q.write(4096, pattern(4096, 9));
       await q.write(8192, pattern(4096, 10));
-      expect([q.blockingWrites, q.slowBlockingWrites]).toEqual([1, 1]);
+      expect([q.blockingWrites, q.slowBlockingWrites, q.blockingPauses]).toEqual([1, 1, 1]);
       expect(await q.read(0, 3 * 4096)).toEqual(
         new Uint8Array([...pattern(4096, 8), ...pattern(4096, 9), ...pattern(4096, 10)]));
     } finally {
       q.close();
     }
+  });
+
+  test("slow blocking writes pause the blocking path only once their stalls add up", () => {
+    const budget = new StallBudget(2, 20);
+    // Preemption-sized stalls (2–5 ms) spread over seconds never exhaust it.
+    for (let second = 0; second < 10; second++) {
+      expect(budget.exceeded(second * 1000 + 100, 4)).toBe(false);
+      expect(budget.exceeded(second * 1000 + 600, 5)).toBe(false);
+    }
+    // Fast writes do not count at all.
+    expect(budget.exceeded(20_000, 1.9)).toBe(false);
+    // Stalls adding up to 20 ms within a second do: 5 + 5 + 5 + 5.
+    expect([30_000, 30_200, 30_400].map((at) => budget.exceeded(at, 5))).toEqual([false, false, false]);
+    expect(budget.exceeded(30_600, 5)).toBe(true);
+    // The window starts over after a pause...
+    expect(budget.exceeded(30_700, 5)).toBe(false);
+    // ...and after a second: 15 ms, then 15 ms more 1.1 s later, is not enough.
+    expect(budget.exceeded(40_000, 15)).toBe(false);
+    expect(budget.exceeded(41_100, 15)).toBe(false);
+    // One long stall (dirty-page throttling) is enough on its own.
+    expect(budget.exceeded(50_000, 25)).toBe(true);
   });
 
   test("a second exclusive open fails with EBUSY until the first closes", async () => {

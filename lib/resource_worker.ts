@@ -323,6 +323,7 @@ function statusOf(running: Running): unknown {
   const local = {
     blockingWrites: running.provider.blockingWrites,
     slowBlockingWrites: running.provider.slowBlockingWrites,
+    blockingPauses: running.provider.blockingPauses,
   };
   if (running.primary) {
     return {
