@@ -13,8 +13,10 @@
  * The real Primary and Secondary run in-process (test/sim.ts) under random
  * concurrent writes, zeroings, trims, FUA writes, flushes and reads, while a
  * chaos loop drops the link, partitions it, fails and delays disk writes,
- * flushes and map writes on either side, and flips bits on the wire (caught by the checksum,
- * or by the link's encryption in the encrypted case). The
+ * flushes and map writes on either side, flips bits on the wire (caught by the checksum,
+ * or by the link's encryption in the encrypted case), and kills the primary mid-load (as
+ * SIGKILL: nothing it does lands afterwards) and starts a new one from the on-disk map, as the
+ * daemon restarts a crashed worker. The
  * invariant is checked synchronously after every change of a disk, a map or
  * durable state. At the end the faults stop, the pair resyncs, and both copies
  * must equal a model of every write the application was told succeeded.
@@ -27,7 +29,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { ResourceConfig } from "../lib/config.ts";
 import { seededRandom, waitFor } from "./harness.ts";
-import { eio, Sim } from "./sim.ts";
+import { eio, type Fence, Sim } from "./sim.ts";
 
 const KIB = 1024;
 const SECTOR = 512;
@@ -113,6 +115,8 @@ class ChaosRun {
   violation: string | null = null;
   checks = 0;
   drops = 0;
+  /** Times the primary was killed and restarted mid-run. */
+  crashes = 0;
   readonly counts = { ok: 0, failed: 0, reads: 0 };
   /** Faults that actually fired. */
   readonly fired = { pWriteFail: 0, sWriteFail: 0, pFlushFail: 0, sFlushFail: 0, mapFail: 0, flip: 0 };
@@ -209,10 +213,10 @@ class ChaosRun {
     };
     const tracked = (disk: typeof P, durable: DurableTracker, fault: "pFlushFail" | "sFlushFail") => {
       const flush = disk.flush.bind(disk);
-      disk.flush = async () => {
+      disk.flush = async (fence?: Fence) => {
         const snap = durable.snapshot();
         await failing(this.once(fault) ? 1 : 0, fault);
-        const ok = await flush();
+        const ok = await flush(fence);
         durable.commit(snap);
         this.check(`a ${fault === "pFlushFail" ? "primary" : "secondary"} flush`);
         return ok;
@@ -239,6 +243,18 @@ class ChaosRun {
       copy[copy.byteLength - 1 - this.pick(1024)]! ^= 1 << this.pick(8);
       return copy;
     };
+  }
+
+  /**
+   * Kills the primary mid-load (its page cache survives: what landed stays) and starts a new one
+   * from the on-disk map and metadata. Its requests in flight fail (the model marks their ranges
+   * unknown); a map write it had begun never lands.
+   */
+  private crashPrimary(): void {
+    this.sim.crashPrimary();
+    this.pendingMap = null;
+    this.crashes++;
+    this.check("a primary crash");
   }
 
   /** True once after a one-shot fault was armed. */
@@ -300,6 +316,7 @@ class ChaosRun {
       },
       () => void (this.hotExtent = this.pick(this.model.byteLength / EXTENT)),
       () => void (this.hotExtent = this.pick(this.model.byteLength / EXTENT)),
+      () => this.crashPrimary(), () => this.crashPrimary(),
     ];
     const order = actions.map((_, i) => i).sort(() => this.random() - 0.5);
     const end = performance.now() + CHAOS_MS;
@@ -429,6 +446,7 @@ for (const c of CASES) {
     await waitFor("first connect", () => run.sim.primary.status().status === "complete" || undefined,
       { timeoutMs: 5_000, intervalMs: 10 });
     await run.run();
+    expect(run.violation).toBeNull(); // first: a violation ends the chaos early
     // After its failed flush the primary flushes (and so clears and syncs) nothing more until
     // it restarts, as the daemon restarts a resource's worker; it resumes from its on-disk map.
     expect(run.sim.primary.status().localFlushFailure).toContain("injected pFlushFail");
@@ -450,6 +468,7 @@ for (const c of CASES) {
     expect(run.counts.ok).toBeGreaterThan(200);
     expect(run.counts.failed).toBeGreaterThan(0);
     expect(run.drops).toBeGreaterThan(0);
+    expect(run.crashes).toBeGreaterThan(0);
     expect(run.sim.events.filter((e) => e === "primary syncstart").length).toBeGreaterThan(0);
     expect(run.checks).toBeGreaterThan(1000);
     expect(pooled.primary).toBeGreaterThan(0);
@@ -463,7 +482,7 @@ for (const c of CASES) {
       expect(run.sim.logs.some((l) => l.includes(caughtBy))).toBe(true);
     }
     console.log(`seed ${seed}: ${run.counts.ok} ok, ${run.counts.failed} failed, ${run.counts.reads} reads, ` +
-      `${run.drops} link drops, ${run.checks} checks, ${run.sim.primaryMeta.mapWrites} map writes, ` +
+      `${run.drops} link drops, ${run.crashes} crashes, ${run.checks} checks, ${run.sim.primaryMeta.mapWrites} map writes, ` +
       `faults ${JSON.stringify(run.fired)}, slots taken / buffers reused ${JSON.stringify(pooled)}`);
   }, 60_000);
 }

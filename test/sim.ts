@@ -27,6 +27,19 @@ export function eio(what: string): Error & { code: string } {
   return Object.assign(new Error(`EIO: i/o error, ${what}`), { code: "EIO" });
 }
 
+/**
+ * What a primary process holds: once `alive` is false (the process was killed), nothing it
+ * starts or finishes lands on a disk or in the metadata, and it makes no new connection.
+ */
+export class Fence {
+  alive = true;
+
+  /** Throws, as a write of a process that is gone never happens. */
+  check(what: string): void {
+    if (!this.alive) throw Object.assign(new Error(`EIO: the process was killed before its ${what}`), { code: "EIO" });
+  }
+}
+
 /** A disk in memory; `beforeWrite` can delay or fail writes. */
 export class MemoryDisk implements DataStore {
   readonly bytes: Uint8Array;
@@ -55,15 +68,19 @@ export class MemoryDisk implements DataStore {
     buf.set(await this.read(offset, buf.byteLength));
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  async write(offset: number, data: Uint8Array, fence?: Fence): Promise<void> {
+    fence?.check("write");
     await this.beforeWrite(offset, data);
+    fence?.check("write");
     this.bytes.set(data, offset);
     this.writes++;
     this.onChange(offset, data.byteLength);
   }
 
-  async zero(offset: number, length: number): Promise<void> {
+  async zero(offset: number, length: number, fence?: Fence): Promise<void> {
+    fence?.check("zeroing");
     await this.beforeWrite(offset, new Uint8Array(0));
+    fence?.check("zeroing");
     this.bytes.fill(0, offset, offset + length);
     this.onChange(offset, length);
   }
@@ -73,8 +90,10 @@ export class MemoryDisk implements DataStore {
   flushes = 0;
   beforeFlush: () => Promise<void> = async () => {};
 
-  async flush(): Promise<boolean> {
+  async flush(fence?: Fence): Promise<boolean> {
+    fence?.check("flush");
     await this.beforeFlush();
+    fence?.check("flush");
     this.flushes++;
     if (this.flushError) throw this.flushError;
     return true;
@@ -105,8 +124,12 @@ export class MemoryMeta implements MetaStore {
   /** Can fail a metadata write (it then changes nothing, as a failed write of a slot). */
   beforeWrite: (update: Partial<Omit<Metadata, "generation">>) => Promise<void> = async () => {};
 
-  async write(update: Partial<Omit<Metadata, "generation">>): Promise<void> {
+  async write(
+    update: Partial<Omit<Metadata, "generation">>, _options?: { flush?: boolean }, fence?: Fence,
+  ): Promise<void> {
+    fence?.check("metadata write");
     await this.beforeWrite(update);
+    fence?.check("metadata write");
     this.metadata = { ...this.metadata, ...update, generation: this.metadata.generation + 1n };
   }
 
@@ -114,9 +137,11 @@ export class MemoryMeta implements MetaStore {
     return this.map.slice();
   }
 
-  async writeMap(bitmap: Uint8Array): Promise<void> {
+  async writeMap(bitmap: Uint8Array, _options?: { flush?: boolean }, fence?: Fence): Promise<void> {
+    fence?.check("map write");
     const copy = bitmap.slice();
     await this.beforeWriteMap(copy);
+    fence?.check("map write");
     this.map.set(copy.subarray(0, this.map.byteLength));
     this.mapWrites++;
     this.onMapWritten();
@@ -236,6 +261,10 @@ export class Sim {
    */
   readonly requestSlots = new RequestSlots(REQUEST_SLOTS, MAX_IO_BYTES, REQUEST_SLOT_MIN_BYTES);
   activemap!: ActiveMap;
+  /** The running primary's; a crash ends it (see crashPrimary). */
+  private fence = new Fence();
+  /** Log lines of primaries killed by crashPrimary, after their crash. */
+  readonly deadLogs: string[] = [];
   /** Primary-side ends of the connections made so far. */
   private readonly links: MemoryConnection[] = [];
 
@@ -266,8 +295,9 @@ export class Sim {
     return { run: (event: HookEvent, args: string[]) => this.events.push([side, event, ...args].join(" ")) };
   }
 
-  private log(side: string) {
-    return (level: string, message: string) => this.logs.push(`${side} ${level}: ${message}`);
+  private log(side: string, fence?: Fence) {
+    return (level: string, message: string) =>
+      (fence?.alive === false ? this.deadLogs : this.logs).push(`${side} ${level}: ${message}`);
   }
 
   /** Starts both sides; the primary connects at once. */
@@ -286,17 +316,51 @@ export class Sim {
 
   /** A new Primary over the same disk and metadata; its activemap starts from the on-disk map. */
   private startPrimary(): void {
+    const fence = new Fence();
+    this.fence = fence;
     const m = this.primaryMeta.metadata;
     this.activemap = new ActiveMap({
       extentCount: Math.ceil(m.datasizeBytes / m.extentsizeBytes), extentsizeBytes: m.extentsizeBytes,
       datasizeBytes: m.datasizeBytes, keepdirty: m.keepdirty, onDisk: this.primaryMeta.map,
     });
+    const disk = this.primaryDisk;
+    const meta = this.primaryMeta;
+    const data: DataStore = {
+      sizeBytes: disk.sizeBytes,
+      read: (offset, length) => disk.read(offset, length),
+      readInto: (offset, buf) => disk.readInto(offset, buf),
+      write: (offset, bytes) => disk.write(offset, bytes, fence),
+      zero: (offset, length) => disk.zero(offset, length, fence),
+      flush: () => disk.flush(fence),
+    };
+    const metaStore: MetaStore = {
+      get metadata() {
+        return meta.metadata;
+      },
+      write: (update, options) => meta.write(update, options, fence),
+      readMap: () => meta.readMap(),
+      writeMap: (bitmap, options) => meta.writeMap(bitmap, options, fence),
+    };
     this.primary = new Primary({
-      config: this.config(), data: this.primaryDisk, meta: this.primaryMeta, activemap: this.activemap,
-      network: this.network(), clock: systemClock, hooks: this.hooks("primary"), log: this.log("primary"),
-      pipeline: this.pipeline, requestSlots: this.requestSlots,
+      config: this.config(), data, meta: metaStore, activemap: this.activemap,
+      network: this.network(fence), clock: systemClock, hooks: this.hooks("primary"),
+      log: this.log("primary", fence), pipeline: this.pipeline, requestSlots: this.requestSlots,
     });
     this.primary.start();
+  }
+
+  /**
+   * Kills the primary as SIGKILL would, and starts a new one over the same disk and metadata (as
+   * the daemon restarts a crashed worker): from this instant nothing the old one does lands (its
+   * page cache survives, so what landed stays), its connection is gone, and its requests in
+   * flight fail. The new one starts from the on-disk map and metadata.
+   */
+  crashPrimary(): void {
+    const old = this.primary;
+    this.fence.alive = false;
+    this.dropLink("primary crashed");
+    void old.stop().catch(() => {}); // ends its loops and timers; everything it writes is fenced
+    this.startPrimary();
   }
 
   /** Stops the primary and starts it again (as the daemon restarts a resource's worker). */
@@ -305,9 +369,10 @@ export class Sim {
     this.startPrimary();
   }
 
-  private network(): Network {
+  private network(fence: Fence): Network {
     return {
       connect: async () => {
+        fence.check("connect");
         if (!this.reachable) throw new Error("unreachable (simulated partition)");
         const silent = () => this.silent;
         const client = new MemoryConnection("secondary", (b) => this.tamperToSecondary(b), silent);
