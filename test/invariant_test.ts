@@ -482,7 +482,8 @@ for (const c of CASES) {
       expect(run.sim.logs.some((l) => l.includes(caughtBy))).toBe(true);
     }
     console.log(`seed ${seed}: ${run.counts.ok} ok, ${run.counts.failed} failed, ${run.counts.reads} reads, ` +
-      `${run.drops} link drops, ${run.crashes} crashes, ${run.checks} checks, ${run.sim.primaryMeta.mapWrites} map writes, ` +
+      `${run.drops} link drops, ${run.crashes} crashes, ${run.checks} checks, ` +
+      `${run.sim.primaryMeta.mapWrites} map writes, ` +
       `faults ${JSON.stringify(run.fired)}, slots taken / buffers reused ${JSON.stringify(pooled)}`);
   }, 60_000);
 }
