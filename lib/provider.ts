@@ -80,15 +80,21 @@ const BLOCKING_WRITE_SLOW_MS = 2;
 /** ...and when such stalls add up to this much within BLOCKING_STALL_WINDOW_MS... */
 const BLOCKING_STALL_BUDGET_MS = 20;
 const BLOCKING_STALL_WINDOW_MS = 1000;
+/** For this long after a slow write, each blocking write notes whether its thread slept (ms). */
+const BLOCKING_STALL_WATCH_MS = 2000;
 /** ...every write goes through the thread pool for this long (ms). */
 const BLOCKING_WRITE_BACKOFF_MS = 1000;
 
 /**
  * Decides when blocking writes stalled the event loop too much. One slow write is not enough:
- * on this 2-core VM, 2–5 ms blocking writes came every second or so under 4 KiB QD32 load
- * (a thread preempted in the syscall, a journal commit), and pausing the blocking path for a
- * second after each sent ~40–80% of all writes through the thread pool, ~10% fewer IOPS
- * (bench/RESULTS.md). The kernel's dirty-page throttling stalls a write for 10–200 ms, and
+ * on this 2-core VM, 2–5 ms blocking writes came every second or so under 4 KiB QD32 load,
+ * and pausing the blocking path for a second after each sent ~40–80% of all writes through the
+ * thread pool, ~10% fewer IOPS (bench/RESULTS.md). Most were a thread preempted in the
+ * syscall by another busy thread: no fault of the disk, and the thread pool would not avoid it.
+ * So within WATCH_MS of a slow write, each blocking write notes whether its thread slept in the
+ * kernel (a voluntary context switch: waiting for the device, dirty-page throttling, a lock),
+ * and a slow write that did not is not counted. The first slow write after a quiet spell is
+ * counted (nothing was noted before it). Dirty-page throttling stalls a write for 10–200 ms, and
  * does so again and again: one such stall, or a few, exhaust the budget.
  */
 export class StallBudget {
@@ -96,6 +102,7 @@ export class StallBudget {
   readonly #budgetMs: number;
   #windowStartMs = -Infinity;
   #stalledMs = 0;
+  #lastSlowMs = -Infinity;
 
   constructor(slowMs = BLOCKING_WRITE_SLOW_MS, budgetMs = BLOCKING_STALL_BUDGET_MS) {
     this.#slowMs = slowMs;
@@ -107,12 +114,20 @@ export class StallBudget {
     return tookMs >= this.#slowMs;
   }
 
+  /** True when a write starting now should note whether its thread slept (see the class). */
+  watching(nowMs: number): boolean {
+    return nowMs - this.#lastSlowMs <= BLOCKING_STALL_WATCH_MS;
+  }
+
   /**
-   * Notes a write that ended at `endedMs` after `tookMs`; true when the stalls within the
-   * current window now exceed the budget (the window then starts over).
+   * Notes a write that ended at `endedMs` after `tookMs`; `slept` tells whether its thread slept
+   * in the kernel meanwhile (null: not noted). True when the stalls within the current window
+   * now exceed the budget (the window then starts over).
    */
-  exceeded(endedMs: number, tookMs: number): boolean {
+  exceeded(endedMs: number, tookMs: number, slept: boolean | null = null): boolean {
     if (!this.isSlow(tookMs)) return false;
+    this.#lastSlowMs = endedMs;
+    if (slept === false) return false; // preempted: the disk did not hold it up
     if (endedMs - this.#windowStartMs > BLOCKING_STALL_WINDOW_MS) {
       this.#windowStartMs = endedMs - tookMs;
       this.#stalledMs = 0;
@@ -150,6 +165,7 @@ function openLibc() {
       returns: FFIType.i64_fast,
     },
     __errno_location: { args: [], returns: FFIType.ptr },
+    getrusage: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
   }).symbols;
 }
 
@@ -166,6 +182,20 @@ function lastErrno(): number {
   const location = libc().__errno_location();
   assert(location !== null);
   return ffiRead.i32(location, 0);
+}
+
+const RUSAGE_THREAD = 1;
+/** struct rusage on x86_64 and aarch64 Linux: 2 timevals, then 14 longs; ru_nvcsw is the 15th field. */
+const rusage = new BigInt64Array(18);
+const RU_NVCSW = 16;
+
+/**
+ * How many times this thread has slept in the kernel (voluntary context switches; a thread
+ * preempted while runnable counts as involuntary), or -1 if getrusage failed. ~1.7 µs.
+ */
+export function threadSleeps(): number {
+  if (libc().getrusage(RUSAGE_THREAD, ptr(rusage)) !== 0) return -1;
+  return Number(rusage[RU_NVCSW]);
 }
 
 /** One iovec for preadv2, reused: JavaScript runs one call at a time per thread. */
@@ -288,6 +318,8 @@ export class Provider {
   /** Writes that took the blocking path, and those of them slower than 2 ms. */
   blockingWrites = 0;
   slowBlockingWrites = 0;
+  /** Slow blocking writes during which the thread did not sleep (preempted): not counted. */
+  preemptedBlockingWrites = 0;
   /** How many times slow blocking writes sent every write through the thread pool for 1 s. */
   blockingPauses = 0;
   #canPunch = true;
@@ -424,12 +456,19 @@ export class Provider {
     this.#assertRange(offset, data.length);
     if (this.#mayBlock(offset, data.length)) {
       const startedMs = performance.now();
+      const sleepsBefore = this.#stalls.watching(startedMs) ? threadSleeps() : -1;
       this.#writeBlocking(offset, data);
       const endedMs = performance.now();
       this.blockingWrites++;
       const tookMs = endedMs - startedMs;
-      if (this.#stalls.isSlow(tookMs)) this.slowBlockingWrites++;
-      if (this.#stalls.exceeded(endedMs, tookMs)) {
+      let slept: boolean | null = null;
+      if (this.#stalls.isSlow(tookMs)) {
+        this.slowBlockingWrites++;
+        const sleepsAfter = sleepsBefore < 0 ? -1 : threadSleeps();
+        if (sleepsAfter >= 0) slept = sleepsAfter > sleepsBefore;
+        if (slept === false) this.preemptedBlockingWrites++;
+      }
+      if (this.#stalls.exceeded(endedMs, tookMs, slept)) {
         this.blockingPauses++;
         this.#blockingPausedUntilMs = endedMs + BLOCKING_WRITE_BACKOFF_MS;
       }

@@ -6,7 +6,7 @@ import { dlopen, FFIType } from "bun:ffi";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { Provider, ProviderError, StallBudget } from "./provider.ts";
+import { Provider, ProviderError, StallBudget, threadSleeps } from "./provider.ts";
 
 const MiB = 1024 * 1024;
 let dir = "";
@@ -146,6 +146,27 @@ describe("regular file", () => {
     expect(budget.exceeded(41_100, 15)).toBe(false);
     // One long stall (dirty-page throttling) is enough on its own.
     expect(budget.exceeded(50_000, 25)).toBe(true);
+    // Within 2 s of a slow write, writes note whether their thread slept in the kernel; a slow
+    // one that did not (preempted by another thread) does not count, however long.
+    expect([budget.watching(51_900), budget.watching(52_100)]).toEqual([true, false]);
+    expect(budget.exceeded(60_000, 15)).toBe(false); // not noted: counted
+    expect(budget.watching(60_500)).toBe(true);
+    expect(budget.exceeded(60_500, 30, false)).toBe(false);
+    expect(budget.exceeded(60_600, 30, false)).toBe(false);
+    expect(budget.exceeded(60_700, 5, true)).toBe(true); // 15 + 5 ms of sleeping in the kernel
+  });
+
+  test("threadSleeps counts this thread's sleeps in the kernel, not time it spends running", () => {
+    const before = threadSleeps();
+    expect(before).toBeGreaterThanOrEqual(0);
+    const until = performance.now() + 20;
+    let spins = 0;
+    while (performance.now() < until) spins++;
+    expect(spins).toBeGreaterThan(0);
+    const afterSpinning = threadSleeps();
+    expect(afterSpinning).toBe(before);
+    Bun.sleepSync(5);
+    expect(threadSleeps()).toBeGreaterThan(afterSpinning);
   });
 
   test("a second exclusive open fails with EBUSY until the first closes", async () => {

@@ -323,6 +323,7 @@ function statusOf(running: Running): unknown {
   const local = {
     blockingWrites: running.provider.blockingWrites,
     slowBlockingWrites: running.provider.slowBlockingWrites,
+    preemptedBlockingWrites: running.provider.preemptedBlockingWrites,
     blockingPauses: running.provider.blockingPauses,
   };
   if (running.primary) {
