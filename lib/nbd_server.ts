@@ -117,6 +117,12 @@ const DEFAULT_MAX_REQUEST_BYTES = 32 * MIB;
 const DEFAULT_MAX_IN_FLIGHT = 64;
 const DEFAULT_MAX_CLIENTS = 16;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 30_000;
+/**
+ * TCP clients: keepalive probes start after this long idle (then the kernel's interval and
+ * count, 75 s × 9 by default), so a client whose host died or was cut off while idle does not
+ * hold one of maxClients forever (found by review). Unix-socket clients cannot vanish that way.
+ */
+export const NBD_TCP_KEEPALIVE_IDLE_MS = 60_000;
 /** Option data limit: a GO names at most a 4 KiB export and a few info types. */
 const MAX_OPTION_BYTES = 64 * 1024;
 /** Options per connection before we call it a denial of service and disconnect. */
@@ -443,7 +449,10 @@ class NbdConnection {
   run(): Promise<void> {
     const socket = this.#socket;
     socket.allowHalfOpen = true; // finish in-flight replies after the client's FIN
-    if (socket.remoteAddress) socket.setNoDelay(true);
+    if (socket.remoteAddress) {
+      socket.setNoDelay(true);
+      socket.setKeepAlive(true, NBD_TCP_KEEPALIVE_IDLE_MS);
+    }
     socket.on("data", (chunk: Uint8Array) => this.#onData(chunk));
     socket.on("end", () => this.#onPeerEnd());
     socket.on("drain", () => {
@@ -544,9 +553,13 @@ class NbdConnection {
 
   #atLimit(): boolean {
     const { maxInFlight, maxInFlightBytes } = this.#ctx.limits;
-    return (
-      this.#writeBlocked || this.#inFlight >= maxInFlight || this.#inFlightBytes >= maxInFlightBytes
-    );
+    // Replies waiting in the outbox count too: a read the device answers within the turn (a
+    // page-cache hit) frees its in-flight bytes at once, and only the outbox's flush, a turn
+    // later, can see the socket full. Without this, every READ buffered from the client was
+    // read and queued before that (found by review: 64 × 32 MiB READs, 1,792 bytes sent by a
+    // client that read nothing, took the worker to 1.5 GB).
+    const heldBytes = this.#inFlightBytes + this.#outboxBytes;
+    return this.#writeBlocked || this.#inFlight >= maxInFlight || heldBytes >= maxInFlightBytes;
   }
 
   #dispatch(frame: NbdClientFrame): void {
@@ -886,6 +899,8 @@ class NbdConnection {
     if (!ok && !this.#writeBlocked) {
       this.#writeBlocked = true;
       this.#pump(); // pause reading now rather than at the next request
+    } else if (ok && this.#readPaused) {
+      this.#pump(); // the outbox no longer holds bytes against maxInFlightBytes
     }
   }
 

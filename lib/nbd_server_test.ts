@@ -618,6 +618,34 @@ describe("transmission", () => {
     for (let i = 0; i < 4; i++) expect((await client.reply()).errno).toBe(0);
   });
 
+  // Found by review: a device that answers READs within the turn (a page-cache hit) freed each
+  // request's in-flight bytes at once, and only the outbox's flush, a turn later, could see the
+  // socket full: 1,792 bytes of READs had all 64 MiB read and queued in one go.
+  test("READ replies waiting to be written count against maxInFlightBytes", async () => {
+    const mib = 1 << 20;
+    await serve({ maxRequestBytes: mib, maxInFlightBytes: 4 * mib }, 64 * mib);
+    device.data.fill(7);
+    const client = await connect();
+    await client.go();
+    client.socket.pause();
+    const requests = [];
+    for (let i = 0; i < 64; i++) {
+      requests.push(encodeRequest({ type: Command.READ, flags: 0, cookie: BigInt(i), offset: i * mib, length: mib }));
+    }
+    client.write(Buffer.concat(requests));
+    await Bun.sleep(300);
+    // 4 MiB held at a time, plus what the socket's buffers took: not all 64.
+    expect(device.calls.length).toBeLessThanOrEqual(16);
+    // Reading the replies lets the rest be served, in order of completion, intact.
+    client.socket.resume();
+    for (let i = 0; i < 64; i++) {
+      const reply = await client.reply(mib);
+      expect(reply.errno).toBe(0);
+      expect(reply.data.every((b) => b === 7)).toBe(true);
+    }
+    expect(device.calls.length).toBe(64);
+  });
+
   // The client sends many large reads and reads no replies: the server must stop taking
   // requests once its send buffer is full, instead of queueing every reply in memory.
   test("a client that does not read its replies stops being served until it does", async () => {
@@ -779,6 +807,12 @@ describe("server", () => {
     await new Promise((resolve) => socket.once("connect", resolve));
     const greeting = await new Promise<Buffer>((resolve) => socket.once("data", resolve));
     expect(decodeGreeting(greeting)).toBe(3);
+    // Keepalive is on (found by review: a client host that died while idle held its maxClients
+    // slot forever); the kernel shows its timer once the greeting was acknowledged.
+    await Bun.sleep(100);
+    const ss = spawnSync("ss", ["-tnoH", "state", "established", `( sport = :${port} )`], { encoding: "utf8" });
+    expect(ss.stdout).toContain(`127.0.0.1:${port}`);
+    expect(ss.stdout).toContain("timer:(keepalive");
     socket.destroy();
   });
 

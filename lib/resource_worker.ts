@@ -52,6 +52,8 @@ export const NBD_MAX_REQUEST_BYTES = 32 * 1024 * 1024;
 /** The wire carries sector-aligned requests only (spec §7): clients do read-modify-write below. */
 export const NBD_MIN_BLOCK_BYTES = 512;
 export const NBD_MAX_IN_FLIGHT = 64;
+/** Request payloads and replies not yet taken by the socket, per client. */
+export const NBD_MAX_IN_FLIGHT_BYTES = 4 * NBD_MAX_REQUEST_BYTES;
 export const NBD_MAX_CLIENTS = 16;
 
 export interface Running {
@@ -213,6 +215,7 @@ async function startPrimary(
     maxRequestBytes: NBD_MAX_REQUEST_BYTES,
     minBlockBytes: NBD_MIN_BLOCK_BYTES,
     maxInFlight: NBD_MAX_IN_FLIGHT,
+    maxInFlightBytes: NBD_MAX_IN_FLIGHT_BYTES,
     maxClients: NBD_MAX_CLIENTS,
     log: (level, text) => log(level, `nbd: ${text}`),
   });

@@ -16,10 +16,11 @@ import {
   REQUEST_SLOT_MIN_BYTES,
 } from "./primary.ts";
 import {
-  NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_REQUEST_BYTES, NBD_MIN_BLOCK_BYTES,
+  NBD_MAX_CLIENTS, NBD_MAX_IN_FLIGHT, NBD_MAX_IN_FLIGHT_BYTES, NBD_MAX_REQUEST_BYTES, NBD_MIN_BLOCK_BYTES,
 } from "./resource_worker.ts";
 import { RECEIVE_POOL_BUFFERS, RECEIVE_POOL_MIN_BYTES } from "./secondary.ts";
 import { SYNC_CHUNK_BYTES, SYNC_FLUSH_BYTES, SYNC_FLUSH_INTERVAL_MS, SYNC_WORKERS } from "./synchronizer.ts";
+import { NBD_TCP_KEEPALIVE_IDLE_MS } from "./nbd_server.ts";
 import { formatSizeBytes } from "./units.ts";
 import { VERIFY_CHUNK_BYTES, VERIFY_LIST_MAX, VERIFY_WORKERS } from "./verifier.ts";
 import { MAX_IO_BYTES, MAX_PAYLOAD_BYTES } from "./wire.ts";
@@ -29,7 +30,9 @@ export const LIMITS = {
   nbdMaxRequestBytes: NBD_MAX_REQUEST_BYTES,
   nbdMinBlockBytes: NBD_MIN_BLOCK_BYTES,
   nbdMaxInFlightPerClient: NBD_MAX_IN_FLIGHT,
+  nbdMaxInFlightBytesPerClient: NBD_MAX_IN_FLIGHT_BYTES,
   nbdMaxClients: NBD_MAX_CLIENTS,
+  nbdTcpKeepaliveIdleMs: NBD_TCP_KEEPALIVE_IDLE_MS,
   replicationMaxIoBytes: MAX_IO_BYTES,
   replicationMaxFramePayloadBytes: MAX_PAYLOAD_BYTES,
   replicationMaxInFlight: MAX_REMOTE_IN_FLIGHT,
