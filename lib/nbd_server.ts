@@ -271,6 +271,11 @@ export class NbdServer {
   readonly limits: NbdServerLimits;
   readonly #context: ServerContext;
   readonly #connections = new Map<NbdConnection, Promise<void>>();
+  /**
+   * Clients beyond maxClients, told why in the handshake (every option but ABORT answered
+   * NBD_REP_ERR_POLICY) until they leave or the handshake timeout ends them; at most maxClients.
+   */
+  readonly #refusing = new Map<NbdConnection, Promise<void>>();
   readonly #listeners: Array<{ server: net.Server; unixPath: string | null }> = [];
   #nextConnectionId = 1;
   #closing = false;
@@ -304,7 +309,18 @@ export class NbdServer {
       counters.refusedClients++;
       const why = this.#closing ? "server is closing" : `${limits.maxClients} clients connected`;
       log("warn", `nbd: refusing connection: ${why} (maxClients ${limits.maxClients})`);
-      socket.destroy();
+      if (this.#closing || this.#refusing.size >= limits.maxClients) {
+        socket.destroy();
+        return;
+      }
+      // Told in the handshake, so that the client can say why (found by review: qemu-io said
+      // "Failed to read initial magic", nbdinfo "external event 0 is invalid").
+      const refusal = `Cannot serve '${this.#context.exportName}': ${why} (maxClients ${limits.maxClients})`;
+      const refused = new NbdConnection(this.#context, socket, this.#nextConnectionId++, refusal);
+      const ended = refused.run();
+      this.#refusing.set(refused, ended);
+      await ended;
+      this.#refusing.delete(refused);
       return;
     }
     const connection = new NbdConnection(this.#context, socket, this.#nextConnectionId++);
@@ -360,8 +376,8 @@ export class NbdServer {
     const listenersClosed = this.#listeners.map(
       ({ server }) => new Promise<void>((resolve) => server.close(() => resolve())),
     );
-    for (const connection of this.#connections.keys()) connection.shutdown();
-    await Promise.all(this.#connections.values());
+    for (const connection of [...this.#connections.keys(), ...this.#refusing.keys()]) connection.shutdown();
+    await Promise.all([...this.#connections.values(), ...this.#refusing.values()]);
     await Promise.all(listenersClosed);
     for (const { unixPath } of this.#listeners) {
       if (unixPath !== null) fs.rmSync(unixPath, { force: true });
@@ -432,9 +448,12 @@ class NbdConnection {
   #logBudget = REQUEST_LOG_BUDGET;
   #handshakeTimer: ReturnType<typeof setTimeout> | null = null;
   #graceTimer: ReturnType<typeof setTimeout> | null = null;
+  /** Why this client is refused (it is beyond maxClients), or null: see NbdServer.#refusing. */
+  readonly #refusal: string | null;
 
-  constructor(context: ServerContext, socket: net.Socket, id: number) {
+  constructor(context: ServerContext, socket: net.Socket, id: number, refusal: string | null = null) {
     this.#ctx = context;
+    this.#refusal = refusal;
     this.#socket = socket;
     const peer = socket.remoteAddress ? ` (${socket.remoteAddress}:${socket.remotePort})` : "";
     this.#label = `nbd client ${id}${peer}`;
@@ -610,6 +629,11 @@ class NbdConnection {
   #onOption(option: number, data: Uint8Array): void {
     if (++this.#optionCount > MAX_OPTIONS_PER_CONNECTION) {
       return this.#violation(`more than ${MAX_OPTIONS_PER_CONNECTION} options`);
+    }
+    if (this.#refusal !== null && option !== Option.ABORT) {
+      // EXPORT_NAME allows no error reply: the spec says close.
+      if (option === Option.EXPORT_NAME) return this.#violation(this.#refusal);
+      return this.#sendOptionReply(option, OptionReply.ERR_POLICY, this.#refusal);
     }
     switch (option) {
       case Option.EXPORT_NAME:

@@ -740,16 +740,29 @@ describe("server", () => {
     expect(device.calls.filter((c) => c.op === "write")).toHaveLength(1);
   });
 
-  test("clients beyond maxClients are closed at once with a log line", async () => {
+  test("clients beyond maxClients are told why in the handshake, with a log line", async () => {
     await serve({ maxClients: 2 });
     const a = await connect();
     const b = await connect();
     await a.go();
     await b.go();
+    // Found by review: closed before the greeting, a client could not say why.
     const c = await connect();
-    expect(await c.closesWithin(2000)).toBe(true);
+    await c.start();
+    const replies = await c.option(Option.GO, encodeInfoRequest({ name: "", infoTypes: [] }));
+    expect(replies.map(([type]) => type)).toEqual([OptionReply.ERR_POLICY]);
+    expect(new TextDecoder().decode(replies[0]![1])).toBe("Cannot serve 'data': 2 clients connected (maxClients 2)");
     expect(logs.join("\n")).toContain("refusing connection: 2 clients connected");
     expect(server!.stats()).toMatchObject({ clients: 2, refusedClients: 1 });
+    // It goes on refusing (EXPORT_NAME, which allows no error reply, closes).
+    c.write(encodeOption(Option.EXPORT_NAME, new TextEncoder().encode("data")));
+    expect(await c.closesWithin(2000)).toBe(true);
+    // Beyond maxClients refused ones too, a client is closed at once.
+    const refused = [await connect(), await connect()];
+    for (const r of refused) await r.start();
+    const e = await connect();
+    expect(await e.closesWithin(2000)).toBe(true);
+    for (const r of refused) r.destroy();
     a.destroy();
     await until(() => server!.stats().clients === 1, "a's slot to be freed");
     const d = await connect();
