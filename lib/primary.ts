@@ -874,10 +874,17 @@ export class Primary {
     if (!this.peerCanVerify) return "the secondary runs an older hast without verify";
     if (this.verifier?.progress().state === "running") return "a verify is already running";
     if (this.localBehind) return "this node is still syncing from its secondary (its copy is the older one)";
+    // Found by review: its differences would be marked for sync from this copy, which may lack
+    // writes the secondary has, and reads of those extents would then come from here.
+    if (this.data.failure() !== null) {
+      return "a flush of the local disk failed, so this copy may lack writes the secondary has: " +
+        "fail over to the secondary (README, Recovery)";
+    }
     this.verifier = new Verifier({
       link, activemap: this.o.activemap, lock: this.lock, data: this.data, log: this.o.log,
       clock: this.o.clock, rateBytesPerSecond,
       onDiffering: (extent) => this.markForSync(new Set([extent])),
+      localTrusted: () => this.data.failure() === null,
     });
     return null;
   }

@@ -166,3 +166,67 @@ test("extents that need a sync are skipped; without a secondary it does not star
   }
   await inSync(sim, "synced");
 });
+
+// Found by review: after a failed flush of the primary's disk, reads of extents in step come from
+// the secondary (the local page cache may have dropped a write). A verify compared the stale
+// local copy with the secondary's, marked the extent for sync from the primary, and reads of it
+// then came from the stale copy: the application read back data it had overwritten.
+test("after a failed local flush a verify is refused, and one running fails without marking", async () => {
+  const sim = await startPair({ replication: "memsync", keepdirty: 0 });
+  await sim.primary.write(6 * MIB, pattern(4096, 5), false);
+  await waitFor("settled", () => sim.primary.status().activemap.inFlightExtents === 0 || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  // A verify running when the flush fails: its chunks must not mark anything from then on.
+  sim.primary.setSyncRate(0);
+  let releaseReads = () => {};
+  const readsHeld = new Promise<void>((resolve) => (releaseReads = resolve));
+  sim.primaryDisk.beforeRead = async (offset) => {
+    if (offset >= 6 * MIB) await readsHeld;
+  };
+  expect(sim.primary.startVerify()).toBeNull();
+  await Bun.sleep(50);
+  sim.primaryDisk.flushError = eio("fdatasync");
+  await sim.primary.clearRound();
+  sim.primaryDisk.flushError = null;
+  sim.primaryDisk.bytes.fill(0, 6 * MIB, 6 * MIB + 4096); // the write the page cache dropped
+  releaseReads();
+  sim.primaryDisk.beforeRead = async () => {};
+  const running = await waitFor("verify ended", () => {
+    const v = sim.primary.status().verify;
+    return v && v.state !== "running" ? v : undefined;
+  }, { timeoutMs: 10_000, intervalMs: 10 });
+  expect(running.state).toBe("failed");
+  expect(running.error).toContain("a flush of the local disk failed");
+  expect(running.differingExtents).toBe(0);
+  // A new one is refused, and the write still reads back (from the secondary).
+  expect(sim.primary.startVerify()).toContain("a flush of the local disk failed");
+  expect(await sim.primary.read(6 * MIB, 4096)).toEqual(pattern(4096, 5));
+});
+
+// Found by review: a memsync write answered on the secondary's receipt that then fails on its
+// disk is already tracked (the extent is marked for sync once the primary recorded the failure's
+// generation); a verify whose reply came first reported it as a silent difference.
+for (const replication of ["memsync", "async"] as const) {
+  test(`${replication}: a write the secondary fails during a verify is no reported difference`, async () => {
+    const sim = await startPair({ replication, keepdirty: 0 });
+    // A metadata write takes a few ms on a real disk (O_DSYNC); here long enough to lose the race.
+    sim.primaryMeta.beforeWrite = async (update) => {
+      if (update.localcnt !== undefined) await Bun.sleep(300);
+    };
+    let failNext = true;
+    sim.secondaryDisk.beforeWrite = async (offset) => {
+      if (failNext && offset === 0) {
+        failNext = false;
+        throw eio("write");
+      }
+    };
+    await sim.primary.write(0, pattern(4096, 9), false); // answered before the secondary failed it
+    const result = await verify(sim);
+    expect(result.state).toBe("done");
+    expect(sim.logs.filter((l) => l.includes("verify: extent"))).toEqual([]);
+    expect(result.differingExtents).toBe(0);
+    // The failed write is resynced all the same.
+    await inSync(sim, "resynced", 15_000);
+    expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+  }, 40_000);
+}
