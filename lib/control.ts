@@ -106,7 +106,10 @@ export function controlServer(
       chunks.push(chunk.subarray(0, newline));
       const line = Buffer.concat(chunks).toString("utf8");
       chunks.length = 0;
-      answer(line, socket, handler).then(() => {
+      answer(line, socket, handler).catch((error: Error) => {
+        log("warn", `control request failed: ${error.message}`);
+        socket.destroy();
+      }).finally(() => {
         if (!socket.destroyed) deadline = closeAfter("did not close after its answer");
       });
     });
@@ -124,7 +127,54 @@ async function answer(
     socket.end(JSON.stringify({ ok: false, error: "malformed control request", exitCode: 64 }));
     return;
   }
+  const invalid = requestError(request);
+  if (invalid !== null) {
+    socket.end(JSON.stringify({ ok: false, error: `malformed control request: ${invalid}`, exitCode: 64 }) + "\n");
+    return;
+  }
   const response = await handler(request)
     .catch((error: Error) => ({ ok: false as const, error: error.message, exitCode: 70 }));
-  socket.end(JSON.stringify(response) + "\n");
+  socket.end(encodeAnswer(response) + "\n");
+}
+
+const ROLES: readonly unknown[] = ["init", "primary", "secondary"];
+
+/**
+ * What is wrong with a parsed request's fields, or null (found by review: a role request with a
+ * misspelt role stopped the resource's worker and was answered ok).
+ */
+export function requestError(request: unknown): string | null {
+  if (typeof request !== "object" || request === null || Array.isArray(request)) return "not a JSON object";
+  const r = request as Record<string, unknown>;
+  if (typeof r.command !== "string") return "no command";
+  if (r.names !== undefined && (!Array.isArray(r.names) || !r.names.every((n) => typeof n === "string"))) {
+    return "names must be a list of resource names";
+  }
+  if (r.command === "role" && !ROLES.includes(r.role)) {
+    return `role ${JSON.stringify(r.role ?? null)} is not init, primary or secondary`;
+  }
+  if (r.force !== undefined && typeof r.force !== "boolean") return "force must be true or false";
+  if (r.bytesPerSecond !== undefined &&
+    (typeof r.bytesPerSecond !== "number" || !Number.isFinite(r.bytesPerSecond) || r.bytesPerSecond < 0)) {
+    return "bytesPerSecond must be a number ≥ 0";
+  }
+  return null;
+}
+
+/**
+ * The answer's JSON, or an error in its place when it cannot be encoded or exceeds
+ * MAX_CONTROL_BYTES (the client would refuse it): the client always gets an answer.
+ */
+export function encodeAnswer(response: ControlResponse): string {
+  let text: string;
+  try {
+    text = JSON.stringify(response);
+  } catch (error) {
+    return JSON.stringify({ ok: false, error: `Cannot encode the answer: ${(error as Error).message}`, exitCode: 70 });
+  }
+  if (Buffer.byteLength(text) < MAX_CONTROL_BYTES) return text; // and the newline
+  return JSON.stringify({
+    ok: false, exitCode: 70,
+    error: `Cannot send the answer: ${Buffer.byteLength(text)} bytes exceed ${MAX_CONTROL_BYTES}; name fewer resources`,
+  });
 }

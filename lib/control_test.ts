@@ -125,3 +125,51 @@ test("a malformed request line gets a refusal, and the well-formed one an answer
   expect(await controlRequest(served.path, { command: "ping" }, 5000)).toEqual({ ok: true, value: 1 });
   await served.close();
 });
+
+// Found by review: a role request with a misspelt or missing role was passed on (the daemon
+// stopped the worker and started one in that "role", answering ok), and so were names or rates
+// of the wrong type.
+test("requests with fields of the wrong kind are refused before the handler sees them", async () => {
+  const served = await serve();
+  const refused = async (request: unknown) => {
+    const client = rawClient(served.path);
+    client.socket.write(JSON.stringify(request) + "\n");
+    const answer = JSON.parse(await client.done);
+    expect(answer).toMatchObject({ ok: false, exitCode: 64 });
+    return answer.error as string;
+  };
+  expect(await refused({ command: "role", role: "Primary", names: ["r"] }))
+    .toBe('malformed control request: role "Primary" is not init, primary or secondary');
+  expect(await refused({ command: "role", names: ["r"] })).toContain("role null is not");
+  expect(await refused({ command: "status", names: "r" })).toContain("names must be a list");
+  expect(await refused({ command: "status", names: [1] })).toContain("names must be a list");
+  expect(await refused({ command: "syncrate", bytesPerSecond: "abc" })).toContain("bytesPerSecond");
+  expect(await refused({ command: "syncrate", bytesPerSecond: -1 })).toContain("bytesPerSecond");
+  expect(await refused({ command: "role", role: "primary", force: "yes" })).toContain("force");
+  expect(await refused(null)).toContain("not a JSON object");
+  expect(await refused([1])).toContain("not a JSON object");
+  expect(served.requests).toEqual([]);
+  expect(await controlRequest(served.path, { command: "role", role: "primary", names: ["r"] }, 5000))
+    .toEqual({ ok: true, value: 1 });
+  await served.close();
+});
+
+// Found by review: an answer JSON could not encode (or the client would refuse for its size) was
+// an unhandled rejection, and the client waited for its own timeout.
+test("an answer that cannot be encoded or is too large becomes an error answer", async () => {
+  const path = join(dir, `c${sockets++}.sock`);
+  let value: unknown = 1n;
+  const server = controlServer(async () => ({ ok: true, value }), () => {});
+  await new Promise<void>((resolve) => server.listen(path, () => resolve()));
+  try {
+    const bigint = await controlRequest(path, { command: "status" }, 5000);
+    expect(bigint).toMatchObject({ ok: false, exitCode: 70 });
+    expect((bigint as { error: string }).error).toContain("Cannot encode the answer");
+    value = "x".repeat(5 * 1024 * 1024);
+    const large = await controlRequest(path, { command: "status" }, 5000);
+    expect(large).toMatchObject({ ok: false, exitCode: 70 });
+    expect((large as { error: string }).error).toContain("name fewer resources");
+  } finally {
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+});

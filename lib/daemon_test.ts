@@ -260,6 +260,20 @@ test("a reload that restarts a resource and a role command do not overlap", asyn
   await expectOneWorker(h, "secondary");
 });
 
+test("a misspelt role is refused and leaves the worker running; a resource named twice is one row", async () => {
+  const h = await startDaemon();
+  expect((await h.role("primary")).ok).toBe(true);
+  const pid = (await h.list()).workerPid;
+  // Found by review: it stopped the worker and started one in role "Primary", answering ok.
+  const refused = await h.role("Primary");
+  expect(refused).toMatchObject({ ok: false, exitCode: 64 });
+  await expectOneWorker(h, "primary");
+  expect((await h.list()).workerPid).toBe(pid);
+  // Found by review: a request naming one resource a million times built a 5 GB answer.
+  const rows = await h.request({ command: "status", names: ["r", "r", "r"] });
+  expect(rows.ok && (rows.value as unknown[]).length).toBe(1);
+});
+
 test("a crashed worker is restarted once, in its role, and a role command meanwhile wins", async () => {
   const h = await startDaemon();
   expect((await h.role("primary")).ok).toBe(true);
