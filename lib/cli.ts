@@ -398,9 +398,22 @@ async function verify(globals: Globals, rest: string[]): Promise<number> {
     process.stdout.write(`verify started on ${names.join(", ")}; "hast status --json" shows its progress\n`);
     return 0;
   }
+  /** When each resource's verify started, as first seen: another start means ours is gone. */
+  const startedAt = new Map<string, string>();
   for (;;) {
     const rows = (await request(cfg, { command: "status", names })) as Record<string, any>[];
     const results = rows.map((r) => r.verify as Record<string, any> | null);
+    // Found by review: a worker restarted mid-verify (a crash) has no verify, and this polled
+    // forever while the resource stayed primary.
+    rows.forEach((row, i) => {
+      const v = results[i];
+      const seen = startedAt.get(row.name);
+      if (v === null || (seen !== undefined && v.startedAt !== seen)) {
+        throw new ExitError(`Cannot verify "${row.name}": the verify this command started is gone (its worker ` +
+          `restarted, or the role changed); "hast status" shows the resource, run the verify again`, EX_TEMPFAIL);
+      }
+      if (seen === undefined) startedAt.set(row.name, v.startedAt);
+    });
     if (results.every((v) => v !== null && v.state !== "running")) {
       let code = 0;
       rows.forEach((row, i) => {
@@ -420,9 +433,6 @@ async function verify(globals: Globals, rest: string[]): Promise<number> {
         }
       });
       return code;
-    }
-    if (rows.some((r, i) => r.role !== "primary" && results[i] === null)) {
-      throw new ExitError("Cannot verify: a resource stopped being primary", EX_TEMPFAIL);
     }
     await Bun.sleep(VERIFY_POLL_MS);
   }

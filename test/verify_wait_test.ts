@@ -1,0 +1,98 @@
+/**
+ * `hast verify --wait` (lib/cli.ts) against a daemon whose resource worker is a fake that runs a
+ * verify that never ends: when the worker crashes and the daemon restarts it in the same role,
+ * the command must end (the verify it started is gone) instead of polling forever (found by
+ * review).
+ */
+import { expect, test } from "bun:test";
+import type { ChildProcess } from "node:child_process";
+import { EventEmitter } from "node:events";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { runCli } from "../lib/cli.ts";
+import { controlRequest } from "../lib/control.ts";
+import { Daemon, WORKER_RESTART_MS } from "../lib/daemon.ts";
+import { EX_TEMPFAIL } from "../lib/exit_codes.ts";
+import type { ToWorker } from "../lib/resource_worker.ts";
+
+/** A worker that starts at once in any role; a verify it is asked for runs until it exits. */
+class VerifyingWorker extends EventEmitter {
+  static next = 920_000;
+  readonly pid = VerifyingWorker.next++;
+  connected = true;
+  verifyStartedAt: string | null = null;
+
+  send(message: ToWorker): boolean {
+    setTimeout(() => {
+      if (!this.connected) return;
+      if (message.type === "start") return this.emit("message", { type: "ready", pid: this.pid });
+      if (message.type === "stop") return this.kill();
+      if (!("id" in message)) return;
+      let value: unknown = null;
+      if (message.type === "verify") {
+        this.verifyStartedAt = new Date().toISOString();
+        value = { refusal: null };
+      } else if (message.type === "status") {
+        const verify = this.verifyStartedAt === null ? null : {
+          state: "running", checkedBytes: 0, skippedBytes: 0, totalBytes: 1, startedAt: this.verifyStartedAt,
+        };
+        value = { status: "complete", verify };
+      }
+      this.emit("message", { type: "reply", id: message.id, value });
+    }, 1);
+    return true;
+  }
+
+  kill(): boolean {
+    if (!this.connected) return true;
+    this.connected = false;
+    this.emit("exit", 1, null);
+    return true;
+  }
+}
+
+test("`verify --wait` ends when the worker running the verify crashed and was restarted", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "hast-verify-wait-"));
+  const conf = join(dir, "hast.conf");
+  writeFileSync(conf, [
+    `control uds://${join(dir, "ctl.sock")}`, `pidfile ${join(dir, "hast.pid")}`, "listen tcp://127.0.0.1:0",
+    "resource r {", `  local ${join(dir, "r.img")}`, `  export uds://${join(dir, "r.sock")}`,
+    "  on a { remote 127.0.0.2 }", "}", "",
+  ].join("\n"));
+  const workers: VerifyingWorker[] = [];
+  const daemon = new Daemon({
+    configPath: conf, node: "a", debug: 0, signals: false,
+    spawnWorker: () => {
+      const worker = new VerifyingWorker();
+      workers.push(worker);
+      return worker as unknown as ChildProcess;
+    },
+    exit: () => {},
+  });
+  await daemon.start();
+  try {
+    const role = await controlRequest(join(dir, "ctl.sock"), { command: "role", role: "primary", names: ["r"] });
+    expect(role.ok).toBe(true);
+    let stderr = "";
+    const write = process.stderr.write.bind(process.stderr);
+    process.stderr.write = ((text: string) => {
+      stderr += text;
+      return true;
+    }) as typeof process.stderr.write;
+    const cli = runCli(["-c", conf, "--node", "a", "verify", "--wait", "r"]).finally(() => {
+      process.stderr.write = write;
+    });
+    await Bun.sleep(700); // polled at least once: the verify is running
+    workers[0]!.kill(); // a crash; the daemon restarts the worker in its role
+    await Bun.sleep(WORKER_RESTART_MS + 500);
+    expect(workers.length).toBe(2);
+    const outcome = await Promise.race([cli, Bun.sleep(5_000).then(() => "still waiting")]);
+    expect(outcome).toBe(EX_TEMPFAIL);
+    expect(stderr).toContain('Cannot verify "r": the verify this command started is gone');
+  } finally {
+    await daemon.shutdown("test end");
+    for (const worker of workers) worker.kill();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
