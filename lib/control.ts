@@ -12,6 +12,11 @@ export const MAX_CONTROL_BYTES = 4 * 1024 * 1024;
  * sends it at once), and to close once answered.
  */
 export const CONTROL_TIMEOUT_MS = 10_000;
+/**
+ * Control connections served at once; one more is answered with an error and closed. Each may
+ * hold up to MAX_CONTROL_BYTES for CONTROL_TIMEOUT_MS, so this bounds the daemon's memory.
+ */
+export const MAX_CONTROL_CONNECTIONS = 64;
 
 export interface ControlRequest {
   command: "role" | "status" | "list" | "syncrate" | "discard" | "verify" | "ping";
@@ -60,6 +65,8 @@ export function controlRequest(
 export interface ControlServerOptions {
   /** See CONTROL_TIMEOUT_MS, the default. */
   timeoutMs?: number;
+  /** See MAX_CONTROL_CONNECTIONS, the default. */
+  maxConnections?: number;
 }
 
 /**
@@ -77,7 +84,21 @@ export function controlServer(
   options: ControlServerOptions = {},
 ): net.Server {
   const timeoutMs = options.timeoutMs ?? CONTROL_TIMEOUT_MS;
+  const maxConnections = options.maxConnections ?? MAX_CONTROL_CONNECTIONS;
+  let connections = 0;
   return net.createServer((socket) => {
+    if (connections >= maxConnections) {
+      log("warn", `control connection refused: ${maxConnections} connections open`);
+      socket.on("error", () => {});
+      socket.end(JSON.stringify({
+        ok: false, error: `the daemon is busy: ${maxConnections} control connections open; try again`, exitCode: 75,
+      }) + "\n");
+      socket.resume(); // drain what it sends, so the answer is not lost to a reset
+      setTimeout(() => socket.destroy(), timeoutMs).unref?.();
+      return;
+    }
+    connections++;
+    socket.once("close", () => connections--);
     const chunks: Buffer[] = [];
     let receivedBytes = 0;
     let lineSeen = false;

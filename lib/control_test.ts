@@ -18,7 +18,9 @@ interface Served {
 }
 
 /** A control server on a fresh Unix socket whose handler records each request and answers after `delayMs`. */
-async function serve(options: { delayMs?: number; timeoutMs?: number } = {}): Promise<Served> {
+async function serve(
+  options: { delayMs?: number; timeoutMs?: number; maxConnections?: number } = {},
+): Promise<Served> {
   const path = join(dir, `c${sockets++}.sock`);
   const requests: ControlRequest[] = [];
   const logs: string[] = [];
@@ -28,7 +30,7 @@ async function serve(options: { delayMs?: number; timeoutMs?: number } = {}): Pr
     return { ok: true, value: requests.length };
   };
   const log = (level: string, message: string) => logs.push(`${level}: ${message}`);
-  const server = controlServer(handler, log, { timeoutMs: options.timeoutMs });
+  const server = controlServer(handler, log, { timeoutMs: options.timeoutMs, maxConnections: options.maxConnections });
   await new Promise<void>((resolve) => server.listen(path, () => resolve()));
   const close = () => new Promise<void>((resolve) => server.close(() => resolve()));
   const connections = () =>
@@ -172,4 +174,22 @@ test("an answer that cannot be encoded or is too large becomes an error answer",
   } finally {
     await new Promise<void>((resolve) => server.close(() => resolve()));
   }
+});
+
+// Found by review: nothing bounded the connections served at once, each of which may hold 4 MiB.
+test("a connection beyond maxConnections gets a busy answer; the next one after a close is served", async () => {
+  const served = await serve({ maxConnections: 2 });
+  const open = [rawClient(served.path), rawClient(served.path)];
+  open[0]!.socket.write("{");
+  open[1]!.socket.write("{");
+  await Bun.sleep(50);
+  const third = rawClient(served.path);
+  third.socket.write(JSON.stringify({ command: "ping" }) + "\n");
+  expect(JSON.parse(await third.done)).toMatchObject({ ok: false, exitCode: 75 });
+  expect(served.logs.join("\n")).toContain("control connection refused: 2 connections open");
+  open[0]!.socket.destroy();
+  await Bun.sleep(50);
+  expect(await controlRequest(served.path, { command: "ping" }, 5000)).toEqual({ ok: true, value: 1 });
+  open[1]!.socket.destroy();
+  await served.close();
 });

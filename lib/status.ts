@@ -9,7 +9,7 @@ import {
   PIPELINE_MIN_BYTES, PIPELINE_REGION_BYTES, PIPELINE_SLOTS, PIPELINE_THREADS,
 } from "./codec_pipeline.ts";
 import { formatAddress, type ResourceConfig } from "./config.ts";
-import { CONTROL_TIMEOUT_MS, MAX_CONTROL_BYTES } from "./control.ts";
+import { CONTROL_TIMEOUT_MS, MAX_CONTROL_BYTES, MAX_CONTROL_CONNECTIONS } from "./control.ts";
 import { MAX_RUNNING_HOOKS } from "./hooks.ts";
 import {
   ACTIVEMAP_CLEAR_INTERVAL_MS, MAX_REMOTE_IN_FLIGHT, MAX_REMOTE_IN_FLIGHT_BYTES, REQUEST_SLOTS,
@@ -58,6 +58,7 @@ export const LIMITS = {
   syncFlushIntervalMs: SYNC_FLUSH_INTERVAL_MS,
   activemapClearIntervalMs: ACTIVEMAP_CLEAR_INTERVAL_MS,
   controlMaxBytes: MAX_CONTROL_BYTES,
+  controlMaxConnections: MAX_CONTROL_CONNECTIONS,
   controlRequestTimeoutMs: CONTROL_TIMEOUT_MS,
   hooksMaxRunning: MAX_RUNNING_HOOKS,
 };
