@@ -305,6 +305,7 @@ export class Daemon {
   /** Starts an online verify on each primary resource named; fails naming those that cannot. */
   private async startVerifies(slots: Slot[], bytesPerSecond: number): Promise<ControlResponse> {
     const errors: string[] = [];
+    const started: string[] = [];
     for (const slot of slots) {
       const name = slot.config.resource;
       let refusal: unknown = `it is not primary here (role ${slot.role}); verify runs on the primary`;
@@ -312,9 +313,15 @@ export class Daemon {
         const answer = await this.ask(slot, (id) => ({ type: "verify", id, bytesPerSecond }));
         refusal = answer === null ? "its worker did not answer" : (answer as { refusal: unknown }).refusal;
       }
-      if (refusal !== null) errors.push(`Cannot verify "${name}": ${String(refusal)}`);
-      else this.log("info", `resource "${name}": verify started`);
+      if (refusal !== null) {
+        errors.push(`Cannot verify "${name}": ${String(refusal)}`);
+      } else {
+        started.push(name);
+        this.log("info", `resource "${name}": verify started`);
+      }
     }
+    // Those that started run on: say so, or the operator would take the error for all of them.
+    if (errors.length > 0 && started.length > 0) errors.push(`verify started on ${started.join(", ")} all the same`);
     if (errors.length > 0) return { ok: false, error: errors.join("\n"), exitCode: EX_UNAVAILABLE };
     return { ok: true, value: null };
   }

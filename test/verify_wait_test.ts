@@ -96,3 +96,41 @@ test("`verify --wait` ends when the worker running the verify crashed and was re
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("a verify of several resources names those it could not start and those it started", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "hast-verify-some-"));
+  const conf = join(dir, "hast.conf");
+  const resource = (name: string) => [
+    `resource ${name} {`, `  local ${join(dir, `${name}.img`)}`, `  export uds://${join(dir, `${name}.sock`)}`,
+    "  on a { remote 127.0.0.2 }", "}",
+  ];
+  writeFileSync(conf, [
+    `control uds://${join(dir, "ctl.sock")}`, `pidfile ${join(dir, "hast.pid")}`, "listen tcp://127.0.0.1:0",
+    ...resource("r"), ...resource("s"), "",
+  ].join("\n"));
+  const workers: VerifyingWorker[] = [];
+  const daemon = new Daemon({
+    configPath: conf, node: "a", debug: 0, signals: false,
+    spawnWorker: () => {
+      const worker = new VerifyingWorker();
+      workers.push(worker);
+      return worker as unknown as ChildProcess;
+    },
+    exit: () => {},
+  });
+  await daemon.start();
+  try {
+    const control = join(dir, "ctl.sock");
+    expect((await controlRequest(control, { command: "role", role: "primary", names: ["r"] })).ok).toBe(true);
+    const answer = await controlRequest(control, { command: "verify", names: ["r", "s"] });
+    expect(answer).toMatchObject({ ok: false });
+    const error = (answer as { error: string }).error;
+    expect(error).toContain('Cannot verify "s": it is not primary here (role init)');
+    expect(error).toContain("verify started on r all the same");
+    expect(workers[0]!.verifyStartedAt).not.toBeNull();
+  } finally {
+    await daemon.shutdown("test end");
+    for (const worker of workers) worker.kill();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
