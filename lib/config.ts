@@ -307,9 +307,9 @@ function applyEntry(file: string, values: Values, entry: Entry): void {
   switch (entry.key) {
     case "control":
       values.control = address(file, entry, 0);
-      if (values.control.kind === "tcp" && values.control.port === 0) {
-        valueError(file, entry, "a TCP control address needs a port");
-      }
+      // The daemon and the CLI serve and reach a Unix socket only (found by review: a tcp://
+      // address was accepted here, and the daemon then failed naming no file or line).
+      if (values.control.kind !== "unix") valueError(file, entry, "expected uds:///path (TCP control is not supported)");
       return;
     case "pidfile": values.pidfile = absolutePath(file, entry); return;
     case "listen": values.listen.push(tcpAddress(file, entry, DEFAULT_PORT)); return;
@@ -332,6 +332,7 @@ function applyEntry(file: string, values: Values, entry: Entry): void {
     case "export": values.export = address(file, entry, NBD_PORT); return;
     case "remote":
       values.remote = v === "none" ? null : tcpAddress(file, entry, DEFAULT_PORT);
+      if (values.remote?.port === 0) valueError(file, entry, "a remote needs a port from 1 to 65535");
       return;
     case "source": values.source = tcpAddress(file, entry, 0); return;
     default: assert.fail(`option ${entry.key} has no conversion`);
@@ -515,6 +516,15 @@ function resolve(file: string, tree: Section, me: Identity, override: boolean): 
     }
     seen.set(section.name, section);
     const result = resolveResource(file, section, global, me);
+    // Found by review: two resources on one export (the same `name` gives the same default
+    // socket) were accepted, and the second failed only when made primary, naming no line.
+    const exportKey = formatAddress(result.config.export);
+    const sharing = resources.find((r) => formatAddress(r.export) === exportKey);
+    if (sharing !== undefined) {
+      fail(file, section.namePos, `Cannot configure resource ${JSON.stringify(section.name)}: its export ` +
+        `${exportKey} is also resource ${JSON.stringify(sharing.resource)}'s (line ${seen.get(sharing.resource)!.pos.line}); ` +
+        `set "name" or "export"`);
+    }
     resources.push(result.config);
     matched ??= result.matched;
   }

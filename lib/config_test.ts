@@ -357,11 +357,11 @@ describe("precedence and defaults", () => {
       "pidfile /tmp/g.pid",
       "listen tcp://127.0.0.1:1",
       "listen tcp6://[::1]:2",
-      "on hosta { control tcp://127.0.0.1:3 pidfile /tmp/a.pid listen 127.0.0.2 }",
+      "on hosta { control uds:///tmp/a.ctl pidfile /tmp/a.pid listen 127.0.0.2 }",
       "on hostb { control uds:///tmp/b.ctl }",
     );
     const a = parseConfig(text, "hast.conf", { node: "hosta" });
-    expect(a.control).toEqual({ kind: "tcp", family: "tcp", host: "127.0.0.1", port: 3 });
+    expect(a.control).toEqual({ kind: "unix", path: "/tmp/a.ctl" });
     expect(a.pidfile).toBe("/tmp/a.pid");
     expect(a.listen).toEqual([{ kind: "tcp", family: "tcp", host: "127.0.0.2", port: 8457 }]);
     const b = parseConfig(text, "hast.conf", { node: "hostb" });
@@ -521,7 +521,15 @@ describe("hast.conf errors name the line and column", () => {
     expectError(lines("resource r {", "  local /dev/x", "  on hosta { remote tcp4://[::1] }",
       "}"), 3, 21, `Cannot set "remote" to "tcp4://[::1]": tcp4:// cannot take an IPv6 address`);
     expectError("listen uds:///tmp/l.sock", 1, 8, `expected a TCP address, not uds://`);
-    expectError("control tcp://127.0.0.1", 1, 9, `a TCP control address needs a port`);
+    // Found by review: the daemon and the CLI serve and reach a Unix socket only.
+    expectError("control tcp://127.0.0.1:7000", 1, 9, `expected uds:///path (TCP control is not supported)`);
+    // Found by review: a remote on port 0 was accepted, and the primary tried it forever.
+    expectError(lines("resource r {", "  local /dev/x", "  on hosta { remote 10.0.0.1:0 }", "}"), 3, 21,
+      `a remote needs a port from 1 to 65535`);
+    // Found by review: two resources on one NBD socket failed only when made primary.
+    expectError(lines("resource r {", "  name x", "  local /dev/x", "  on hosta { remote none }", "}",
+      "resource s {", "  name x", "  local /dev/y", "  on hosta { remote none }", "}"), 6, 10,
+      `Cannot configure resource "s": its export uds:///run/hast/x.sock is also resource "r"'s (line 1)`);
     expectError(lines("resource r {", "  export ftp://x", "}"), 2, 10, `unknown scheme "ftp://"`);
     expectError(lines("resource r {", "  local dev/x", "}"), 2, 9, `expected an absolute path`);
     expectError("pidfile hastd.pid", 1, 9, `expected an absolute path`);
@@ -570,6 +578,16 @@ describe("YAML", () => {
     "      hostb:",
     "        remote: 10.0.0.2",
   );
+
+  // Found by review: YAML read these keys as numbers ("007" became "7", a node "01" was "1").
+  test("a numeric-looking resource or node name keeps its text", () => {
+    const yaml = (res: string, node: string) =>
+      `resources:\n  ${res}:\n    local: /dev/x\n    on:\n      ${node}: { remote: none }\n`;
+    for (const name of ["007", "1.10", "0x1f"]) {
+      expect(parseConfig(yaml(name, "a"), "h.yaml", { node: "a" }).resources[0]!.resource).toBe(name);
+    }
+    expect(parseConfig(yaml("r", "01"), "h.yaml", { node: "01" }).resources[0]!.resource).toBe("r");
+  });
 
   test("the spec example in YAML gives the same model as hast.conf for both nodes", () => {
     for (const node of ["hosta", "hostb"]) {

@@ -65,7 +65,10 @@ class YamlFront {
     if (!isScalar(key) || key.value === null || typeof key.value === "object") {
       fail(this.file, pos, `Cannot parse key: expected a plain name`);
     }
-    return { text: String(key.value), pos };
+    // A plain key as written: YAML reads 007 or 1.10 as numbers, and a resource or node
+    // name must stay what the operator wrote (found by review: "007" became "7").
+    const plain = key.type === Scalar.PLAIN && typeof key.source === "string";
+    return { text: plain ? key.source as string : String(key.value), pos };
   }
 
   /** A mapping (null counts as empty), or an error naming what was expected. */
