@@ -173,6 +173,9 @@ export class Daemon {
     return server;
   }
 
+  /** Some listen address of the last reload could not be bound (the next SIGHUP retries). */
+  private listenIncomplete = false;
+
   private async openListener(address: NodeConfig["listen"][number]): Promise<void> {
     const server = net.createServer({ pauseOnConnect: false }, (socket) => this.onPeer(socket));
     try {
@@ -557,13 +560,21 @@ export class Daemon {
       }
       await this.reconfigure(slot, resource);
     }
-    const listenChanged = JSON.stringify(next.listen) !== JSON.stringify(this.config.listen);
+    // Also when an address of the last reload could not be bound: this SIGHUP tries it again
+    // (found by review: it was never retried, and the node could be left listening on nothing).
+    const listenChanged = this.listenIncomplete || JSON.stringify(next.listen) !== JSON.stringify(this.config.listen);
     this.config = next;
     await this.moveControl(next.control);
     this.movePidfile(this.pidfile);
     if (listenChanged) {
       for (const listener of this.listeners.splice(0)) listener.close();
       for (const address of next.listen) await this.openListener(address);
+      const missing = next.listen.length - this.listeners.length;
+      this.listenIncomplete = missing > 0;
+      if (missing > 0) {
+        this.log("error", `SIGHUP: ${missing} of ${next.listen.length} listen addresses of ${next.file} could ` +
+          "not be bound: primaries cannot reach the secondaries here on them; fix it and send SIGHUP again");
+      }
     }
     this.log("info", "configuration reloaded");
   }

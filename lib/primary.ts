@@ -86,7 +86,10 @@ export class IoError extends Error {
 
 /** What the secondary learns from our Hello and keeps for the connection, as one string. */
 function linkSettings(c: ResourceConfig): string {
-  return JSON.stringify([c.remote, c.source, c.checksum, c.compression, c.replication, c.authkey, c.encryption]);
+  // timeoutSeconds too: the link's timeout and keepalive are set when it connects (found by
+  // review: a reloaded timeout did not reach the open link).
+  return JSON.stringify([c.remote, c.source, c.checksum, c.compression, c.replication, c.authkey, c.encryption,
+    c.timeoutSeconds]);
 }
 
 export class Primary {
@@ -858,6 +861,7 @@ export class Primary {
     const config = this.o.config;
     const reconnect = linkSettings(config) !== linkSettings(next);
     Object.assign(config, next);
+    this.metaflush = next.metaflush; // found by review: kept the value the worker started with
     this.syncer?.setRate(next.syncRateBytesPerSecond);
     if (reconnect) this.link?.close("configuration changed");
     this.o.log("info", `configuration reloaded${reconnect ? "; reconnecting" : ""}`);

@@ -90,7 +90,7 @@ export class Secondary {
    * wrote since the last good flush, in a new session.
    */
   private data: ReturnType<typeof stickyFlushFailure>;
-  private readonly metaflush: boolean;
+  private metaflush: boolean;
   readonly counters = { reads: 0, writes: 0, deletes: 0, flushes: 0, verifies: 0, localErrors: 0, invalid: 0 };
   /**
    * Buffers the connection receives large payloads into (pass it to socketConnection); each is
@@ -161,7 +161,10 @@ export class Secondary {
     const timeoutMs = this.o.config.timeoutSeconds * 1000;
     const watchdog = setInterval(() => {
       const silentMs = Date.now() - lastRxMs;
-      if (silentMs > timeoutMs) conn.close(`nothing received for ${Math.round(silentMs)} ms (timeout)`);
+      // The current setting: a reload may have changed it (the tick stays as it was).
+      if (silentMs > this.o.config.timeoutSeconds * 1000) {
+        conn.close(`nothing received for ${Math.round(silentMs)} ms (timeout)`);
+      }
     }, Math.max(50, Math.min(1000, timeoutMs / 4)));
     watchdog.unref?.();
     conn.onClose = (reason) => {
@@ -194,9 +197,12 @@ export class Secondary {
   /** SIGHUP: swaps settings in place; a change of wire format drops the link. */
   reconfigure(next: ResourceConfig): void {
     const config = this.o.config;
+    // A changed remote too: the old primary must not go on writing here (found by review).
     const reconnect = config.checksum !== next.checksum || config.compression !== next.compression ||
-      config.authkey !== next.authkey || config.encryption !== next.encryption;
+      config.authkey !== next.authkey || config.encryption !== next.encryption ||
+      JSON.stringify(config.remote) !== JSON.stringify(next.remote);
     Object.assign(config, next);
+    this.metaflush = next.metaflush;
     if (reconnect) this.conn?.close("configuration changed");
   }
 
