@@ -395,7 +395,11 @@ export class Secondary {
       return pipeline.decode(frame.flags, frame.payload, frame.length, config.checksum).then(
         (payload) => {
           frame.payload = payload;
-          return !conn.closed && this.admit(conn, frame);
+          // Intact: applied even if the link closed meanwhile, like every frame that arrived
+          // before the close. Found by review: refused here, it left a gap that later writes,
+          // already admitted and waiting in the chain, were applied across (memsync and async:
+          // an image the primary never had).
+          return this.admit(conn, frame);
         },
         (error) => this.dropForBadData(conn, frame, error, inbound, arrival),
       );
