@@ -30,15 +30,20 @@ export interface ExecHookOptions {
 
 type Log = (level: "info" | "warn" | "error" | "debug", message: string) => void;
 
-/** Runs `program event resource args…` for each event (nothing when program is null). */
+/**
+ * Runs `program event resource args…` for each event (nothing when program is null). `program`
+ * may be a function, asked at each event: a worker's hooks then follow a reloaded `exec` (found
+ * by review: they kept running the program the worker started with).
+ */
 export function execHooks(
-  program: string | null, resource: string, log: Log, options: ExecHookOptions = {},
+  programOf: string | null | (() => string | null), resource: string, log: Log, options: ExecHookOptions = {},
 ): ExecHookRunner {
   const warnMs = options.warnMs ?? HOOK_WARN_MS;
   let running = 0;
   return {
     running: () => running,
     run(event, args) {
+      const program = typeof programOf === "function" ? programOf() : programOf;
       if (program === null) return;
       if (running >= MAX_RUNNING_HOOKS) {
         log("error", `hook "${program}" not run for ${event}: ${running} hooks still running`);

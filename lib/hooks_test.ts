@@ -70,3 +70,21 @@ test("a hook that outlives the warning time is reported once, and the count drop
   await until(() => hooks.running() === 0);
   expect(logs.filter((line) => line.includes("still running after 50 ms")).length).toBe(1);
 });
+
+test("a hook program given as a function is asked at each event (a reloaded exec applies)", async () => {
+  const first = markerHook();
+  const second = join(dir, "second.sh");
+  writeFileSync(second, `#!/bin/sh\ntouch "${dir}/second-$1"\n`);
+  chmodSync(second, 0o755);
+  let program: string | null = first;
+  const hooks = execHooks(() => program, "r0", () => {});
+  hooks.run("connect", []);
+  await until(() => hooks.running() === 0 && existsSync(join(dir, "ran-connect")));
+  program = second;
+  hooks.run("disconnect", []);
+  await until(() => hooks.running() === 0 && existsSync(join(dir, "second-disconnect")));
+  expect(existsSync(join(dir, "ran-disconnect"))).toBe(false);
+  program = null;
+  hooks.run("syncstart", []);
+  expect(hooks.running()).toBe(0);
+});

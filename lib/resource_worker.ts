@@ -164,7 +164,7 @@ export async function startResource(message: Extract<ToWorker, { type: "start" }
       await meta.write({ prevrole: role }, { flush: config.metaflush });
     }
     const data = providerDataStore(provider, m.dataOffsetBytes, m.datasizeBytes);
-    const hooks = execHooks(config.exec, config.resource, log);
+    const hooks = execHooks(() => config.exec, config.resource, log); // reconfigure updates config
     // Codec threads only where there is codec work to move off the event loop.
     const codecWork = config.checksum !== "none" || config.compression === "lz4";
     // The primary's request slots: its codec threads read large writes where they were received.
