@@ -253,9 +253,12 @@ export class Primary {
     const link = this.link?.isUp ? this.link : null;
     let remote: Promise<boolean> | null = null;
     if (link) {
+      // Taken now: the flush, sent once the window has room, covers at least these (writes noted
+      // meanwhile are left to the next flush, which is safe).
       const covered = this.remoteUnflushed;
       this.remoteUnflushed = new Set();
-      remote = link.call({ type: MessageType.Flush }).done.then(
+      // Within the window: the secondary counts a Flush as a request.
+      remote = link.callWhenRoom({ type: MessageType.Flush }).then((call) => call.done).then(
         (reply) => reply.error === 0 || this.remoteFlushFailed(covered, errnoName(reply.error)),
         (error: Error) => this.remoteFlushFailed(covered, error.message),
       );
@@ -840,12 +843,12 @@ export class Primary {
     await this.o.meta.write({ remotecnt: peer.localcnt, syncTarget: false }, { flush: this.metaflush });
     this.syncSource = "primary";
     this.localBehind = false;
-    const reply = await link.call({
+    const reply = await link.callWhenRoom({ // within the window: the secondary counts it
       type: MessageType.SyncDone,
       payload: new TextEncoder().encode(JSON.stringify({
         localcnt: String(peer.localcnt), remotecnt: String(seen),
       })),
-    }).done.catch((error: Error) => error);
+    }).then((call) => call.done).catch((error: Error) => error);
     if (reply instanceof Error || reply.error !== 0) {
       const why = reply instanceof Error ? reply.message : errnoName(reply.error);
       this.o.log("warn", `secondary did not confirm the end of sync: ${why}`);

@@ -358,7 +358,10 @@ export class Secondary {
    */
   private enterWindow(conn: Connection, frame: Frame, inbound: Inbound, arrival: number): (() => void) | null {
     const { type } = frame;
-    if (!isRangeRequest(type)) return () => {};
+    // Flush and SyncDone count as requests too (no bytes): each one waits for everything before
+    // it and holds a task meanwhile, so uncounted, a primary could queue any number behind a slow
+    // fdatasync (found by review). The primary sends them within its window.
+    if (!isRangeRequest(type) && type !== MessageType.Flush && type !== MessageType.SyncDone) return () => {};
     const bytes = windowBytes(type, frame.length);
     const requests = inbound.requests + 1;
     const total = inbound.bytes + bytes;

@@ -309,7 +309,8 @@ export class Synchronizer {
    * does not flush data (MetaStore.writeMap).
    */
   private async flushCopies(): Promise<void> {
-    const remote = this.o.link.call({ type: MessageType.Flush }).done;
+    // Within the window: the secondary counts a Flush as a request.
+    const remote = this.o.link.callWhenRoom({ type: MessageType.Flush }).then((call) => call.done);
     remote.catch(() => {}); // awaited below, after the local flush
     const sideHere = this.o.source === "primary" ? "primary (source)" : "primary (target)";
     await this.o.data.flush().catch((error: Error) => {

@@ -656,3 +656,23 @@ test("a secondary whose copy is the target of an unfinished sync is refused as t
   expect(error).toContain("a sync to it never completed");
   expect(sim.primary.status().syncSource).toBe("primary");
 }, 20_000);
+
+// Found by review: Flush (and SyncDone) frames were outside the window, so behind a slow
+// fdatasync a primary could queue any number on the secondary, each holding a task. The secondary
+// now counts them, and the primary sends them within its window.
+test("flushes are sent within the window: 300 behind a held flush never exceed it", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0 });
+  let openFlushes = () => {};
+  const held = new Promise<void>((resolve) => (openFlushes = resolve));
+  sim.secondaryDisk.beforeFlush = () => held;
+  const flushes = Array.from({ length: 300 }, () => sim.primary.flush());
+  await Bun.sleep(300);
+  const st = sim.primary.status();
+  expect(st.link).toBe("connected");
+  expect(st.remoteInFlight).toBeLessThanOrEqual(MAX_REMOTE_IN_FLIGHT);
+  expect(st.remoteInFlight).toBeGreaterThan(MAX_REMOTE_IN_FLIGHT / 2);
+  openFlushes();
+  await Promise.all(flushes);
+  expect(sim.logs.filter((l) => l.includes("protocol violation"))).toEqual([]);
+  expect(sim.primary.status().link).toBe("connected");
+}, 20_000);
