@@ -309,7 +309,9 @@ function applyEntry(file: string, values: Values, entry: Entry): void {
       values.control = address(file, entry, 0);
       // The daemon and the CLI serve and reach a Unix socket only (found by review: a tcp://
       // address was accepted here, and the daemon then failed naming no file or line).
-      if (values.control.kind !== "unix") valueError(file, entry, "expected uds:///path (TCP control is not supported)");
+      if (values.control.kind !== "unix") {
+        valueError(file, entry, "expected uds:///path (TCP control is not supported)");
+      }
       return;
     case "pidfile": values.pidfile = absolutePath(file, entry); return;
     case "listen": values.listen.push(tcpAddress(file, entry, DEFAULT_PORT)); return;
@@ -521,9 +523,9 @@ function resolve(file: string, tree: Section, me: Identity, override: boolean): 
     const exportKey = formatAddress(result.config.export);
     const sharing = resources.find((r) => formatAddress(r.export) === exportKey);
     if (sharing !== undefined) {
+      const line = seen.get(sharing.resource)!.pos.line;
       fail(file, section.namePos, `Cannot configure resource ${JSON.stringify(section.name)}: its export ` +
-        `${exportKey} is also resource ${JSON.stringify(sharing.resource)}'s (line ${seen.get(sharing.resource)!.pos.line}); ` +
-        `set "name" or "export"`);
+        `${exportKey} is also resource ${JSON.stringify(sharing.resource)}'s (line ${line}); set "name" or "export"`);
     }
     resources.push(result.config);
     matched ??= result.matched;

@@ -52,13 +52,17 @@ class VerifyingWorker extends EventEmitter {
   }
 }
 
-test("`verify --wait` ends when the worker running the verify crashed and was restarted", async () => {
-  const dir = mkdtempSync(join(tmpdir(), "hast-verify-wait-"));
+/** A daemon serving resources `names` (node a) whose workers are VerifyingWorkers; stop() cleans up. */
+async function startDaemon(prefix: string, names: string[]) {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
   const conf = join(dir, "hast.conf");
+  const resource = (name: string) => [
+    `resource ${name} {`, `  local ${join(dir, `${name}.img`)}`, `  export uds://${join(dir, `${name}.sock`)}`,
+    "  on a { remote 127.0.0.2 }", "}",
+  ];
   writeFileSync(conf, [
     `control uds://${join(dir, "ctl.sock")}`, `pidfile ${join(dir, "hast.pid")}`, "listen tcp://127.0.0.1:0",
-    "resource r {", `  local ${join(dir, "r.img")}`, `  export uds://${join(dir, "r.sock")}`,
-    "  on a { remote 127.0.0.2 }", "}", "",
+    ...names.flatMap(resource), "",
   ].join("\n"));
   const workers: VerifyingWorker[] = [];
   const daemon = new Daemon({
@@ -71,8 +75,18 @@ test("`verify --wait` ends when the worker running the verify crashed and was re
     exit: () => {},
   });
   await daemon.start();
+  const stop = async () => {
+    await daemon.shutdown("test end");
+    for (const worker of workers) worker.kill();
+    rmSync(dir, { recursive: true, force: true });
+  };
+  return { conf, control: join(dir, "ctl.sock"), workers, stop };
+}
+
+test("`verify --wait` ends when the worker running the verify crashed and was restarted", async () => {
+  const { conf, control, workers, stop } = await startDaemon("hast-verify-wait-", ["r"]);
   try {
-    const role = await controlRequest(join(dir, "ctl.sock"), { command: "role", role: "primary", names: ["r"] });
+    const role = await controlRequest(control, { command: "role", role: "primary", names: ["r"] });
     expect(role.ok).toBe(true);
     let stderr = "";
     const write = process.stderr.write.bind(process.stderr);
@@ -91,36 +105,13 @@ test("`verify --wait` ends when the worker running the verify crashed and was re
     expect(outcome).toBe(EX_TEMPFAIL);
     expect(stderr).toContain('Cannot verify "r": the verify this command started is gone');
   } finally {
-    await daemon.shutdown("test end");
-    for (const worker of workers) worker.kill();
-    rmSync(dir, { recursive: true, force: true });
+    await stop();
   }
 });
 
 test("a verify of several resources names those it could not start and those it started", async () => {
-  const dir = mkdtempSync(join(tmpdir(), "hast-verify-some-"));
-  const conf = join(dir, "hast.conf");
-  const resource = (name: string) => [
-    `resource ${name} {`, `  local ${join(dir, `${name}.img`)}`, `  export uds://${join(dir, `${name}.sock`)}`,
-    "  on a { remote 127.0.0.2 }", "}",
-  ];
-  writeFileSync(conf, [
-    `control uds://${join(dir, "ctl.sock")}`, `pidfile ${join(dir, "hast.pid")}`, "listen tcp://127.0.0.1:0",
-    ...resource("r"), ...resource("s"), "",
-  ].join("\n"));
-  const workers: VerifyingWorker[] = [];
-  const daemon = new Daemon({
-    configPath: conf, node: "a", debug: 0, signals: false,
-    spawnWorker: () => {
-      const worker = new VerifyingWorker();
-      workers.push(worker);
-      return worker as unknown as ChildProcess;
-    },
-    exit: () => {},
-  });
-  await daemon.start();
+  const { control, workers, stop } = await startDaemon("hast-verify-some-", ["r", "s"]);
   try {
-    const control = join(dir, "ctl.sock");
     expect((await controlRequest(control, { command: "role", role: "primary", names: ["r"] })).ok).toBe(true);
     const answer = await controlRequest(control, { command: "verify", names: ["r", "s"] });
     expect(answer).toMatchObject({ ok: false });
@@ -129,8 +120,6 @@ test("a verify of several resources names those it could not start and those it 
     expect(error).toContain("verify started on r all the same");
     expect(workers[0]!.verifyStartedAt).not.toBeNull();
   } finally {
-    await daemon.shutdown("test end");
-    for (const worker of workers) worker.kill();
-    rmSync(dir, { recursive: true, force: true });
+    await stop();
   }
 });
