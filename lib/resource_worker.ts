@@ -91,7 +91,8 @@ export function runWorker(): void {
           return;
         case "peer":
           if (running?.secondary && handle) {
-            await running.secondary.attach(socketConnection(handle, running.secondary.receivePool), message.hello);
+            const conn = socketConnection(handle, running.secondary.receivePool, { pauseWhileFull: true });
+            await running.secondary.attach(conn, message.hello);
           } else {
             handle?.destroy();
           }

@@ -125,8 +125,15 @@ export function writeSealed(
 /**
  * Wraps a connected socket in a framed Connection. Parsing starts immediately. With `pool`,
  * large payloads are received into its buffers (see BufferPool: the receiver gives them back).
+ * With `pauseWhileFull` (the secondary's side), it stops reading while what it sends waits for
+ * the peer to read: a peer that sends requests but reads no replies cannot make it queue replies
+ * without bound (found by review). Only one side may do this, or both could wait on each other;
+ * the primary always reads.
  */
-export function socketConnection(socket: net.Socket, pool: BufferPool | null = null): Connection {
+export function socketConnection(
+  socket: net.Socket, pool: BufferPool | null = null, options: { pauseWhileFull?: boolean } = {},
+): Connection {
+  const pauseWhileFull = options.pauseWhileFull === true;
   socket.setNoDelay(true);
   let closed = false;
   // Pieces not yet handed to the socket: frames queued in one turn of the event loop leave in
@@ -146,6 +153,7 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
     const written = sealer !== null ? writeSealed(socket, sealer, outbox, force) : writePieces(socket, outbox, force);
     outbox = written === outbox.length ? [] : outbox.slice(written);
     full = outbox.length > 0 || socket.writableNeedDrain;
+    if (full && pauseWhileFull) socket.pause(); // until 'drain'
   };
   const wakeDrainWaiters = () => {
     const waiters = drainWaiters;
@@ -155,7 +163,9 @@ export function socketConnection(socket: net.Socket, pool: BufferPool | null = n
   socket.on("drain", () => {
     full = false;
     flushOutbox();
-    if (!full) wakeDrainWaiters();
+    if (full) return;
+    wakeDrainWaiters();
+    if (pauseWhileFull && !closed) socket.resume();
   });
   const conn: Connection = {
     onFrame: () => {},

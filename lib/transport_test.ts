@@ -133,3 +133,48 @@ for (const sealed of [false, true]) {
       }
     }, 20_000);
 }
+
+// Found by review: a peer that sends requests within the window but reads none of the replies
+// made the secondary queue replies without bound. With pauseWhileFull it stops reading instead.
+for (const pauseWhileFull of [true, false]) {
+  test(`a connection ${pauseWhileFull ? "that pauses while full stops reading" : "that does not pause reads on"} ` +
+    "while its peer reads none of its replies", async () => {
+    const { client, peer, server } = await socketPair();
+    try {
+      // The server side answers every frame with 256 KiB; the client reads nothing.
+      const serving = socketConnection(peer, null, { pauseWhileFull });
+      let handled = 0;
+      const reply = new Uint8Array(256 * 1024);
+      serving.onFrame = (frame) => {
+        handled++;
+        const length = reply.byteLength;
+        serving.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, length, payload: reply }));
+      };
+      client.pause();
+      const frames = 400;
+      const request = new Uint8Array(16 * 1024);
+      for (let i = 0; i < frames; i++) {
+        client.write(Buffer.concat(encodeFrame({
+          type: MessageType.Write, seq: i + 1, offset: 0, length: request.byteLength, payload: request,
+        })));
+      }
+      await Bun.sleep(500);
+      if (!pauseWhileFull) {
+        expect(handled).toBe(frames); // the control: every reply queued in memory
+        return;
+      }
+      expect(handled).toBeLessThan(frames / 2);
+      // Once the client reads, everything is served.
+      let replies = 0;
+      const receiving = socketConnection(client);
+      receiving.onFrame = () => replies++;
+      client.resume();
+      for (let waited = 0; replies < frames && waited < 10_000; waited += 10) await Bun.sleep(10);
+      expect([handled, replies]).toEqual([frames, frames]);
+    } finally {
+      client.destroy();
+      peer.destroy();
+      server.close();
+    }
+  }, 20_000);
+}
