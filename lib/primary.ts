@@ -445,9 +445,8 @@ export class Primary {
    */
   private async recordLocalWritesLost(): Promise<void> {
     try {
-      if (!(await recordLocalWritesLost(this.o.meta))) return;
-      this.o.log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
-        "node again needs --force (fail over to the secondary to keep its copy)");
+      await recordLocalWritesLost(this.o.meta, this.o.log,
+        "again needs --force (fail over to the secondary to keep its copy)");
     } catch (error) {
       // Every later flush fails too (stickyFlushFailure), so the next one (a clear round's, within
       // ACTIVEMAP_CLEAR_INTERVAL_MS) tries again; metadata written meanwhile may lack the record.

@@ -251,10 +251,7 @@ export async function flushAtStart(provider: Provider, meta: MetaStore, log: Log
     return null;
   } catch (error) {
     log("error", `the first flush of the local disk failed, so writes of an earlier run may be lost: ${error}`);
-    if (await recordLocalWritesLost(meta)) {
-      log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
-        "node needs --force until a sync from the peer completes");
-    }
+    await recordLocalWritesLost(meta, log, "needs --force until a sync from the peer completes");
     return String(error);
   }
 }
@@ -278,10 +275,7 @@ export async function flushAtStop(
   }
   if (failure === null) return null;
   try {
-    if (await recordLocalWritesLost(meta)) {
-      log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
-        "node again needs --force");
-    }
+    await recordLocalWritesLost(meta, log, "again needs --force");
   } catch (error) {
     log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
   }

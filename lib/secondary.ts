@@ -545,14 +545,10 @@ export class Secondary {
 
   /** Records metadata.localWritesLost (cleared by the next completed sync, see syncDone). */
   private async recordLocalWritesLost(): Promise<void> {
-    const recorded = await recordLocalWritesLost(this.o.meta).catch((error: Error) => {
-      this.o.log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
-      return false;
-    });
-    if (recorded) {
-      this.o.log("error", "recorded in the metadata: the local disk may have lost writes; promoting this " +
-        "node needs --force until a sync from the primary completes");
-    }
+    await recordLocalWritesLost(this.o.meta, this.o.log, "needs --force until a sync from the primary completes")
+      .catch((error: Error) => {
+        this.o.log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
+      });
   }
 
   /** The primary finished the sync: our copy is complete; commit counters (spec §5). */

@@ -76,12 +76,16 @@ export function stickyFlushFailure(data: DataStore): DataStore & { failure(): st
 
 /**
  * Records metadata.localWritesLost, flushed: the local disk may have dropped cached writes, so
- * this copy must not be promoted without --force until a sync from the peer completes.
+ * this copy must not be promoted without --force until a sync from the peer completes. When it
+ * wrote the record now, logs so, ending with `promotion` (what promoting this node then needs).
  * @returns true when it wrote the record now, false when it was already there
  * @throws what the metadata write throws
  */
-export async function recordLocalWritesLost(meta: MetaStore): Promise<boolean> {
+export async function recordLocalWritesLost(
+  meta: MetaStore, log: (level: "error", message: string) => void, promotion: string,
+): Promise<boolean> {
   if (meta.metadata.localWritesLost) return false;
   await meta.write({ localWritesLost: true }, { flush: true });
+  log("error", `recorded in the metadata: the local disk may have lost writes; promoting this node ${promotion}`);
   return true;
 }
