@@ -261,6 +261,7 @@ describe("real NBD clients", () => {
       "--iodepth=16",
       "--verify=crc32c",
       "--verify_fatal=1",
+      "--verify_state_save=0", // else fio leaves local-verify-0-verify.state in the cwd
       "--output-format=json",
     ]);
     expectSuccess(result, "fio");

@@ -101,7 +101,7 @@ describe("NBD clients on a replicating primary", () => {
     const result = await run([
       "fio", "--name=verify", "--ioengine=nbd", `--uri=${c.uri("a")}`, "--rw=randwrite",
       "--bsrange=4k-64k", "--offset=16m", "--size=8m", "--iodepth=16", "--verify=crc32c",
-      "--verify_fatal=1", "--output-format=json",
+      "--verify_fatal=1", "--verify_state_save=0", "--output-format=json",
     ], { timeoutMs: 60_000 });
     const job = JSON.parse(result.stdout.slice(result.stdout.indexOf("{"))).jobs[0];
     expect(job.error).toBe(0);
