@@ -131,6 +131,8 @@ const PREFERRED_BLOCK_BYTES = 4096;
 const MAX_BLOCK_BYTES_LIMIT = 2 ** 32 - 1;
 /** After our FIN, how long the peer may take to close before we drop the socket. */
 const CLOSE_GRACE_MS = 5_000;
+/** A server shutting down answers options that arrive this long with NBD_REP_ERR_SHUTDOWN. */
+const SHUTDOWN_NEGOTIATION_MS = 1_000;
 /** Replies queued in one turn up to this size are copied into one buffer for one write. */
 const COALESCE_BYTES_MAX = 256 * 1024;
 const FLUSH_SCHEDULER = (callback: () => void) => setImmediate(callback);
@@ -496,8 +498,13 @@ class NbdConnection {
   shutdown(): void {
     this.#shutdownRequested = true;
     if (this.#state === "handshake") {
-      this.#ctx.log("info", `${this.#label}: closing during handshake: server shutdown`);
-      this.#hardClose();
+      // The NBD spec: a server going away during negotiation SHOULD answer options with
+      // NBD_REP_ERR_SHUTDOWN, so the client can say why, rather than just close. Options
+      // arriving within a short window are so answered (#onOption); then the socket closes.
+      this.#ctx.log("info", `${this.#label}: server shutdown during handshake: closing`);
+      if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+      this.#handshakeTimer = setTimeout(() => this.#hardClose(), SHUTDOWN_NEGOTIATION_MS);
+      this.#handshakeTimer.unref?.();
       return;
     }
     this.#pump();
@@ -629,6 +636,11 @@ class NbdConnection {
   #onOption(option: number, data: Uint8Array): void {
     if (++this.#optionCount > MAX_OPTIONS_PER_CONNECTION) {
       return this.#violation(`more than ${MAX_OPTIONS_PER_CONNECTION} options`);
+    }
+    if (this.#shutdownRequested && option !== Option.ABORT) {
+      // EXPORT_NAME allows no error reply: the spec says close.
+      if (option === Option.EXPORT_NAME) return this.#hardClose();
+      return this.#sendOptionReply(option, OptionReply.ERR_SHUTDOWN, "server is shutting down");
     }
     if (this.#refusal !== null && option !== Option.ABORT) {
       // EXPORT_NAME allows no error reply: the spec says close.

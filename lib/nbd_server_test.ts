@@ -791,6 +791,19 @@ describe("server", () => {
     expect(fs.existsSync(socketPath)).toBe(false);
   });
 
+  test("close() during a handshake answers options with ERR_SHUTDOWN, then closes", async () => {
+    await serve();
+    const client = await connect();
+    await client.start();
+    const closing = server!.close();
+    server = null;
+    const replies = await client.option(Option.GO, encodeInfoRequest({ name: "", infoTypes: [] }));
+    expect(replies.map(([type]) => type)).toEqual([OptionReply.ERR_SHUTDOWN]);
+    expect(new TextDecoder().decode(replies[0]![1])).toBe("server is shutting down");
+    expect(await client.closesWithin(3000)).toBe(true);
+    await closing;
+  });
+
   test("listen removes a stale socket file but refuses a live one or a regular file", async () => {
     const script = `import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])`;
     expect(spawnSync("python3", ["-c", script, socketPath]).status).toBe(0);
