@@ -25,7 +25,10 @@ for (const file of ROOTS.flatMap(files)) {
     if (line.length > MAX_LINE_CHARS) problems.push(`${where}: line of ${line.length} chars > ${MAX_LINE_CHARS}`);
     const product = file.startsWith("lib/") || file.startsWith("workers/") || file === "main.ts";
     if (product && /\bconsole\.(log|debug)\(/.test(line)) problems.push(`${where}: console output in product code`);
-    if (/\b(test|it|describe)\.(only|skip|todo)\(/.test(line)) problems.push(`${where}: focused/skipped test`);
+    if (/\b(test|it|describe)\.(only|skip|todo|skipIf|todoIf|if|failing)\(/.test(line) ||
+      /\b(xit|xtest|xdescribe)\(/.test(line)) {
+      problems.push(`${where}: focused, skipped or conditional test`);
+    }
     if (/^\s*debugger;/.test(line)) problems.push(`${where}: debugger statement`);
   });
 }
