@@ -52,5 +52,11 @@ test("a discarded secondary syncs from the primary even with split-brain counter
 
 test("inconsistent counters fall back to a full sync from the side further ahead", () => {
   // The secondary's own counter went backwards (SL < PR): restored from an old backup.
-  expect(decideSync(side(7n, 3n, 5n), side(7n, 4n, 3n))).toMatchObject({ kind: "sync", full: true });
+  expect(decideSync(side(7n, 3n, 5n), side(7n, 4n, 3n)))
+    .toMatchObject({ kind: "sync", source: "primary", full: true, reason: "counters inconsistent" });
+  // The mirror: the primary's went backwards (PL < SR) while the secondary wrote on: the
+  // secondary is further ahead, so it is the source (found by review: swapping the two
+  // directions passed every test).
+  expect(decideSync(side(7n, 2n, 3n), side(7n, 5n, 4n)))
+    .toMatchObject({ kind: "sync", source: "secondary", full: true, reason: "counters inconsistent" });
 });
