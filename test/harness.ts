@@ -33,6 +33,7 @@
  * - Processes are spawned detached (own process group); cleanup sends SIGKILL to the group
  *   while the leader is still ours (not yet reaped), so children such as hook scripts go too.
  */
+import { afterEach, beforeEach } from "bun:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, mkdtempSync, openSync, writeSync } from "node:fs";
@@ -58,6 +59,26 @@ interface CleanupAction {
 }
 
 /** A registry of cleanup actions run in reverse order; every helper here registers its own. */
+// When a test reaches its timeout, bun abandons its promise: the test's `finally { await
+// cleanup.run() }` never runs, and netns, mounts, loop devices, daemons and temp dirs stayed
+// behind (found by review). So a Cleanup created while a test runs and not yet run by it when
+// the test ends is run by this file's afterEach hook. Cleanups created outside a test (in
+// beforeAll, for a whole file) are the file's own business.
+let inTest = false;
+const notRunByTheirTest = new Set<Cleanup>();
+beforeEach(() => {
+  inTest = true;
+});
+afterEach(async () => {
+  inTest = false;
+  const left = [...notRunByTheirTest].reverse();
+  notRunByTheirTest.clear();
+  if (left.length > 0) {
+    process.stderr.write(`harness: running ${left.length} cleanup(s) the test did not reach (timed out?)\n`);
+  }
+  for (const cleanup of left) await cleanup.run();
+});
+
 export class Cleanup {
   readonly #actions: CleanupAction[] = [];
   readonly #actionTimeoutMs: number;
@@ -67,6 +88,7 @@ export class Cleanup {
   constructor(options: { actionTimeoutMs?: number } = {}) {
     this.#actionTimeoutMs = options.actionTimeoutMs ?? CLEANUP_ACTION_TIMEOUT_MS_DEFAULT;
     assert(this.#actionTimeoutMs > 0);
+    if (inTest) notRunByTheirTest.add(this);
   }
 
   /** Registers `action`; it runs before every action registered earlier. */
@@ -90,6 +112,7 @@ export class Cleanup {
    * if any failed. Idempotent: each action runs at most once; concurrent calls share one run.
    */
   run(): Promise<void> {
+    notRunByTheirTest.delete(this);
     if (this.#running === undefined) {
       this.#running = this.#runAll().finally(() => {
         this.#running = undefined;

@@ -162,7 +162,7 @@ describe("run", () => {
       await expect(run(["sh", "-c", script], { timeoutMs: 300 })).rejects.toThrow(
         "timed out after 300 ms",
       );
-      expect(Date.now() - started).toBeLessThan(5_000);
+      expect(Date.now() - started).toBeLessThan(25_000); // did not wait for the 30 s sleep
       const [shell, child] = (await readFile(pids, "utf8")).trim().split("\n").map(Number);
       await waitFor("killed processes to go", async () =>
         !(await isAlive(shell!)) && !(await isAlive(child!)));
@@ -396,8 +396,8 @@ describe("nbdfuse, loop and mount", () => {
     const uri = `nbd+unix:///?socket=${join(dir, "missing.sock")}`;
     const started = Date.now();
     try {
-      await expect(nbdfuseMount(cleanup, uri)).rejects.toThrow("Cannot mount");
-      expect(Date.now() - started).toBeLessThan(8_000);
+      // "it exited": the mount noticed nbdfuse's exit rather than waiting out its 10 s deadline.
+      await expect(nbdfuseMount(cleanup, uri)).rejects.toThrow(/Cannot mount .* it exited with code/);
     } finally {
       await cleanup.run();
     }
