@@ -22,6 +22,8 @@ class VerifyingWorker extends EventEmitter {
   readonly pid = VerifyingWorker.next++;
   connected = true;
   verifyStartedAt: string | null = null;
+  /** Status requests answered while the verify ran. */
+  polledDuringVerify = 0;
 
   send(message: ToWorker): boolean {
     setTimeout(() => {
@@ -34,6 +36,7 @@ class VerifyingWorker extends EventEmitter {
         this.verifyStartedAt = new Date().toISOString();
         value = { refusal: null };
       } else if (message.type === "status") {
+        if (this.verifyStartedAt !== null) this.polledDuringVerify++;
         const verify = this.verifyStartedAt === null ? null : {
           state: "running", checkedBytes: 0, skippedBytes: 0, totalBytes: 1, startedAt: this.verifyStartedAt,
         };
@@ -49,6 +52,14 @@ class VerifyingWorker extends EventEmitter {
     this.connected = false;
     this.emit("exit", 1, null);
     return true;
+  }
+}
+
+async function until(condition: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await Bun.sleep(20);
   }
 }
 
@@ -97,12 +108,15 @@ test("`verify --wait` ends when the worker running the verify crashed and was re
     const cli = runCli(["-c", conf, "--node", "a", "verify", "--wait", "r"]).finally(() => {
       process.stderr.write = write;
     });
-    await Bun.sleep(700); // polled at least once: the verify is running
-    workers[0]!.kill(); // a crash; the daemon restarts the worker in its role
-    await Bun.sleep(WORKER_RESTART_MS + 500);
-    expect(workers.length).toBe(2);
-    const outcome = await Promise.race([cli, Bun.sleep(5_000).then(() => "still waiting")]);
-    expect(outcome).toBe(EX_TEMPFAIL);
+    try {
+      await until(() => (workers[0]?.polledDuringVerify ?? 0) > 0, "the command to see the verify running");
+      workers[0]!.kill(); // a crash; the daemon restarts the worker in its role
+      await until(() => workers.length === 2, "the daemon to restart the worker", WORKER_RESTART_MS + 10_000);
+      const outcome = await Promise.race([cli, Bun.sleep(5_000).then(() => "still waiting")]);
+      expect(outcome).toBe(EX_TEMPFAIL);
+    } finally {
+      process.stderr.write = write; // also if the command never ends
+    }
     expect(stderr).toContain('Cannot verify "r": the verify this command started is gone');
   } finally {
     await stop();
