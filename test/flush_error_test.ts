@@ -98,7 +98,9 @@ test("a metadata write does not take the data's writeback error: FLUSH fails and
     const onDisk = await provider.read(m.dataOffsetBytes + 3 * MIB, w0.length);
     expect(Buffer.from(onDisk).equals(w0)).toBe(false);
     sim.reachable = true;
-    await Bun.sleep(3_000);
+    // Reconnected and past the decision (not after a fixed sleep, which a slow bug would pass).
+    await waitFor("the primary to reconnect and decline to sync", () =>
+      sim!.logs.some((l) => l.includes("not syncing: a flush of the local disk failed")) ? true : undefined);
     const secondary = sim.secondaryDisk.bytes.subarray(3 * MIB, 3 * MIB + w0.length);
     expect(Buffer.from(secondary).equals(w0)).toBe(true);
   } finally {
