@@ -6,7 +6,8 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { lookup } from "node:dns/promises";
-import { chmodSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { dlopen, FFIType } from "bun:ffi";
+import { chmodSync, closeSync, mkdirSync, openSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { dirname } from "node:path";
 import { type Address, formatAddress, loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
@@ -37,6 +38,11 @@ export interface DaemonOptions {
 /** A worker that exits on its own is restarted after this delay. */
 export const WORKER_RESTART_MS = 1000;
 export const WORKER_RESTART_MAX_MS = 30_000;
+/**
+ * A worker that ran this long before it crashed had recovered: its restart waits WORKER_RESTART_MS
+ * again. One that crashed sooner counts as the same trouble, and its restart waits twice as long.
+ */
+export const WORKER_STABLE_MS = 60_000;
 /** How long a worker may take to stop before it is killed. */
 export const WORKER_STOP_MS = 30_000;
 /**
@@ -67,6 +73,8 @@ interface Slot {
   lastError: string;
   /** When lastError was set (ISO 8601), "" if never: it stays after the worker recovers. */
   lastErrorAt: string;
+  /** Crashes in a row of workers that ran less than WORKER_STABLE_MS; a role command resets it. */
+  crashes: number;
   /**
    * Role changes, reload restarts and crash restarts of the resource, chained so that one runs
    * at a time: each stops the worker before it may start another, and a same-role request sees
@@ -113,6 +121,8 @@ export class Daemon {
   /** The control socket and pidfile this daemon created: shutdown removes these, not the config's. */
   private controlPath: string | null = null;
   private pidfilePath: string | null = null;
+  /** Resources a reload removed whose worker may still be stopping: shutdown waits for them too. */
+  private readonly removing = new Set<Slot>();
   /** SIGHUPs, applied one after another. */
   private reloads: Promise<void> = Promise.resolve();
   private listeners: net.Server[] = [];
@@ -132,13 +142,28 @@ export class Daemon {
     return this.options.pidfile ?? this.config.pidfile;
   }
 
-  /** Binds the control and listen sockets and writes the pidfile. */
+  /** The lock that keeps a second daemon of this control socket from starting; held until exit. */
+  private lockFd: number | null = null;
+
+  /** Takes the daemon's lock, binds the control and listen sockets and writes the pidfile. */
   async start(): Promise<void> {
-    this.control = await this.openControl(this.config.control);
-    this.controlPath = this.config.control.kind === "unix" ? this.config.control.path : null;
-    for (const address of this.config.listen) await this.openListener(address);
-    if (this.listeners.length === 0 && this.config.listen.length > 0) {
-      throw new Error("Cannot listen: no listen address could be bound");
+    const control = this.config.control;
+    if (control.kind !== "unix") throw new Error("Cannot serve control: only uds:// control addresses are supported");
+    // Before the ping: two daemons started at once both found no one answering, and the second
+    // removed the first one's control socket to bind its own (found by review). The loser then
+    // failed to bind the replication port and exited, leaving the first running and listening
+    // but unreachable: every `hast role` failed and no new daemon could start.
+    this.lockFd = lockDaemon(daemonLockPath(control.path));
+    try {
+      this.control = await this.openControl(control);
+      this.controlPath = control.path;
+      for (const address of this.config.listen) await this.openListener(address);
+      if (this.listeners.length === 0 && this.config.listen.length > 0) {
+        throw new Error("Cannot listen: no listen address could be bound");
+      }
+    } catch (error) {
+      this.closeSockets();
+      throw error;
     }
     this.writePidfile(this.pidfile);
     if (this.options.signals !== false) {
@@ -376,14 +401,25 @@ export class Daemon {
     if (old === role && (role === "init" || (slot.child !== null && !slot.stopping))) return null;
     await this.stopWorker(slot);
     slot.role = "init";
+    slot.crashes = 0;
     if (role !== "init") {
       const failure = await this.startWorker(slot, role, force);
-      if (failure) return failure;
+      if (failure) {
+        // The old worker is gone all the same (found by review: no role hook said so, and a hook
+        // that acts on leaving primary never ran).
+        if (old !== "init") this.roleChanged(slot, old, "init");
+        return failure;
+      }
     }
+    this.roleChanged(slot, old, role);
+    return null;
+  }
+
+  /** Records a change of the resource's role: logs it and runs the role hook (spec §10). */
+  private roleChanged(slot: Slot, old: Role, role: Role): void {
     slot.role = role;
     this.log("info", `resource "${slot.config.resource}": role ${old} → ${role}`);
     execHooks(slot.config.exec, slot.config.resource, this.log).run("role", [old, role]);
-    return null;
   }
 
   /** Starts the resource's one worker and resolves once it runs or failed; run only through serialise(). */
@@ -428,9 +464,11 @@ export class Daemon {
       /** The worker reported that it cannot start: its exit is that, not a crash. */
       let startFailed = false;
       let ended = false;
+      let readyAt = 0;
       child.on("message", (message: FromWorker) => {
         if (message.type === "ready" && !settled) {
           settled = true;
+          readyAt = Date.now();
           resolve(null);
         } else if (message.type === "failed" && !settled) {
           settled = true;
@@ -455,7 +493,7 @@ export class Daemon {
           settled = true;
           resolve({ message: `Cannot start worker for "${name}": ${why}`, exitCode: EX_TEMPFAIL });
         } else if (!stopped && !this.shuttingDown && !startFailed) {
-          this.onWorkerCrash(slot, role, how);
+          this.onWorkerCrash(slot, role, how, Date.now() - readyAt);
         }
       };
       child.on("exit", (code, signal) => end(`exited (${signal ?? code})`, signal ?? String(code)));
@@ -467,13 +505,21 @@ export class Daemon {
   }
 
   /**
-   * Restarts a crashed worker in the same role, retrying with a doubling delay (up to
-   * WORKER_RESTART_MAX_MS) while it cannot start, e.g. while its disk fails. The role the
-   * operator chose is kept; `hast status` shows the last error meanwhile. The restart waits for
-   * any role change under way, and gives way to it: a worker running by then is left alone.
+   * Restarts a crashed worker in the same role, after a delay that doubles (up to
+   * WORKER_RESTART_MAX_MS) with each crash of a worker that ran less than WORKER_STABLE_MS (found
+   * by review: a worker that started and crashed again at once was restarted every second for
+   * ever) and with each failed start, e.g. while its disk fails. The role the operator chose is
+   * kept; `hast status` shows the last error meanwhile. The restart waits for any role change
+   * under way, and gives way to it: a worker running by then is left alone.
    */
-  private onWorkerCrash(slot: Slot, role: WorkerRole, how: string, attempt = 0): void {
-    if (attempt === 0) setLastError(slot, `worker exited unexpectedly (${how})`);
+  private onWorkerCrash(slot: Slot, role: WorkerRole, how: string, ranMs: number): void {
+    slot.crashes = ranMs < WORKER_STABLE_MS ? slot.crashes + 1 : 1;
+    const times = slot.crashes > 1 ? `, ${slot.crashes} times in a row` : "";
+    setLastError(slot, `worker exited unexpectedly (${how})${times}`);
+    this.restartWorker(slot, role, slot.crashes - 1);
+  }
+
+  private restartWorker(slot: Slot, role: WorkerRole, attempt: number): void {
     const delayMs = Math.min(WORKER_RESTART_MS * 2 ** attempt, WORKER_RESTART_MAX_MS);
     this.log("error", `resource "${slot.config.resource}": ${slot.lastError}; restarting in ${delayMs} ms`);
     setTimeout(() => void this.serialise(slot, async () => {
@@ -481,7 +527,7 @@ export class Daemon {
       const failure = await this.startWorker(slot, role, false);
       if (!failure) return;
       setLastError(slot, `restart failed: ${failure.message}`);
-      this.onWorkerCrash(slot, role, how, attempt + 1);
+      this.restartWorker(slot, role, attempt + 1);
     }), delayMs);
   }
 
@@ -547,10 +593,11 @@ export class Daemon {
     for (const [name, slot] of this.slots) {
       if (names.has(name)) continue;
       this.slots.delete(name);
+      this.removing.add(slot);
       await this.serialise(slot, async () => {
         slot.removed = true;
         await this.changeRole(slot, "init", false);
-      });
+      }).finally(() => this.removing.delete(slot));
     }
     for (const resource of next.resources) {
       const slot = this.slots.get(resource.resource);
@@ -606,7 +653,7 @@ export class Daemon {
     if (failure) {
       setLastError(slot, `restart after reload failed: ${failure.message}`);
       this.log("error", `resource "${next.resource}": ${slot.lastError}`);
-      slot.role = "init";
+      this.roleChanged(slot, role, "init");
     }
   }
 
@@ -646,17 +693,53 @@ export class Daemon {
     if (this.shuttingDown) return;
     this.shuttingDown = true;
     this.log("info", `${why}: stopping workers`);
-    await Promise.all([...this.slots.values()].map(async (slot) => {
+    // Also those a reload is removing (found by review: shutdown exited without stopping them).
+    await Promise.all([...this.slots.values(), ...this.removing].map(async (slot) => {
       await this.stopWorker(slot);
       await slot.queue;
       assert.equal(slot.child, null, `resource "${slot.config.resource}" kept a worker after shutdown`);
     }));
-    this.control?.close();
-    for (const listener of this.listeners) listener.close();
-    if (this.controlPath !== null) rmSync(this.controlPath, { force: true });
+    this.closeSockets();
     if (this.pidfilePath !== null) rmSync(this.pidfilePath, { force: true });
+    // The lock file stays: removing it would let two daemons lock two different files.
+    if (this.lockFd !== null) closeSync(this.lockFd);
+    this.lockFd = null;
     (this.options.exit ?? process.exit)(0);
   }
+
+  /** Closes the control and listen sockets and removes the control socket this daemon created. */
+  private closeSockets(): void {
+    this.control?.close();
+    this.control = null;
+    for (const listener of this.listeners.splice(0)) listener.close();
+    if (this.controlPath !== null) rmSync(this.controlPath, { force: true });
+    this.controlPath = null;
+  }
+}
+
+/** The file a daemon locks while it serves the control socket at `controlPath`. */
+export function daemonLockPath(controlPath: string): string {
+  return `${controlPath}.lock`;
+}
+
+const LOCK_EX = 2;
+const LOCK_NB = 4;
+let flock: ((fd: number, operation: number) => number) | null = null;
+
+/**
+ * Opens and flock()s `path`, returning the descriptor to hold for the daemon's life. The kernel
+ * drops the lock when the process ends, however it ends, so a killed daemon leaves nothing that
+ * blocks the next start. The descriptor is close-on-exec: workers and hooks do not hold it.
+ * @throws with exitCode 75 when another process holds the lock
+ */
+function lockDaemon(path: string): number {
+  flock ??= dlopen("libc.so.6", { flock: { args: [FFIType.i32, FFIType.i32], returns: FFIType.i32 } }).symbols.flock;
+  mkdirSync(dirname(path), { recursive: true });
+  const fd = openSync(path, "a", 0o600);
+  if (flock(fd, LOCK_EX | LOCK_NB) === 0) return fd;
+  closeSync(fd);
+  const error = new Error(`Cannot start: a daemon already runs for this control socket (it holds "${path}")`);
+  throw Object.assign(error, { exitCode: EX_TEMPFAIL });
 }
 
 /** Starts `hast __worker` with an IPC channel. */
@@ -668,7 +751,7 @@ function spawnSelfWorker(): ChildProcess {
 function newSlot(config: ResourceConfig): Slot {
   return {
     config, role: "init", child: null, childGone: Promise.resolve(), pending: new Map(), stopping: false,
-    removed: false, lastError: "", lastErrorAt: "", queue: Promise.resolve(),
+    removed: false, lastError: "", lastErrorAt: "", crashes: 0, queue: Promise.resolve(),
   };
 }
 

@@ -400,3 +400,95 @@ test("a replication connection from an address that is no resource's remote is r
   expect(answer?.accepted).toBe(false);
   expect(String(answer?.reason)).not.toContain("is not the remote");
 });
+
+test("two daemons of one configuration started at once: one serves, the other exits 75", async () => {
+  // Found by review: both pinged the control socket before either bound it, the second removed
+  // the first's socket to bind its own, then failed to bind the replication port and exited:
+  // the first ran on, holding the port, with no control socket (every `hast role` failed).
+  const h = await startDaemon();
+  await h.daemon.shutdown("test");
+  const exits: number[] = [];
+  const make = () => new Daemon({ configPath: h.configPath, node: "a", debug: 0, signals: false,
+    spawnWorker: () => h.workers.spawn() as unknown as ChildProcess, exit: (code) => void exits.push(code) });
+  const daemons = [make(), make()];
+  const results = await Promise.allSettled(daemons.map((daemon) => daemon.start()));
+  const winner = results.findIndex((result) => result.status === "fulfilled");
+  expect(winner).not.toBe(-1);
+  const loser = results[1 - winner] as PromiseRejectedResult;
+  expect(loser.status).toBe("rejected");
+  expect(String(loser.reason)).toContain("a daemon already runs");
+  expect((loser.reason as { exitCode: number }).exitCode).toBe(75);
+  // The winner's control socket is in place and answers.
+  expect((await h.request({ command: "status" })).ok).toBe(true);
+  await daemons[winner]!.shutdown("test");
+  expect(existsSync(h.control)).toBe(false);
+  // Its lock went with it: the next daemon starts.
+  const next = make();
+  await next.start();
+  expect((await h.request({ command: "status" })).ok).toBe(true);
+  await next.shutdown("test");
+});
+
+test("shutdown while a reload removes a resource stops its worker before exiting", async () => {
+  const h = await startDaemon();
+  expect((await h.role("primary")).ok).toBe(true);
+  writeFileSync(h.configPath, renderConfig(h.dir).replace(/resource r \{[^]*\}\n/, ""));
+  const stopping = nextMessage(h.workers, "stop");
+  const reloaded = h.daemon.reload();
+  await stopping;
+  await h.daemon.shutdown("SIGTERM");
+  // Before the fix shutdown no longer saw the resource and exited with its worker still running.
+  expect(h.exitCodes).toEqual([0]);
+  expect(h.workers.live.size).toBe(0);
+  await reloaded;
+});
+
+test("a worker that crashes soon after each restart is restarted later each time", async () => {
+  // Found by review: the delay doubled only while starts failed; a worker that started and then
+  // crashed was restarted every WORKER_RESTART_MS for ever (each time reopening the disk).
+  const h = await startDaemon();
+  expect((await h.role("primary")).ok).toBe(true);
+  const restarts: number[] = [];
+  let last = Date.now();
+  for (let crash = 0; crash < 3; crash++) {
+    const before = h.workers.all.length;
+    last = Date.now();
+    [...h.workers.live][0]!.exit(1);
+    while (h.workers.all.length === before) await Bun.sleep(20);
+    restarts.push(Date.now() - last);
+    while (!h.workers.all.at(-1)!.ready) await Bun.sleep(20);
+  }
+  expect(restarts[0]).toBeLessThan(2 * WORKER_RESTART_MS);
+  expect(restarts[1]).toBeGreaterThanOrEqual(2 * WORKER_RESTART_MS - 50);
+  expect(restarts[2]).toBeGreaterThanOrEqual(4 * WORKER_RESTART_MS - 50);
+  await expectOneWorker(h, "primary");
+  expect((await h.list()).lastError).toMatch(/^worker exited unexpectedly \(1\), 3 times in a row/);
+  // A role command starts afresh.
+  expect((await h.role("secondary")).ok).toBe(true);
+  const before = h.workers.all.length;
+  last = Date.now();
+  [...h.workers.live][0]!.exit(1);
+  while (h.workers.all.length === before) await Bun.sleep(20);
+  expect(Date.now() - last).toBeLessThan(2 * WORKER_RESTART_MS);
+}, 20_000);
+
+test("a role change whose new worker cannot start still runs the role hook for leaving the old role", async () => {
+  let missing = false;
+  const h = await startDaemon((workers) => {
+    if (!missing) return workers.spawn() as unknown as ChildProcess;
+    return spawn(join(tmpdir(), "hast-no-such-worker"), [], { stdio: ["ignore", "ignore", "ignore", "ipc"] });
+  });
+  const hook = join(h.dir, "hook.sh");
+  const calls = join(h.dir, "calls");
+  writeFileSync(hook, `#!/bin/sh\necho "$@" >> ${calls}\n`, { mode: 0o755 });
+  writeFileSync(h.configPath, renderConfig(h.dir, { resource: [`exec ${hook}`] }));
+  await h.daemon.reload();
+  expect((await h.role("primary")).ok).toBe(true);
+  missing = true;
+  expect((await h.role("secondary")).ok).toBe(false);
+  expect((await h.list()).role).toBe("init");
+  const lines = async () => (existsSync(calls) ? (await Bun.file(calls).text()).trim().split("\n").sort() : []);
+  for (let i = 0; i < 100 && (await lines()).length < 2; i++) await Bun.sleep(20);
+  // Before the fix only the first: the node left primary and no hook said so.
+  expect(await lines()).toEqual(["role r init primary", "role r primary init"]);
+});

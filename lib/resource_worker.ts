@@ -67,30 +67,51 @@ export interface Running {
   stop(): Promise<void>;
 }
 
+/** Sends to the daemon while the channel is open (a closed one throws, or reports an error). */
 function send(message: FromWorker): void {
-  process.send?.(message);
+  if (process.connected) process.send?.(message);
 }
 
 /** Entry point of `hast __worker`. */
 export function runWorker(): void {
   let running: Running | null = null;
+  /**
+   * The start under way, if any. A stop, or the daemon going away, waits for it and then stops
+   * what it started (found by review: with the daemon killed while its worker started, `running`
+   * was still null, so the worker did not stop, and ran on as an unsupervised primary serving NBD
+   * and holding the disk's lock; a stop meanwhile exited before the start had finished).
+   */
+  let starting: Promise<void> | null = null;
+  /** Set once a stop or the daemon's disconnect arrived: the worker only ends from then on. */
+  let ending: Promise<never> | null = null;
+  const end = (): Promise<never> => {
+    ending ??= (async () => {
+      await starting;
+      await (running as Running | null)?.stop();
+      process.exit(0);
+    })();
+    return ending;
+  };
   let log: Logger = makeLogger("worker", 0);
   process.on("message", (message: ToWorker, handle?: Socket) => {
     void (async () => {
       switch (message.type) {
         case "start":
           log = makeLogger(`${message.config.resource}/${message.role}`, message.debug);
-          try {
-            running = await startResource(message, log);
-            send({ type: "ready", pid: process.pid });
-          } catch (error) {
-            const exitCode = exitCodeOf(error);
-            send({ type: "failed", message: (error as Error).message, exitCode });
-            setTimeout(() => process.exit(1), 50);
-          }
+          starting = (async () => {
+            try {
+              running = await startResource(message, log);
+              if (ending === null) send({ type: "ready", pid: process.pid });
+            } catch (error) {
+              const exitCode = exitCodeOf(error);
+              send({ type: "failed", message: (error as Error).message, exitCode });
+              setTimeout(() => process.exit(1), 50);
+            }
+          })();
+          await starting;
           return;
         case "peer":
-          if (running?.secondary && handle) {
+          if (running?.secondary && handle && ending === null) {
             const conn = socketConnection(handle, running.secondary.receivePool, { pauseWhileFull: true });
             await running.secondary.attach(conn, message.hello);
           } else {
@@ -115,8 +136,7 @@ export function runWorker(): void {
           running?.secondary?.reconfigure(message.config);
           return;
         case "stop":
-          await running?.stop();
-          process.exit(0);
+          await end();
       }
     })().catch((error) => {
       log("error", `worker failure: ${(error as Error).stack ?? error}`);
@@ -125,7 +145,10 @@ export function runWorker(): void {
   });
   process.on("disconnect", () => {
     // The daemon is gone: stop serving rather than run unsupervised.
-    void (running as Running | null)?.stop().finally(() => process.exit(0));
+    end().catch((error) => {
+      log("error", `stop after the daemon went away: ${(error as Error).stack ?? error}`);
+      process.exit(70);
+    });
   });
 }
 

@@ -6,9 +6,12 @@
  * serving NBD untracked. The requests go straight to the control socket so that they overlap.
  */
 import { describe, expect, test } from "bun:test";
+import { spawn } from "node:child_process";
 import net from "node:net";
+import { loadConfig } from "../lib/config.ts";
 import { controlRequest, type ControlResponse } from "../lib/control.ts";
-import { type Cluster, createCluster } from "./cluster.ts";
+import { Provider } from "../lib/provider.ts";
+import { type Cluster, createCluster, hastCommand } from "./cluster.ts";
 import { Cleanup, run } from "./harness.ts";
 
 const TEST_TIMEOUT_MS = 120_000;
@@ -75,6 +78,33 @@ describe("overlapping role commands on a real daemon", () => {
       expect(row.status).toBe("stopped");
       expect(row.workerPid).toBeNull();
       expect(await exportAnswers(c.nodes.a.socket)).toBe(false);
+    } finally {
+      await cleanup.run();
+    }
+  }, TEST_TIMEOUT_MS);
+});
+
+describe("a worker whose daemon dies while the worker starts", () => {
+  // Found by review: the worker ignored the daemon's disconnect until its start had finished,
+  // then ran on unsupervised: a primary serving NBD and holding the disk's lock, which no daemon
+  // could stop and which made the next daemon's `role primary` fail (in use).
+  test("stops once started: the export closes, the disk is unlocked, the worker exits", async () => {
+    const cleanup = new Cleanup();
+    try {
+      const c = await createCluster(cleanup);
+      await c.hast("a", ["create", "data"]);
+      const config = loadConfig(c.configPath, { node: "a" }).resources[0]!;
+      const [command, ...args] = hastCommand();
+      const worker = spawn(command!, [...args, "__worker"], { stdio: ["ignore", "inherit", "inherit", "ipc"] });
+      const exited = new Promise<number | null>((resolve) => worker.on("exit", (code) => resolve(code)));
+      cleanup.add("kill the worker", () => void worker.kill("SIGKILL"));
+      worker.send({ type: "start", role: "primary", config, force: false, debug: 0 });
+      await Bun.sleep(5); // well before the start has opened the disk and the export
+      worker.disconnect(); // what the worker sees when its daemon is SIGKILLed
+      const code = await Promise.race([exited, Bun.sleep(15_000).then(() => "still running")]);
+      expect(code).toBe(0);
+      expect(await exportAnswers(c.nodes.a.socket)).toBe(false);
+      Provider.open(c.nodes.a.image, { exclusive: true }).close();
     } finally {
       await cleanup.run();
     }
