@@ -23,7 +23,11 @@ const REQUEST_CAPACITY = 32; // smaller than the pool: the producer meets backpr
 const COMPLETION_CAPACITY = 256; // ≥ slots in flight: the asserting push suffices
 const BATCH_MAX = 64;
 const STOP = 0xffff_ffff;
-const STALL_MS = 900;
+/** A wait for completions ends at this timeout only if a wake-up was lost: the workers always
+ *  have work to complete by then. Long, so that a merely stalled thread on a loaded machine
+ *  is not taken for a lost wake-up. */
+const WAIT_TIMEOUT_MS = 10_000;
+const STALL_MS = WAIT_TIMEOUT_MS - 500;
 
 interface MainReport {
   completedHere: number;
@@ -160,7 +164,7 @@ class Driver {
 
   private async sleep(): Promise<void> {
     const start = performance.now();
-    await this.completions.waitForData(1000);
+    await this.completions.waitForData(WAIT_TIMEOUT_MS);
     this.report.sleeps++;
     const sleptMs = performance.now() - start;
     if (sleptMs > STALL_MS) {
