@@ -186,9 +186,21 @@ describe("with daemons (a detached by `serve`, b in the foreground)", () => {
       timeoutMs: 3_000,
     }).catch(() => readText(log));
     const context = `exit ${result.code}; stderr: ${result.stderr}; daemon log: ${logText}`;
-    expect(result.code, context).toBe(EX_TEMPFAIL);
-    expect(readPidfile(c, "a"), "the first daemon keeps its pidfile").toBe(served.pid);
-    expect((await c.status("a")).role).toBe("primary");
+    try {
+      expect(result.code, context).toBe(EX_TEMPFAIL);
+      expect(readPidfile(c, "a"), "the first daemon keeps its pidfile").toBe(served.pid);
+      expect((await c.status("a")).role).toBe("primary");
+    } finally {
+      // Had the second daemon started (the failure tested for), it must not outlive the test.
+      const pid = readPidfile(c, "a");
+      if (pid !== null && pid !== served.pid) {
+        try {
+          process.kill(pid, "SIGKILL");
+        } catch {
+          // it is gone already
+        }
+      }
+    }
   }, TEST_TIMEOUT_MS);
 
   test("create on the provider of a running primary exits 75 (in use)", async () => {
