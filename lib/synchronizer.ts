@@ -30,6 +30,11 @@ export const SYNC_CHUNK_BYTES = MAX_IO_BYTES;
  */
 export const SYNC_FLUSH_BYTES = 64 * 1024 * 1024;
 export const SYNC_FLUSH_INTERVAL_MS = 1000;
+/**
+ * Pause before trying again to record the end of a sync (onComplete) that failed: the sync
+ * stays running meanwhile, never "done" or quietly "interrupted" with nothing left to copy.
+ */
+export const SYNC_COMPLETE_RETRY_MS = 1000;
 
 export interface SyncProgress {
   state: "running" | "done" | "interrupted";
@@ -127,25 +132,47 @@ export class Synchronizer {
       this.o.hooks.run("syncstart", []);
     }
     this.meter = new RateMeter(this.o.clock);
-    this.lastFlushMs = this.o.clock.now();
-    const workers = await Promise.allSettled(Array.from({ length: SYNC_WORKERS }, () => this.worker()));
-    // Copied extents no flush covered (the link failed): they stay sync-needed.
-    for (const extent of this.takeUnflushed()) this.release(extent, false);
-    const failed = workers.find((w) => w.status === "rejected");
-    if (failed) throw failed.reason;
-    if (!this.o.link.isUp || am.syncExtentCount() > 0) {
-      this.state = "interrupted";
-      if (started) {
-        this.o.log("warn", `sync interrupted at ${this.doneBytes} of ${this.totalBytes} bytes`);
-        this.o.hooks.run("syncintr", []);
+    for (let attempt = 1; ; attempt++) {
+      this.lastFlushMs = this.o.clock.now();
+      const workers = await Promise.allSettled(Array.from({ length: SYNC_WORKERS }, () => this.worker()));
+      // Copied extents no flush covered (the link failed): they stay sync-needed.
+      for (const extent of this.takeUnflushed()) this.release(extent, false);
+      const failed = workers.find((w) => w.status === "rejected");
+      if (failed) throw failed.reason;
+      if (!this.o.link.isUp || am.syncExtentCount() > 0) {
+        this.state = "interrupted";
+        if (started) {
+          this.o.log("warn", `sync interrupted at ${this.doneBytes} of ${this.totalBytes} bytes`);
+          this.o.hooks.run("syncintr", []);
+        }
+        return;
       }
-      return;
+      try {
+        await this.o.onComplete();
+        if (attempt > 1) this.o.log("info", `end of sync recorded (attempt ${attempt})`);
+        break;
+      } catch (error) {
+        if (!this.o.link.isUp) throw error;
+        // Found by review: a failed metadata write here ended the sync "interrupted" with nothing
+        // left to copy, so no pass ever came again: the primary reported the pair complete while
+        // the secondary stayed a sync target (not promotable) and the counters uncommitted.
+        // Still running until recorded: copy what became dirty meanwhile, then try again.
+        if (attempt === 1) this.o.log("warn", `sync copied everything, but its end cannot be recorded: ${error}`);
+        await this.pause(SYNC_COMPLETE_RETRY_MS);
+      }
     }
-    await this.o.onComplete();
     this.state = "done";
     if (started) {
       this.o.log("info", `sync done: ${this.doneBytes} bytes`);
       this.o.hooks.run("syncdone", []);
+    }
+  }
+
+  /** Waits `ms`, or less once the link is down. */
+  private async pause(ms: number): Promise<void> {
+    const until = this.o.clock.now() + ms;
+    while (this.o.link.isUp && this.o.clock.now() < until) {
+      await this.o.clock.sleep(Math.min(50, until - this.o.clock.now()));
     }
   }
 
