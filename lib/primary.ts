@@ -112,7 +112,7 @@ export class Primary {
   private generationUnrecorded = false;
   /** The link settings our last Hello carried (the secondary orders writes by the mode). */
   private helloSettings = "";
-  /** Extents the secondary wrote since its last successful flush began: its page cache may
+  /** Extents sent to the secondary since its last successful flush began: its page cache may
    *  still lose them (a failing disk, a crash), so a failed flush or a lost link resyncs them. */
   private remoteUnflushed = new Set<number>();
   private bumping: Promise<void> | null = null;
@@ -268,11 +268,10 @@ export class Primary {
     return { localOk, remoteOk: await remote };
   }
 
-  private noteRemoteWritten(offset: number, length: number): true {
+  private noteRemoteWritten(offset: number, length: number): void {
     const am = this.o.activemap;
     const last = am.extentOf(offset + length - 1);
     for (let extent = am.extentOf(offset); extent <= last; extent++) this.remoteUnflushed.add(extent);
-    return true;
   }
 
   /** The secondary could not make its writes durable: they are resynced, never assumed. */
@@ -328,7 +327,7 @@ export class Primary {
       const remote = link ? await this.sendRemote(link, offset, length, data, fua) : null;
       if (remote) remoteReleased = remote.released;
       localResult = this.localMutate(offset, length, data, fua);
-      remoteDone = remote ? remote.done.then((ok) => ok && this.noteRemoteWritten(offset, length)) : remoteDone;
+      remoteDone = remote ? remote.done : remoteDone;
       // When to answer the application (spec §2): fullsync after both
       // writes, memsync after the local write and the early "received"
       // acknowledgement (a FUA write: after both), async after the local
@@ -390,6 +389,10 @@ export class Primary {
       } catch {
         break; // the link went down: the extents stay dirty
       }
+      // Noted as sent, not at the reply: a reply read together with the link's close (the
+      // secondary answers, then drops the link, in one write) is seen only after the close
+      // marked the unflushed extents, and its extent was then cleared undurable (found by review).
+      this.noteRemoteWritten(offset + at, pieceBytes);
       at += pieceBytes;
     }
     // Complete only if every piece went out: a zeroing of more than one frame that lost its link
@@ -681,6 +684,8 @@ export class Primary {
       timeoutMs: this.o.config.timeoutSeconds * 1000,
     });
     let result: HandshakeResult;
+    // What our Hello tells the secondary: handshakeAsPrimary takes the counters at once.
+    const helloLocalcnt = this.o.meta.metadata.localcnt;
     try {
       result = await handshakeAsPrimary(conn, {
         meta: this.o.meta,
@@ -697,7 +702,7 @@ export class Primary {
       return this.onRefused(result.reason, result.splitBrain);
     }
     try {
-      return await this.onConnected(conn, result);
+      return await this.onConnected(conn, result, helloLocalcnt);
     } catch (error) {
       conn.close(`cannot start replication: ${error}`);
       throw error;
@@ -725,6 +730,7 @@ export class Primary {
   private async onConnected(
     conn: import("./transport.ts").Connection,
     result: Extract<HandshakeResult, { kind: "accepted" }>,
+    helloLocalcnt: bigint,
   ): Promise<Promise<void>> {
     const am = this.o.activemap;
     let changed = false;
@@ -740,8 +746,20 @@ export class Primary {
     this.peerCounters = { localcnt: result.peer.localcnt, remotecnt: result.peer.remotecnt };
     // Behind only when syncing from the secondary; syncing from here makes our copy the one both hold.
     this.localBehind = result.source === "secondary" && am.syncExtentCount() > 0;
+    // Until persistMap below lands, the disk lacks the merged bits, and a write to such an extent
+    // finds its bit set in memory and would not write the map (found by review: a failed
+    // syncTarget write skipped persistMap and left it so). Writes persist the map until one lands.
+    if (changed) this.mapFailed = true;
     if (this.localBehind) await this.o.meta.write({ syncTarget: true }, { flush: this.metaflush });
     if (changed) await this.persistMap();
+    // A write made without the link since our Hello was built counted a generation the verdict
+    // above does not know (its bump was still being written, or began meanwhile): a sync from the
+    // secondary would pull its older data over that write, answered already (found by review).
+    // Connect again: the next Hello carries it, and the secondary decides again.
+    if (this.bumping !== null || this.o.meta.metadata.localcnt !== helloLocalcnt) {
+      this.syncSource = "primary";
+      throw new Error("a write the secondary lacks was counted during the handshake; connecting again");
+    }
     let onDown!: () => void;
     const down = new Promise<void>((resolve) => (onDown = resolve));
     this.link = new RemoteLink(conn, {
@@ -850,6 +868,10 @@ export class Primary {
     }).then((call) => call.done).catch((error: Error) => error);
     if (reply instanceof Error || reply.error !== 0) {
       const why = reply instanceof Error ? reply.message : errnoName(reply.error);
+      // With the link up, the Synchronizer tries again (SyncDone may be repeated): otherwise the
+      // secondary stayed a sync target, not promotable, behind a pair reported complete (found by
+      // review). With it down, the next connection's sync ends with a SyncDone of its own.
+      if (link.isUp) throw new Error(`secondary did not confirm the end of sync: ${why}`);
       this.o.log("warn", `secondary did not confirm the end of sync: ${why}`);
     }
   }

@@ -282,3 +282,28 @@ test("a sync whose end cannot be recorded at first stays running and records it 
   expect(s.secondaryMeta.metadata.remotecnt).toBe(s.primaryMeta.metadata.localcnt);
   expect(Buffer.compare(s.primaryDisk.bytes, s.secondaryDisk.bytes)).toBe(0);
 });
+
+test("a sync whose end the secondary cannot record at first is retried, not reported complete", async () => {
+  // Found by review: the primary only logged the secondary's failed SyncDone, reported the pair
+  // complete, and the secondary stayed a sync target (not promotable) until the next connect.
+  sim = await started("fullsync", 0);
+  const s = sim;
+  s.reachable = false;
+  s.dropLink("test: partition");
+  await s.primary.write(2 * MIB, pattern(4096, 6), false);
+  let fails = 1;
+  s.secondaryMeta.beforeWrite = async (update) => {
+    if (update.syncTarget !== false || update.remotecnt === undefined || fails === 0) return;
+    fails--;
+    throw eio("metadata write (injected)");
+  };
+  s.reachable = true;
+  await waitFor("the secondary to fail to record the end", () => fails === 0 || undefined,
+    { timeoutMs: 10_000, intervalMs: 5 });
+  await Bun.sleep(50);
+  expect(s.primary.status().status).toBe("syncing");
+  await inSync(s, "recorded on a later attempt");
+  expect(s.secondaryMeta.metadata.syncTarget).toBe(false);
+  expect(s.secondaryMeta.metadata.remotecnt).toBe(s.primaryMeta.metadata.localcnt);
+  expect(Buffer.compare(s.primaryDisk.bytes, s.secondaryDisk.bytes)).toBe(0);
+});

@@ -676,3 +676,31 @@ test("flushes are sent within the window: 300 behind a held flush never exceed i
   expect(sim.logs.filter((l) => l.includes("protocol violation"))).toEqual([]);
   expect(sim.primary.status().link).toBe("connected");
 }, 20_000);
+
+test("the secondary's map merged at connect is on disk before a write lands, even when the connect fails", async () => {
+  // Found by review: the merge set the bits in memory, the syncTarget write after it failed, and
+  // persistMap after that was skipped. A write to a merged extent then found its bit set and wrote
+  // no map: its data landed with the bit clear on disk, so a crash would forget the extent.
+  const sim = track(new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 2 }));
+  const shared = { resuid: 77n, remotecnt: 1n };
+  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
+  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+  sim.secondaryMeta.map[0] = 0b0100; // the secondary wrote extent 2 while it was primary
+  let failed = false;
+  sim.primaryMeta.beforeWrite = async (update) => {
+    if (update.syncTarget !== true || failed) return;
+    failed = true;
+    sim.reachable = false; // no new connection until the write below is done
+    throw eio("metadata write (injected)");
+  };
+  sim.start();
+  await waitFor("the connect to fail after the merge", () => failed || undefined, { timeoutMs: 5_000, intervalMs: 5 });
+  await waitFor("the link down", () => sim.primary.status().link !== "connected" || undefined,
+    { timeoutMs: 5_000, intervalMs: 5 });
+  let bitOnDiskAtWrite: boolean | null = null;
+  sim.primaryDisk.beforeWrite = async (offset) => {
+    if (offset >= 2 * MIB && offset < 3 * MIB) bitOnDiskAtWrite = (sim.primaryMeta.map[0]! & 0b0100) !== 0;
+  };
+  await sim.primary.write(2 * MIB, pattern(4096, 3), false).catch(() => {});
+  expect(bitOnDiskAtWrite).toBe(true);
+});

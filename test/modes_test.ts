@@ -13,12 +13,15 @@
  * - in memsync and async, no write that arrived after a corrupt one is applied or has its
  *   receipt acknowledged, also when the corrupt one is verified on a codec thread and a later
  *   small one inline first: the secondary's image stays a state the primary had. A corrupt
- *   sync copy leaves no such gap: writes acknowledged after it are applied.
+ *   sync copy leaves no such gap: writes acknowledged after it are applied;
+ * - a write made without the link while a connection is set up to a newer secondary is never
+ *   pulled over by that secondary's older copy: the primary connects again and sees split-brain;
+ * - a write whose reply is read together with the link's close stays dirty until resynced.
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { eio, Sim } from "./sim.ts";
-import { FrameFlag, HEADER_BYTES, MessageType } from "../lib/wire.ts";
+import { eio, pattern, Sim } from "./sim.ts";
+import { FrameFlag, HEADER_BYTES, MessageType, type Frame } from "../lib/wire.ts";
 
 let sim: Sim | null = null;
 afterEach(async () => {
@@ -503,5 +506,78 @@ for (const replication of ["async", "memsync"] as const) {
     const hasB = Buffer.compare(disk.subarray(2 * MIB, 2 * MIB + 4096), b) === 0;
     expect(hasB && !hasA).toBe(false);
     expect(hasA).toBe(true); // verified intact before the close: applied
+  }, 20_000);
+}
+
+for (const replication of ["fullsync", "memsync", "async"] as const) {
+  test(`${replication}: a write counted while the handshake runs is never pulled over from a newer secondary`,
+    async () => {
+      // Found by review: the Hello carried localcnt 1 while the first write's bump was still being
+      // written; the secondary (localcnt 2) answered "primary is behind", the write landed locally
+      // and was answered, and the sync from the secondary then overwrote it on both copies.
+      const s = new Sim({ replication, keepdirty: 0, timeoutSeconds: 2 });
+      sim = s;
+      const shared = { resuid: 77n, remotecnt: 1n };
+      Object.assign(s.primaryMeta.metadata, shared, { localcnt: 1n });
+      Object.assign(s.secondaryMeta.metadata, shared, { localcnt: 2n });
+      s.secondaryMeta.map[0] = 0b0100; // the secondary wrote extent 2 while it was primary
+      s.secondaryDisk.bytes.fill(9, 2 * MIB, 3 * MIB);
+      s.primaryDisk.bytes.fill(1, 2 * MIB, 3 * MIB);
+      s.primaryMeta.beforeWrite = async (update) => {
+        if (update.localcnt !== undefined) await Bun.sleep(100); // the bump lands after the Hello
+        if (update.syncTarget === true) await Bun.sleep(500); // the write is answered meanwhile
+      };
+      s.start();
+      const W = 2 * MIB;
+      await s.primary.write(W, pattern(4096, 5), false); // answered success
+      await waitFor("split-brain", () => s.primary.status().link === "split-brain" || undefined,
+        { timeoutMs: 5_000, intervalMs: 10 });
+      await Bun.sleep(300);
+      expect(Buffer.compare(s.primaryDisk.bytes.subarray(W, W + 4096), pattern(4096, 5))).toBe(0);
+      expect(s.secondaryDisk.bytes.subarray(2 * MIB, 3 * MIB).every((b) => b === 9)).toBe(true);
+    }, 20_000);
+}
+
+/** The primary's link, as far as the test below reaches into it. */
+interface LinkInternals {
+  conn: { onFrame: (frame: Frame) => void; close(reason: string): void };
+  call: (frame: Partial<Frame> & { type: MessageType }) => unknown;
+  nextSeq: number;
+}
+
+for (const replication of ["fullsync", "memsync", "async"] as const) {
+  test(`${replication}: a write whose reply is read together with the link's close stays dirty`, async () => {
+    // Found by review: a secondary whose flush failed answers the writes in progress, then drops
+    // the link, in one socket write, so the primary reads the reply and the Goodbye in one turn.
+    // The close marked the extents sent since the last good flush before the reply's extent was
+    // noted, and the next clear round cleared it on disk: the secondary's copy may lack the write.
+    const s = new Sim({ replication, keepdirty: 0, timeoutSeconds: 5 });
+    sim = s;
+    s.start();
+    await connected(s);
+    s.reachable = false; // no reconnect: the extent must stay dirty until one
+    const link = (s.primary as unknown as { link: LinkInternals }).link;
+    let writeSeq = -1;
+    const call = link.call.bind(link);
+    link.call = (frame) => {
+      if (frame.type === MessageType.Write && writeSeq < 0) writeSeq = link.nextSeq;
+      return call(frame);
+    };
+    const deliver = link.conn.onFrame;
+    link.conn.onFrame = (frame) => {
+      deliver(frame);
+      if (frame.type === MessageType.Reply && !(frame.flags & FrameFlag.Received) && frame.seq === writeSeq) {
+        link.conn.close("peer closed the connection: flush failed"); // the Goodbye, in the same read
+      }
+    };
+    const W = 4 * MIB;
+    await s.primary.write(W, pattern(4096, 3), false);
+    await waitFor("written and disconnected", () => {
+      const st = s.primary.status();
+      return st.link !== "connected" && st.activemap.inFlightExtents === 0 || undefined;
+    }, { timeoutMs: 3_000, intervalMs: 5 });
+    await s.primary.clearRound();
+    expect(s.activemap.anySyncNeeded(W, 4096)).toBe(true);
+    expect(s.primaryMeta.map[0]! & (1 << 4)).not.toBe(0); // extent 4 still set on disk
   }, 20_000);
 }
