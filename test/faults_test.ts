@@ -697,10 +697,10 @@ test("the secondary's map merged at connect is on disk before a write lands, eve
   await waitFor("the connect to fail after the merge", () => failed || undefined, { timeoutMs: 5_000, intervalMs: 5 });
   await waitFor("the link down", () => sim.primary.status().link !== "connected" || undefined,
     { timeoutMs: 5_000, intervalMs: 5 });
-  let bitOnDiskAtWrite: boolean | null = null;
+  const seen: { bitOnDiskAtWrite: boolean | null } = { bitOnDiskAtWrite: null };
   sim.primaryDisk.beforeWrite = async (offset) => {
-    if (offset >= 2 * MIB && offset < 3 * MIB) bitOnDiskAtWrite = (sim.primaryMeta.map[0]! & 0b0100) !== 0;
+    if (offset >= 2 * MIB && offset < 3 * MIB) seen.bitOnDiskAtWrite = (sim.primaryMeta.map[0]! & 0b0100) !== 0;
   };
   await sim.primary.write(2 * MIB, pattern(4096, 3), false).catch(() => {});
-  expect(bitOnDiskAtWrite).toBe(true);
+  expect(seen.bitOnDiskAtWrite).toBe(true);
 });
