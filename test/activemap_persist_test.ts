@@ -17,7 +17,7 @@
 import { afterEach, expect, test } from "bun:test";
 import { ACTIVEMAP_CLEAR_INTERVAL_MS } from "../lib/primary.ts";
 import { waitFor } from "./harness.ts";
-import { eio, inSync, pattern, Sim } from "./sim.ts";
+import { eio, inSync, type MemoryMeta, pattern, Sim } from "./sim.ts";
 
 const MIB = 1024 * 1024;
 let sim: Sim | null = null;
@@ -261,19 +261,7 @@ test("a sync whose end cannot be recorded at first stays running and records it 
   // stayed a sync target (not promotable without --force) and the counters were not committed.
   sim = await started("fullsync", 0);
   const s = sim;
-  s.reachable = false;
-  s.dropLink("test: partition");
-  await s.primary.write(2 * MIB, pattern(4096, 5), false);
-  let fails = 1;
-  s.primaryMeta.beforeWrite = async (update) => {
-    if (update.remotecnt === undefined || fails === 0) return;
-    fails--;
-    throw eio("metadata write (injected)");
-  };
-  s.reachable = true;
-  await waitFor("the end of the sync failed to record", () => fails === 0 || undefined,
-    { timeoutMs: 10_000, intervalMs: 5 });
-  await Bun.sleep(50);
+  await syncWithEndFailingOnce(s, s.primaryMeta, (update) => update.remotecnt !== undefined);
   expect(s.primary.status().status).toBe("syncing");
   await inSync(s, "recorded on a later attempt");
   expect(s.primary.status().sync?.state).toBe("done");
@@ -288,22 +276,31 @@ test("a sync whose end the secondary cannot record at first is retried, not repo
   // complete, and the secondary stayed a sync target (not promotable) until the next connect.
   sim = await started("fullsync", 0);
   const s = sim;
-  s.reachable = false;
-  s.dropLink("test: partition");
-  await s.primary.write(2 * MIB, pattern(4096, 6), false);
-  let fails = 1;
-  s.secondaryMeta.beforeWrite = async (update) => {
-    if (update.syncTarget !== false || update.remotecnt === undefined || fails === 0) return;
-    fails--;
-    throw eio("metadata write (injected)");
-  };
-  s.reachable = true;
-  await waitFor("the secondary to fail to record the end", () => fails === 0 || undefined,
-    { timeoutMs: 10_000, intervalMs: 5 });
-  await Bun.sleep(50);
+  await syncWithEndFailingOnce(s, s.secondaryMeta,
+    (update) => update.syncTarget === false && update.remotecnt !== undefined);
   expect(s.primary.status().status).toBe("syncing");
   await inSync(s, "recorded on a later attempt");
   expect(s.secondaryMeta.metadata.syncTarget).toBe(false);
   expect(s.secondaryMeta.metadata.remotecnt).toBe(s.primaryMeta.metadata.localcnt);
   expect(Buffer.compare(s.primaryDisk.bytes, s.secondaryDisk.bytes)).toBe(0);
 });
+
+/** Partitions the pair, writes extent 2, heals it, and fails once the metadata write of `meta`
+ *  that `isEndRecord` picks (the sync's end); returns 50 ms after that failure. */
+async function syncWithEndFailingOnce(
+  s: Sim, meta: MemoryMeta, isEndRecord: (update: Parameters<MemoryMeta["beforeWrite"]>[0]) => boolean,
+): Promise<void> {
+  s.reachable = false;
+  s.dropLink("test: partition");
+  await s.primary.write(2 * MIB, pattern(4096, 5), false);
+  let fails = 1;
+  meta.beforeWrite = async (update) => {
+    if (!isEndRecord(update) || fails === 0) return;
+    fails--;
+    throw eio("metadata write (injected)");
+  };
+  s.reachable = true;
+  await waitFor("the end of the sync to fail to record", () => fails === 0 || undefined,
+    { timeoutMs: 10_000, intervalMs: 5 });
+  await Bun.sleep(50);
+}
