@@ -419,7 +419,13 @@ export class CodecPipeline {
     for (const job of this.waiting.splice(0)) job.resolve(null);
     for (const t of this.threads) void t.worker.terminate();
     void this.threadsExited().then(() => {
-      for (const job of this.pending.values()) job.resolve(null);
+      for (const [slot, job] of this.pending) {
+        // Nothing allocates a slot again, so even one a stuck thread may still write is freed:
+        // `hast list` then shows no slots in use that no request holds.
+        this.pool.finish(slot);
+        this.pool.free(slot);
+        job.resolve(null);
+      }
       this.pending.clear();
       for (const t of this.threads) t.outstanding = 0;
     });

@@ -228,7 +228,7 @@ test("a thread that exits mid-job: its job, the jobs behind it and later ones co
   encoded.forEach((result, i) => {
     expect(Buffer.compare(concat(result.pieces), concat(encodePayload(inputs[i]!, codec).pieces))).toBe(0);
   });
-  expect(pipeline.stats()).toMatchObject({ threadQueueDepths: [0, 0], waitingForSlot: 0 });
+  expect(pipeline.stats()).toMatchObject({ threadQueueDepths: [0, 0], waitingForSlot: 0, slotsInUse: 0 });
   expect(pipeline.stats().failed).toContain("exited");
   await expectInlineResults(pipeline, [marked(PIPELINE_MIN_BYTES, DIE), marked(MAX_IO_BYTES, 0)], codec);
   expect(pipeline.stats().inline).toBeGreaterThanOrEqual(5);
