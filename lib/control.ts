@@ -53,13 +53,29 @@ export function controlRequest(
     });
     socket.on("end", () => {
       clearTimeout(timer);
+      let response: unknown;
       try {
-        resolve(JSON.parse(input) as ControlResponse);
+        response = JSON.parse(input);
       } catch {
-        reject(new Error(`Cannot talk to the daemon at "${path}": malformed response`));
+        response = undefined;
       }
+      if (isResponse(response)) resolve(response);
+      else reject(new Error(`Cannot talk to the daemon at "${path}": malformed response`));
     });
   });
+}
+
+/**
+ * Whether a parsed answer has the shape of a ControlResponse, with an error's exit code in
+ * 1..255 (found by review: an answer `null` made the CLI fail with "Cannot read properties of
+ * null", and a refusal with exit code 0 made it exit 0).
+ */
+function isResponse(value: unknown): value is ControlResponse {
+  if (typeof value !== "object" || value === null) return false;
+  const r = value as Record<string, unknown>;
+  if (r.ok === true) return true;
+  return r.ok === false && typeof r.error === "string" &&
+    Number.isInteger(r.exitCode) && (r.exitCode as number) >= 1 && (r.exitCode as number) <= 255;
 }
 
 export interface ControlServerOptions {
@@ -145,7 +161,7 @@ async function answer(
   try {
     request = JSON.parse(line) as ControlRequest;
   } catch {
-    socket.end(JSON.stringify({ ok: false, error: "malformed control request", exitCode: 64 }));
+    socket.end(JSON.stringify({ ok: false, error: "malformed control request", exitCode: 64 }) + "\n");
     return;
   }
   const invalid = requestError(request);

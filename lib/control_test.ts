@@ -123,7 +123,9 @@ test("a malformed request line gets a refusal, and the well-formed one an answer
   const served = await serve();
   const client = rawClient(served.path);
   client.socket.write("not json\n");
-  expect(JSON.parse(await client.done)).toEqual({ ok: false, error: "malformed control request", exitCode: 64 });
+  const refusal = await client.done;
+  expect(JSON.parse(refusal)).toEqual({ ok: false, error: "malformed control request", exitCode: 64 });
+  expect(refusal.endsWith("}\n"), "one line, like every other answer").toBe(true);
   expect(await controlRequest(served.path, { command: "ping" }, 5000)).toEqual({ ok: true, value: 1 });
   await served.close();
 });
@@ -192,4 +194,33 @@ test("a connection beyond maxConnections gets a busy answer; the next one after 
   expect(await controlRequest(served.path, { command: "ping" }, 5000)).toEqual({ ok: true, value: 1 });
   open[1]!.socket.destroy();
   await served.close();
+});
+
+test("an answer without the shape of a response is refused by the client, not passed on", async () => {
+  // A raw server sends each answer in turn. Found by review: `null` made the CLI fail with
+  // "Cannot read properties of null", and a refusal with exit code 0 made the command exit 0.
+  const path = join(dir, `c${sockets++}.sock`);
+  const answers = [
+    "null", "[]", '{"ok":false}', '{"ok":false,"error":"no","exitCode":0}', '{"ok":false,"error":"no","exitCode":1.5}',
+    '{"ok":"yes"}', '{"ok":true,"value":1}', '{"ok":false,"error":"no","exitCode":78}',
+  ];
+  let next = 0;
+  const server = net.createServer((socket) => {
+    socket.on("error", () => {});
+    socket.once("data", () => socket.end(answers[next++] + "\n"));
+  });
+  await new Promise<void>((resolve) => server.listen(path, () => resolve()));
+  try {
+    const outcomes = [];
+    for (let i = 0; i < answers.length; i++) {
+      outcomes.push(await controlRequest(path, { command: "ping" }, 5000).catch((error: Error) => error.message));
+    }
+    const malformed = `Cannot talk to the daemon at "${path}": malformed response`;
+    expect(outcomes).toEqual([
+      malformed, malformed, malformed, malformed, malformed, malformed,
+      { ok: true, value: 1 }, { ok: false, error: "no", exitCode: 78 },
+    ]);
+  } finally {
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
 });

@@ -9,8 +9,28 @@ export type HookEvent =
   | "role" | "connect" | "disconnect" | "syncstart" | "syncdone" | "syncintr" | "split-brain";
 
 export const HOOK_WARN_MS = 60_000;
-/** At most this many hooks run at once; further events are logged and dropped. */
+/**
+ * At most this many hooks of one resource run at once in a process; further events are logged
+ * and dropped. The count is per resource and per process, shared by every runner made for that
+ * resource: the daemon makes a new runner for each role hook, and (found by review) each such
+ * runner started at 0, so role hooks were never capped.
+ */
 export const MAX_RUNNING_HOOKS = 32;
+
+/** Hooks running in this process, per resource name; an entry is removed when it drops to 0. */
+const runningByResource = new Map<string, number>();
+
+/** Hooks of `resource` running in this process, by whichever runner started them. */
+export function runningHooksOf(resource: string): number {
+  return runningByResource.get(resource) ?? 0;
+}
+
+function countHook(resource: string, delta: 1 | -1): void {
+  const count = runningHooksOf(resource) + delta;
+  if (count < 0) throw new Error(`Cannot count hooks of "${resource}": more ended than started`);
+  if (count === 0) runningByResource.delete(resource);
+  else runningByResource.set(resource, count);
+}
 
 export interface HookRunner {
   /** Starts the hook for `event` with extra arguments; returns at once. */
@@ -19,7 +39,7 @@ export interface HookRunner {
 
 /** A HookRunner that spawns processes and can say how many are still running. */
 export interface ExecHookRunner extends HookRunner {
-  /** Hooks started and not yet ended (exited, or failed to start). */
+  /** Hooks this runner started and that have not ended yet (exited, or failed to start). */
   running(): number;
 }
 
@@ -45,8 +65,10 @@ export function execHooks(
     run(event, args) {
       const program = typeof programOf === "function" ? programOf() : programOf;
       if (program === null) return;
-      if (running >= MAX_RUNNING_HOOKS) {
-        log("error", `hook "${program}" not run for ${event}: ${running} hooks still running`);
+      const resourceRunning = runningHooksOf(resource);
+      if (resourceRunning >= MAX_RUNNING_HOOKS) {
+        log("error",
+          `hook "${program}" not run for ${event}: ${resourceRunning} hooks still running for "${resource}"`);
         return;
       }
       const argv = [event, resource, ...args];
@@ -59,6 +81,7 @@ export function execHooks(
         return;
       }
       running++;
+      countHook(resource, 1);
       const warn = setTimeout(() => {
         log("warn", `hook "${program}" ${argv.join(" ")} still running after ${warnMs} ms`);
       }, warnMs);
@@ -71,6 +94,7 @@ export function execHooks(
         if (ended) return false;
         ended = true;
         running--;
+        countHook(resource, -1);
         clearTimeout(warn);
         return true;
       };

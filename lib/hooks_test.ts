@@ -2,7 +2,7 @@ import { afterAll, expect, test } from "bun:test";
 import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { execHooks, MAX_RUNNING_HOOKS } from "./hooks.ts";
+import { execHooks, MAX_RUNNING_HOOKS, runningHooksOf } from "./hooks.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "hast-hooks-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -87,4 +87,38 @@ test("a hook program given as a function is asked at each event (a reloaded exec
   program = null;
   hooks.run("syncstart", []);
   expect(hooks.running()).toBe(0);
+});
+
+test("role hooks, each from a fresh runner as the daemon makes them, count against the resource's cap", async () => {
+  // The daemon calls execHooks() anew for every role change. MAX_RUNNING_HOOKS + 1 such runners
+  // start a hook that waits for a file to go: the last is refused and logged, while another
+  // resource's hook still runs; once the hooks end, the count is back to 0.
+  const hold = join(dir, "hold");
+  writeFileSync(hold, "");
+  const path = join(dir, "held.sh");
+  writeFileSync(path, `#!/bin/sh\nwhile [ -e "${hold}" ]; do sleep 0.05; done\n`);
+  chmodSync(path, 0o755);
+  const logs: string[] = [];
+  const log = (level: string, message: string) => logs.push(`${level}: ${message}`);
+  const runners = [];
+  try {
+    for (let i = 0; i <= MAX_RUNNING_HOOKS; i++) {
+      const runner = execHooks(path, "capped", log);
+      runner.run("role", ["init", i % 2 === 0 ? "primary" : "secondary"]);
+      runners.push(runner);
+    }
+    expect(runningHooksOf("capped")).toBe(MAX_RUNNING_HOOKS);
+    expect(runners.reduce((sum, r) => sum + r.running(), 0)).toBe(MAX_RUNNING_HOOKS);
+    expect(runners.at(-1)!.running()).toBe(0);
+    const refused = logs.filter((line) => line.includes("not run for role"));
+    expect(refused).toEqual([`error: hook "${path}" not run for role: ${MAX_RUNNING_HOOKS} hooks still running ` +
+      `for "capped"`]);
+    const other = execHooks(markerHook(), "other", log);
+    other.run("role", ["init", "primary"]);
+    await until(() => existsSync(join(dir, "ran-role")));
+  } finally {
+    rmSync(hold, { force: true });
+  }
+  await until(() => runningHooksOf("capped") === 0 && runningHooksOf("other") === 0, 10_000);
+  expect(runners.every((r) => r.running() === 0)).toBe(true);
 });
