@@ -13,12 +13,15 @@ import { dirname } from "node:path";
 import { type Address, formatAddress, loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
 import { controlRequest, controlServer, type ControlRequest, type ControlResponse } from "./control.ts";
 import { parseHello, type Hello } from "./handshake.ts";
-import { EX_TEMPFAIL, EX_UNAVAILABLE } from "./exit_codes.ts";
+import { EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE } from "./exit_codes.ts";
 import { execHooks } from "./hooks.ts";
 import { makeLogger, REFUSAL_LOG_INTERVAL_MS, RepeatLimiter, type Logger } from "./log.ts";
 import type { FromWorker, ToWorker, WorkerRole } from "./resource_worker.ts";
-import { encodeJson, FrameParser, MessageType, ProtocolError } from "./wire.ts";
+import { MAX_ATTACH_HANDSHAKES } from "./secondary.ts";
 import { describeResource } from "./status.ts";
+import {
+  encodeJson, FrameParser, HEADER_BYTES, MAX_JSON_BYTES, MessageType, ProtocolError, WIRE_MAGIC,
+} from "./wire.ts";
 
 export type Role = "init" | WorkerRole;
 
@@ -50,8 +53,35 @@ export const WORKER_STOP_MS = 30_000;
  * killed: role changes of a resource run one after another, so a hung start would block them all.
  */
 export const WORKER_START_MS = 60_000;
-/** Time allowed for a connecting primary to send its Hello. */
+/**
+ * Time allowed for a replication connection from its accept until it is handed to a resource's
+ * worker: checking the peer's address, reading its Hello, checking the Hello. A connection that
+ * sends nothing, or trickles, is refused and closed after it.
+ */
 export const HELLO_TIMEOUT_MS = 10_000;
+/**
+ * Replication connections held before they are handed to a worker (see HELLO_TIMEOUT_MS); one
+ * more is closed at once, unread. Each may hold a Hello of up to MAX_JSON_BYTES, so idle or
+ * slow connections hold at most 16 × 64 KiB (found by review: they were unbounded, each could
+ * hold 1 MiB, and 400 idle ones took the daemon from 50 to 462 MiB RSS). A primary keeps one
+ * connection per resource and gets through in well under a second, so 16 leaves room for the
+ * primaries of several resources reconnecting at once; a flood from the remote's address can
+ * keep them out only while it lasts, as it could fill the listen backlog anyway.
+ */
+export const MAX_PREAUTH_CONNECTIONS = 16;
+/**
+ * The daemon's limits on replication connections, shown by `hast list` beside the worker's
+ * (status.ts LIMITS): added here because status.ts cannot import this module (this one imports
+ * it, and the cycle would leave the constants uninitialised when LIMITS is built).
+ */
+export const DAEMON_LIMITS = {
+  replicationMaxPreauthConnections: MAX_PREAUTH_CONNECTIONS,
+  replicationHelloTimeoutMs: HELLO_TIMEOUT_MS,
+  replicationMaxHelloBytes: MAX_JSON_BYTES,
+  secondaryMaxAttachHandshakes: MAX_ATTACH_HANDSHAKES,
+};
+/** Refusals logged under one key whatever the peer sent (the reason names what it sent). */
+const REFUSAL_KEY_TOO_MANY = "too many connections waiting for their Hello";
 
 interface Failure {
   message: string;
@@ -128,6 +158,11 @@ export class Daemon {
   private listeners: net.Server[] = [];
   /** Refused replication connections, logged once a minute per peer and reason. */
   private readonly refusals = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
+  /**
+   * Replication connections not yet handed to a worker nor refused, with the timer that refuses
+   * them after HELLO_TIMEOUT_MS: at most MAX_PREAUTH_CONNECTIONS.
+   */
+  private readonly unrouted = new Map<net.Socket, ReturnType<typeof setTimeout>>();
   private nextRequestId = 1;
   private shuttingDown = false;
 
@@ -219,18 +254,40 @@ export class Daemon {
 
   /**
    * Checks that the peer's address is the remote of some resource before reading anything from
-   * it (anyone else is refused at once, without buffering a Hello of up to a frame's size for
-   * HELLO_TIMEOUT_MS); then reads the Hello, checks resource, role and source address, and hands
-   * the socket over.
+   * it (anyone else is refused at once, without buffering a Hello for HELLO_TIMEOUT_MS); then
+   * reads the Hello, checks resource, role and source address, and hands the socket over. At
+   * most MAX_PREAUTH_CONNECTIONS are in these steps at once, each for at most HELLO_TIMEOUT_MS.
    */
   private onPeer(socket: net.Socket): void {
     socket.pause();
     socket.on("error", () => {});
     const from = normalizeIp(socket.remoteAddress ?? "");
+    if (this.unrouted.size >= MAX_PREAUTH_CONNECTIONS) {
+      // Closed unread and unanswered: an answer could wait in a full send buffer, holding it.
+      this.logRefusal(REFUSAL_KEY_TOO_MANY, `refused connection from ${from}: ` +
+        `${MAX_PREAUTH_CONNECTIONS} connections already wait for their Hello (closed at once)`);
+      socket.destroy();
+      return;
+    }
+    const timer = setTimeout(() => this.refusePeer(socket, `no Hello within ${HELLO_TIMEOUT_MS} ms`),
+      HELLO_TIMEOUT_MS);
+    timer.unref();
+    this.unrouted.set(socket, timer);
+    socket.once("close", () => this.release(socket));
     void this.isSomeRemote(from).then((known) => {
+      if (!this.unrouted.has(socket)) return; // refused meanwhile (timeout)
       if (known) this.readHello(socket);
       else this.refusePeer(socket, `address ${from} is not the remote of any resource here`);
     }, (error: Error) => this.refusePeer(socket, `cannot check address ${from}: ${error.message}`));
+  }
+
+  /** Stops counting `socket` as unrouted; false if it was not (already refused, routed or closed). */
+  private release(socket: net.Socket): boolean {
+    const timer = this.unrouted.get(socket);
+    if (timer === undefined) return false;
+    clearTimeout(timer);
+    this.unrouted.delete(socket);
+    return true;
   }
 
   /** True when `address` is (one of the addresses of) the remote of a resource. */
@@ -242,27 +299,34 @@ export class Daemon {
     return false;
   }
 
-  /** Answers a refusal the primary's handshake reads as its reason, then closes. */
-  private refusePeer(socket: net.Socket, reason: string): void {
+  /**
+   * Answers a refusal the primary's handshake reads as its reason, then closes; once per
+   * connection. `kind` keys the log's repeat limiter when the reason holds what the peer sent.
+   */
+  private refusePeer(socket: net.Socket, reason: string, kind = reason): void {
+    if (!this.release(socket)) return;
     // A primary retries every RECONNECT_INTERVAL_MS: one line per peer and reason per minute.
-    const line = this.refusals.pass(`${socket.remoteAddress} ${reason}`,
-      `refused connection from ${socket.remoteAddress}: ${reason}`);
-    if (line !== null) this.log("warn", line);
+    this.logRefusal(`${socket.remoteAddress} ${kind}`, `refused connection from ${socket.remoteAddress}: ${reason}`);
     if (!socket.destroyed) socket.end(Buffer.concat(encodeJson(MessageType.HelloReply, { accepted: false, reason })));
     setTimeout(() => socket.destroy(), 1000).unref();
   }
 
+  private logRefusal(key: string, message: string): void {
+    const line = this.refusals.pass(key, message);
+    if (line !== null) this.log("warn", line);
+  }
+
+  /** Reads the Hello, refusing one whose header announces more than MAX_JSON_BYTES unread. */
   private readHello(socket: net.Socket): void {
-    const timer = setTimeout(() => refuse("no Hello in time"), HELLO_TIMEOUT_MS);
-    const refuse = (reason: string) => {
-      clearTimeout(timer);
-      this.refusePeer(socket, reason);
+    const refuse = (reason: string, kind = reason) => {
+      socket.removeAllListeners("data");
+      socket.resume(); // drops what else it sends until the close, so that the answer is not reset
+      this.refusePeer(socket, reason, kind);
     };
     let got = false;
     const parser = new FrameParser((frame) => {
       if (got) throw new ProtocolError("data after Hello before the reply");
       got = true;
-      clearTimeout(timer);
       socket.pause();
       socket.removeAllListeners("data");
       let hello: Hello;
@@ -271,11 +335,28 @@ export class Daemon {
       } catch (error) {
         return refuse((error as Error).message);
       }
-      this.routePeer(socket, hello).then((reason) => reason && refuse(reason), (error) => refuse(String(error)));
+      this.routePeer(socket, hello).then((refusal) => refusal && refuse(refusal.reason, refusal.kind),
+        (error) => refuse(String(error)));
     });
+    // The header is checked before the parser sees it: the parser allocates the payload it
+    // announces (up to MAX_PAYLOAD_BYTES) at once.
+    const header = new Uint8Array(HEADER_BYTES);
+    let headerFill = 0;
     socket.on("data", (chunk: Buffer) => {
+      if (!this.unrouted.has(socket)) return; // refused (timeout): dropped until the close
       try {
-        parser.push(chunk);
+        let rest: Uint8Array = chunk;
+        if (headerFill < HEADER_BYTES) {
+          const take = Math.min(HEADER_BYTES - headerFill, chunk.byteLength);
+          header.set(chunk.subarray(0, take), headerFill);
+          headerFill += take;
+          if (headerFill < HEADER_BYTES) return;
+          const unfit = helloHeaderError(header);
+          if (unfit !== null) return refuse(unfit, "Hello header unfit");
+          parser.push(header);
+          rest = chunk.subarray(take);
+        }
+        if (rest.byteLength > 0) parser.push(rest);
       } catch (error) {
         refuse((error as Error).message);
       }
@@ -283,21 +364,29 @@ export class Daemon {
     socket.resume();
   }
 
-  /** Returns why the connection is refused, or null once handed to the worker. */
-  private async routePeer(socket: net.Socket, hello: Hello): Promise<string | null> {
+  /**
+   * Hands the connection to the resource's worker; returns why it is refused instead, or null
+   * once handed over. Names from the Hello are quoted with JSON.stringify: a name with quotes
+   * or newlines must not be able to forge log lines.
+   */
+  private async routePeer(socket: net.Socket, hello: Hello): Promise<{ reason: string; kind: string } | null> {
     const slot = [...this.slots.values()].find((s) => s.config.resource === hello.resource);
-    if (!slot) return `unknown resource "${hello.resource}"`;
+    if (!slot) return { reason: `unknown resource ${JSON.stringify(hello.resource)}`, kind: "unknown resource" };
+    const name = JSON.stringify(slot.config.resource);
+    const refused = (reason: string) => ({ reason, kind: reason });
     const remote = slot.config.remote;
-    if (remote === null) return `resource "${hello.resource}" has remote none`;
+    if (remote === null) return refused(`resource ${name} has remote none`);
     const allowed = await resolveAll(remote.host);
     const from = normalizeIp(socket.remoteAddress ?? "");
     if (!allowed.includes(from)) {
-      return `address ${from} is not the configured remote ${remote.host} of "${hello.resource}"`;
+      return refused(`address ${from} is not the configured remote ${remote.host} of ${name}`);
     }
     if (slot.role !== "secondary" || !slot.child || slot.stopping) {
-      return `resource "${hello.resource}" is not secondary here (role ${slot.role})`;
+      return refused(`resource ${name} is not secondary here (role ${slot.role})`);
     }
-    if (!sendTo(slot.child, { type: "peer", hello }, socket)) return `the worker of "${hello.resource}" is gone`;
+    if (!this.unrouted.has(socket)) return null; // refused meanwhile (timeout)
+    if (!sendTo(slot.child, { type: "peer", hello }, socket)) return refused(`the worker of ${name} is gone`);
+    this.release(socket);
     return null;
   }
 
@@ -308,8 +397,8 @@ export class Daemon {
     let slots: Slot[];
     try {
       slots = this.select(request.names ?? [], request.command === "role");
-    } catch (error) {
-      return { ok: false, error: (error as Error).message, exitCode: 64 };
+    } catch (error) { // a name not in the config: as the CLI answers it (README, exit codes)
+      return { ok: false, error: (error as Error).message, exitCode: EX_CONFIG };
     }
     switch (request.command) {
       case "role":
@@ -564,9 +653,11 @@ export class Daemon {
 
   private async describe(slot: Slot, full: boolean): Promise<unknown> {
     const worker = slot.role === "init" ? null : await this.ask(slot, (id) => ({ type: "status", id }));
-    return describeResource(slot.config, slot.role, worker as Record<string, unknown> | null, {
+    const row = describeResource(slot.config, slot.role, worker as Record<string, unknown> | null, {
       full, pid: slot.child?.pid ?? null, lastError: slot.lastError, lastErrorAt: slot.lastErrorAt,
     });
+    if (full) row.limits = { ...(row.limits as Record<string, number>), ...DAEMON_LIMITS };
+    return row;
   }
 
   // ---- signals -------------------------------------------------------------------
@@ -712,6 +803,7 @@ export class Daemon {
     this.control?.close();
     this.control = null;
     for (const listener of this.listeners.splice(0)) listener.close();
+    for (const socket of [...this.unrouted.keys()]) socket.destroy();
     if (this.controlPath !== null) rmSync(this.controlPath, { force: true });
     this.controlPath = null;
   }
@@ -768,6 +860,24 @@ function sendTo(child: ChildProcess, message: ToWorker, handle?: net.Socket): bo
   } catch {
     return false;
   }
+}
+
+/**
+ * Why the header of a connection's first frame is no Hello the daemon reads, or null. Checked
+ * before the payload is allocated. A header that is no HAST frame at all is left to the
+ * FrameParser, which refuses it before allocating too.
+ */
+export function helloHeaderError(header: Uint8Array): string | null {
+  assert.equal(header.byteLength, HEADER_BYTES);
+  const view = new DataView(header.buffer, header.byteOffset, header.byteLength);
+  if (view.getUint32(0) !== WIRE_MAGIC) return null;
+  const type = view.getUint8(5);
+  if (type !== MessageType.Hello) return `Cannot start connection: first message has type ${type}`;
+  const payloadBytes = view.getUint32(8);
+  if (payloadBytes > MAX_JSON_BYTES) {
+    return `Cannot start connection: a Hello of ${payloadBytes} bytes exceeds ${MAX_JSON_BYTES}`;
+  }
+  return null;
 }
 
 function normalizeIp(ip: string): string {

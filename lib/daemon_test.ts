@@ -11,9 +11,11 @@ import { tmpdir } from "node:os";
 import net from "node:net";
 import { join } from "node:path";
 import { controlRequest, type ControlRequest, type ControlResponse } from "./control.ts";
-import { Daemon, WORKER_MIMALLOC_PURGE_DELAY, WORKER_RESTART_MS, workerEnv } from "./daemon.ts";
+import { Daemon, helloHeaderError, WORKER_MIMALLOC_PURGE_DELAY, WORKER_RESTART_MS, workerEnv } from "./daemon.ts";
 import type { FromWorker, ToWorker } from "./resource_worker.ts";
-import { decodeJson, encodeJson, FrameParser, MessageType } from "./wire.ts";
+import {
+  decodeJson, encodeHeader, encodeJson, FrameParser, MAX_JSON_BYTES, MAX_PAYLOAD_BYTES, MessageType,
+} from "./wire.ts";
 
 test("a worker runs with the allocator's purging off unless the operator chose a delay", () => {
   expect(WORKER_MIMALLOC_PURGE_DELAY).toBe("-1");
@@ -22,6 +24,20 @@ test("a worker runs with the allocator's purging off unless the operator chose a
   expect(workerEnv({ PATH: "/usr/bin", MIMALLOC_PURGE_DELAY: "1000" })).toEqual({
     PATH: "/usr/bin", MIMALLOC_PURGE_DELAY: "1000",
   });
+});
+
+test("a first frame's header is judged before its payload is allocated", () => {
+  // The FrameParser allocates what a header announces (up to MAX_PAYLOAD_BYTES) as soon as it
+  // has the header: the daemon checks it first (test/preauth_test.ts drives it over a socket).
+  const header = (type: MessageType, payloadBytes: number) =>
+    encodeHeader({ type, flags: 0, seq: 0, offset: 0, length: 0, error: 0 }, payloadBytes);
+  expect(helloHeaderError(header(MessageType.Hello, MAX_JSON_BYTES))).toBeNull();
+  expect(helloHeaderError(header(MessageType.Hello, MAX_JSON_BYTES + 1)))
+    .toBe(`Cannot start connection: a Hello of ${MAX_JSON_BYTES + 1} bytes exceeds ${MAX_JSON_BYTES}`);
+  expect(helloHeaderError(header(MessageType.Write, MAX_PAYLOAD_BYTES)))
+    .toBe("Cannot start connection: first message has type 4");
+  // Not a HAST frame: left to the parser, which refuses it before allocating.
+  expect(helloHeaderError(new Uint8Array(32).fill(0x41))).toBeNull();
 });
 
 /** How long a control request may take before the test counts it as hung. */
@@ -272,6 +288,8 @@ test("a misspelt role is refused and leaves the worker running; a resource named
   // Found by review: a request naming one resource a million times built a 5 GB answer.
   const rows = await h.request({ command: "status", names: ["r", "r", "r"] });
   expect(rows.ok && (rows.value as unknown[]).length).toBe(1);
+  // A name the daemon's config lacks (the CLI checks its own copy first): 78 like the CLI's answer.
+  expect(await h.request({ command: "status", names: ["nosuch"] })).toMatchObject({ ok: false, exitCode: 78 });
 });
 
 test("a crashed worker is restarted once, in its role, and a role command meanwhile wins", async () => {

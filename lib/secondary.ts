@@ -31,6 +31,14 @@ export const SECTOR_BYTES = 512;
 export const RECEIVE_POOL_BUFFERS = 72;
 /** Payloads from this size on are received into pooled buffers. */
 export const RECEIVE_POOL_MIN_BYTES = 64 * 1024;
+/**
+ * Connections a secondary takes through authentication and the handshake at once; one more is
+ * refused and closed at once. Each may wait the resource's timeout for the peer's Auth, holding
+ * a frame of up to MAX_PAYLOAD_BYTES meanwhile (found by review: they were unbounded). A primary
+ * makes one connection at a time; the rest leave room for it to reconnect before an attempt
+ * that it gave up on has timed out here.
+ */
+export const MAX_ATTACH_HANDSHAKES = 4;
 
 export interface SecondaryOptions {
   config: ResourceConfig;
@@ -97,16 +105,40 @@ export class Secondary {
    * given back once its request was applied (see BufferPool for why).
    */
   readonly receivePool = new BufferPool(MAX_PAYLOAD_BYTES, RECEIVE_POOL_BUFFERS, RECEIVE_POOL_MIN_BYTES);
-  /** Refusals of a primary that keeps retrying: one line per reason per minute. */
+  /** Refusals of a primary that keeps retrying: one line per peer host and reason per minute. */
   private readonly refusals = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
+  /** Calls of attach() under way: at most MAX_ATTACH_HANDSHAKES. */
+  private attaching = 0;
 
   constructor(private readonly o: SecondaryOptions) {
     this.metaflush = o.config.metaflush;
     this.data = stickyFlushFailure(o.data);
   }
 
-  /** Takes over a connection whose Hello was already read; replaces an older one. */
+  /**
+   * Takes over a connection whose Hello was already read; replaces an older one. With
+   * MAX_ATTACH_HANDSHAKES under way, refuses it at once.
+   */
   async attach(conn: Connection, hello: Hello): Promise<void> {
+    if (this.attaching >= MAX_ATTACH_HANDSHAKES) {
+      const reason = `${MAX_ATTACH_HANDSHAKES} connections are already in their handshake here; try again`;
+      conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason }));
+      // Not this.refuse(): it would show the refusal in the status of the link, which this
+      // connection may have nothing to do with, and hold the connection open a while.
+      const line = this.refusals.pass("too many handshakes", `refused primary from ${conn.remoteAddress}: ${reason}`);
+      if (line !== null) this.o.log("warn", line);
+      conn.close(`refused: ${reason}`);
+      return;
+    }
+    this.attaching++;
+    try {
+      await this.attachCounted(conn, hello);
+    } finally {
+      this.attaching--;
+    }
+  }
+
+  private async attachCounted(conn: Connection, hello: Hello): Promise<void> {
     // Before anything else: an unauthenticated peer must not even drop the current primary's link.
     const unauthenticated = await authenticateAsSecondary(conn, hello, {
       keyPath: this.o.config.authkey, timeoutMs: this.o.config.timeoutSeconds * 1000,
@@ -185,7 +217,8 @@ export class Secondary {
       }
       this.linkState = "split-brain";
     } else {
-      const line = this.refusals.pass(`${conn.remoteAddress} ${reason}`,
+      // Keyed on the host: a primary that retries comes from a new port each time.
+      const line = this.refusals.pass(`${hostOf(conn.remoteAddress)} ${reason}`,
         `refused primary from ${conn.remoteAddress}: ${reason}`);
       if (line !== null) this.o.log("error", line);
       if (this.linkState !== "connected") this.linkState = "refused";
@@ -593,3 +626,9 @@ export interface SecondaryStatus {
   receiveBuffers: BufferPoolStats;
 }
 void Errno;
+
+/** The host of a Connection's remoteAddress ("host:port", the host possibly IPv6). */
+function hostOf(remoteAddress: string): string {
+  const colon = remoteAddress.lastIndexOf(":");
+  return colon < 0 ? remoteAddress : remoteAddress.slice(0, colon);
+}
