@@ -99,7 +99,10 @@ export class Primary {
   private readonly lock = new RangeLock();
   private link: RemoteLink | null = null;
   private linkState: LinkState = "disconnected";
+  /** Why the last connection attempt failed or was refused ("" once connected). */
   private lastLinkError = "";
+  /** Why the last connection ended ("" while connected, or before the first one). */
+  private linkLostReason = "";
   /** Log lines that would repeat every attempt: refusals of the peer, retried metadata writes. */
   private readonly repeats = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
   private stopped = false;
@@ -187,6 +190,14 @@ export class Primary {
     await this.syncer?.stopped();
     await this.verifier?.done();
     await this.mapChain;
+    // A failed map write is tried once more (the clear rounds that retried it have stopped):
+    // extents set in memory since the last one that landed would not be resynced after a restart.
+    if (this.mapFailed) {
+      await this.persistMap().catch((error) => this.o.log("error", `activemap not written at stop: extents ` +
+        `marked for sync since the last map write that landed will not be resynced: ${error}`));
+    }
+    this.retryLossRecord();
+    await this.recordingLoss; // never rejects
   }
 
   private async cleanShutdown(): Promise<void> {
@@ -289,7 +300,8 @@ export class Primary {
       const { offset, length } = am.extentRange(extent);
       if (am.markNeedsSync(offset, length)) changed = true;
     }
-    if (changed) this.persistMap().catch((error) => this.o.log("error", `activemap write failed: ${error}`));
+    // A failed write is retried by the clear rounds and the next application write (mapFailed).
+    if (changed) this.persistMap().catch((error) => this.logMapFailure(error));
   }
 
   // ---- write path ---------------------------------------------------------
@@ -451,13 +463,24 @@ export class Primary {
       await recordLocalWritesLost(this.o.meta, this.o.log,
         "again needs --force (fail over to the secondary to keep its copy)");
     } catch (error) {
-      // Every later flush fails too (stickyFlushFailure), so the next one (a clear round's, within
-      // ACTIVEMAP_CLEAR_INTERVAL_MS) tries again; metadata written meanwhile may lack the record.
+      // Every later flush fails too (stickyFlushFailure) and tries again, and so does every clear
+      // round and a stop (retryLossRecord); metadata written meanwhile may lack the record.
       this.recordingLoss = null;
       const line = this.repeats.pass("record localWritesLost",
         `cannot record in the metadata that the local disk may have lost writes (retrying): ${error}`);
       if (line !== null) this.o.log("error", line);
     }
+  }
+
+  /**
+   * A flush of the local disk failed and its record failed too: tries again, also when no flush
+   * comes (found by review: only the next flush did, and an idle primary, or one with `metaflush
+   * off` whose rounds flush nothing, could restart without the record and sync its copy over the
+   * secondary's).
+   */
+  private retryLossRecord(): void {
+    if (this.data.failure() === null || this.recordingLoss !== null || this.o.meta.metadata.localWritesLost) return;
+    this.recordingLoss = this.recordLocalWritesLost();
   }
 
   /**
@@ -535,28 +558,50 @@ export class Primary {
    * (a power loss of both hosts must not leave a clean extent that differs),
    * then clears those extents in the on-disk map. Without a link only the
    * local copy is flushed: what the secondary had not flushed when the link
-   * was lost was marked for sync then. Public for tests.
+   * was lost was marked for sync then. A round also retries a map write that
+   * failed, and, when it does not flush, the record of a failed local flush
+   * (a restart must not forget either). Public for tests.
    */
   clearRound(): Promise<void> {
     if (this.clearRun) return this.clearRun;
     const am = this.o.activemap;
-    if (am.stats().clearPendingExtents === 0) return Promise.resolve();
+    const clearing = am.stats().clearPendingExtents > 0;
+    // A round that flushes retries a failed record of a failed flush itself (localFlush).
+    if (!clearing || !this.metaflush) this.retryLossRecord();
+    if (!clearing && !this.mapFailed) return Promise.resolve();
     this.clearRun = (async () => {
-      am.beginClear();
-      if (this.metaflush) {
-        const { localOk, remoteOk } = await this.flushBoth(true);
-        if (!localOk || remoteOk === false) {
-          am.abortClear();
-          return;
-        }
-      }
-      if (am.finishClear()) await this.persistMap();
+      const cleared = clearing && (await this.clearExtents());
+      // A failed map write is retried here too, not only by the next application write: the
+      // extents a lost link marked for sync are set in memory only, and a restart before that
+      // write came would not resync them (found by review).
+      if (cleared || this.mapFailed) await this.persistMap();
     })()
-      .catch((error) => this.o.log("error", `activemap write failed: ${error}`))
+      .catch((error) => this.logMapFailure(error))
       .finally(() => {
         this.clearRun = null;
       });
     return this.clearRun;
+  }
+
+  /** Flushes both copies, then clears the round's extents in memory; true if the on-disk map changed. */
+  private async clearExtents(): Promise<boolean> {
+    const am = this.o.activemap;
+    am.beginClear();
+    if (this.metaflush) {
+      const { localOk, remoteOk } = await this.flushBoth(true);
+      if (!localOk || remoteOk === false) {
+        am.abortClear();
+        return false;
+      }
+    }
+    return am.finishClear();
+  }
+
+  /** A failed map write, retried every clear round while it fails: logged once a minute. */
+  private logMapFailure(error: unknown): void {
+    const line = this.repeats.pass("activemap write",
+      `activemap write failed (retried every ${ACTIVEMAP_CLEAR_INTERVAL_MS} ms): ${error}`);
+    if (line !== null) this.o.log("error", line);
   }
 
   /**
@@ -778,6 +823,7 @@ export class Primary {
     this.linkState = "connected";
     this.bumpedSinceDisconnect = false;
     this.lastLinkError = "";
+    this.linkLostReason = "";
     if (conn.closed) {
       // Closed while the metadata and map were written above: its only close event went to
       // the handshake, so the link would look up until its timeout.
@@ -798,6 +844,7 @@ export class Primary {
   private onDisconnected(reason: string): void {
     this.o.log("warn", `disconnected from secondary: ${reason}`);
     this.linkState = "disconnected";
+    this.linkLostReason = reason;
     // The secondary may have gone down with these in its cache; resyncing them is cheap.
     this.markForSync(this.remoteUnflushed);
     this.remoteUnflushed = new Set();
@@ -925,6 +972,17 @@ export class Primary {
 
   // ---- status ---------------------------------------------------------------
 
+  /**
+   * Why the link is not up: the last attempt's failure or refusal, and why the last connection
+   * ended (found by review: a lost link showed no reason, then only the next attempt's, e.g. a
+   * refused TCP connect, never that the secondary had timed out or broken the protocol).
+   */
+  private linkErrorText(): string {
+    if (this.linkLostReason === "") return this.lastLinkError;
+    const lost = `link lost: ${this.linkLostReason}`;
+    return this.lastLinkError === "" ? lost : `${this.lastLinkError}; ${lost}`;
+  }
+
   status(): PrimaryStatus {
     const am = this.o.activemap;
     const connected = this.linkState === "connected";
@@ -939,7 +997,7 @@ export class Primary {
       status,
       link: this.linkState,
       linkEncrypted: connected && this.link?.encrypted === true,
-      linkError: this.lastLinkError,
+      linkError: this.linkErrorText(),
       dirtyBytes,
       syncSource: this.syncSource,
       sync: this.syncer?.progress() ?? null,

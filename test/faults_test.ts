@@ -17,7 +17,8 @@
  *   (a rate-limited sync notices a lost link at once);
  * - after one failed flush of the primary's disk every later flush fails (the
  *   kernel reports a lost cached write once), so nothing is cleared again, and
- *   the metadata records that the local copy may have lost writes;
+ *   the metadata records that the local copy may have lost writes; a failed record is retried
+ *   without waiting for another flush (by the clear rounds, and by a stop);
  * - a primary that exceeds the replication window (requests or bytes) is a protocol
  *   violation: the secondary drops the connection, and the pair reconnects;
  * - a write the secondary lacks is counted (localcnt) before the application hears success, and
@@ -315,6 +316,50 @@ test("after a failed flush of the primary's disk every later flush fails, and no
   await waitFor("reconnected, not syncing", () => sim.logs.some((l) => l.includes("not syncing")) || undefined,
     { timeoutMs: 5_000, intervalMs: 10 });
   expect(sim.events.filter((e) => e === "primary syncstart").length).toBe(syncsBefore);
+});
+
+/**
+ * An application flush fails and so does the record of it (localWritesLost), on a primary with
+ * nothing for a clear round to flush (the written extent is kept dirty). Returns once the record
+ * failed; `heal()` lets metadata writes land again.
+ */
+async function lossRecordFailed(sim: Sim): Promise<() => void> {
+  await sim.primary.write(4 * MIB, pattern(4096, 3), false);
+  await waitFor("nothing for a round to clear", () =>
+    sim.primary.status().activemap.clearPendingExtents === 0 || undefined, { timeoutMs: 5_000, intervalMs: 5 });
+  let metaFails = true;
+  sim.primaryMeta.beforeWrite = async (update) => {
+    if (update.localWritesLost && metaFails) throw eio("metadata write");
+  };
+  sim.primaryDisk.flushError = eio("fdatasync");
+  const error = await sim.primary.flush().then(() => null, (e: Error) => e);
+  sim.primaryDisk.flushError = null; // the kernel reports it once; only the sticky failure remains
+  expect(error?.message).toContain("local flush failed");
+  expect(sim.logs.some((l) => l.includes("cannot record in the metadata"))).toBe(true);
+  expect(sim.primaryMeta.metadata.localWritesLost).toBe(false);
+  expect(sim.primary.status().activemap.clearPendingExtents).toBe(0);
+  return () => (metaFails = false);
+}
+
+// Found by review: only the next flush retried the record, and rounds with nothing to clear
+// flush nothing: an idle primary restarted without it, and would sync its copy, which may lack
+// writes, over the secondary's.
+test("a failed record of a failed flush is retried by an idle primary, with no flush to come", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 4 });
+  const heal = await lossRecordFailed(sim);
+  heal();
+  await waitFor("recorded", () => sim.primaryMeta.metadata.localWritesLost || undefined,
+    { timeoutMs: 5_000, intervalMs: 10 });
+});
+
+test("a failed record of a failed flush is retried by a stop without a link", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 4 });
+  const heal = await lossRecordFailed(sim);
+  sim.reachable = false;
+  sim.dropLink("test: link lost"); // a stop with the link up flushes, which retries it anyway
+  heal();
+  await sim.restartPrimary(); // at once: no clear round retried it meanwhile
+  expect(sim.primaryMeta.metadata.localWritesLost).toBe(true);
 });
 
 // Proves that after a failed flush the primary never serves a write its disk dropped: the
