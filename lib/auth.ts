@@ -9,7 +9,10 @@
  *   primary checks the proof (a secondary without the key cannot collect our data), then
  *   primary → Auth {proof: HMAC(key, "primary", resource, nS, nP)}
  *   secondary checks it before it acts on the connection at all (it neither drops the
- *   current primary's link nor touches its metadata), then answers the Hello as before.
+ *   current primary's link nor touches its metadata), then answers the Hello with
+ *   HelloReply {…, mapSha256, proof: HMAC(key, "reply", resource, nP, nS, hello, reply)}
+ *   primary checks that proof, and the Map frames against mapSha256, before it acts on
+ *   any of it (which side is the sync source, full or not, the dirty map, split-brain).
  *
  * Fresh 32-byte nonces on both sides make a recorded exchange useless. By itself this
  * authenticates the peers when they connect; with `encryption aes-256-gcm` (which needs the
@@ -73,6 +76,82 @@ export function helloDigest(hello: Hello): Buffer {
     hello.remotecnt, hello.datasizeBytes, hello.extentsizeBytes, hello.replication, hello.checksum,
     hello.compression, hello.encryption ?? "none", hello.authNonce];
   return createHash("sha256").update(JSON.stringify(fields)).digest();
+}
+
+/**
+ * What the exchange binds the secondary's HelloReply to: the key, both nonces and the Hello.
+ * Without it a man in the middle who passed the exchange through unchanged could answer in
+ * the secondary's place (say "sync from the secondary, full", or a dirty map that makes the
+ * primary copy stale extents over good ones), and the primary would act on it.
+ */
+export interface AuthSession {
+  key: Buffer;
+  resource: string;
+  primaryNonce: Buffer;
+  secondaryNonce: Buffer;
+  helloDigest: Buffer;
+}
+
+/**
+ * The secondary's sessions from its exchange to its HelloReply, by connection. Kept here so that
+ * Secondary.attach passes the connection from authenticateAsSecondary to handshakeAsSecondary as
+ * it did before the reply was signed; a WeakMap lets a connection that never answers go.
+ */
+const replySessions = new WeakMap<Connection, AuthSession>();
+
+/**
+ * The digest of a HelloReply: every field but the proof, sorted by name, as JSON carries them
+ * (a field the primary acts on cannot be left out, nor one added later).
+ */
+export function helloReplyDigest(reply: Record<string, unknown>): Buffer {
+  const carried = JSON.parse(JSON.stringify(reply)) as Record<string, unknown>;
+  const fields = Object.entries(carried).filter(([name]) => name !== "proof")
+    .sort(([a], [b]) => (a < b ? -1 : 1));
+  return createHash("sha256").update(JSON.stringify(fields)).digest();
+}
+
+function replyProof(session: AuthSession, replyDigest: Buffer): Buffer {
+  return createHmac("sha256", session.key).update(`hast-reply-1 secondary ${session.resource}\n`)
+    .update(session.primaryNonce).update(session.secondaryNonce).update(session.helloDigest)
+    .update(replyDigest).digest();
+}
+
+function sha256Hex(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+/**
+ * The secondary's side: `reply` with `mapSha256` (of `map`, the Map frames that follow an
+ * acceptance) and `proof` added, when this connection passed the exchange; else unchanged (no
+ * authkey on either side). A connection gets one HelloReply: the session is used up.
+ */
+export function signHelloReply(
+  conn: Connection, reply: Record<string, unknown>, map: Uint8Array | null,
+): Record<string, unknown> {
+  const session = replySessions.get(conn);
+  if (session === undefined) return reply;
+  replySessions.delete(conn);
+  const signed = map === null ? { ...reply } : { ...reply, mapSha256: sha256Hex(map) };
+  return { ...signed, proof: replyProof(session, helloReplyDigest(signed)).toString("hex") };
+}
+
+/**
+ * The primary's side: why it must not act on `reply` (and `map`, the Map frames that followed
+ * it), or null when the secondary of this exchange signed both.
+ */
+export function helloReplyProblem(
+  session: AuthSession, reply: Record<string, unknown>, map: Uint8Array,
+): string | null {
+  if (reply.proof === undefined) {
+    return "the secondary's HelloReply carries no proof (it runs an older hast, or the reply was forged on the way)";
+  }
+  if (!proofMatches(replyProof(session, helloReplyDigest(reply)), reply.proof)) {
+    return "the secondary's HelloReply has a proof that does not match (it was changed on the way)";
+  }
+  if (reply.accepted === true && reply.mapSha256 !== sha256Hex(map)) {
+    return "the secondary's dirty map differs from the one its HelloReply names (it was changed on the way)";
+  }
+  return null;
 }
 
 function proof(
@@ -164,6 +243,9 @@ export async function authenticateAsSecondary(
       return why;
     }
   }
+  replySessions.set(conn, {
+    key, resource: hello.resource, primaryNonce: theirs, secondaryNonce: ours, helloDigest: digest,
+  });
   return null;
 }
 
@@ -175,15 +257,16 @@ function encryptionDiffers(theirs: unknown, ours: EncryptionKind): string {
 /**
  * The primary's side, after its Hello: checks the secondary's challenge and answers it. Throws
  * (the connection attempt fails with that message) when the secondary does not prove it holds
- * our key. A HelloReply instead of a challenge is returned to the caller: a refusal explains
- * itself; an acceptance means the secondary does not authenticate, which the caller refuses.
+ * our key. A HelloReply instead of a challenge is returned to the caller as `early`: a refusal
+ * explains itself; an acceptance means the secondary does not authenticate, which the caller
+ * refuses. Else returns the session the secondary's HelloReply must be signed for.
  */
 export async function authenticateAsPrimary(
   conn: Connection,
   options: { key: Buffer; nonce: Buffer; hello: Hello; timeoutMs: number; encryption: EncryptionKind },
-): Promise<Frame | null> {
+): Promise<{ early: Frame } | { session: AuthSession }> {
   const frame = await nextFrame(conn, options.timeoutMs, "authentication challenge");
-  if (frame.type === MessageType.HelloReply) return frame;
+  if (frame.type === MessageType.HelloReply) return { early: frame };
   if (frame.type !== MessageType.AuthChallenge) {
     throw new Error(`authentication failed: message type ${frame.type} instead of AuthChallenge`);
   }
@@ -204,5 +287,7 @@ export async function authenticateAsPrimary(
   if (options.encryption !== "none") {
     conn.secure(deriveLinkKeys(options.key, resource, options.nonce, theirs, "primary", digest));
   }
-  return null;
+  return {
+    session: { key: options.key, resource, primaryNonce: options.nonce, secondaryNonce: theirs, helloDigest: digest },
+  };
 }

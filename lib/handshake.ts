@@ -3,7 +3,9 @@
  * HelloReply, the secondary's dirty bitmap in Map frames. The decision which
  * way to sync is the secondary's (counters.ts); the primary follows it.
  */
-import { authenticateAsPrimary, helloAuthFields, readAuthKey } from "./auth.ts";
+import {
+  authenticateAsPrimary, type AuthSession, helloAuthFields, helloReplyProblem, readAuthKey, signHelloReply,
+} from "./auth.ts";
 import type { ResourceConfig } from "./config.ts";
 import { decideSync, newResuid, type SyncDecision } from "./counters.ts";
 import type { MetaStore } from "./storage.ts";
@@ -12,6 +14,9 @@ import {
   decodeJson, encodeFrame, encodeJson, FrameFlag, MAX_IO_BYTES, MessageType, ProtocolError,
   WIRE_VERSION, type Frame,
 } from "./wire.ts";
+
+/** A Goodbye in place of a Hello is logged with this much of its (unauthenticated) reason. */
+const GOODBYE_REASON_SHOWN_MAX = 300;
 
 /** What the primary announces. Counters travel as decimal strings (64-bit). */
 export interface Hello {
@@ -48,6 +53,11 @@ export type HandshakeResult =
 
 /** Validates and types a Hello payload; throws ProtocolError naming the bad field. */
 export function parseHello(frame: Frame): Hello {
+  if (frame.type === MessageType.Goodbye) {
+    // E.g. the primary could not read its authkey: say so, not only the message type.
+    const why = JSON.stringify(String(decodeJson(frame).reason ?? "").slice(0, GOODBYE_REASON_SHOWN_MAX));
+    throw new ProtocolError(`Cannot start connection: the primary closed it before its Hello: ${why}`);
+  }
   if (frame.type !== MessageType.Hello) {
     throw new ProtocolError(`Cannot start connection: first message has type ${frame.type}`);
   }
@@ -71,15 +81,89 @@ export function parseHello(frame: Frame): Hello {
   return raw as unknown as Hello;
 }
 
-/** The primary's side: sends Hello, waits for the reply and the bitmap. */
+/**
+ * The largest dirty map a secondary with this resource's size and extent size can send: the
+ * whole map area of its metadata (computeLayout), which has a bit per extent of the medium, not
+ * only of the data area. With B = ceil(extents / 8): the medium is at most 8192 + S + datasize +
+ * 4095 bytes for a map area of S bytes, so the map needs at most B + S/32768 + 3 bytes (extents
+ * of at least 4096 bytes), rounded up to 4096: S ≤ B + 4098 + (B + 4098)/32767, below the bound.
+ * A larger mapBytes is not from a hast secondary; the primary allocates no more than this.
+ */
+export function peerMapBytesMax(datasizeBytes: number, extentsizeBytes: number): number {
+  const mapBytes = Math.ceil(Math.ceil(datasizeBytes / extentsizeBytes) / 8);
+  return mapBytes + Math.ceil(mapBytes / 16384) + 8192;
+}
+
+/** A checked HelloReply (parseHelloReply). Counters travel as decimal strings (64-bit). */
+export type HelloReply =
+  | { accepted: false; reason: string; splitBrain: boolean }
+  | {
+    accepted: true;
+    resuid: bigint;
+    localcnt: bigint;
+    remotecnt: bigint;
+    source: "primary" | "secondary";
+    full: boolean;
+    reason: string;
+    /** Bytes of the dirty map in the Map frames that follow: 0, or one bit per extent at least. */
+    mapBytes: number;
+    verify: boolean;
+  };
+
+/**
+ * Validates and types a HelloReply payload before the primary allocates or acts on anything in it.
+ * @param limits datasize and extent size of the resource (the secondary checked they match ours)
+ * @throws ProtocolError naming the bad field
+ */
+export function parseHelloReply(
+  raw: Record<string, unknown>, limits: { datasizeBytes: number; extentsizeBytes: number },
+): HelloReply {
+  const reason = String(raw.reason ?? "");
+  if (raw.accepted !== true) return { accepted: false, reason, splitBrain: raw.splitBrain === true };
+  const counters = (["resuid", "localcnt", "remotecnt"] as const).map((name) => {
+    const value = raw[name];
+    if (typeof value !== "string" || !/^\d{1,20}$/.test(value) || BigInt(value) >= 1n << 64n) {
+      throw new ProtocolError(`Cannot parse HelloReply: "${name}" is ${JSON.stringify(value)}`);
+    }
+    return BigInt(value);
+  });
+  if (raw.source !== "primary" && raw.source !== "secondary") {
+    throw new ProtocolError(`Cannot parse HelloReply: "source" is ${JSON.stringify(raw.source)}`);
+  }
+  const mapBytes = raw.mapBytes ?? 0;
+  const max = peerMapBytesMax(limits.datasizeBytes, limits.extentsizeBytes);
+  const min = Math.ceil(Math.ceil(limits.datasizeBytes / limits.extentsizeBytes) / 8);
+  if (typeof mapBytes !== "number" || !Number.isSafeInteger(mapBytes) || mapBytes < 0 || mapBytes > max ||
+    (mapBytes > 0 && mapBytes < min)) {
+    throw new ProtocolError(`Cannot parse HelloReply: "mapBytes" is ${JSON.stringify(mapBytes)}, ` +
+      `expected 0 or ${min} to ${max} for this resource`);
+  }
+  return {
+    accepted: true, resuid: counters[0]!, localcnt: counters[1]!, remotecnt: counters[2]!, source: raw.source,
+    full: raw.full === true, reason, mapBytes, verify: raw.verify === true,
+  };
+}
+
+/**
+ * Reads this resource's authkey for a connection attempt (null: none configured).
+ * @throws Error "Cannot use authkey …" naming the file (readAuthKey)
+ */
+export function primaryAuthKey(config: ResourceConfig): Buffer | null {
+  return config.authkey === null ? null : readAuthKey(config.authkey);
+}
+
+/**
+ * The primary's side: sends Hello, waits for the reply and the bitmap. `key` is the authkey the
+ * caller read before it connected (primaryAuthKey); when absent it is read here.
+ */
 export async function handshakeAsPrimary(
   conn: Connection,
-  options: { meta: MetaStore; config: ResourceConfig; timeoutMs: number; metaflush: boolean },
+  options: { meta: MetaStore; config: ResourceConfig; timeoutMs: number; metaflush: boolean; key?: Buffer | null },
 ): Promise<HandshakeResult> {
   const m = options.meta.metadata;
   let proposed = 0n;
   if (m.resuid === 0n) proposed = newResuid();
-  const key = options.config.authkey === null ? null : readAuthKey(options.config.authkey);
+  const key = options.key !== undefined ? options.key : primaryAuthKey(options.config);
   const { nonce, ...authFields } = helloAuthFields(key);
   const hello: Hello = {
     ...authFields,
@@ -96,53 +180,69 @@ export async function handshakeAsPrimary(
     compression: options.config.compression,
     encryption: options.config.encryption,
   };
+  const replyOptions = {
+    timeoutMs: options.timeoutMs, datasizeBytes: m.datasizeBytes, extentsizeBytes: m.extentsizeBytes,
+  };
   let frames: ReturnType<typeof collectReply>;
+  let session: AuthSession | null = null;
   if (key === null) {
-    frames = collectReply(conn, options.timeoutMs);
+    frames = collectReply(conn, replyOptions);
     conn.send(encodeJson(MessageType.Hello, hello));
   } else {
     conn.send(encodeJson(MessageType.Hello, hello));
-    const unauthenticated = await authenticateAsPrimary(conn, {
+    const exchange = await authenticateAsPrimary(conn, {
       key, nonce: nonce!, hello, timeoutMs: options.timeoutMs, encryption: options.config.encryption,
     });
-    if (unauthenticated !== null) {
-      const reply = decodeJson(unauthenticated);
-      if (reply.accepted !== true) {
-        // Sent before the exchange, so anyone on the path could have sent it: a reason to log,
-        // never a split-brain verdict to act on (the secondary gives that only after it).
-        return { kind: "refused", reason: String(reply.reason), splitBrain: false };
-      }
-      throw new Error("authentication failed: the secondary accepted without authenticating itself " +
-        "(it has no authkey, or runs an older hast)");
-    }
-    frames = collectReply(conn, options.timeoutMs);
+    if ("early" in exchange) return earlyReply(exchange.early);
+    session = exchange.session;
+    frames = collectReply(conn, replyOptions);
   }
-  const { reply, map } = await frames;
-  if (reply.accepted !== true) {
-    return { kind: "refused", reason: String(reply.reason), splitBrain: reply.splitBrain === true };
+  const { raw, reply, map } = await frames;
+  const unsigned = session === null ? null : helloReplyProblem(session, raw, map);
+  if (!reply.accepted) {
+    // Unsigned (the secondary refused our proof, so it had no session to sign with; or forged on
+    // the way): a reason to log, never a split-brain verdict to act on.
+    return { kind: "refused", reason: reply.reason, splitBrain: unsigned === null && reply.splitBrain };
   }
-  const resuid = BigInt(String(reply.resuid));
+  if (unsigned !== null) throw new Error(`authentication failed: ${unsigned}; not acting on it`);
   if (m.resuid === 0n) {
-    await options.meta.write({ resuid }, { flush: options.metaflush });
+    await options.meta.write({ resuid: reply.resuid }, { flush: options.metaflush });
   }
   return {
     kind: "accepted",
-    source: reply.source === "secondary" ? "secondary" : "primary",
-    full: reply.full === true,
-    reason: String(reply.reason),
-    peer: { resuid, localcnt: BigInt(String(reply.localcnt)), remotecnt: BigInt(String(reply.remotecnt)) },
+    source: reply.source,
+    full: reply.full,
+    reason: reply.reason,
+    peer: { resuid: reply.resuid, localcnt: reply.localcnt, remotecnt: reply.remotecnt },
     secondaryMap: map,
-    peerCanVerify: reply.verify === true,
+    peerCanVerify: reply.verify,
   };
 }
 
-/** Collects HelloReply and, if accepted, the Map frames up to the Last flag. */
+/** A HelloReply that came in place of the authentication challenge. */
+function earlyReply(frame: Frame): HandshakeResult {
+  const reply = decodeJson(frame);
+  if (reply.accepted !== true) {
+    // Sent before the exchange, so anyone on the path could have sent it: a reason to log,
+    // never a split-brain verdict to act on (the secondary gives that only after it).
+    return { kind: "refused", reason: String(reply.reason), splitBrain: false };
+  }
+  throw new Error("authentication failed: the secondary accepted without authenticating itself " +
+    "(it has no authkey, or runs an older hast)");
+}
+
+/**
+ * Collects HelloReply and, if accepted, the Map frames up to the Last flag. The reply is
+ * checked (parseHelloReply) before the map is allocated.
+ */
 function collectReply(
-  conn: Connection, timeoutMs: number,
-): Promise<{ reply: Record<string, unknown>; map: Uint8Array }> {
+  conn: Connection, options: { timeoutMs: number; datasizeBytes: number; extentsizeBytes: number },
+): Promise<{ raw: Record<string, unknown>; reply: HelloReply; map: Uint8Array }> {
   return new Promise((resolve, reject) => {
-    let reply: Record<string, unknown> | null = null;
+    let raw: Record<string, unknown> | null = null;
+    let reply: HelloReply | null = null;
     let map = new Uint8Array(0);
+    const timeoutMs = options.timeoutMs;
     const timer = setTimeout(() => fail(new Error(`no handshake reply within ${timeoutMs} ms`)), timeoutMs);
     const fail = (error: Error) => {
       clearTimeout(timer);
@@ -156,9 +256,10 @@ function collectReply(
           if (frame.type !== MessageType.HelloReply) {
             throw new ProtocolError(`expected HelloReply, got type ${frame.type}`);
           }
-          reply = decodeJson(frame);
-          if (reply.accepted !== true) return finish();
-          map = new Uint8Array(Number(reply.mapBytes ?? 0));
+          raw = decodeJson(frame);
+          reply = parseHelloReply(raw, options);
+          if (!reply.accepted) return finish();
+          map = new Uint8Array(reply.mapBytes);
           if (map.byteLength === 0) return finish();
           return;
         }
@@ -175,7 +276,7 @@ function collectReply(
       clearTimeout(timer);
       conn.onFrame = () => {};
       conn.onClose = () => {};
-      resolve({ reply: reply!, map });
+      resolve({ raw: raw!, reply: reply!, map });
     };
   });
 }
@@ -198,7 +299,7 @@ export async function handshakeAsSecondary(
   const m = ctx.meta.metadata;
   const mismatch = checkCompatible(hello, ctx);
   if (mismatch) {
-    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason: mismatch }));
+    conn.send(encodeJson(MessageType.HelloReply, signHelloReply(conn, { accepted: false, reason: mismatch }, null)));
     return { kind: "mismatch", reason: mismatch };
   }
   const primary = {
@@ -212,14 +313,14 @@ export async function handshakeAsSecondary(
         `primary's remotecnt ${primary.remotecnt})`
       : `resource unique ID mismatch (primary ${primary.resuid}, secondary ${m.resuid})`;
     const splitBrain = decision.kind === "split-brain";
-    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason, splitBrain }));
+    conn.send(encodeJson(MessageType.HelloReply, signHelloReply(conn, { accepted: false, reason, splitBrain }, null)));
     return decision;
   }
   const unfit = decision.kind === "sync" && decision.source === "secondary" ? unfitSource(m) : null;
   if (unfit !== null) {
     const reason = `this node's copy would be the sync source, but ${unfit}: it cannot be. Keep this ` +
       "copy with `hast role --force primary` here, or the primary's with `hast discard` here (role init first)";
-    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason }));
+    conn.send(encodeJson(MessageType.HelloReply, signHelloReply(conn, { accepted: false, reason }, null)));
     return { kind: "mismatch", reason };
   }
   const resuid = primary.resuid === 0n ? BigInt(hello.proposedResuid) : primary.resuid;
@@ -233,10 +334,11 @@ export async function handshakeAsSecondary(
     map = decision.kind === "virgin" ? new Uint8Array(0) : await ctx.meta.readMap();
   } catch (error) {
     const reason = `secondary cannot use its metadata: ${error instanceof Error ? error.message : error}`;
-    conn.send(encodeJson(MessageType.HelloReply, { accepted: false, reason }));
+    conn.send(encodeJson(MessageType.HelloReply, signHelloReply(conn, { accepted: false, reason }, null)));
     return { kind: "mismatch", reason };
   }
-  conn.send(encodeJson(MessageType.HelloReply, {
+  // Signed with the authkey (auth.ts): the primary acts on nothing here, the map included, unsigned.
+  conn.send(encodeJson(MessageType.HelloReply, signHelloReply(conn, {
     accepted: true,
     resuid: String(resuid),
     localcnt: String(m.localcnt),
@@ -246,7 +348,7 @@ export async function handshakeAsSecondary(
     reason: decision.kind === "sync" ? decision.reason : "both fresh",
     mapBytes: map.byteLength,
     verify: true,
-  }));
+  }, map)));
   for (let at = 0; at < map.byteLength; at += MAX_IO_BYTES) {
     const piece = map.subarray(at, Math.min(map.byteLength, at + MAX_IO_BYTES));
     const last = at + piece.byteLength >= map.byteLength;

@@ -17,7 +17,7 @@ import { recordLocalWritesLost, stickyFlushFailure, type DataStore, type MetaSto
 import { Synchronizer, type SyncProgress } from "./synchronizer.ts";
 import { Verifier, type VerifyProgress } from "./verifier.ts";
 import type { Network } from "./transport.ts";
-import { handshakeAsPrimary, type HandshakeResult } from "./handshake.ts";
+import { handshakeAsPrimary, primaryAuthKey, type HandshakeResult } from "./handshake.ts";
 import { RequestSlots, type RequestSlotStats } from "./request_slots.ts";
 import { REFUSAL_LOG_INTERVAL_MS, RepeatLimiter } from "./log.ts";
 import {
@@ -722,6 +722,9 @@ export class Primary {
     }
     const remote = this.o.config.remote!;
     this.helloSettings = linkSettings(this.o.config);
+    // Read before connecting, at every attempt (a new key applies at the next one): a missing or
+    // unreadable key fails here, naming the file, instead of reaching the secondary as a Goodbye.
+    const key = primaryAuthKey(this.o.config);
     const conn = await this.o.network.connect({
       host: remote.host,
       port: remote.port,
@@ -737,6 +740,7 @@ export class Primary {
         config: this.o.config,
         timeoutMs: this.o.config.timeoutSeconds * 1000,
         metaflush: this.metaflush,
+        key,
       });
     } catch (error) {
       conn.close(`handshake failed: ${error}`);

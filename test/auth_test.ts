@@ -7,11 +7,19 @@
  * - a key file that is too short or readable by others is refused with a message naming it.
  */
 import { afterAll, afterEach, beforeAll, expect, test } from "bun:test";
+import { createHmac, randomBytes } from "node:crypto";
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { readAuthKey } from "../lib/auth.ts";
-import { encodeJson, HEADER_BYTES, MessageType } from "../lib/wire.ts";
+import { ActiveMap } from "../lib/activemap.ts";
+import { helloDigest, readAuthKey } from "../lib/auth.ts";
+import type { ResourceConfig } from "../lib/config.ts";
+import { parseHello, type Hello } from "../lib/handshake.ts";
+import { Primary } from "../lib/primary.ts";
+import { systemClock } from "../lib/remote_link.ts";
+import { tcpNetwork } from "../lib/transport.ts";
+import { encodeJson, FrameParser, HEADER_BYTES, MessageType } from "../lib/wire.ts";
 import { waitFor } from "./harness.ts";
 import { inSync, Sim, type SimOptions } from "./sim.ts";
 
@@ -90,6 +98,13 @@ test("a short key or one readable by others is refused, naming the file", async 
   expect(() => readAuthKey(join(dir, "missing"))).toThrow(/Cannot use authkey ".*missing": ENOENT/);
   const s = start({ authkey: open });
   expect(await refusedWith(s)).toContain(`Cannot use authkey "${open}"`);
+  await s.stop();
+  sim = null;
+  // A missing key file stops the primary before it connects (the secondary saw only a Goodbye).
+  const missing = join(dir, "missing");
+  const m = start({ authkey: missing, secondaryAuthkey: keyFile("present", "0123456789abcdef0123") });
+  expect(await refusedWith(m)).toMatch(/Cannot use authkey ".*missing": ENOENT/);
+  expect(m.connectsMade).toBe(0);
 });
 
 /** The JSON body of a frame that starts `bytes` (the Sim passes one send() per call), if it is of `type`. */
@@ -140,4 +155,156 @@ test("a frame smuggled in behind Auth closes the connection, and the secondary d
   expect(s.secondary.status().link).not.toBe("connected");
   expect(s.logs.some((l) => l.startsWith("secondary info: primary connected"))).toBe(false);
   expect(s.logs.some((l) => l.includes("during the authentication exchange"))).toBe(true);
+});
+
+/** Waits for a line of the primary's log that matches `pattern`; returns it. */
+function primaryLogged(lines: string[], pattern: RegExp): Promise<string> {
+  return waitFor(`primary log ${pattern}`, () => lines.find((l) => l.startsWith("primary") && pattern.test(l)),
+    { timeoutMs: 10_000, intervalMs: 10 });
+}
+
+test("a HelloReply forged after the exchange is refused, and the primary does not sync from it", async () => {
+  // A man in the middle passes the exchange through and replaces the secondary's reply with
+  // "sync from the secondary, full": acted on, the secondary's empty disk would overwrite the
+  // primary's data. Once with the proof removed, once with the secondary's proof kept.
+  for (const keepProof of [false, true]) {
+    const authkey = keyFile(`reply-${keepProof}`, "0123456789abcdef-reply");
+    const s = new Sim({ replication: "fullsync", keepdirty: 0, authkey });
+    sim = s;
+    s.primaryDisk.bytes.set(pattern(65536));
+    let replies = 0;
+    s.tamperToPrimary = (bytes) => {
+      const reply = jsonOf(bytes, MessageType.HelloReply);
+      if (reply !== null) replies++;
+      if (reply === null || reply.accepted !== true) return bytes;
+      const { proof, ...fields } = reply;
+      const lie = { ...fields, source: "secondary", full: true, reason: "forged", ...(keepProof ? { proof } : {}) };
+      return Buffer.concat(encodeJson(MessageType.HelloReply, lie));
+    };
+    s.start();
+    const refusal = keepProof ? /HelloReply has a proof that does not match/ : /HelloReply carries no proof/;
+    const line = await primaryLogged(s.logs, refusal);
+    expect(line).toContain("cannot connect: authentication failed: the secondary's HelloReply");
+    // The second attempt is refused (the secondary adopted the resuid of the first Hello; the
+    // primary did not): time enough for anything the first reply started to show.
+    await waitFor("a second attempt", () => replies >= 2 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
+    expect(Buffer.compare(s.primaryDisk.bytes.subarray(0, 65536), pattern(65536))).toBe(0);
+    expect(s.primary.status().link).not.toBe("connected");
+    expect(s.logs.some((l) => l.startsWith("primary info: connected"))).toBe(false);
+    expect(s.primaryMeta.metadata.syncTarget).toBe(false);
+    await s.stop();
+    sim = null;
+  }
+});
+
+test("a split-brain verdict forged after the exchange is only a refusal", async () => {
+  const s = start({ authkey: keyFile("late-split", "0123456789abcdef-late") });
+  let forged = 0;
+  s.tamperToPrimary = (bytes) => {
+    if (jsonOf(bytes, MessageType.HelloReply) === null) return bytes;
+    forged++;
+    return Buffer.concat(encodeJson(MessageType.HelloReply, { accepted: false, splitBrain: true, reason: "forged" }));
+  };
+  await waitFor("two forged verdicts", () => forged >= 2 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
+  expect(await primaryLogged(s.logs, /secondary refused the connection: forged/)).toContain("primary error");
+  expect(s.primary.status().link).not.toBe("split-brain");
+  expect(s.events.some((e) => e.includes("split-brain"))).toBe(false);
+});
+
+test("a dirty map changed on the way is refused: the reply's proof covers the Map frames", async () => {
+  // After a first sync the secondary sends its whole map area on each connect; a forger flips
+  // its first byte (eight extents dirty that are not, or the reverse) and keeps the reply.
+  const s = start({ authkey: keyFile("map", "0123456789abcdef-map") });
+  await inSync(s, "connected");
+  let changed = 0;
+  s.tamperToPrimary = (bytes) => {
+    if (bytes.byteLength <= HEADER_BYTES || bytes[5] !== MessageType.Map) return bytes;
+    changed++;
+    const copy = bytes.slice();
+    copy[HEADER_BYTES] = copy[HEADER_BYTES]! ^ 0xff;
+    return copy;
+  };
+  s.dropLink("test: reconnect");
+  expect(await primaryLogged(s.logs, /dirty map differs from the one its HelloReply names/))
+    .toContain("cannot connect: authentication failed");
+  expect(changed).toBeGreaterThan(0);
+  s.tamperToPrimary = (b) => b;
+  await waitFor("connected again", () => s.primary.status().link === "connected" || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+});
+
+/**
+ * A secondary played by a plain TCP socket speaking the wire format: it holds `key` and passes
+ * the exchange (as a secondary of an older hast would), then answers with `reply`, unsigned.
+ * Records the type of every frame it receives.
+ */
+async function fakeSecondary(key: Buffer, reply: Record<string, unknown>) {
+  const received: number[] = [];
+  const sockets: net.Socket[] = [];
+  const server = net.createServer((socket) => {
+    sockets.push(socket);
+    let hello: Hello | null = null;
+    let theirs = Buffer.alloc(0);
+    const ours = randomBytes(32);
+    const parser = new FrameParser((frame) => {
+      received.push(frame.type);
+      if (frame.type === MessageType.Hello) {
+        hello = parseHello(frame);
+        theirs = Buffer.from(hello.authNonce!, "hex");
+        const proof = createHmac("sha256", key).update(`hast-auth-2 secondary ${hello.resource}\n`)
+          .update(theirs).update(ours).update(helloDigest(hello)).digest("hex");
+        socket.write(Buffer.concat(encodeJson(MessageType.AuthChallenge, { nonce: ours.toString("hex"), proof })));
+      } else if (frame.type === MessageType.Auth) {
+        socket.write(Buffer.concat(encodeJson(MessageType.HelloReply, reply)));
+      }
+    });
+    socket.on("data", (chunk: Buffer) => parser.push(chunk));
+    socket.on("error", () => {});
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  const close = async () => {
+    for (const socket of sockets) socket.destroy();
+    await new Promise((resolve) => server.close(resolve));
+  };
+  return { port, received, close };
+}
+
+test("a real primary refuses an unsigned HelloReply from a plain-socket secondary and sends no sync", async () => {
+  // The fake holds the key, so the exchange succeeds; its reply says "sync from the secondary,
+  // full", unsigned. Acted on, the primary would send it Read requests to copy its disk.
+  const path = keyFile("fake", "0123456789abcdef-fake");
+  const fake = await fakeSecondary(readAuthKey(path), {
+    accepted: true, resuid: "99", localcnt: "5", remotecnt: "0", source: "secondary", full: true,
+    reason: "forged", mapBytes: 0, verify: true,
+  });
+  const layout = new Sim({ replication: "fullsync", authkey: path });
+  const config = { ...layout.config(), remote: { kind: "tcp", family: "tcp", host: "127.0.0.1", port: fake.port } };
+  const m = layout.primaryMeta.metadata;
+  const logs: string[] = [];
+  layout.primaryDisk.bytes.set(pattern(65536));
+  const primary = new Primary({
+    config: config as ResourceConfig, data: layout.primaryDisk, meta: layout.primaryMeta,
+    activemap: new ActiveMap({
+      extentCount: Math.ceil(m.datasizeBytes / m.extentsizeBytes), extentsizeBytes: m.extentsizeBytes,
+      datasizeBytes: m.datasizeBytes, keepdirty: 0, onDisk: layout.primaryMeta.map,
+    }),
+    network: tcpNetwork, clock: systemClock, hooks: { run: () => {} },
+    log: (level, message) => logs.push(`primary ${level}: ${message}`),
+  });
+  try {
+    primary.start();
+    expect(await primaryLogged(logs, /cannot connect/))
+      .toContain("authentication failed: the secondary's HelloReply carries no proof");
+    const hellos = () => fake.received.filter((t) => t === MessageType.Hello).length;
+    await waitFor("a second attempt", () => hellos() >= 2 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
+    const handshake: number[] = [MessageType.Hello, MessageType.Auth, MessageType.Goodbye];
+    expect(fake.received.filter((t) => !handshake.includes(t))).toEqual([]);
+    expect(layout.primaryMeta.metadata.resuid).toBe(0n);
+    expect(Buffer.compare(layout.primaryDisk.bytes.subarray(0, 65536), pattern(65536))).toBe(0);
+    expect(primary.status().link).not.toBe("connected");
+  } finally {
+    await primary.stop();
+    await fake.close();
+  }
 });

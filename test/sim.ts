@@ -267,6 +267,8 @@ export class Sim {
   readonly deadLogs: string[] = [];
   /** Primary-side ends of the connections made so far. */
   private readonly links: MemoryConnection[] = [];
+  /** Connections the primary made (connect calls that did not fail), for the Sim's whole life. */
+  connectsMade = 0;
 
   constructor(readonly options: SimOptions) {
     const media = options.mediasizeBytes ?? 16 * 1024 * 1024;
@@ -381,6 +383,7 @@ export class Sim {
         client.peer = server;
         server.peer = client;
         this.links.push(client);
+        this.connectsMade++;
         // As the daemon does: read the Hello, then hand the connection over.
         server.onFrame = (frame) => {
           server.onFrame = () => {};
