@@ -6,7 +6,8 @@
  *
  * Messages daemon → worker: start, peer (+ socket), status, syncrate, verify, reconfigure, stop.
  * The daemon sends a reconfigure only to a running worker (its role changes, reload restarts and
- * crash restarts of a resource run one at a time).
+ * crash restarts of a resource run one at a time); one that arrives during the start is applied
+ * once the role runs (WorkerSession).
  * Messages worker → daemon: ready, failed, reply.
  */
 import { mkdirSync } from "node:fs";
@@ -18,7 +19,7 @@ import { CodecPipeline } from "./codec_pipeline.ts";
 import { RequestSlots } from "./request_slots.ts";
 import type { ResourceConfig } from "./config.ts";
 import type { Hello } from "./handshake.ts";
-import { exitCodeOf } from "./exit_codes.ts";
+import { EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, exitCodeOf } from "./exit_codes.ts";
 import { execHooks } from "./hooks.ts";
 import { makeLogger, type Logger } from "./log.ts";
 import { MetadataStore, stalenessOf } from "./metadata.ts";
@@ -72,84 +73,219 @@ function send(message: FromWorker): void {
   if (process.connected) process.send?.(message);
 }
 
-/** Entry point of `hast __worker`. */
-export function runWorker(): void {
-  let running: Running | null = null;
+export type StartMessage = Extract<ToWorker, { type: "start" }>;
+
+/** What a WorkerSession needs from its process; runWorker passes the real ones, tests fakes. */
+export interface WorkerHost {
+  send(message: FromWorker): void;
+  exit(code: number): void;
+  /** Starts the resource: startResource. */
+  start(message: StartMessage, log: Logger): Promise<Running>;
+  /** Hands the primary's connection (a socket from the daemon) to the running secondary. */
+  attach(secondary: Secondary, handle: Socket, hello: Hello): Promise<void>;
+  makeLog(component: string, debug: number): Logger;
+}
+
+/** A refusal of `hast verify` and the exit code the CLI ends with (75: try again). */
+export interface VerifyAnswer {
+  refusal: string | null;
+  exitCode: number;
+}
+
+/**
+ * The worker's side of the IPC conversation with the daemon: one start, then requests, until a
+ * stop or the daemon's disconnect. Requests that arrive before the start finished are answered
+ * for what the worker is then (starting), or kept for the role once it runs (syncrate,
+ * reconfigure, a primary's connection); found by review: a verify while starting answered
+ * "this node is not primary", a status "failed", and a syncrate or reload then was lost.
+ */
+export class WorkerSession {
+  private running: Running | null = null;
   /**
    * The start under way, if any. A stop, or the daemon going away, waits for it and then stops
    * what it started (found by review: with the daemon killed while its worker started, `running`
    * was still null, so the worker did not stop, and ran on as an unsupervised primary serving NBD
    * and holding the disk's lock; a stop meanwhile exited before the start had finished).
    */
-  let starting: Promise<void> | null = null;
+  private starting: Promise<void> | null = null;
   /** Set once a stop or the daemon's disconnect arrived: the worker only ends from then on. */
-  let ending: Promise<never> | null = null;
-  const end = (): Promise<never> => {
-    ending ??= (async () => {
-      await starting;
-      await (running as Running | null)?.stop();
-      process.exit(0);
-    })();
-    return ending;
-  };
-  let log: Logger = makeLogger("worker", 0);
-  process.on("message", (message: ToWorker, handle?: Socket) => {
-    void (async () => {
-      switch (message.type) {
-        case "start":
-          log = makeLogger(`${message.config.resource}/${message.role}`, message.debug);
-          starting = (async () => {
-            try {
-              running = await startResource(message, log);
-              if (ending === null) send({ type: "ready", pid: process.pid });
-            } catch (error) {
-              const exitCode = exitCodeOf(error);
-              send({ type: "failed", message: (error as Error).message, exitCode });
-              setTimeout(() => process.exit(1), 50);
-            }
-          })();
-          await starting;
-          return;
-        case "peer":
-          if (running?.secondary && handle && ending === null) {
-            const conn = socketConnection(handle, running.secondary.receivePool, { pauseWhileFull: true });
-            await running.secondary.attach(conn, message.hello);
-          } else {
-            handle?.destroy();
-          }
-          return;
-        case "status":
-          send({ type: "reply", id: message.id, value: running ? statusOf(running) : null });
-          return;
-        case "syncrate":
-          running?.primary?.setSyncRate(message.bytesPerSecond);
-          send({ type: "reply", id: message.id, value: true });
-          return;
-        case "verify": {
-          const refusal = running?.primary
-            ? running.primary.startVerify(message.bytesPerSecond) : "this node is not primary";
-          send({ type: "reply", id: message.id, value: { refusal } });
-          return;
-        }
-        case "reconfigure":
-          running?.primary?.reconfigure(message.config);
-          running?.secondary?.reconfigure(message.config);
-          return;
-        case "stop":
-          await end();
+  private ending: Promise<void> | null = null;
+  /** The settings the worker runs with: the start's, then each reconfigure's. */
+  private config: ResourceConfig | null = null;
+  /** A rate `hast syncrate` set before the start arrived; applied to it. */
+  private syncRateBytesPerSecond: number | null = null;
+  /** The start failed: the worker exits once the daemon has read why. */
+  private failed = false;
+  private log: Logger;
+
+  constructor(private readonly host: WorkerHost) {
+    this.log = host.makeLog("worker", 0);
+  }
+
+  /** The resource's logger once the start arrived. */
+  get logger(): Logger {
+    return this.log;
+  }
+
+  /** Handles one message from the daemon; resolves once it has been dealt with. */
+  async handle(message: ToWorker, handle?: Socket): Promise<void> {
+    switch (message.type) {
+      case "start":
+        return this.start(message);
+      case "peer":
+        return this.peer(message.hello, handle);
+      case "status":
+        this.host.send({ type: "reply", id: message.id, value: this.status() });
+        return;
+      case "syncrate":
+        this.setSyncRate(message.bytesPerSecond);
+        this.host.send({ type: "reply", id: message.id, value: true });
+        return;
+      case "verify":
+        this.host.send({ type: "reply", id: message.id, value: this.verify(message.bytesPerSecond) });
+        return;
+      case "reconfigure":
+        return this.reconfigure(message.config);
+      case "stop":
+        return this.end();
+      default: {
+        // A daemon of another version: answered (null) so that it does not wait for a reply.
+        const unknown = message as { type?: unknown; id?: unknown };
+        this.log("warn", `ignoring a message of unknown type ${JSON.stringify(unknown.type)} from the daemon`);
+        if (typeof unknown.id === "number") this.host.send({ type: "reply", id: unknown.id, value: null });
       }
-    })().catch((error) => {
-      log("error", `worker failure: ${(error as Error).stack ?? error}`);
-      process.exit(70);
-    });
+    }
+  }
+
+  /** The daemon went away, or asked to stop: stops what runs (once it started) and exits 0. */
+  end(): Promise<void> {
+    this.ending ??= (async () => {
+      await this.starting;
+      await this.running?.stop();
+      this.host.exit(0);
+    })();
+    return this.ending;
+  }
+
+  private async start(message: StartMessage): Promise<void> {
+    if (this.starting !== null || this.ending !== null) {
+      // The daemon sends one start per worker: a second one must not open the disk again (it
+      // would fail as in use, and its failure end the role that runs).
+      this.log("error", `ignoring a start message: ${this.starting ? "the worker has one" : "it is stopping"}`);
+      return;
+    }
+    const config = message.config;
+    if (this.syncRateBytesPerSecond !== null) config.syncRateBytesPerSecond = this.syncRateBytesPerSecond;
+    this.config = config;
+    this.log = this.host.makeLog(`${config.resource}/${message.role}`, message.debug);
+    this.starting = (async () => {
+      try {
+        this.running = await this.host.start(message, this.log);
+      } catch (error) {
+        const exitCode = exitCodeOf(error);
+        this.failed = true;
+        this.host.send({ type: "failed", message: (error as Error).message, exitCode });
+        setTimeout(() => this.host.exit(1), 50);
+        return;
+      }
+      // A reload that arrived while it started (the daemon queues them, but not a role's).
+      if (this.config !== config) this.applyConfig(this.running, this.config!);
+      if (this.ending === null) this.host.send({ type: "ready", pid: process.pid });
+    })();
+    await this.starting;
+  }
+
+  /** What `hast status` shows of this worker: the role's status, or that it starts or stops. */
+  private status(): unknown {
+    if (this.running === null) {
+      if (this.failed) return null;
+      return { status: this.ending === null ? "starting" : "stopping" };
+    }
+    const status = statusOf(this.running, pipelineChangeOf(this.running, this.config!));
+    return this.ending === null ? status : { ...(status as object), status: "stopping" };
+  }
+
+  private verify(bytesPerSecond: number): VerifyAnswer {
+    if (this.ending !== null) return { refusal: "the resource is stopping", exitCode: EX_UNAVAILABLE };
+    if (this.failed) return { refusal: "its worker failed to start", exitCode: EX_UNAVAILABLE };
+    if (this.running === null) {
+      return { refusal: "its worker is still starting; try again once it runs", exitCode: EX_TEMPFAIL };
+    }
+    if (!this.running.primary) return { refusal: "this node is not primary", exitCode: EX_UNAVAILABLE };
+    return { refusal: this.running.primary.startVerify(bytesPerSecond), exitCode: EX_UNAVAILABLE };
+  }
+
+  private setSyncRate(bytesPerSecond: number): void {
+    // Also into the settings a start under way passes to its primary, which reads the rate there.
+    if (this.config === null) this.syncRateBytesPerSecond = bytesPerSecond;
+    else this.config.syncRateBytesPerSecond = bytesPerSecond;
+    this.running?.primary?.setSyncRate(bytesPerSecond);
+  }
+
+  private async reconfigure(next: ResourceConfig): Promise<void> {
+    if (this.running === null) {
+      // Applied once the start finished; before the start, the start brings the daemon's settings.
+      if (this.config !== null) this.config = next;
+      return;
+    }
+    this.applyConfig(this.running, next);
+  }
+
+  private applyConfig(running: Running, next: ResourceConfig): void {
+    this.config = next;
+    running.primary?.reconfigure(next);
+    running.secondary?.reconfigure(next);
+    const change = pipelineChangeOf(running, next);
+    if (change !== null) this.log("info", `pipeline: ${change}`);
+  }
+
+  /** A primary's connection: handed to the secondary once the worker runs, else closed. */
+  private async peer(hello: Hello, handle?: Socket): Promise<void> {
+    await this.starting;
+    const secondary = this.running?.secondary;
+    if (secondary && handle && this.ending === null) {
+      await this.host.attach(secondary, handle, hello);
+    } else {
+      handle?.destroy();
+    }
+  }
+}
+
+/** How the codec threads change at the next start: the settings want them and none run, or the reverse. */
+export function pipelineChangeOf(running: Running, config: ResourceConfig): string | null {
+  const wanted = pipelineWanted(config);
+  if (wanted === (running.pipeline !== null)) return null;
+  return wanted
+    ? "the codec threads start at the next role change or restart (none run now)"
+    : "the codec threads stop at the next role change or restart (connections made from now on encode inline)";
+}
+
+/** Whether a worker started with `config` runs codec threads: only where there is codec work to move off. */
+export function pipelineWanted(config: ResourceConfig): boolean {
+  return config.pipeline && (config.checksum !== "none" || config.compression === "lz4");
+}
+
+/** Entry point of `hast __worker`. */
+export function runWorker(): void {
+  const session = new WorkerSession({
+    send,
+    exit: (code) => process.exit(code),
+    start: startResource,
+    attach: async (secondary, handle, hello) => {
+      const conn = socketConnection(handle, secondary.receivePool, { pauseWhileFull: true });
+      await secondary.attach(conn, hello);
+    },
+    makeLog: makeLogger,
   });
-  process.on("disconnect", () => {
-    // The daemon is gone: stop serving rather than run unsupervised.
-    end().catch((error) => {
-      log("error", `stop after the daemon went away: ${(error as Error).stack ?? error}`);
-      process.exit(70);
-    });
+  const crash = (what: string) => (error: unknown) => {
+    session.logger("error", `${what}: ${(error as Error).stack ?? error}`);
+    process.exit(EX_SOFTWARE);
+  };
+  process.on("message", (message: ToWorker, handle?: Socket) => {
+    session.handle(message, handle).catch(crash("worker failure"));
   });
+  // The daemon is gone: stop serving rather than run unsupervised.
+  process.on("disconnect", () => void session.end().catch(crash("stop after the daemon went away")));
 }
 
 class StartError extends Error {
@@ -189,13 +325,11 @@ export async function startResource(message: Extract<ToWorker, { type: "start" }
     }
     const data = providerDataStore(provider, m.dataOffsetBytes, m.datasizeBytes);
     const hooks = execHooks(() => config.exec, config.resource, log); // reconfigure updates config
-    // Codec threads only where there is codec work to move off the event loop.
-    const codecWork = config.checksum !== "none" || config.compression === "lz4";
     // The primary's request slots: its codec threads read large writes where they were received.
     const requestSlots = role === "primary"
       ? new RequestSlots(REQUEST_SLOTS, MAX_IO_BYTES, REQUEST_SLOT_MIN_BYTES)
       : null;
-    const pipeline = config.pipeline && codecWork ? CodecPipeline.start({ inputs: requestSlots }) : null;
+    const pipeline = pipelineWanted(config) ? CodecPipeline.start({ inputs: requestSlots }) : null;
     if (role === "secondary") {
       const secondary = new Secondary({ config, data, meta, hooks, log, pipeline });
       return { role, provider, meta, secondary, pipeline, stop: async () => {
@@ -334,7 +468,7 @@ export function jsHeapBytesOf(usage: { heapUsed: number; external: number }): nu
   return usage.external < usage.heapUsed ? usage.heapUsed - usage.external : usage.heapUsed;
 }
 
-function statusOf(running: Running): unknown {
+function statusOf(running: Running, pipelineChange: string | null): unknown {
   const m = running.meta.metadata;
   const metadata = {
     datasizeBytes: m.datasizeBytes, extentsizeBytes: m.extentsizeBytes, keepdirty: m.keepdirty,
@@ -356,12 +490,14 @@ function statusOf(running: Running): unknown {
       nbd: running.nbd?.stats() ?? null,
       nbdLimits: running.nbd?.limits ?? null,
       pipeline: running.pipeline?.stats() ?? null,
+      pipelineChange,
       memory: memoryOf(),
     };
   }
   return {
     role: "secondary", metadata, local, ...running.secondary!.status(),
     pipeline: running.pipeline?.stats() ?? null,
+    pipelineChange,
     memory: memoryOf(),
   };
 }

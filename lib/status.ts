@@ -78,11 +78,12 @@ export function describeResource(
   worker: Record<string, unknown> | null,
   options: { full: boolean; pid: number | null; lastError: string; lastErrorAt?: string },
 ): Record<string, unknown> {
-  const running = worker !== null;
+  // A worker that is starting (or stopping before its start finished) reports that alone.
+  const running = worker !== null && typeof worker.role === "string";
   const base: Record<string, unknown> = {
     name: config.resource,
     role,
-    status: role === "init" ? "stopped" : running ? worker.status : "failed",
+    status: role === "init" ? "stopped" : worker !== null ? worker.status : "failed",
     local: config.local,
     remote: config.remote ? formatAddress(config.remote) : "none",
     nbd: role === "primary" && running ? nbdUri(config) : null,
@@ -107,6 +108,8 @@ export function describeResource(
     checksum: config.checksum,
     compression: config.compression,
     pipeline: config.pipeline,
+    // A reloaded `pipeline` (or codec) that changes whether codec threads run waits for the next start.
+    pipelinePending: running && typeof worker.pipelineChange === "string" ? worker.pipelineChange : null,
     timeoutSeconds: config.timeoutSeconds,
     metaflush: config.metaflush,
     syncRateBytesPerSecond: config.syncRateBytesPerSecond,

@@ -1,5 +1,6 @@
 import { expect, test } from "bun:test";
-import { formatStatusTable, formatVerify } from "./status.ts";
+import { parseConfig } from "./config.ts";
+import { describeResource, formatStatusTable, formatVerify } from "./status.ts";
 
 const MIB = 1024 * 1024;
 const base = {
@@ -21,4 +22,30 @@ test("the Verify column: none yet, running, identical, differences, failed", () 
   }]).split("\n");
   expect(table[0]).toMatch(/^Name\s+Status\s+Role\s+Components\s+Dirty\s+Sync\s+Verify$/);
   expect(table[1]).toMatch(/^data\s+complete\s+primary\s+\/dev\/sdb 10\.0\.0\.2\s+0\s+-\s+done, identical$/);
+});
+
+const config = parseConfig("resource r {\n  local /dev/sdb\n  on a { remote 10.0.0.2 }\n}\n", "t.conf", { node: "a" })
+  .resources[0]!;
+
+// Found by review: a worker being restarted in its role (a crash or a reload restart) showed the
+// resource "failed" while it started. Proves a starting worker's answer shows "starting", with
+// none of a running role's fields, and that no answer at all still shows "failed".
+test("status of a worker that is starting, and of none", () => {
+  const options = { full: true, pid: 42, lastError: "worker exited unexpectedly (70)" };
+  const starting = describeResource(config, "primary", { status: "starting" }, options);
+  expect(starting.status).toBe("starting");
+  expect([starting.nbd, starting.link, starting.sync, starting.dirtyBytes]).toEqual([null, null, null, null]);
+  expect(starting.linkError).toBe("worker exited unexpectedly (70)");
+  expect(starting.pipelinePending).toBeNull();
+  expect(describeResource(config, "primary", null, options).status).toBe("failed");
+});
+
+// Proves `hast list` says when a reloaded pipeline setting waits for the next start (the worker
+// reports it as pipelineChange), and says nothing otherwise.
+test("hast list: pipelinePending from the worker's pipelineChange", () => {
+  const options = { full: true, pid: 42, lastError: "" };
+  const pending = "the codec threads start at the next role change or restart (none run now)";
+  const worker = { role: "primary", status: "complete", link: "connected", pipelineChange: pending };
+  expect(describeResource(config, "primary", worker, options).pipelinePending).toBe(pending);
+  expect(describeResource(config, "primary", { ...worker, pipelineChange: null }, options).pipelinePending).toBeNull();
 });

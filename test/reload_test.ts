@@ -2,13 +2,14 @@
  * SIGHUP reloads reaching what is already running (all found by review): a listen address that
  * was busy is bound by the next SIGHUP; a changed timeout reaches the open link; a changed
  * metaflush reaches the metadata writes; a changed remote drops the old primary's link on the
- * secondary.
+ * secondary. A file with an error is not applied at all, and the log names file and line.
  */
 import { afterEach, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { controlRequest } from "../lib/control.ts";
 import { Daemon } from "../lib/daemon.ts";
 import { waitFor } from "./harness.ts";
 import { inSync, pairPerTest } from "./sim.ts";
@@ -124,3 +125,42 @@ test("a secondary whose reloaded remote changed drops the old primary's link", a
   // daemon refuses a peer that is not a resource's remote.)
   await waitFor("reconnected", () => connects() > before || undefined, { timeoutMs: 10_000, intervalMs: 10 });
 }, 20_000);
+
+// Re-verified by review (no defect): a reloaded file with an error in one resource changes
+// nothing, not even the resources before the error, and the log names the file, line and column.
+test("a reload of a file with an error applies none of it and names file and line", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "hast-reload-"));
+  dirs.push(dir);
+  const control = join(dir, "ctl.sock");
+  const conf = (rate: string, sExtra: string) => [
+    `control uds://${control}`, `pidfile ${join(dir, "hast.pid")}`, "listen tcp://127.0.0.1:0",
+    "resource r {", `  local ${join(dir, "r.img")}`, `  syncrate ${rate}`, "  on a { remote 127.0.0.2 }", "}",
+    "resource s {", `  local ${join(dir, "s.img")}`, sExtra, "  on a { remote 127.0.0.2 }", "}", "",
+  ].join("\n");
+  const configPath = join(dir, "hast.conf");
+  writeFileSync(configPath, conf("1M", ""));
+  const daemon = new Daemon({
+    configPath, node: "a", debug: 0, signals: false, exit: () => {},
+    spawnWorker: () => {
+      throw new Error("no workers in this test");
+    },
+  });
+  daemons.push(daemon);
+  await daemon.start();
+  const lines: string[] = [];
+  const write = process.stderr.write;
+  process.stderr.write = ((chunk: string) => lines.push(String(chunk)) > 0) as typeof write;
+  try {
+    // r's new rate is valid and comes first; s (line 11) has a bad one.
+    writeFileSync(configPath, conf("2M", "  syncrate abc"));
+    await daemon.reload();
+  } finally {
+    process.stderr.write = write;
+  }
+  expect(lines.join("")).toContain(`SIGHUP: config not reloaded: ${configPath}:11:12: Cannot set "syncrate"`);
+  expect(lines.join("")).not.toContain("configuration reloaded");
+  const answer = await controlRequest(control, { command: "list", names: ["r", "s"] }, 5000);
+  if (!answer.ok) throw new Error(answer.error);
+  const rows = answer.value as Record<string, unknown>[];
+  expect(rows.map((row) => row.syncRateBytesPerSecond)).toEqual([1024 * 1024, 0]);
+});
