@@ -33,7 +33,8 @@
  *     4092 crc32 u32
  */
 import assert from "node:assert/strict";
-import type { Provider } from "./provider.ts";
+import type { Logger } from "./log.ts";
+import { type Provider, ProviderError } from "./provider.ts";
 
 /** Bytes reserved at offset 0 for the two metadata slots. */
 export const METADATA_AREA_BYTES = 8192;
@@ -328,12 +329,20 @@ const LAYOUT_FIELDS = [
   "dataOffsetBytes",
 ] as const;
 
+/** The records of both slots of a metadata area (null: torn, corrupt or never written). */
+function decodeSlots(area: Uint8Array): [Metadata | null, Metadata | null] {
+  const slot = (i: number) => decodeMetadata(area.subarray(i * METADATA_SLOT_BYTES, (i + 1) * METADATA_SLOT_BYTES));
+  return [slot(0), slot(1)];
+}
+
 /** The newest valid slot of a metadata area, or null if neither is valid. */
 function newestSlot(area: Uint8Array): { metadata: Metadata; slot: number } | null {
+  return newestOf(decodeSlots(area));
+}
+
+function newestOf(slots: [Metadata | null, Metadata | null]): { metadata: Metadata; slot: number } | null {
   let best: { metadata: Metadata; slot: number } | null = null;
-  for (let slot = 0; slot < 2; slot++) {
-    const start = slot * METADATA_SLOT_BYTES;
-    const m = decodeMetadata(area.subarray(start, start + METADATA_SLOT_BYTES));
+  for (const [slot, m] of slots.entries()) {
     if (m !== null && (best === null || m.generation > best.metadata.generation)) {
       best = { metadata: m, slot };
     }
@@ -345,6 +354,12 @@ function newestSlot(area: Uint8Array): { metadata: Metadata; slot: number } | nu
 export interface LoadOptions {
   /** Refuse (MetadataError "ERESOURCE") metadata that names another resource. */
   resource?: string;
+  /**
+   * Where the store says what it decided by itself: once, that metaflush is off because the
+   * provider cannot flush (Provider.flushUnsupported, spec §4), and that it recorded
+   * localWritesLost after a failed durable write. Default: nowhere.
+   */
+  log?: Logger;
 }
 
 /**
@@ -352,20 +367,52 @@ export interface LoadOptions {
  * Writes are serialised internally; concurrent map writes are coalesced (the
  * latest bitmap wins, every caller resolves once a write that started after
  * its call has reached the disk).
+ *
+ * Durability. A write with `flush: false` (metaflush off) lands in the page cache only, and
+ * becomes durable once a flush of the provider that started after it succeeds
+ * (Provider.nextFlushEpoch, Provider.flushed). The store tracks that for both slots and for
+ * every map page, because:
+ * - a write never goes to the slot holding the newest durable record, so that a crash, which
+ *   may tear any write not yet durable, always leaves that record readable. Writes between
+ *   flushes therefore all go to the other slot; after a flush covered them, they alternate.
+ * - a durable map write also writes every page written without a flush since (it cannot know
+ *   those are on the disk).
+ * - when a durable write fails, the kernel may have reported to it a lost cached write of the
+ *   data (an O_DSYNC write reports any writeback error of the provider, see Provider
+ *   writeDurable). Before the failure is reported, localWritesLost is recorded durably, so that
+ *   a crash before the data's next flush (which also gets the report) cannot lose it.
  */
 export class MetadataStore {
   readonly #provider: Provider;
   #metadata: Metadata;
-  /** Slot holding #metadata. */
-  #slot: number;
+  /** What each slot holds as far as this store knows (null: invalid, or a write of it failed). */
+  readonly #slots: [Metadata | null, Metadata | null];
+  /** The slot holding the newest record known durable: never written (see the class comment). */
+  #durableSlot: number;
+  /** The flush epoch that makes the other slot's record durable, or null when it has none. */
+  #pendingEpoch: number | null;
   #queue: Promise<void> = Promise.resolve();
   readonly #map: MapWriter;
+  readonly #log: Logger;
+  #saidFlushUnsupported = false;
 
-  private constructor(provider: Provider, metadata: Metadata, slot: number) {
+  private constructor(
+    provider: Provider, slots: [Metadata | null, Metadata | null], newest: number, options: LoadOptions,
+  ) {
     this.#provider = provider;
-    this.#metadata = metadata;
-    this.#slot = slot;
-    this.#map = new MapWriter(provider, metadata);
+    this.#slots = slots;
+    this.#metadata = slots[newest]!;
+    // The newest record may still be in the page cache only (an earlier run that did not flush
+    // it), the older one was durable when that run wrote the newest (it never overwrote it).
+    // With one valid slot there is nothing else to keep.
+    const older = slots[1 - newest] !== null;
+    this.#durableSlot = older ? 1 - newest : newest;
+    this.#pendingEpoch = older ? provider.nextFlushEpoch() : null;
+    this.#log = options.log ?? (() => {});
+    this.#map = new MapWriter(provider, this.#metadata, {
+      writeDurable: (offset, bytes) => this.#writeDurable(offset, bytes),
+      recordLoss: (error) => this.#enqueue(() => this.#recordLoss(error)),
+    });
   }
 
   /**
@@ -381,7 +428,8 @@ export class MetadataStore {
           `"${provider.sizeBytes}" bytes is smaller than the metadata area`,
       );
     }
-    const newest = newestSlot(await provider.read(0, METADATA_AREA_BYTES));
+    const slots = decodeSlots(await provider.read(0, METADATA_AREA_BYTES));
+    const newest = newestOf(slots);
     if (newest === null) {
       throw new MetadataError(
         "ENOMETA",
@@ -405,7 +453,7 @@ export class MetadataStore {
           `"${m.resource}", not "${options.resource}"`,
       );
     }
-    return new MetadataStore(provider, m, newest.slot);
+    return new MetadataStore(provider, slots, newest.slot, options);
   }
 
   /** A copy of the current record. */
@@ -415,17 +463,36 @@ export class MetadataStore {
 
   /**
    * Writes the record with `update` applied, as the next generation, into the
-   * slot that does not hold the current record, durably (unless `flush:
+   * slot that does not hold the newest durable record, durably (unless `flush:
    * false`; see the file comment for why not with an fdatasync), and reads it
-   * back. Layout fields cannot change.
+   * back. Layout fields cannot change. When a durable write fails, localWritesLost
+   * is recorded first (see the class comment; the error says whether that worked).
    */
   write(
     update: Partial<Omit<Metadata, "generation">>,
     options: { flush?: boolean } = {},
   ): Promise<void> {
-    const run = this.#queue.then(() => this.#writeSlot(update, options.flush ?? true));
-    this.#queue = run.catch(() => {});
+    const flush = options.flush ?? true;
+    return this.#enqueue(async () => {
+      try {
+        await this.#writeSlot(update, flush);
+      } catch (error) {
+        throw flush ? await this.#recordLoss(error) : error;
+      }
+    });
+  }
+
+  #enqueue<T>(job: () => Promise<T>): Promise<T> {
+    const run = this.#queue.then(job);
+    this.#queue = run.then(() => {}, () => {});
     return run;
+  }
+
+  /** A flush that covers the other slot's record succeeded: it is the newest durable one now. */
+  #settle(): void {
+    if (this.#pendingEpoch === null || !this.#provider.flushed(this.#pendingEpoch)) return;
+    this.#durableSlot = 1 - this.#durableSlot;
+    this.#pendingEpoch = null;
   }
 
   async #writeSlot(update: Partial<Omit<Metadata, "generation">>, flush: boolean) {
@@ -440,17 +507,54 @@ export class MetadataStore {
       ...update,
       generation: this.#metadata.generation + 1n,
     };
-    const slot = 1 - this.#slot;
+    this.#settle();
+    const slot = 1 - this.#durableSlot;
     const offset = slot * METADATA_SLOT_BYTES;
     const encoded = encodeMetadata(next);
-    // Until this write succeeds, the current record stays the newest valid one
-    // and a retry goes to the same (possibly torn) slot.
-    if (flush) await this.#provider.writeDurable(offset, encoded);
+    // From here until it succeeds the slot may be torn; the durable slot stays the newest valid
+    // one on the disk, and a retry goes to the same slot.
+    this.#slots[slot] = null;
+    this.#pendingEpoch = null;
+    let durable = false;
+    if (flush) durable = await this.#writeDurable(offset, encoded);
     else await this.#provider.write(offset, encoded);
     const back = await this.#provider.read(offset, METADATA_SLOT_BYTES);
     assert.deepEqual(decodeMetadata(back), next, "metadata read back differs");
+    assert(next.generation > this.#slots[this.#durableSlot]!.generation);
     this.#metadata = next;
-    this.#slot = slot;
+    this.#slots[slot] = next;
+    if (durable) this.#durableSlot = slot;
+    else this.#pendingEpoch = this.#provider.nextFlushEpoch();
+  }
+
+  /** Provider.writeDurable; notes once when the provider cannot flush. */
+  async #writeDurable(offset: number, bytes: Uint8Array): Promise<boolean> {
+    if (await this.#provider.writeDurable(offset, bytes)) return true;
+    if (!this.#saidFlushUnsupported) {
+      this.#saidFlushUnsupported = true;
+      this.#log("warn", `metaflush is off: provider "${this.#provider.path}" cannot flush, so ` +
+        "metadata and activemap writes are not made durable (a crash may lose their latest changes)");
+    }
+    return false;
+  }
+
+  /**
+   * After a durable write failed with `error`: records localWritesLost durably unless the newest
+   * durable record has it. Runs in the write queue.
+   * @returns the error to report: a ProviderError's message then says how the recording went
+   */
+  async #recordLoss(error: unknown): Promise<unknown> {
+    if (!(error instanceof ProviderError)) return error; // a programmer error, not the disk's
+    this.#settle();
+    if (this.#slots[this.#durableSlot]?.localWritesLost === true) return error;
+    let outcome = "recorded in the metadata that the local disk may have lost writes";
+    try {
+      await this.#writeSlot({ localWritesLost: true }, true);
+    } catch (again) {
+      outcome = `cannot record in the metadata that the local disk may have lost writes: ${again}`;
+    }
+    this.#log("error", `a durable metadata write failed (${error.message}): ${outcome}`);
+    return new ProviderError(error.code, `${error.message}; ${outcome}`, { cause: error });
   }
 
   /** Reads the on-disk activemap (mapSizeBytes bytes). */
@@ -460,16 +564,25 @@ export class MetadataStore {
 
   /**
    * Writes the activemap (`bitmap` may be shorter than mapSizeBytes: the rest
-   * is zero), only the 4096-byte pages that changed since the last write, and
-   * unless `flush: false` returns once those pages are durable. That makes the
-   * map durable, not the data: they are written with Provider.writeDurable, so
-   * the data written since the last flush is not written back first (a caller
-   * that needs it, like a clear round, flushes before). Safe to call
-   * concurrently (coalesced).
+   * is zero), only the 4096-byte pages that changed since the last write (and, when
+   * durable, those not known durable), and unless `flush: false` returns once those
+   * pages are durable. That makes the map durable, not the data: they are written
+   * with Provider.writeDurable, so the data written since the last flush is not
+   * written back first (a caller that needs it, like a clear round, flushes
+   * before). Safe to call concurrently (coalesced). A durable write that fails
+   * records localWritesLost first, as {@link write} does.
    */
   writeMap(bitmap: Uint8Array, options: { flush?: boolean } = {}): Promise<void> {
     return this.#map.write(bitmap, options.flush ?? true);
   }
+}
+
+/** What the map writer needs of its store. */
+interface MapWriterHooks {
+  /** Provider.writeDurable, noting a provider that cannot flush. */
+  writeDurable(offset: number, bytes: Uint8Array): Promise<boolean>;
+  /** Records localWritesLost after a failed durable write; returns the error to report. */
+  recordLoss(error: unknown): Promise<unknown>;
 }
 
 /**
@@ -480,6 +593,7 @@ export class MetadataStore {
  */
 class MapWriter {
   readonly #provider: Provider;
+  readonly #hooks: MapWriterHooks;
   readonly #offsetBytes: number;
   /** Latest bitmap requested. */
   readonly #next: Uint8Array;
@@ -487,21 +601,35 @@ class MapWriter {
   readonly #writing: Uint8Array;
   /** What the disk holds, or null when unknown (never read, or a write failed). */
   #onDisk: Uint8Array | null = null;
+  /**
+   * Per page of #onDisk: 0 when durable, else the flush epoch that makes it durable
+   * (Provider.flushed). Float64: a u32 of flushes could wrap within weeks.
+   */
+  readonly #pageEpochs: Float64Array;
   #round: { promise: Promise<void>; resolve: () => void; reject: (e: unknown) => void } | null =
     null;
   #roundFlush = false;
   #running = false;
+  /** Rounds started so far: a read that overlapped one does not know what the disk holds. */
+  #roundsStarted = 0;
 
-  constructor(provider: Provider, m: Metadata) {
+  constructor(provider: Provider, m: Metadata, hooks: MapWriterHooks) {
     this.#provider = provider;
+    this.#hooks = hooks;
     this.#offsetBytes = m.mapOffsetBytes;
     this.#next = new Uint8Array(m.mapSizeBytes);
     this.#writing = new Uint8Array(m.mapSizeBytes);
+    this.#pageEpochs = new Float64Array(m.mapSizeBytes / LAYOUT_ALIGN_BYTES);
   }
 
   async read(): Promise<Uint8Array> {
+    const rounds = this.#roundsStarted;
     const map = await this.#provider.read(this.#offsetBytes, this.#next.length);
-    if (!this.#running && this.#round === null) this.#onDisk = map.slice();
+    if (!this.#running && this.#round === null && rounds === this.#roundsStarted) {
+      this.#onDisk = map.slice();
+      // Read from the page cache: durable only once a flush covers what was written before.
+      this.#pageEpochs.fill(this.#provider.nextFlushEpoch());
+    }
     return map;
   }
 
@@ -531,6 +659,7 @@ class MapWriter {
       const round = this.#round;
       const flush = this.#roundFlush;
       this.#round = null;
+      this.#roundsStarted++;
       this.#writing.set(this.#next);
       try {
         await this.#writeChangedPages(flush);
@@ -539,24 +668,30 @@ class MapWriter {
         round.resolve();
       } catch (error) {
         this.#onDisk = null;
-        round.reject(error);
+        round.reject(flush ? await this.#hooks.recordLoss(error) : error);
       }
     }
     this.#running = false;
   }
 
-  /** Writes the runs of 4096-byte pages where #writing differs from #onDisk. */
+  /**
+   * Writes the runs of 4096-byte pages where #writing differs from #onDisk, and when
+   * `durable` also those not known durable.
+   */
   async #writeChangedPages(durable: boolean): Promise<void> {
     const page = LAYOUT_ALIGN_BYTES;
     const pages = this.#writing.length / page;
     let runStart = -1;
     for (let p = 0; p <= pages; p++) {
-      const changed = p < pages && this.#pageChanged(p);
-      if (changed && runStart < 0) runStart = p;
-      if (!changed && runStart >= 0) {
+      const write = p < pages && (this.#pageChanged(p) || (durable && !this.#pageDurable(p)));
+      if (write && runStart < 0) runStart = p;
+      if (!write && runStart >= 0) {
         const bytes = this.#writing.subarray(runStart * page, p * page);
         const offset = this.#offsetBytes + runStart * page;
-        await (durable ? this.#provider.writeDurable(offset, bytes) : this.#provider.write(offset, bytes));
+        let madeDurable = false;
+        if (durable) madeDurable = await this.#hooks.writeDurable(offset, bytes);
+        else await this.#provider.write(offset, bytes);
+        this.#pageEpochs.fill(madeDurable ? 0 : this.#provider.nextFlushEpoch(), runStart, p);
         runStart = -1;
       }
     }
@@ -569,6 +704,15 @@ class MapWriter {
       if (this.#writing[i] !== this.#onDisk[i]) return true;
     }
     return false;
+  }
+
+  /** True when page `p` is durable, or never can be (then rewriting it is no use). */
+  #pageDurable(p: number): boolean {
+    const epoch = this.#pageEpochs[p]!;
+    if (epoch === 0 || this.#provider.flushUnsupported) return true;
+    if (!this.#provider.flushed(epoch)) return false;
+    this.#pageEpochs[p] = 0;
+    return true;
   }
 }
 

@@ -4,6 +4,7 @@
 // and `create` refuse bad sizes and existing metadata, by writing and damaging
 // provider files directly.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { execSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -19,7 +20,7 @@ import {
   MetadataStore,
   type Metadata,
 } from "./metadata.ts";
-import { Provider } from "./provider.ts";
+import { Provider, ProviderError } from "./provider.ts";
 
 const MiB = 1024 * 1024;
 let dir = "";
@@ -296,6 +297,302 @@ describe("MetadataStore", () => {
       wide[5000] = 0xff;
       await store.writeMap(wide);
       expect(await store.readMap()).toEqual(wide);
+    });
+  });
+});
+
+function sh(cmd: string[]): string {
+  const r = Bun.spawnSync(cmd);
+  if (r.exitCode !== 0) throw new Error(`${cmd.join(" ")}: ${r.stderr.toString()}`);
+  return r.stdout.toString().trim();
+}
+
+/** Makes the provider's fdatasync fail with `code` (EIO: a lost cached write) until `restore()`. */
+function failFdatasync(code: string): { restore(): void } {
+  const real = fs.fdatasync;
+  Object.assign(fs, {
+    fdatasync: (_fd: number, callback: (error: Error | null) => void) =>
+      callback(Object.assign(new Error(`${code}: fdatasync`), { code })),
+  });
+  return { restore: () => Object.assign(fs, { fdatasync: real }) };
+}
+
+/**
+ * Follows which metadata slots and map pages hold writes not yet durable (plain writes since
+ * the last good flush started), and `crash()` tears them, as a power loss may: it overwrites
+ * them through the file, past the provider.
+ */
+function crashModel(p: Provider, file: string) {
+  const undurable = new Set<number>(); // 4096-byte page numbers of the provider
+  const pagesOf = (offset: number, length: number) =>
+    Array.from({ length: Math.ceil(length / 4096) }, (_, i) => Math.floor(offset / 4096) + i);
+  const write = p.write.bind(p);
+  const writeDurable = p.writeDurable.bind(p);
+  const flush = p.flush.bind(p);
+  let durableWrites = 0;
+  let lost = false;
+  Object.assign(p, {
+    write: async (offset: number, data: Uint8Array) => {
+      await write(offset, data);
+      for (const page of pagesOf(offset, data.length)) undurable.add(page);
+    },
+    writeDurable: async (offset: number, data: Uint8Array) => {
+      const durable = await writeDurable(offset, data);
+      durableWrites++;
+      for (const page of pagesOf(offset, data.length)) (durable ? undurable.delete(page) : undurable.add(page));
+      return durable;
+    },
+    flush: async () => {
+      const covered = [...undurable];
+      let ok = false;
+      try {
+        ok = await flush();
+      } finally {
+        // After a failed flush the lost writes stay lost: no later flush writes them.
+        lost ||= !ok;
+      }
+      if (!lost) for (const page of covered) undurable.delete(page);
+      return ok;
+    },
+  });
+  return {
+    undurable,
+    durableWrites: () => durableWrites,
+    crash(): void {
+      const fd = fs.openSync(file, "r+");
+      try {
+        for (const page of undurable) fs.writeSync(fd, new Uint8Array(4096).fill(0xee), 0, 4096, page * 4096);
+      } finally {
+        fs.closeSync(fd);
+      }
+    },
+  };
+}
+
+/** Like withProvider, with the file's path. */
+async function withProviderFile<T>(sizeBytes: number, fn: (p: Provider, file: string) => Promise<T>): Promise<T> {
+  const file = path.join(dir, `p${fileCount++}.img`);
+  fs.writeFileSync(file, new Uint8Array(0));
+  fs.truncateSync(file, sizeBytes);
+  const p = Provider.open(file);
+  try {
+    return await fn(p, file);
+  } finally {
+    p.close();
+  }
+}
+
+describe("durability", () => {
+  // A durable write (O_DSYNC) reports any writeback error of the provider, also a lost cached
+  // write of the data. Proves, by failing writeDurable once, that the store records
+  // localWritesLost durably before it reports a failed map or metadata write, and not for a
+  // write without flush (which cannot take such a report).
+  test("a failed durable map or metadata write records localWritesLost before it fails", async () => {
+    for (const what of ["map", "metadata"] as const) {
+      await withProvider(16 * MiB, async (p) => {
+        await createMetadata(p, { resource: "lost", extentsizeBytes: MiB });
+        const said: string[] = [];
+        const store = await MetadataStore.load(p, { log: (level, message) => said.push(`${level}: ${message}`) });
+        const writeDurable = p.writeDurable.bind(p);
+        let failures = 1;
+        Object.assign(p, {
+          writeDurable: (offset: number, data: Uint8Array) => failures-- > 0
+            ? Promise.reject(new ProviderError("EIO", `Cannot write provider "${p.path}": EIO`))
+            : writeDurable(offset, data),
+        });
+        const failed = what === "map" ? store.writeMap(new Uint8Array([1])) : store.write({ localcnt: 5n });
+        await expect(failed).rejects.toThrow(/EIO.*recorded in the metadata that the local disk may have lost/);
+        expect(store.metadata.localWritesLost).toBe(true);
+        expect(said).toEqual([expect.stringMatching(/^error: a durable metadata write failed .*EIO.*: recorded/)]);
+        const again = (await MetadataStore.load(p)).metadata;
+        expect([again.localWritesLost, again.localcnt]).toEqual([true, 0n]);
+      });
+    }
+    await withProvider(16 * MiB, async (p) => {
+      await createMetadata(p, { resource: "plain", extentsizeBytes: MiB });
+      const store = await MetadataStore.load(p);
+      Object.assign(p, { write: () => Promise.reject(new ProviderError("EIO", "Cannot write provider: EIO")) });
+      await expect(store.writeMap(new Uint8Array([1]), { flush: false })).rejects.toThrow("EIO");
+      await expect(store.write({ localcnt: 1n }, { flush: false })).rejects.toThrow("EIO");
+      expect(store.metadata.localWritesLost).toBe(false);
+    });
+  });
+
+  // Proves the same with the kernel's own report: a loop device over a sparse file on a tmpfs
+  // that a filler file makes full loses a cached data write at writeback; the next durable map
+  // write gets the report (an O_DSYNC write reports any writeback error of the device), and the
+  // data's descriptor, which would get it too, is closed without a flush (a crash). A reopened
+  // descriptor's flush no longer reports it, so only the record tells. Runs as root.
+  test("a map write that gets the kernel's report of a lost data write records it", async () => {
+    const tmpfs = fs.mkdtempSync(path.join(dir, "tmpfs-"));
+    sh(["mount", "-t", "tmpfs", "-o", `size=${8 * MiB}`, "none", tmpfs]);
+    let dev = "";
+    try {
+      sh(["truncate", "-s", String(32 * MiB), path.join(tmpfs, "disk.img")]);
+      dev = sh(["losetup", "-f", "--show", "--direct-io=off", path.join(tmpfs, "disk.img")]);
+      let p = Provider.open(dev);
+      try {
+        await createMetadata(p, { resource: "lost", extentsizeBytes: MiB, mediasizeBytes: 16 * MiB });
+        const store = await MetadataStore.load(p);
+        try {
+          execSync(`dd if=/dev/zero of=${path.join(tmpfs, "filler")} bs=1M 2>/dev/null`);
+        } catch {
+          // dd ends with ENOSPC: the tmpfs is full, as wanted.
+        }
+        await p.write(store.metadata.dataOffsetBytes + 3 * MiB, new Uint8Array(64 * 1024).fill(7));
+        try {
+          execSync("sync"); // the writeback of that write fails
+        } catch {
+          // sync may report it itself; the descriptors still have theirs.
+        }
+        fs.rmSync(path.join(tmpfs, "filler"));
+        await expect(store.writeMap(new Uint8Array([1]))).rejects.toThrow(/EIO.*recorded in the metadata/);
+      } finally {
+        p.close(); // no flush of the data's descriptor
+      }
+      p = Provider.open(dev);
+      try {
+        expect(await p.flush()).toBe(true); // the report is gone
+        expect((await MetadataStore.load(p)).metadata.localWritesLost).toBe(true);
+      } finally {
+        p.close();
+      }
+    } finally {
+      if (dev !== "") sh(["losetup", "-d", dev]);
+      sh(["umount", tmpfs]);
+    }
+  });
+
+  // A crash may tear any write that no flush has covered yet. Proves, by tearing exactly those
+  // (crashModel), that writes without flush between flushes all go to the slot that does not
+  // hold the newest durable record, that they alternate again once a flush covered them, and
+  // that after a failed flush nothing is taken for durable any more.
+  test("writes between flushes never overwrite the newest durable record", async () => {
+    await withProviderFile(16 * MiB, async (p, file) => {
+      await createMetadata(p, { resource: "slots", extentsizeBytes: MiB });
+      const model = crashModel(p, file);
+      const store = await MetadataStore.load(p);
+      await store.write({ localWritesLost: true }); // durable
+      await store.write({ localcnt: 1n }, { flush: false });
+      await store.write({ localcnt: 2n }, { flush: false });
+      const loaded = async () => {
+        model.crash();
+        return (await MetadataStore.load(p)).metadata;
+      };
+      expect(await loaded()).toMatchObject({ localWritesLost: true, localcnt: 0n });
+
+      const second = await MetadataStore.load(p);
+      await second.write({ localcnt: 3n }, { flush: false });
+      expect(await p.flush()).toBe(true); // localcnt 3 is durable now
+      await second.write({ localcnt: 4n }, { flush: false });
+      await second.write({ localcnt: 5n }, { flush: false });
+      expect(await loaded()).toMatchObject({ localWritesLost: true, localcnt: 3n });
+
+      const third = await MetadataStore.load(p);
+      await third.write({ localcnt: 6n }, { flush: false });
+      const failing = failFdatasync("EIO");
+      try {
+        await expect(p.flush()).rejects.toThrow("EIO");
+      } finally {
+        failing.restore();
+      }
+      // The kernel reports a lost write once: this flush succeeds, and proves nothing.
+      expect(await p.flush()).toBe(true);
+      await third.write({ localcnt: 7n }, { flush: false });
+      await third.write({ localcnt: 8n }, { flush: false });
+      expect(await loaded()).toMatchObject({ localWritesLost: true, localcnt: 3n });
+    });
+  });
+
+  // Proves that a durable map write also writes the pages written without a flush since (a
+  // crash would lose them), except those a good flush covered, by counting durable writes.
+  test("a durable map write rewrites the pages no flush has covered", async () => {
+    await withProviderFile(16 * MiB, async (p, file) => {
+      await createMetadata(p, { resource: "pages", extentsizeBytes: MiB });
+      const model = crashModel(p, file);
+      const store = await MetadataStore.load(p);
+      expect((await store.readMap()).every((b) => b === 0)).toBe(true); // durable since create's flush
+      await store.writeMap(new Uint8Array([0b101]), { flush: false });
+      await store.writeMap(new Uint8Array([0b101]));
+      expect(model.durableWrites()).toBe(1);
+      model.crash();
+      expect((await store.readMap())[0]).toBe(0b101);
+
+      await store.writeMap(new Uint8Array([0b111]), { flush: false });
+      expect(await p.flush()).toBe(true);
+      await store.writeMap(new Uint8Array([0b111]));
+      expect(model.durableWrites()).toBe(1); // covered by the flush: nothing to write
+
+      await store.writeMap(new Uint8Array([0b1111]), { flush: false });
+      const failing = failFdatasync("EIO");
+      try {
+        await expect(p.flush()).rejects.toThrow("EIO");
+      } finally {
+        failing.restore();
+      }
+      await store.writeMap(new Uint8Array([0b1111]));
+      expect(model.durableWrites()).toBe(2);
+      model.crash();
+      expect((await store.readMap())[0]).toBe(0b1111);
+    });
+  });
+
+  // A map read that overlapped a map write returns what the disk held before that write. Proves
+  // that the store does not take such a read for the disk's content (it would then skip a page
+  // that differs from the disk), by holding a read back while a write clears a bit.
+  test("a map read that overlapped a write does not hide a page the next write must set", async () => {
+    await withProvider(16 * MiB, async (p) => {
+      await createMetadata(p, { resource: "overlap", extentsizeBytes: MiB });
+      const store = await MetadataStore.load(p);
+      await store.writeMap(new Uint8Array([1]));
+      const read = p.read.bind(p);
+      let release = () => {};
+      const held = new Promise<void>((resolve) => (release = resolve));
+      Object.assign(p, {
+        read: async (offset: number, length: number) => {
+          const bytes = await read(offset, length); // the disk before the write below
+          await held;
+          return bytes;
+        },
+      });
+      const reading = store.readMap();
+      await store.writeMap(new Uint8Array([0]));
+      release();
+      expect((await reading)[0]).toBe(1);
+      Object.assign(p, { read });
+      await store.writeMap(new Uint8Array([1]));
+      expect((await p.read(METADATA_AREA_BYTES, 1))[0]).toBe(1);
+    });
+  });
+
+  // Spec §4: metaflush turns itself off if the disk does not support flush. Proves, with an
+  // fdatasync that reports EOPNOTSUPP, that the store writes without flush from then on, says
+  // so once, and still never overwrites the last durable record.
+  test("a provider that cannot flush turns metaflush off, said once", async () => {
+    await withProviderFile(16 * MiB, async (p, file) => {
+      await createMetadata(p, { resource: "noflush", extentsizeBytes: MiB });
+      const model = crashModel(p, file);
+      const said: string[] = [];
+      const store = await MetadataStore.load(p, { log: (level, message) => said.push(`${level}: ${message}`) });
+      await store.write({ localcnt: 1n });
+      const failing = failFdatasync("EOPNOTSUPP");
+      try {
+        expect(await p.flush()).toBe(false);
+      } finally {
+        failing.restore();
+      }
+      expect(p.flushUnsupported).toBe(true);
+      await store.write({ localcnt: 2n });
+      await store.writeMap(new Uint8Array([1]));
+      const writes = model.durableWrites();
+      await store.writeMap(new Uint8Array([1])); // no use rewriting what can never be durable
+      expect(model.durableWrites()).toBe(writes);
+      await store.write({ localcnt: 3n });
+      expect(said.length).toBe(1);
+      expect(said[0]).toMatch(/^warn: metaflush is off: provider ".*" cannot flush/);
+      expect((await MetadataStore.load(p)).metadata.localcnt).toBe(3n);
+      model.crash();
+      expect((await MetadataStore.load(p)).metadata.localcnt).toBe(1n);
     });
   });
 });

@@ -204,6 +204,11 @@ const iovec = new BigUint64Array(2);
 /** Shared source of zeros for writes; never written to. */
 let zeroChunk: Uint8Array | null = null;
 
+/** True for the errno names with which fdatasync (or an O_DSYNC write) says it cannot flush. */
+function flushUnsupportedCode(code: string): boolean {
+  return code === "EINVAL" || code === "ENOTSUP" || code === "EOPNOTSUPP";
+}
+
 /** Wraps a Node error (or errno name) from an I/O call into a ProviderError. */
 function ioError(action: string, path: string, error: unknown): ProviderError {
   const code = (error as NodeJS.ErrnoException)?.code ?? "EIO";
@@ -325,6 +330,17 @@ export class Provider {
   #canPunch = true;
   /** A second descriptor on the same inode, opened O_DSYNC on first use (see writeDurable). */
   #dsyncFd = -1;
+  /** Flushes started so far; the n-th flush to start has epoch n (see nextFlushEpoch). */
+  #flushesStarted = 0;
+  /** Every flush of epoch 1 to #flushedEpoch succeeded. */
+  #flushedEpoch = 0;
+  /** Succeeded flushes beyond #flushedEpoch, waiting for an earlier one still running. */
+  readonly #flushedAhead = new Set<number>();
+  /** A flush failed or is unsupported: no later flush proves anything (see flushed). */
+  #flushBroken = false;
+  /** A write or zeroing ran since the last flush started (or since open: unknown before). */
+  #writtenSinceFlush = true;
+  #flushUnsupported = false;
 
   private constructor(args: {
     path: string;
@@ -393,6 +409,47 @@ export class Provider {
     throw notFileOrDevice(path);
   }
 
+  /**
+   * The epoch of the flush that makes durable what was written (write, zero) before this call:
+   * pass it to {@link flushed} later. Flushes are numbered from 1 as they start; a write that
+   * ended before flush n started is durable once flush n succeeded. Epochs only grow.
+   */
+  nextFlushEpoch(): number {
+    return this.#writtenSinceFlush ? this.#flushesStarted + 1 : this.#flushesStarted;
+  }
+
+  /**
+   * True when every flush up to `epoch` succeeded, so what was written before
+   * nextFlushEpoch() returned `epoch` is durable. Never true again for a later epoch once a
+   * flush failed: Linux reports a lost cached write to one fdatasync of a descriptor only, so a
+   * flush after a failed one may succeed over the loss (and one that ran beside it may have
+   * missed the report). Nor after a flush the device does not support.
+   */
+  flushed(epoch: number): boolean {
+    assert(Number.isSafeInteger(epoch) && epoch >= 0, `bad flush epoch ${epoch}`);
+    return epoch <= this.#flushedEpoch;
+  }
+
+  /**
+   * True once the device reported that it cannot flush (EINVAL, ENOTSUP, EOPNOTSUPP from an
+   * fdatasync or an O_DSYNC write): nothing written to it is ever known durable, and
+   * writeDurable writes without O_DSYNC (spec §4: metaflush turns itself off).
+   */
+  get flushUnsupported(): boolean {
+    return this.#flushUnsupported;
+  }
+
+  #flushSucceeded(epoch: number): void {
+    if (this.#flushBroken) return;
+    this.#flushedAhead.add(epoch);
+    while (this.#flushedAhead.delete(this.#flushedEpoch + 1)) this.#flushedEpoch++;
+  }
+
+  #flushFailed(): void {
+    this.#flushBroken = true;
+    this.#flushedAhead.clear();
+  }
+
   /** Reads exactly `length` bytes at `offset` into a new buffer. */
   async read(offset: number, length: number): Promise<Uint8Array> {
     const buf = new Uint8Array(length);
@@ -454,6 +511,7 @@ export class Provider {
   async write(offset: number, data: Uint8Array): Promise<void> {
     assert(!this.#readOnly, "write on a read-only provider");
     this.#assertRange(offset, data.length);
+    this.#writtenSinceFlush = true;
     if (this.#mayBlock(offset, data.length)) {
       const startedMs = performance.now();
       const sleepsBefore = this.#stalls.watching(startedMs) ? threadSleeps() : -1;
@@ -478,6 +536,8 @@ export class Provider {
     try {
       await this.#writeAll(offset, data);
     } finally {
+      // Also at the end: a flush that started while it ran may not cover it.
+      this.#writtenSinceFlush = true;
       this.#opDone();
     }
   }
@@ -520,14 +580,30 @@ export class Provider {
    * may not wait for the data's. A lost cached write of the data (writeback EIO) may fail it
    * too: the kernel reports that once to each open file description, so this descriptor's
    * report leaves the data descriptor's for its next flush.
+   * @returns true when durable; false when the device cannot flush (see flushUnsupported):
+   *   then `data` is written as by {@link write}, and never known durable
    */
-  async writeDurable(offset: number, data: Uint8Array): Promise<void> {
+  async writeDurable(offset: number, data: Uint8Array): Promise<boolean> {
     assert(!this.#readOnly, "write on a read-only provider");
     this.#assertRange(offset, data.length);
+    if (this.#flushUnsupported) {
+      await this.write(offset, data);
+      return false;
+    }
     if (this.#dsyncFd < 0) this.#dsyncFd = this.#openDsync();
     this.#pendingOps++;
     try {
       await this.#writeAll(offset, data, this.#dsyncFd);
+      return true;
+    } catch (error) {
+      if (!(error instanceof ProviderError) || !flushUnsupportedCode(error.code)) throw error;
+      this.#flushUnsupported = true;
+      this.#flushFailed();
+      // The sync of an O_DSYNC write runs after the copy into the page cache, so the data may
+      // or may not be there: written again, plainly.
+      this.#writtenSinceFlush = true;
+      await this.#writeAll(offset, data);
+      return false;
     } finally {
       this.#opDone();
     }
@@ -578,17 +654,26 @@ export class Provider {
    * Linux reports a lost cached write (writeback EIO) to one fdatasync of this
    * descriptor only, so only the data's flush path (whose failure is recorded,
    * see storage.ts stickyFlushFailure) and the worker's start and stop (which
-   * record it themselves) call this; metadata uses writeDurable.
+   * record it themselves) call this; metadata uses writeDurable. Each call is
+   * one flush epoch: when it succeeds (and every earlier one did), what was
+   * written before it started is durable (see nextFlushEpoch, flushed).
    */
   async flush(): Promise<boolean> {
     this.#assertOpen();
+    const epoch = ++this.#flushesStarted;
+    this.#writtenSinceFlush = false;
     this.#pendingOps++;
     try {
       await fsFdatasync(this.fd);
+      this.#flushSucceeded(epoch);
       return true;
     } catch (error) {
+      this.#flushFailed();
       const code = (error as NodeJS.ErrnoException).code;
-      if (code === "EINVAL" || code === "ENOTSUP" || code === "EOPNOTSUPP") return false;
+      if (code !== undefined && flushUnsupportedCode(code)) {
+        this.#flushUnsupported = true;
+        return false;
+      }
       throw ioError("flush", this.path, error);
     } finally {
       this.#opDone();
@@ -603,11 +688,13 @@ export class Provider {
   async zero(offset: number, length: number): Promise<void> {
     assert(!this.#readOnly, "zero on a read-only provider");
     this.#assertRange(offset, length);
+    this.#writtenSinceFlush = true;
     this.#pendingOps++;
     try {
       if (this.isBlockDevice) await this.#zeroDevice(offset, length);
       else await this.#zeroFile(offset, length);
     } finally {
+      this.#writtenSinceFlush = true; // see write
       this.#opDone();
     }
   }

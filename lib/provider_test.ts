@@ -37,6 +37,16 @@ function makeFile(name: string, sizeBytes: number): string {
   return file;
 }
 
+/** Makes fdatasync fail with `code` until `restore()`. */
+function failFdatasync(code: string): { restore(): void } {
+  const real = fs.fdatasync;
+  Object.assign(fs, {
+    fdatasync: (_fd: number, callback: (error: Error | null) => void) =>
+      callback(Object.assign(new Error(`${code}: fdatasync`), { code })),
+  });
+  return { restore: () => Object.assign(fs, { fdatasync: real }) };
+}
+
 async function expectProviderError(fn: () => unknown, code: string): Promise<ProviderError> {
   try {
     await fn();
@@ -266,6 +276,76 @@ describe("regular file", () => {
       await expect(ro.writeDurable(0, pattern(4096, 3))).rejects.toThrow("read-only");
     } finally {
       ro.close();
+    }
+  });
+
+  // Proves the bookkeeping MetadataStore relies on to know what is durable: a write is durable
+  // once a flush that started after it ended succeeded, and nothing is, from a failed flush on
+  // (the kernel reports a lost write to one flush only, so a later one succeeds over it).
+  test("flush epochs: durable after a later flush succeeded, never after a failed one", async () => {
+    const p = Provider.open(makeFile("epochs.img", MiB));
+    try {
+      const atOpen = p.nextFlushEpoch(); // what was written before the open is unknown
+      expect(p.flushed(atOpen)).toBe(false);
+      expect(await p.flush()).toBe(true);
+      expect(p.flushed(atOpen)).toBe(true);
+      expect(p.flushed(p.nextFlushEpoch())).toBe(true); // nothing written since
+      await p.write(0, pattern(4096, 1));
+      const before = p.nextFlushEpoch();
+      expect(p.flushed(before)).toBe(false);
+      const flushing = p.flush();
+      await p.write(4096, pattern(4096, 2)); // ends after that flush started
+      const during = p.nextFlushEpoch();
+      expect(await flushing).toBe(true);
+      expect([p.flushed(before), p.flushed(during)]).toEqual([true, false]);
+      const failing = failFdatasync("EIO");
+      try {
+        await expectProviderError(() => p.flush(), "EIO");
+      } finally {
+        failing.restore();
+      }
+      expect(await p.flush()).toBe(true);
+      await p.writeDurable(8192, pattern(4096, 3));
+      expect(await p.flush()).toBe(true);
+      expect(p.flushed(during)).toBe(false);
+      expect(p.flushUnsupported).toBe(false);
+    } finally {
+      p.close();
+    }
+  });
+
+  // Spec §4: metaflush turns itself off if the disk does not support flush. Proves that an
+  // fdatasync or an O_DSYNC write reporting so (EOPNOTSUPP, EINVAL) makes flush return false
+  // and writeDurable write plainly and return false, with the data in place either way.
+  test("a device that cannot flush: flush and writeDurable say so, the data is written", async () => {
+    for (const via of ["fdatasync", "O_DSYNC write"] as const) {
+      const file = makeFile(`noflush-${via.length}.img`, MiB);
+      const p = Provider.open(file);
+      const realWrite = fs.write;
+      let dsyncWrites = 0;
+      const failing = via === "fdatasync" ? failFdatasync("EOPNOTSUPP") : null;
+      // An O_DSYNC write that cannot flush copies the data, then fails in its sync.
+      Object.assign(fs, {
+        write: (fd: number, buf: Uint8Array, o: number, l: number, at: number, cb: (...a: unknown[]) => void) =>
+          fd === p.fd ? realWrite(fd, buf, o, l, at, cb) : realWrite(fd, buf, o, l, at, () => {
+            dsyncWrites++;
+            cb(Object.assign(new Error("EINVAL: invalid argument, write"), { code: "EINVAL" }));
+          }),
+      });
+      try {
+        if (via === "fdatasync") expect(await p.flush()).toBe(false);
+        expect(await p.writeDurable(4096, pattern(8192, 4))).toBe(false);
+        expect(await p.writeDurable(16384, pattern(4096, 5))).toBe(false);
+        expect(p.flushUnsupported).toBe(true);
+        expect(dsyncWrites).toBe(via === "fdatasync" ? 0 : 1); // then no longer tried
+        expect(p.flushed(p.nextFlushEpoch())).toBe(false);
+      } finally {
+        Object.assign(fs, { write: realWrite });
+        failing?.restore();
+        p.close();
+      }
+      expect(fileBytes(file).subarray(4096, 20480)).toEqual(
+        new Uint8Array([...pattern(8192, 4), ...new Uint8Array(4096), ...pattern(4096, 5)]));
     }
   });
 

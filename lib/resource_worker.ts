@@ -305,7 +305,7 @@ export async function startResource(message: Extract<ToWorker, { type: "start" }
   const { config, role } = message;
   const provider = Provider.open(config.local, { exclusive: true });
   try {
-    const meta = await MetadataStore.load(provider, { resource: config.resource });
+    const meta = await MetadataStore.load(provider, { resource: config.resource, log });
     await flushAtStart(provider, meta, log);
     const m = meta.metadata;
     const stale = stalenessOf(m);
@@ -480,6 +480,7 @@ function statusOf(running: Running, pipelineChange: string | null): unknown {
     slowBlockingWrites: running.provider.slowBlockingWrites,
     preemptedBlockingWrites: running.provider.preemptedBlockingWrites,
     blockingPauses: running.provider.blockingPauses,
+    flushUnsupported: running.provider.flushUnsupported,
   };
   if (running.primary) {
     return {

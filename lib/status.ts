@@ -111,7 +111,9 @@ export function describeResource(
     // A reloaded `pipeline` (or codec) that changes whether codec threads run waits for the next start.
     pipelinePending: running && typeof worker.pipelineChange === "string" ? worker.pipelineChange : null,
     timeoutSeconds: config.timeoutSeconds,
-    metaflush: config.metaflush,
+    // Off in effect when the provider cannot flush (metadata.ts turns it off and logs it once).
+    metaflush: config.metaflush && !(running && (worker.local as { flushUnsupported?: boolean } | undefined)
+      ?.flushUnsupported === true),
     syncRateBytesPerSecond: config.syncRateBytesPerSecond,
     authkey: config.authkey, // the path; the key itself is never shown
     encryption: config.encryption,

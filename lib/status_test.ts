@@ -49,3 +49,14 @@ test("hast list: pipelinePending from the worker's pipelineChange", () => {
   expect(describeResource(config, "primary", worker, options).pipelinePending).toBe(pending);
   expect(describeResource(config, "primary", { ...worker, pipelineChange: null }, options).pipelinePending).toBeNull();
 });
+
+// Proves `hast list` shows metaflush off when the worker's provider cannot flush (the metadata
+// store then writes without flushing and says so once), and the configured value otherwise.
+test("hast list: metaflush is off in effect when the provider cannot flush", () => {
+  const options = { full: true, pid: 42, lastError: "" };
+  const worker = { role: "primary", status: "complete", link: "connected", local: { flushUnsupported: false } };
+  expect(config.metaflush).toBe(true);
+  expect(describeResource(config, "primary", worker, options).metaflush).toBe(true);
+  const cannot = { ...worker, local: { flushUnsupported: true } };
+  expect(describeResource(config, "primary", cannot, options).metaflush).toBe(false);
+});
