@@ -105,6 +105,8 @@ interface Slot {
   lastErrorAt: string;
   /** Crashes in a row of workers that ran less than WORKER_STABLE_MS; a role command resets it. */
   crashes: number;
+  /** The role a role change is starting a worker in (slot.role is init meanwhile), or null. */
+  starting: WorkerRole | null;
   /**
    * Role changes, reload restarts and crash restarts of the resource, chained so that one runs
    * at a time: each stops the worker before it may start another, and a same-role request sees
@@ -423,14 +425,23 @@ export class Daemon {
   private async startVerifies(slots: Slot[], bytesPerSecond: number): Promise<ControlResponse> {
     const errors: string[] = [];
     const started: string[] = [];
+    // 75 (try again) only when every refusal is one that passes by itself (a worker starting).
+    let exitCode = EX_TEMPFAIL;
     for (const slot of slots) {
       const name = slot.config.resource;
       let refusal: unknown = `it is not primary here (role ${slot.role}); verify runs on the primary`;
-      if (slot.role === "primary" && slot.child) {
-        const answer = await this.ask(slot, (id) => ({ type: "verify", id, bytesPerSecond }));
-        refusal = answer === null ? "its worker did not answer" : (answer as { refusal: unknown }).refusal;
+      let code = EX_UNAVAILABLE;
+      if (slot.starting === "primary") {
+        refusal = "it is starting as primary; try again once it runs";
+        code = EX_TEMPFAIL;
+      } else if (slot.role === "primary" && slot.child) {
+        const answer = (await this.ask(slot, (id) => ({ type: "verify", id, bytesPerSecond }))) as
+          { refusal: unknown; exitCode?: number } | null;
+        refusal = answer === null ? "its worker did not answer" : answer.refusal;
+        if (typeof answer?.exitCode === "number") code = answer.exitCode;
       }
       if (refusal !== null) {
+        if (code !== EX_TEMPFAIL) exitCode = EX_UNAVAILABLE;
         errors.push(`Cannot verify "${name}": ${String(refusal)}`);
       } else {
         started.push(name);
@@ -439,7 +450,7 @@ export class Daemon {
     }
     // Those that started run on: say so, or the operator would take the error for all of them.
     if (errors.length > 0 && started.length > 0) errors.push(`verify started on ${started.join(", ")} all the same`);
-    if (errors.length > 0) return { ok: false, error: errors.join("\n"), exitCode: EX_UNAVAILABLE };
+    if (errors.length > 0) return { ok: false, error: errors.join("\n"), exitCode };
     return { ok: true, value: null };
   }
 
@@ -492,7 +503,8 @@ export class Daemon {
     slot.role = "init";
     slot.crashes = 0;
     if (role !== "init") {
-      const failure = await this.startWorker(slot, role, force);
+      slot.starting = role;
+      const failure = await this.startWorker(slot, role, force).finally(() => (slot.starting = null));
       if (failure) {
         // The old worker is gone all the same (found by review: no role hook said so, and a hook
         // that acts on leaving primary never ran).
@@ -843,7 +855,7 @@ function spawnSelfWorker(): ChildProcess {
 function newSlot(config: ResourceConfig): Slot {
   return {
     config, role: "init", child: null, childGone: Promise.resolve(), pending: new Map(), stopping: false,
-    removed: false, lastError: "", lastErrorAt: "", crashes: 0, queue: Promise.resolve(),
+    removed: false, lastError: "", lastErrorAt: "", crashes: 0, starting: null, queue: Promise.resolve(),
   };
 }
 

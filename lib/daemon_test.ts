@@ -51,6 +51,8 @@ class Workers {
   diskOwner: FakeWorker | null = null;
   startMs = 30;
   stopMs = 100;
+  /** While set, a start waits for it to settle (after startMs). */
+  startGate: Promise<void> | null = null;
   /** Called with each message a worker receives, after it acted on it. */
   onMessage: (worker: FakeWorker, message: ToWorker) => void = () => {};
 
@@ -107,13 +109,17 @@ class FakeWorker extends EventEmitter {
     this.received.push(message);
     switch (message.type) {
       case "start":
-        setTimeout(() => this.start(message), this.workers.startMs);
+        setTimeout(() => void (this.workers.startGate ?? Promise.resolve()).then(() => this.start(message)),
+          this.workers.startMs);
         break;
       case "stop":
         setTimeout(() => this.exit(0), this.workers.stopMs);
         break;
       case "status":
         this.reply({ type: "reply", id: message.id, value: this.ready ? { status: "complete" } : null });
+        break;
+      case "verify": // as a running primary's worker answers a verify it started
+        this.reply({ type: "reply", id: message.id, value: { refusal: null } });
         break;
       case "reconfigure":
         // Like the worker before it buffered them: one that is not running yet drops it.
@@ -509,4 +515,25 @@ test("a role change whose new worker cannot start still runs the role hook for l
   for (let i = 0; i < 100 && (await lines()).length < 2; i++) await Bun.sleep(20);
   // Before the fix only the first: the node left primary and no hook said so.
   expect(await lines()).toEqual(["role r init primary", "role r primary init"]);
+});
+
+// Found by review: a verify during `hast role primary` (the worker starting) was answered "not
+// primary here (role init)" with exit 69, as if it never would be; it is "starting", exit 75.
+test("a verify while the resource starts as primary: try again (75), then it is the worker's", async () => {
+  const h = await startDaemon();
+  let open = () => {};
+  h.workers.startGate = new Promise<void>((resolve) => (open = resolve));
+  const started = new Promise<void>((resolve) => {
+    h.workers.onMessage = (_worker, message) => {
+      if (message.type === "start") resolve();
+    };
+  });
+  const role = h.role("primary");
+  await started;
+  const early = await h.request({ command: "verify", names: ["r"], bytesPerSecond: 0 });
+  expect(early).toMatchObject({ ok: false, exitCode: 75 });
+  expect(early.ok === false && early.error).toContain("starting as primary");
+  open();
+  expect((await role).ok).toBe(true);
+  expect(await h.request({ command: "verify", names: ["r"], bytesPerSecond: 0 })).toEqual({ ok: true, value: null });
 });

@@ -109,6 +109,8 @@ export class Secondary {
   private readonly refusals = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
   /** Calls of attach() under way: at most MAX_ATTACH_HANDSHAKES. */
   private attaching = 0;
+  /** Counts reloads that drop the link; a handshake that saw one begin under it is refused. */
+  private configGeneration = 0;
 
   constructor(private readonly o: SecondaryOptions) {
     this.metaflush = o.config.metaflush;
@@ -139,6 +141,7 @@ export class Secondary {
   }
 
   private async attachCounted(conn: Connection, hello: Hello): Promise<void> {
+    const generation = this.configGeneration;
     // Before anything else: an unauthenticated peer must not even drop the current primary's link.
     const unauthenticated = await authenticateAsSecondary(conn, hello, {
       keyPath: this.o.config.authkey, timeoutMs: this.o.config.timeoutSeconds * 1000,
@@ -167,6 +170,12 @@ export class Secondary {
     if (decision.kind !== "virgin" && decision.kind !== "sync") {
       const reason = decision.kind === "mismatch" ? decision.reason : decision.kind;
       this.refuse(conn, decision.kind === "split-brain", reason);
+      return;
+    }
+    if (this.configGeneration !== generation) {
+      // Reloaded during the handshake (found by review): it was checked against the old settings,
+      // and a changed remote must not go on writing here; the primary connects again.
+      this.refuse(conn, false, "the configuration changed during the handshake; connect again");
       return;
     }
     if (conn.closed) {
@@ -236,7 +245,10 @@ export class Secondary {
       JSON.stringify(config.remote) !== JSON.stringify(next.remote);
     Object.assign(config, next);
     this.metaflush = next.metaflush;
-    if (reconnect) this.conn?.close("configuration changed");
+    if (reconnect) {
+      this.configGeneration++;
+      this.conn?.close("configuration changed");
+    }
   }
 
   /** Closes the connection (role change). */

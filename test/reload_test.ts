@@ -126,6 +126,32 @@ test("a secondary whose reloaded remote changed drops the old primary's link", a
   await waitFor("reconnected", () => connects() > before || undefined, { timeoutMs: 10_000, intervalMs: 10 });
 }, 20_000);
 
+// Found by review: a reload that changed the remote while a connection was in its handshake
+// (the secondary's metadata write held) let that connection be adopted after the reload.
+test("a secondary reloaded during a handshake refuses that connection; the next one connects", async () => {
+  const s = await startPair({ replication: "memsync" });
+  s.reachable = false;
+  expect(s.dropLink("test: link reset")).toBe(true);
+  await s.primary.write(0, new Uint8Array(4096).fill(7), false); // the reconnect has to sync
+  let release = () => {};
+  let held = false;
+  s.secondaryMeta.beforeWrite = () => {
+    held = true;
+    return new Promise<void>((resolve) => (release = resolve));
+  };
+  s.reachable = true;
+  await waitFor("secondary's handshake holds a metadata write", () => held || undefined,
+    { timeoutMs: 10_000, intervalMs: 5 });
+  s.secondaryMeta.beforeWrite = async () => {};
+  s.secondary.reconfigure({ ...s.config(), remote: { kind: "tcp", family: "tcp", host: "10.9.9.9", port: 8457 } });
+  release();
+  await waitFor("refused", () =>
+    s.logs.some((l) => l.includes("the configuration changed during the handshake")) || undefined,
+  { timeoutMs: 10_000, intervalMs: 5 });
+  // (The simulator does not check addresses: the primary's next attempt is adopted.)
+  await inSync(s, "connected after the reload");
+}, 30_000);
+
 // Re-verified by review (no defect): a reloaded file with an error in one resource changes
 // nothing, not even the resources before the error, and the log names the file, line and column.
 test("a reload of a file with an error applies none of it and names file and line", async () => {
