@@ -65,8 +65,9 @@ export interface BlockDevice {
   flush(): Promise<void>;
   /** Discard a range (a hint; reads of it afterwards are undefined). */
   trim(offset: number, length: number): Promise<void>;
-  /** Make a range read as zeroes; with `fua`, persist before resolving. Length is not bounded by
-   *  maxRequestBytes (up to 4 GiB - 1); split it if needed. */
+  /** Make a range read as zeroes, a hole allowed; with `fua`, persist before resolving. Length is
+   *  not bounded by maxRequestBytes (up to 4 GiB - 1); split it if needed. A WRITE_ZEROES with
+   *  NBD_CMD_FLAG_NO_HOLE does not come here: the server writes zeroes through write(). */
   writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
 }
 
@@ -92,6 +93,11 @@ export interface NbdServerOptions {
   minBlockBytes?: number;
   /** A client that has not finished the handshake by then is disconnected. Default 30 s. */
   handshakeTimeoutMs?: number;
+  /**
+   * After our FIN, how long the client may take to close once every reply was handed to the
+   * kernel; at a server shutdown, counted from the FIN. Default 5 s.
+   */
+  closeGraceMs?: number;
   /** Log sink. Default: stderr. */
   log?: NbdLog;
 }
@@ -104,7 +110,9 @@ export interface NbdServerLimits {
   maxInFlightBytes: number;
   minBlockBytes: number;
   maxOptionBytes: number;
+  maxOptionsPerConnection: number;
   handshakeTimeoutMs: number;
+  closeGraceMs: number;
 }
 
 /** Where to listen. */
@@ -129,10 +137,16 @@ const MAX_OPTION_BYTES = 64 * 1024;
 const MAX_OPTIONS_PER_CONNECTION = 256;
 const PREFERRED_BLOCK_BYTES = 4096;
 const MAX_BLOCK_BYTES_LIMIT = 2 ** 32 - 1;
-/** After our FIN, how long the peer may take to close before we drop the socket. */
-const CLOSE_GRACE_MS = 5_000;
+const DEFAULT_CLOSE_GRACE_MS = 5_000;
 /** A server shutting down answers options that arrive this long with NBD_REP_ERR_SHUTDOWN. */
 const SHUTDOWN_NEGOTIATION_MS = 1_000;
+/**
+ * A WRITE_ZEROES with NO_HOLE is carried out as writes of zero buffers this large, one at a time:
+ * the spec requires the range to be allocated afterwards, and writeZeroes() may punch a hole
+ * (found by review: `qemu-io -c "write -z"` left holes on both copies). 1 MiB is the largest
+ * replication frame, so each write goes out whole; the buffer counts against maxInFlightBytes.
+ */
+const ZERO_WRITE_CHUNK_BYTES = MIB;
 /** Replies queued in one turn up to this size are copied into one buffer for one write. */
 const COALESCE_BYTES_MAX = 256 * 1024;
 const FLUSH_SCHEDULER = (callback: () => void) => setImmediate(callback);
@@ -250,11 +264,13 @@ function resolveLimits(options: NbdServerOptions): NbdServerLimits {
     ),
     maxClients: positiveInt(options.maxClients ?? DEFAULT_MAX_CLIENTS, "maxClients", 65536),
     maxOptionBytes: MAX_OPTION_BYTES,
+    maxOptionsPerConnection: MAX_OPTIONS_PER_CONNECTION,
     handshakeTimeoutMs: positiveInt(
       options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS,
       "handshakeTimeoutMs",
       2 ** 31 - 1,
     ),
+    closeGraceMs: positiveInt(options.closeGraceMs ?? DEFAULT_CLOSE_GRACE_MS, "closeGraceMs", 2 ** 31 - 1),
   };
 }
 
@@ -510,6 +526,8 @@ class NbdConnection {
     this.#pump();
     this.#state = "closing";
     this.#maybeFinish();
+    // Already ending (DISC, the client's FIN) and waiting for a slow reader: bounded now.
+    if (this.#ending) this.#armCloseGrace();
   }
 
   #onData(chunk: Uint8Array): void {
@@ -634,8 +652,9 @@ class NbdConnection {
   }
 
   #onOption(option: number, data: Uint8Array): void {
-    if (++this.#optionCount > MAX_OPTIONS_PER_CONNECTION) {
-      return this.#violation(`more than ${MAX_OPTIONS_PER_CONNECTION} options`);
+    const { maxOptionsPerConnection } = this.#ctx.limits;
+    if (++this.#optionCount > maxOptionsPerConnection) {
+      return this.#violation(`more than ${maxOptionsPerConnection} options`);
     }
     if (this.#shutdownRequested && option !== Option.ABORT) {
       // EXPORT_NAME allows no error reply: the spec says close.
@@ -800,8 +819,7 @@ class NbdConnection {
   }
 
   #execute(request: NbdRequest, payload: Uint8Array | null): void {
-    const isData = request.type === Command.READ || request.type === Command.WRITE;
-    const costBytes = isData ? request.length : 0;
+    const costBytes = this.#heldBytes(request);
     this.#inFlight++;
     this.#inFlightBytes += costBytes;
     this.#ctx.counters.inFlight++;
@@ -824,6 +842,38 @@ class NbdConnection {
         this.#maybeResolve();
       })
       .catch((error) => this.#ctx.log("error", `${this.#label}: internal error: ${error}`));
+  }
+
+  /** Data bytes a request holds while it runs, counted against maxInFlightBytes. */
+  #heldBytes(request: NbdRequest): number {
+    if (request.type === Command.READ || request.type === Command.WRITE) return request.length;
+    if (request.type === Command.WRITE_ZEROES && (request.flags & CommandFlag.NO_HOLE) !== 0) {
+      return Math.min(request.length, this.#zeroChunkBytes());
+    }
+    return 0;
+  }
+
+  #zeroChunkBytes(): number {
+    return Math.min(ZERO_WRITE_CHUNK_BYTES, this.#ctx.limits.maxRequestBytes);
+  }
+
+  /**
+   * WRITE_ZEROES with NO_HOLE: zero buffers through write(), then a flush for FUA. Up to 4 GiB
+   * is thousands of writes: it stops between two once the client is gone or the server shuts
+   * down, so that neither waits for the rest (the client gets ESHUTDOWN, if anything).
+   */
+  async #writeZeroesAllocated(offset: number, length: number, fua: boolean): Promise<void> {
+    const chunkBytes = this.#zeroChunkBytes();
+    for (let done = 0; done < length; done += chunkBytes) {
+      if (this.#socketClosed || this.#shutdownRequested) {
+        throw Object.assign(new Error(`stopped after ${done} of ${length} bytes: connection ending`), {
+          code: "ESHUTDOWN",
+        });
+      }
+      // A fresh buffer each time: write() owns what it is given.
+      await this.#ctx.device.write(offset + done, new Uint8Array(Math.min(chunkBytes, length - done)), false);
+    }
+    if (fua) await this.#ctx.device.flush();
   }
 
   /** Run the request on the device; READ resolves with the data, the rest with null. */
@@ -855,7 +905,8 @@ class NbdConnection {
         if (fua) await device.flush();
         return null;
       case Command.WRITE_ZEROES:
-        await device.writeZeroes(offset, length, fua);
+        if ((request.flags & CommandFlag.NO_HOLE) !== 0) await this.#writeZeroesAllocated(offset, length, fua);
+        else await device.writeZeroes(offset, length, fua);
         return null;
     }
     throw new Error(`unreachable: command ${request.type} passed validation`);
@@ -956,15 +1007,26 @@ class NbdConnection {
     this.#endGracefully();
   }
 
-  /** Send what is queued, FIN, keep reading (discarding) until the peer closes or the grace
-   *  period passes; closing with unread input would reset the connection and lose replies. */
+  /**
+   * Send what is queued, FIN, keep reading (discarding) until the peer closes or the grace
+   * period passes; closing with unread input would reset the connection and lose replies. The
+   * period starts once every reply was handed to the kernel ('finish'), so a client that reads
+   * slowly still gets all of them (found by review: 16 MiB of READ replies to a client that
+   * sent DISC and read them 7 s later were cut off after 5 s, and it got none). A server
+   * shutdown does not wait for a slow reader: it starts the period at the FIN.
+   */
   #endGracefully(): void {
     if (this.#ending) return;
     this.#flushOutbox();
     this.#ending = true;
-    this.#socket.end();
+    this.#socket.end(() => this.#armCloseGrace());
     if (this.#readPaused) this.#socket.resume();
-    this.#graceTimer = setTimeout(() => this.#socket.destroy(), CLOSE_GRACE_MS);
+    if (this.#shutdownRequested) this.#armCloseGrace();
+  }
+
+  #armCloseGrace(): void {
+    if (this.#graceTimer !== null || this.#socketClosed) return;
+    this.#graceTimer = setTimeout(() => this.#socket.destroy(), this.#ctx.limits.closeGraceMs);
     this.#graceTimer.unref?.();
   }
 

@@ -414,7 +414,7 @@ describe("transmission", () => {
     client.send({ type: Command.READ, cookie: 2n, offset: 100, length: 3000 });
     expect((await client.reply(3000)).data).toEqual(payload);
     expect(device.calls[0]).toEqual({ op: "write", offset: 100, length: 3000, fua: true });
-    client.send({ type: Command.WRITE_ZEROES, flags: 3, cookie: 3n, offset: 100, length: 10 });
+    client.send({ type: Command.WRITE_ZEROES, flags: 1, cookie: 3n, offset: 100, length: 10 });
     client.send({ type: Command.TRIM, flags: 1, cookie: 4n, offset: 0, length: 512 });
     client.send({ type: Command.FLUSH, cookie: 5n });
     const cookies = [(await client.reply()).cookie, (await client.reply()).cookie];
@@ -485,6 +485,54 @@ describe("transmission", () => {
       expect(await client.reply()).toMatchObject({ errno, cookie });
     }
     expect(device.calls).toEqual([]);
+  });
+
+  // The spec: with NO_HOLE the zeroed range MUST end up allocated, and writeZeroes() may punch
+  // a hole (found by review: `qemu-io -c "write -z"`, which sets NO_HOLE, left holes in both
+  // copies of a hast resource). So NO_HOLE zeroes go through write(), in 1 MiB buffers of
+  // zeroes, one at a time, with a flush for FUA; without NO_HOLE writeZeroes() is used.
+  test("WRITE_ZEROES with NO_HOLE writes zeroes through write(); without it, writeZeroes()", async () => {
+    const mib = 1 << 20;
+    await serve({}, 4 * mib);
+    device.data.fill(0xff);
+    const client = await connect();
+    await client.go();
+    const length = 2 * mib + mib / 2;
+    const flags = CommandFlag.NO_HOLE | CommandFlag.FUA;
+    client.send({ type: Command.WRITE_ZEROES, flags, cookie: 1n, offset: 512, length });
+    expect(await client.reply()).toMatchObject({ errno: 0, cookie: 1n });
+    expect(device.calls).toEqual([
+      { op: "write", offset: 512, length: mib, fua: false },
+      { op: "write", offset: 512 + mib, length: mib, fua: false },
+      { op: "write", offset: 512 + 2 * mib, length: mib / 2, fua: false },
+      { op: "flush", offset: 0, length: 0, fua: false },
+    ]);
+    expect(device.data.subarray(512, 512 + length).every((b) => b === 0)).toBe(true);
+    expect(device.data[511]).toBe(0xff);
+    expect(device.data[512 + length]).toBe(0xff);
+    device.calls.length = 0;
+    client.send({ type: Command.WRITE_ZEROES, cookie: 2n, offset: 3 * mib, length: 4096 });
+    expect(await client.reply()).toMatchObject({ errno: 0, cookie: 2n });
+    expect(device.calls).toEqual([{ op: "writeZeroes", offset: 3 * mib, length: 4096, fua: false }]);
+    expect(server!.stats()).toMatchObject({ zeroes: 2, writes: 0, errors: 0, inFlight: 0 });
+  });
+
+  // Up to 4 GiB of NO_HOLE zeroes is thousands of writes: a shutdown must not wait for them all.
+  test("a NO_HOLE WRITE_ZEROES stops between its writes at a shutdown, answered ESHUTDOWN", async () => {
+    await serve({}, 16 << 20);
+    const client = await connect();
+    await client.go();
+    device.hold = true;
+    const flags = CommandFlag.NO_HOLE;
+    client.send({ type: Command.WRITE_ZEROES, flags, cookie: 1n, offset: 0, length: 16 << 20 });
+    await until(() => device.heldCount === 1, "the first write at the device");
+    const closing = server!.close();
+    server = null;
+    device.hold = false;
+    device.release(true);
+    expect(await client.reply()).toMatchObject({ errno: NbdErrno.ESHUTDOWN, cookie: 1n });
+    await closing;
+    expect(device.calls).toEqual([{ op: "write", offset: 0, length: 1 << 20, fua: false }]);
   });
 
   test("minBlockBytes is advertised and unaligned requests get EINVAL", async () => {
@@ -682,6 +730,37 @@ describe("transmission", () => {
     expect(device.calls.length).toBe(1);
   });
 
+  // Found by review: the grace period for the client's close started at our FIN, so a client
+  // that sent DISC (or its FIN) behind 16 MiB of READs and read the replies later than that got
+  // none of them. Each client here reads nothing until its requests have all been answered and
+  // ten grace periods have passed, then must get every reply before the connection closes.
+  test("a client that reads slowly after DISC or its FIN still gets every reply", async () => {
+    const mib = 1 << 20;
+    const graceMs = 50;
+    await serve({ maxRequestBytes: mib, maxInFlightBytes: 64 * mib, closeGraceMs: graceMs }, 16 * mib);
+    device.data.fill(3);
+    for (const ending of ["DISC", "FIN"]) {
+      const client = await connect();
+      await client.go();
+      client.socket.pause();
+      const readsBefore = server!.stats().reads;
+      for (let i = 0; i < 16; i++) {
+        client.send({ type: Command.READ, cookie: BigInt(i), offset: i * mib, length: mib });
+      }
+      if (ending === "DISC") client.send({ type: Command.DISC });
+      else client.socket.end();
+      await until(() => server!.stats().reads === readsBefore + 16, "16 reads answered");
+      await Bun.sleep(10 * graceMs);
+      client.socket.resume();
+      for (let i = 0; i < 16; i++) {
+        const reply = await client.reply(mib);
+        expect(reply.errno).toBe(0);
+        expect(reply.data.every((b) => b === 3)).toBe(true);
+      }
+      expect(await client.closesWithin(2000)).toBe(true);
+    }
+  });
+
   test("a client that half-closes still gets replies to everything it sent", async () => {
     await serve();
     const client = await connect();
@@ -791,6 +870,36 @@ describe("server", () => {
     expect(fs.existsSync(socketPath)).toBe(false);
   });
 
+  // Clients that read none of their replies cannot hold a shutdown up: close() ends each one
+  // grace period after its FIN (waiting for a slow reader applies only outside a shutdown).
+  // One had sent DISC before close(); the other still had a READ at the device during it.
+  test("close() does not wait for clients that read none of their replies", async () => {
+    const mib = 1 << 20;
+    await serve({ maxRequestBytes: mib, maxInFlightBytes: 64 * mib, closeGraceMs: 50 }, 16 * mib);
+    const sendReads = (client: RawClient) => {
+      client.socket.pause();
+      for (let i = 0; i < 16; i++) {
+        client.send({ type: Command.READ, cookie: BigInt(i), offset: i * mib, length: mib });
+      }
+    };
+    const disconnected = await connect();
+    await disconnected.go();
+    sendReads(disconnected);
+    disconnected.send({ type: Command.DISC });
+    await until(() => logs.some((line) => line.includes("client sent disconnect")), "the DISC");
+    const busy = await connect();
+    await busy.go();
+    device.hold = true;
+    sendReads(busy);
+    await until(() => device.heldCount > 0, "a READ at the device");
+    const closing = server!.close();
+    server = null;
+    device.hold = false;
+    device.release(true);
+    const closed = await Promise.race([closing.then(() => true), Bun.sleep(5000).then(() => false)]);
+    expect(closed).toBe(true);
+  });
+
   test("close() during a handshake answers options with ERR_SHUTDOWN, then closes", async () => {
     await serve();
     const client = await connect();
@@ -857,7 +966,9 @@ describe("server", () => {
       maxInFlightBytes: 128 << 20,
       minBlockBytes: 1,
       maxOptionBytes: 65536,
+      maxOptionsPerConnection: 256,
       handshakeTimeoutMs: 30000,
+      closeGraceMs: 5000,
     });
   });
 });

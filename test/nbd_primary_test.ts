@@ -2,7 +2,8 @@
  * Real NBD clients against a hast primary that replicates to a connected secondary (two daemons
  * on loopback, fullsync): nbdinfo sees the data size; qemu-io patterns, `write -z` and `discard`
  * land on both sides (the secondary's data area reads back the patterns and the zeros); fio's
- * nbd engine writes at random and verifies; and garbage sent on the export socket by other
+ * nbd engine writes at random and verifies; a `write -z` (NO_HOLE) leaves its range allocated in
+ * both image files; and garbage sent on the export socket by other
  * clients does not disturb an nbdcopy running at the same time. After each step the primary is
  * waited on until it is complete with nothing in flight, and then the two data areas are
  * compared byte for byte, read straight from the image files.
@@ -97,6 +98,28 @@ describe("NBD clients on a replicating primary", () => {
     expect(worker.activemap.syncExtents, context).toBe(0);
   }, TEST_TIMEOUT_MS);
 
+  // The spec: a WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE (qemu-io's `write -z` without -u sets
+  // it) MUST leave the range allocated. Found by review: hast punched a hole in both image
+  // files. The discard beside it shows that the check sees a hole where one is punched.
+  test("write -z (NO_HOLE) leaves the range allocated on both copies, discard may punch", async () => {
+    const zeroed = 8 * MIB;
+    const discarded = zeroed + 512 * KIB;
+    const commands = [
+      `write -P 0x77 ${zeroed} 1M`, `write -z ${zeroed} 256k`, `discard ${discarded} 256k`, "flush",
+      `read -P 0 ${zeroed} 256k`, `read -P 0x77 ${zeroed + 256 * KIB} 256k`, `read -P 0 ${discarded} 256k`,
+    ];
+    const result = await run(["qemu-io", "-f", "raw", c.uri("a"), ...commands.flatMap((cmd) => ["-c", cmd])]);
+    expect(result.stdout + result.stderr).not.toMatch(/verification failed|error/i);
+    await waitReplicated(c);
+    for (const node of ["a", "b"] as const) {
+      const { dataOffsetBytes } = await c.dump(node);
+      const image = c.nodes[node].image;
+      expect(await holeWithin(image, dataOffsetBytes + zeroed, 256 * KIB), `${node}: zeroed`).toBe(false);
+      expect(await holeWithin(image, dataOffsetBytes + discarded, 256 * KIB), `${node}: discarded`).toBe(true);
+    }
+    await expectSameData(c);
+  }, TEST_TIMEOUT_MS);
+
   test("fio --ioengine=nbd random writes verify, and both sides match", async () => {
     const result = await run([
       "fio", "--name=verify", "--ioengine=nbd", `--uri=${c.uri("a")}`, "--rw=randwrite",
@@ -177,6 +200,15 @@ async function expectSameData(c: Cluster): Promise<void> {
   const onB = Buffer.from(await c.readData("b"));
   expect(onB.byteLength).toBe(onA.byteLength);
   expect(firstDifference(onA, onB)).toBe(-1);
+}
+
+/** Whether the file has a hole (SEEK_HOLE, through python3) in [offset, offset + length). */
+async function holeWithin(file: string, offset: number, length: number): Promise<boolean> {
+  const script = "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); " +
+    "print(os.lseek(fd, int(sys.argv[2]), os.SEEK_HOLE))";
+  const hole = Number((await run(["python3", "-c", script, file, String(offset)])).stdout.trim());
+  expect(Number.isSafeInteger(hole)).toBe(true);
+  return hole < offset + length;
 }
 
 function firstDifference(left: Buffer, right: Buffer): number {
