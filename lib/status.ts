@@ -136,6 +136,8 @@ function syncOf(worker: Record<string, unknown>): unknown {
     totalBytes: sync.totalBytes,
     bytesPerSecond: sync.bytesPerSecond,
     etaSeconds: sync.etaSeconds,
+    // The first failure of the sync (a chunk, a flush, the link), null once it is done.
+    error: sync.error ?? null,
   };
 }
 

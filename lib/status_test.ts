@@ -60,3 +60,16 @@ test("hast list: metaflush is off in effect when the provider cannot flush", () 
   const cannot = { ...worker, local: { flushUnsupported: true } };
   expect(describeResource(config, "primary", cannot, options).metaflush).toBe(false);
 });
+
+// Proves `hast status --json` passes on why a sync stopped (the synchronizer's first failure).
+test("status: the sync's error, null when there is none", () => {
+  const options = { full: false, pid: 42, lastError: "" };
+  const sync = {
+    state: "interrupted", source: "primary", doneBytes: 1, totalBytes: 2, bytesPerSecond: 0, etaSeconds: null,
+  };
+  const failed = { ...sync, error: "sync read failed: EIO" };
+  const worker = { role: "primary", status: "syncing", link: "connected", sync: failed };
+  expect(describeResource(config, "primary", worker, options).sync).toMatchObject({ error: "sync read failed: EIO" });
+  const clean = { ...worker, sync };
+  expect(describeResource(config, "primary", clean, options).sync).toMatchObject({ error: null });
+});

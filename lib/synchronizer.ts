@@ -44,6 +44,12 @@ export interface SyncProgress {
   bytesPerSecond: number;
   etaSeconds: number | null;
   rateLimitBytesPerSecond: number;
+  /**
+   * The first failure of this sync (a chunk or flush that failed on either side, the link lost):
+   * why an "interrupted" sync stopped short (its extents stay dirty and are retried), or what
+   * failed so far in a running one; null once done.
+   */
+  error: string | null;
 }
 
 export interface SynchronizerOptions {
@@ -65,6 +71,7 @@ export interface SynchronizerOptions {
   slots: RequestSlots;
 }
 
+/** A chunk or flush that failed on one side: its extents stay dirty, the pass ends interrupted. */
 class ChunkFailed extends Error {}
 
 export class Synchronizer {
@@ -82,6 +89,9 @@ export class Synchronizer {
   private readonly pacer: Pacer;
   private meter: RateMeter;
   private finished: Promise<void> = Promise.resolve();
+  /** Something was to be synced when the pass began: syncstart ran, so syncdone or syncintr follows. */
+  private started = false;
+  private failure: string | null = null;
 
   constructor(private readonly o: SynchronizerOptions) {
     this.pacer = new Pacer(o.clock, o.rateBytesPerSecond);
@@ -98,7 +108,11 @@ export class Synchronizer {
       return this.run();
     }).catch((error) => {
       this.o.log("error", `sync failed: ${error}`);
+      this.fail(String(error));
       this.state = "interrupted";
+      // Found by review: syncstart was left without its syncintr (hooks tracking the sync saw it
+      // running forever).
+      if (this.started) this.o.hooks.run("syncintr", []);
     });
   }
 
@@ -121,12 +135,19 @@ export class Synchronizer {
       bytesPerSecond,
       etaSeconds: this.state === "running" ? etaSeconds : null,
       rateLimitBytesPerSecond: this.pacer.rateBytesPerSecond,
+      error: this.state === "done" ? null : this.failure,
     };
+  }
+
+  /** Notes the first failure, for the status (the log has each one). */
+  private fail(what: string): void {
+    this.failure ??= what;
   }
 
   private async run(): Promise<void> {
     const am = this.o.activemap;
     const started = am.syncExtentCount() > 0;
+    this.started = started;
     if (started) {
       this.o.log("info", `sync started from ${this.o.source}: ${this.totalBytes} bytes`);
       this.o.hooks.run("syncstart", []);
@@ -140,9 +161,11 @@ export class Synchronizer {
       const failed = workers.find((w) => w.status === "rejected");
       if (failed) throw failed.reason;
       if (!this.o.link.isUp || am.syncExtentCount() > 0) {
+        if (!this.o.link.isUp) this.fail("the link to the secondary went down");
         this.state = "interrupted";
         if (started) {
-          this.o.log("warn", `sync interrupted at ${this.doneBytes} of ${this.totalBytes} bytes`);
+          const why = this.failure === null ? "" : `: ${this.failure}`;
+          this.o.log("warn", `sync interrupted at ${this.doneBytes} of ${this.totalBytes} bytes${why}`);
           this.o.hooks.run("syncintr", []);
         }
         return;
@@ -197,7 +220,7 @@ export class Synchronizer {
         await this.syncExtent(extent);
       } catch (error) {
         this.release(extent, false);
-        if (error instanceof ChunkFailed) this.o.log("warn", error.message);
+        if (error instanceof ChunkFailed) this.noteFailed(error);
         else if (this.o.link.isUp) throw error;
         return;
       }
@@ -233,7 +256,7 @@ export class Synchronizer {
         failure = error;
       }
       for (const extent of batch) this.release(extent, ok);
-      if (failure instanceof ChunkFailed) this.o.log("warn", failure.message);
+      if (failure instanceof ChunkFailed) this.noteFailed(failure);
       else if (failure !== null && this.o.link.isUp) throw failure;
     })();
     this.flushes.add(flush);
@@ -243,6 +266,11 @@ export class Synchronizer {
       this.flushes.delete(flush);
     }
     return ok;
+  }
+
+  private noteFailed(error: ChunkFailed): void {
+    this.o.log("warn", error.message);
+    this.fail(error.message);
   }
 
   private takeUnflushed(): number[] {
@@ -296,7 +324,12 @@ export class Synchronizer {
     const slot = slots.slotOf(data);
     let call: RemoteCall | null = null;
     try {
-      await this.o.data.readInto(offset, data);
+      // Found by review: a failed read of the source failed the whole sync ("sync failed", no
+      // syncintr after its syncstart, no reason in the status); it is a failed chunk like one
+      // the secondary fails: the extent stays dirty, the sync goes on and is retried.
+      await this.o.data.readInto(offset, data).catch((error: Error) => {
+        throw new ChunkFailed(`sync read at ${offset}+${length} failed on primary (source): ${error.message}`);
+      });
       // One party, the link, armed before it sees the slot.
       if (slot >= 0) slots.dispatch(slot, 1);
       call = await this.o.link.callWhenRoom({
@@ -324,7 +357,9 @@ export class Synchronizer {
       if (reply.error !== 0 || reply.payload.byteLength !== length) {
         throw new ChunkFailed(`sync read at ${offset}+${length} failed on secondary: ${errnoName(reply.error)}`);
       }
-      await this.o.data.write(offset, reply.payload);
+      await this.o.data.write(offset, reply.payload).catch((error: Error) => {
+        throw new ChunkFailed(`sync write at ${offset}+${length} failed on primary (target): ${error.message}`);
+      });
     } finally {
       release();
     }

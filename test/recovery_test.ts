@@ -21,6 +21,7 @@ import {
   attachLoop, Cleanup, diskThatLosesWrites, expandRanges, fsckClean, hashTree, makeTempDir, mountFs, nbdfuseMount, run,
   spawnProcess, waitFor, writeTree,
 } from "./harness.ts";
+import { eio, inSync, pairPerTest, pattern, Sim } from "./sim.ts";
 
 const MIB = 1024 * 1024;
 const EXTENT_BYTES = MIB;
@@ -141,6 +142,36 @@ function processAlive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * Connections a node has opened so far: the kernel's TcpActiveOpens of its namespace. Only the
+ * daemon's replication link opens TCP connections there (control, NBD and the CLI use Unix
+ * sockets), so this counts the primary's connection attempts, refused ones included (both sides
+ * log a refusal once a minute only).
+ */
+async function connectsFrom(c: Cluster, node: NodeName): Promise<number> {
+  const snmp = (await run(["ip", "netns", "exec", c.nodes[node].ns!, "cat", "/proc/net/snmp"])).stdout;
+  const [names, values] = snmp.split("\n").filter((l) => l.startsWith("Tcp:")).map((l) => l.trim().split(/\s+/));
+  const at = names!.indexOf("ActiveOpens");
+  expect(at).toBeGreaterThan(0);
+  return Number(values![at]);
+}
+
+/**
+ * Times a has tried to bring b up to date so far: connections it opened, plus sync passes of a
+ * live link that ended interrupted. Each attempt starts only after the previous one ended, so
+ * `count` more than a baseline means at least `count - 1` ended without success meanwhile.
+ */
+async function attemptsOfA(c: Cluster): Promise<number> {
+  const interrupted = readFileSync(c.nodes.a.log, "utf8").split("\n").filter((l) => l.includes("sync interrupted"));
+  return (await connectsFrom(c, "a")) + interrupted.length;
+}
+
+/** Waits (20 s at most) until attemptsOfA is `count` past `from`. */
+async function waitForAttempts(c: Cluster, from: number, count: number, what: string): Promise<void> {
+  await waitFor(`${count} more attempts of a (${what})`, async () => (await attemptsOfA(c)) >= from + count,
+    { timeoutMs: 20_000 });
 }
 
 /** Reads `length` bytes at `offset` of a file or device. */
@@ -380,7 +411,9 @@ test("split-brain: detected on both sides, discard on b resyncs only what differ
     await c.waitStatus("b", "split-brain on b", (s) => s.status === "split-brain", 30_000);
     await hooks.waitFor(c, "a", "split-brain data");
     await hooks.waitFor(c, "b", "split-brain data");
-    await Bun.sleep(3_000); // a retries every 2 s: it must keep refusing, not sync
+    // a keeps trying to connect (every RECONNECT_INTERVAL_MS): each attempt must end refused,
+    // never in a sync. Three more attempts: at least two were refused after the first one.
+    await waitForAttempts(c, await attemptsOfA(c), 3, "reconnecting while split-brain");
     expect((await c.status("a")).status).toBe("split-brain");
     expect(differingExtents(await c.readData("a"), beforeA)).toEqual([]);
     expect(differingExtents(await c.readData("b"), beforeB)).toEqual([]);
@@ -475,6 +508,7 @@ async function failingDisk(cleanup: Cleanup) {
 // serving, the extents stay dirty and status is not complete (also across a's periodic sync
 // retries); once errors are switched off the pair recovers and the backing file behind b's loop
 // device (not b's page cache, which may hold data the disk refused) holds exactly a's data.
+// (a's retries are counted, not slept through: see attemptsOfA.)
 // Mid-test findings are collected so that the final comparison is reported too.
 test("secondary disk fails writes: extents stay dirty, recovery after the disk heals", async () => {
   await scenario(async (cleanup, clusters) => {
@@ -489,7 +523,10 @@ test("secondary disk fails writes: extents stay dirty, recovery after the disk h
     const failing = await c.waitStatus("a", "extents dirty while b's disk fails",
       (s) => s.dirtyBytes > 0, 20_000);
     expect(failing.status).not.toBe("complete");
-    await Bun.sleep(4_000); // a retries the sync every 3 s: the extents must stay dirty
+    // a keeps trying: b drops the link once its flush fails and then refuses it while it cannot
+    // write its metadata (or, with the link up, a's sync passes fail every RESYNC_RETRY_MS).
+    // Three more attempts: at least two failed after the first one, and the extents stay dirty.
+    await waitForAttempts(c, await attemptsOfA(c), 3, "while b's disk fails");
     const still = await c.status("a");
     if (still.dirtyBytes < written.length * EXTENT_BYTES || still.status === "complete") {
       problems.push(`while b's disk fails: status ${still.status}, dirtyBytes ` +
@@ -655,3 +692,99 @@ test("hooks: role, connect, disconnect, syncstart, syncintr, syncdone", async ()
     expect(late).toEqual([]);
   });
 }, 120_000);
+
+// ---------------------------------------------------------------------------------------------
+// 7. A disk error on the primary during a sync (in process, test/sim.ts)
+
+/** A pair per test of this section, stopped after it (the sections above use none). */
+const sims = pairPerTest();
+
+/** Waits until the primary's current sync has stopped in `state`, and returns its progress. */
+function syncEnded(sim: Sim, state: "done" | "interrupted", timeoutMs = 10_000) {
+  return waitFor(`sync ${state}`, () => {
+    const sync = sim.primary.status().sync;
+    return sync?.state === state ? sync : undefined;
+  }, { timeoutMs, intervalMs: 5 });
+}
+
+/** The primary's sync hook events, in order. */
+const syncEvents = (sim: Sim) => sim.events.filter((e) => e.startsWith("primary sync"));
+
+// Found by review: a read error on the sync source (here the primary's disk) failed the whole
+// sync: "sync failed" in the log, state "interrupted" with no reason, and syncstart never followed
+// by syncintr. Proves it now counts as a failed chunk: two extents are written while apart, the
+// primary's disk fails reads when the link comes back; the extents stay dirty, the status says
+// which read failed, syncintr follows syncstart; once the disk reads again the periodic retry
+// completes the sync (syncdone) and the copies are identical.
+test("a read error on the sync source: extents stay dirty, syncintr, the status says why, then resync", async () => {
+  const sim = await sims.startPair({ replication: "fullsync", keepdirty: 0 });
+  sim.reachable = false;
+  sim.dropLink("test: partition");
+  for (const e of [2, 5]) await sim.primary.write(e * MIB, pattern(MIB, e), false);
+  sim.primaryDisk.readError = eio("read");
+  sim.reachable = true;
+  const cut = await syncEnded(sim, "interrupted");
+  expect(cut.error).toMatch(/^sync read at \d+\+\d+ failed on primary \(source\): EIO/);
+  expect(cut.doneBytes).toBe(0);
+  expect(sim.primary.status().dirtyBytes).toBe(2 * MIB);
+  expect(syncEvents(sim)).toEqual(["primary syncstart", "primary syncintr"]);
+  expect(sim.logs.filter((l) => l.includes("sync failed"))).toEqual([]);
+  sim.primaryDisk.readError = null;
+  await inSync(sim, "resynced after the disk healed", 15_000);
+  expect(syncEvents(sim)).toEqual(["primary syncstart", "primary syncintr", "primary syncstart", "primary syncdone"]);
+  expect(sim.primary.status().sync).toMatchObject({ state: "done", error: null, doneBytes: 2 * MIB });
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+}, 30_000);
+
+// Found by review, as above, for a sync from the secondary: a failed write of the pulled data to
+// the primary's disk (the sync target) failed the whole sync without syncintr or a reason. Proves
+// the extents stay to be synced (and reads of them still come from the secondary), syncintr
+// follows syncstart, the status names the failed write, and the retry completes the sync.
+test("a write error on the sync target (sync from the secondary): extents stay behind, syncintr, resync", async () => {
+  const sim = sims.track(new Sim({ replication: "fullsync", keepdirty: 0 }));
+  // The secondary was primary meanwhile and wrote extents 2 and 3 (the counters say so).
+  const shared = { resuid: 77n, remotecnt: 1n };
+  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
+  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+  sim.secondaryMeta.map[0] = 0b1100;
+  sim.secondaryDisk.bytes.fill(9, 2 * MIB, 4 * MIB);
+  sim.primaryDisk.bytes.fill(1, 2 * MIB, 4 * MIB);
+  sim.primaryDisk.beforeWrite = async () => {
+    throw eio("write");
+  };
+  sim.start();
+  const cut = await syncEnded(sim, "interrupted");
+  expect(sim.primary.status().syncSource).toBe("secondary");
+  expect(cut.error).toMatch(/^sync write at \d+\+\d+ failed on primary \(target\): EIO/);
+  expect(sim.primary.status().dirtyBytes).toBe(2 * MIB);
+  expect(syncEvents(sim)).toEqual(["primary syncstart", "primary syncintr"]);
+  expect(await sim.primary.read(3 * MIB, 4096)).toEqual(new Uint8Array(4096).fill(9)); // from the secondary
+  sim.primaryDisk.beforeWrite = async () => {};
+  await inSync(sim, "synced from the secondary", 15_000);
+  expect(syncEvents(sim).slice(-2)).toEqual(["primary syncstart", "primary syncdone"]);
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+}, 30_000);
+
+// Found by review, as above: any other failure that ends a sync (here the metadata write that
+// records its end fails as the link drops) left syncstart without syncintr. Proves syncintr
+// follows, the status names the failure, and the next connection ends the sync (nothing is left
+// to copy, so without sync hooks).
+test("a sync that fails as it ends: syncintr follows syncstart, the next connection completes it", async () => {
+  const sim = await sims.startPair({ replication: "fullsync", keepdirty: 0 });
+  sim.reachable = false;
+  sim.dropLink("test: partition");
+  await sim.primary.write(3 * MIB, pattern(MIB, 3), false);
+  sim.primaryMeta.beforeWrite = async (update) => {
+    if (update.remotecnt === undefined) return;
+    sim.primaryMeta.beforeWrite = async () => {};
+    sim.dropLink("test: link lost as the sync ends");
+    throw eio("write");
+  };
+  sim.reachable = true;
+  const cut = await syncEnded(sim, "interrupted");
+  expect(cut.error).toContain("EIO");
+  expect(syncEvents(sim)).toEqual(["primary syncstart", "primary syncintr"]);
+  await inSync(sim, "sync ended by the next connection", 15_000);
+  expect(syncEvents(sim)).toEqual(["primary syncstart", "primary syncintr"]);
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+}, 30_000);

@@ -180,11 +180,15 @@ test("after a failed local flush a verify is refused, and one running fails with
   sim.primary.setSyncRate(0);
   let releaseReads = () => {};
   const readsHeld = new Promise<void>((resolve) => (releaseReads = resolve));
+  let held = 0;
   sim.primaryDisk.beforeRead = async (offset) => {
-    if (offset >= 6 * MIB) await readsHeld;
+    if (offset >= 6 * MIB) {
+      held++;
+      await readsHeld;
+    }
   };
   expect(sim.primary.startVerify()).toBeNull();
-  await Bun.sleep(50);
+  await waitFor("the verify reading extent 6", () => held > 0 || undefined, { timeoutMs: 5_000, intervalMs: 5 });
   sim.primaryDisk.flushError = eio("fdatasync");
   await sim.primary.clearRound();
   sim.primaryDisk.flushError = null;
