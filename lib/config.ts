@@ -3,8 +3,10 @@
  * extension), resolved for one node into a NodeConfig.
  *
  * Both front ends (config_conf.ts, config_yaml.ts) build the section tree of config_tree.ts;
- * everything else (duplicate checks, value checks, node matching, precedence, defaults)
- * happens once, here, so the two syntaxes cannot drift apart.
+ * everything else (duplicate checks, value checks, node matching, precedence, defaults, the
+ * checks across resources such as two resources on one provider) happens once, here, so the
+ * two syntaxes cannot drift apart. Every error names the file, line and column of the value at
+ * fault; loadConfig also checks the authkey files the node's resources use.
  *
  * Precedence, as in HAST's parse.y:
  * - name, local, export: resource `on` section > resource section > default
@@ -18,9 +20,10 @@
  */
 
 import assert from "node:assert";
-import { closeSync, openSync, readSync } from "node:fs";
+import { closeSync, openSync, readSync, statSync } from "node:fs";
 import { isIPv4, isIPv6 } from "node:net";
 import { availableParallelism, hostname as osHostname } from "node:os";
+import { readAuthKey } from "./auth.ts";
 import { parseConfSyntax } from "./config_conf.ts";
 import {
   checkOptionKey,
@@ -168,6 +171,7 @@ function addressOrProblem(text: string, defaultPort: number): Address | string {
     const path = text.slice("uds://".length);
     if (!path.startsWith("/")) return "expected an absolute path after uds://";
     if (path.includes("\0")) return "the path contains a NUL character";
+    if (path.endsWith("/")) return `expected a socket file, not a directory (the path ends with "/")`;
     if (Buffer.byteLength(path) > UNIX_PATH_BYTES_MAX) {
       return `the socket path is longer than ${UNIX_PATH_BYTES_MAX} bytes`;
     }
@@ -223,6 +227,12 @@ function hostProblem(host: string, family: TcpAddress["family"]): string | null 
   if (isIPv6(host)) return family === "tcp4" ? "tcp4:// cannot take an IPv6 address" : null;
   if (isIPv4(host)) return family === "tcp6" ? "tcp6:// cannot take an IPv4 address" : null;
   if (/^[0-9]+$/.test(host)) return `host missing (write tcp://0.0.0.0:${host} for a port)`;
+  // Found by review: "010.0.0.1", "127.1" and "1.2.3.4.5" passed as host names, and the resolver
+  // reads the first as 8.0.0.1 (inet_aton's octal) and the second as 127.0.0.1.
+  if (/^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]*))*$/i.test(host)) {
+    return `${JSON.stringify(host)} is not an IPv4 address (expected four numbers 0-255 without ` +
+      `leading zeros, such as 10.0.0.1)`;
+  }
   if (!/^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$/.test(host)) {
     return `${JSON.stringify(host)} is not a host name or IP address`;
   }
@@ -281,12 +291,19 @@ interface Values {
   export?: Address;
   remote?: TcpAddress | null;
   source?: TcpAddress;
+  /** Where each option's value is written (for the checks across sections and resources). */
+  pos: Partial<Record<string, Pos>>;
+  /** Where each `listen` value is written, in the order of `listen`. */
+  listenPos: Pos[];
 }
+
+/** Control and format characters (NUL, newline, zero-width space, BOM, bidi overrides…). */
+const INVISIBLE = /[\p{Cc}\p{Cf}]/u;
 
 /** Converts the entries of one section; rejects duplicates (except `listen`). */
 function convertSection(file: string, section: Section): Values {
   const seen = new Map<string, Entry>();
-  const values: Values = { listen: [] };
+  const values: Values = { listen: [], pos: {}, listenPos: [] };
   for (const entry of section.entries) {
     checkOptionKey(file, section.kind, entry.key, entry.keyPos);
     const first = seen.get(entry.key);
@@ -296,7 +313,16 @@ function convertSection(file: string, section: Section): Values {
     }
     seen.set(entry.key, entry);
     checkValueWord(file, entry.key, entry.value, entry.valuePos);
+    // Found by review: YAML strings took any character, so a local path with a newline or a
+    // zero-width space (invisible in an editor) was accepted and failed only when opened.
+    const invisible = INVISIBLE.exec(entry.value);
+    if (invisible !== null) {
+      const code = invisible[0].codePointAt(0)!.toString(16).toUpperCase().padStart(4, "0");
+      valueError(file, entry, `the value contains the invisible character U+${code}`);
+    }
     applyEntry(file, values, entry);
+    values.pos[entry.key] = entry.valuePos;
+    if (entry.key === "listen") values.listenPos.push(entry.valuePos);
   }
   return values;
 }
@@ -331,7 +357,13 @@ function applyEntry(file: string, values: Values, entry: Entry): void {
     case "encryption": values.encryption = { kind: choice(file, entry) as EncryptionKind, pos: entry.keyPos }; return;
     case "name": checkPlainName(file, `set "name" to`, v, entry.valuePos); values.name = v; return;
     case "local": values.local = absolutePath(file, entry); return;
-    case "export": values.export = address(file, entry, NBD_PORT); return;
+    case "export":
+      values.export = address(file, entry, NBD_PORT);
+      // Found by review: port 0 bound a random port, and `hast status` told clients port 0.
+      if (values.export.kind === "tcp" && values.export.port === 0) {
+        valueError(file, entry, "an export needs a port from 1 to 65535");
+      }
+      return;
     case "remote":
       values.remote = v === "none" ? null : tcpAddress(file, entry, DEFAULT_PORT);
       if (values.remote?.port === 0) valueError(file, entry, "a remote needs a port from 1 to 65535");
@@ -361,9 +393,12 @@ function tcpAddress(file: string, entry: Entry, defaultPort: number): TcpAddress
 function absolutePath(file: string, entry: Entry): string {
   const v = entry.value;
   if (!v.startsWith("/")) valueError(file, entry, "expected an absolute path");
-  if (v.length > PATH_LENGTH_MAX || v.includes("\0")) {
+  if (v.length > PATH_LENGTH_MAX) {
     valueError(file, entry, `expected a path of at most ${PATH_LENGTH_MAX} characters`);
   }
+  // Found by review: "/" and "/var/run/" were accepted for pidfile, local, exec and authkey,
+  // and failed only when used, naming no line.
+  if (v.endsWith("/")) valueError(file, entry, `expected a file, not a directory (the path ends with "/")`);
   return v;
 }
 
@@ -440,13 +475,33 @@ function pickNode(file: string, sections: Section[], me: Identity): NodeMatch | 
   return match;
 }
 
+/** A resolved resource and where its values are written, for the checks across resources. */
+interface Placed {
+  config: ResourceConfig;
+  /** The `local` value. */
+  local: Pos;
+  /** The `export` value, else the `name` value or the resource name the default path comes from. */
+  export: Pos;
+  /** The `remote` value. */
+  remote: Pos;
+  /** The `source` value, when set. */
+  source: Pos | null;
+  /** The `authkey` value in effect, when set (also `authkey none`). */
+  authkey: Pos | null;
+}
+
+/** Where the first of `sources` that sets `key` writes its value. */
+function posOf(key: string, ...sources: Values[]): Pos | undefined {
+  return sources.find((values) => values.pos[key] !== undefined)?.pos[key];
+}
+
 /** Resolves one resource section for this node. */
 function resolveResource(
   file: string,
   section: Section,
   global: Values,
   me: Identity,
-): { config: ResourceConfig; matched: string } {
+): { placed: Placed; matched: string } {
   checkSectionName(file, section.kind, section.name, section.namePos);
   const res = convertSection(file, section);
   const match = pickNode(file, section.children, me);
@@ -492,7 +547,15 @@ function resolveResource(
     export: node.export ?? res.export ?? { kind: "unix", path: `/run/hast/${name}.sock` },
     line: section.pos.line,
   };
-  return { config, matched: match.section.name };
+  const placed: Placed = {
+    config,
+    local: posOf("local", node, res)!,
+    export: posOf("export", node, res) ?? posOf("name", node, res) ?? section.namePos,
+    remote: node.pos.remote!,
+    source: node.pos.source ?? null,
+    authkey: posOf("authkey", node, res, global) ?? null,
+  };
+  return { placed, matched: match.section.name };
 }
 
 /** The first argument that is not undefined (null counts: `authkey none` overrides). */
@@ -500,13 +563,19 @@ function firstDefined<T>(...values: (T | undefined)[]): T | undefined {
   return values.find((value) => value !== undefined);
 }
 
+/** A configuration and where its values are written. */
+interface Resolved {
+  config: NodeConfig;
+  resources: Placed[];
+}
+
 /** Resolves the whole tree for this node. */
-function resolve(file: string, tree: Section, me: Identity, override: boolean): NodeConfig {
+function resolve(file: string, tree: Section, me: Identity, override: boolean): Resolved {
   const global = convertSection(file, tree);
   const nodeSections = tree.children.filter((s) => s.kind === "node");
   const nodeMatch = pickNode(file, nodeSections, me);
   const local = nodeMatch?.values;
-  const resources: ResourceConfig[] = [];
+  const placed: Placed[] = [];
   const seen = new Map<string, Section>();
   let matched = nodeMatch?.section.name;
   for (const section of tree.children) {
@@ -518,27 +587,207 @@ function resolve(file: string, tree: Section, me: Identity, override: boolean): 
     }
     seen.set(section.name, section);
     const result = resolveResource(file, section, global, me);
-    // Found by review: two resources on one export (the same `name` gives the same default
-    // socket) were accepted, and the second failed only when made primary, naming no line.
-    const exportKey = formatAddress(result.config.export);
-    const sharing = resources.find((r) => formatAddress(r.export) === exportKey);
-    if (sharing !== undefined) {
-      const line = seen.get(sharing.resource)!.pos.line;
-      fail(file, section.namePos, `Cannot configure resource ${JSON.stringify(section.name)}: its export ` +
-        `${exportKey} is also resource ${JSON.stringify(sharing.resource)}'s (line ${line}); set "name" or "export"`);
-    }
-    resources.push(result.config);
+    placed.push(result.placed);
     matched ??= result.matched;
   }
-  const listen = local?.listen.length ? local.listen : global.listen;
-  return {
+  const listenFrom = local?.listen.length ? local : global.listen.length ? global : null;
+  const listen: Located<TcpAddress>[] = listenFrom === null
+    ? defaultListen().map((value) => ({ value, pos: null }))
+    : listenFrom.listen.map((value, i) => ({ value, pos: listenFrom.listenPos[i]! }));
+  const control = { value: local?.control ?? global.control ?? parseAddress(DEFAULTS.control, 0),
+    pos: posOf("control", ...(local ? [local] : []), global) ?? null };
+  const pidfile = { value: local?.pidfile ?? global.pidfile ?? DEFAULTS.pidfile,
+    pos: posOf("pidfile", ...(local ? [local] : []), global) ?? null };
+  checkShared(file, { listen, control, pidfile }, placed);
+  const config: NodeConfig = {
     file,
     node: override ? me.node : matched ?? me.node,
-    control: local?.control ?? global.control ?? parseAddress(DEFAULTS.control, 0),
-    pidfile: local?.pidfile ?? global.pidfile ?? DEFAULTS.pidfile,
-    listen: listen.length > 0 ? listen : defaultListen(),
-    resources,
+    control: control.value,
+    pidfile: pidfile.value,
+    listen: listen.map((l) => l.value),
+    resources: placed.map((p) => p.config),
   };
+  return { config, resources: placed };
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks across options and resources
+
+/** A value and where it is written; null: a default. */
+interface Located<T> {
+  value: T;
+  pos: Pos | null;
+}
+
+/** What this node itself binds and writes, besides its resources. */
+interface NodeSide {
+  listen: Located<TcpAddress>[];
+  control: Located<Address>;
+  pidfile: Located<string>;
+}
+
+/** What uses a file, socket path or port, and where it is written (null: a default). */
+interface Claim {
+  what: string;
+  pos: Pos | null;
+}
+
+/** " (line N)" or " (the default)", for messages. */
+function where(pos: Pos | null): string {
+  return pos === null ? " (the default)" : ` (line ${pos.line})`;
+}
+
+/** A path with repeated slashes and `.` segments removed, so that `/dev//sdb` equals `/dev/sdb`. */
+function samePath(path: string): string {
+  return "/" + path.split("/").filter((part) => part !== "" && part !== ".").join("/");
+}
+
+/**
+ * Rejects two uses of one thing on this node (found by review: each was accepted and failed
+ * later, naming no file or line, or not at all): two listen addresses on one port, two resources
+ * on one provider or one export, an export on the control socket, the pidfile or a listen port,
+ * a remote that is this node's own listen address, and a source that is the remote. Maps keep
+ * it linear: a 1 MiB file holds tens of thousands of resources or listen addresses.
+ */
+function checkShared(file: string, node: NodeSide, resources: Placed[]): void {
+  const listen = new PortTable();
+  const ports = new PortTable();
+  for (const entry of node.listen) {
+    const claim = { what: `the listen address ${formatAddress(entry.value)}`, pos: entry.pos };
+    const other = listen.find(listenBound(entry.value));
+    // Defaults do not overlap each other, so a clash has a position.
+    if (other !== undefined) {
+      fail(file, entry.pos!, `Cannot listen on ${formatAddress(entry.value)}: ${other.what}` +
+        `${where(other.pos)} takes the same port`);
+    }
+    listen.add(listenBound(entry.value), claim);
+    ports.add(listenBound(entry.value), claim);
+  }
+  const paths = nodeClaims(file, node);
+  for (const placed of resources) {
+    const name = JSON.stringify(placed.config.resource);
+    const claimPath = (path: string, pos: Pos, option: string, described: string, hint: string) => {
+      const other = paths.get(samePath(path));
+      if (other !== undefined) {
+        fail(file, pos, `Cannot configure resource ${name}: its ${option} ${described} is also ` +
+          `${other.what}${where(other.pos)}${hint}`);
+      }
+      paths.set(samePath(path), { what: `resource ${name}'s ${option}`, pos });
+    };
+    claimPath(placed.config.local, placed.local, "local", JSON.stringify(placed.config.local), "");
+    const exported = placed.config.export;
+    if (exported.kind === "unix") {
+      claimPath(exported.path, placed.export, "export", formatAddress(exported), `; set "name" or "export"`);
+    } else {
+      const bound = { host: exported.host, port: exported.port, v6only: false };
+      const other = ports.find(bound);
+      if (other !== undefined) {
+        fail(file, placed.export, `Cannot configure resource ${name}: its export ` +
+          `${formatAddress(exported)} takes the port of ${other.what}${where(other.pos)}`);
+      }
+      ports.add(bound, { what: `resource ${name}'s export ${formatAddress(exported)}`, pos: placed.export });
+    }
+    checkRemote(file, placed, listen);
+  }
+}
+
+/** The pidfile, the control socket and its lock file, by path: each a different file. */
+function nodeClaims(file: string, node: NodeSide): Map<string, Claim> {
+  const claims = new Map<string, Claim>();
+  const pidfile = node.pidfile.value;
+  claims.set(samePath(pidfile), { what: "the pidfile", pos: node.pidfile.pos });
+  if (node.control.value.kind !== "unix") return claims;
+  const control = node.control.value.path;
+  const own: [string, Claim][] = [
+    [control, { what: "the control socket", pos: node.control.pos }],
+    [`${control}.lock`, { what: "the daemon's lock file (the control path + .lock)", pos: node.control.pos }],
+  ];
+  for (const [path, claim] of own) {
+    if (samePath(path) === samePath(pidfile)) {
+      // The defaults differ, so one of the two is written in the file.
+      fail(file, node.pidfile.pos ?? node.control.pos!, `Cannot use ${JSON.stringify(pidfile)} as the ` +
+        `pidfile: it is ${claim.what}${where(claim.pos)}`);
+    }
+    claims.set(samePath(path), claim);
+  }
+  return claims;
+}
+
+/** A TCP address as bound: `v6only` as the daemon binds a tcp6:// listen address. */
+interface Bound {
+  host: string;
+  port: number;
+  v6only: boolean;
+}
+
+function listenBound(address: TcpAddress): Bound {
+  return { host: address.host, port: address.port, v6only: address.family === "tcp6" };
+}
+
+/** Whether binding both would fail with EADDRINUSE (or one would take the other's connections). */
+function overlaps(a: Bound, b: Bound): boolean {
+  if (a.port !== b.port || a.port === 0) return false;
+  return a.host === b.host || covers(a, b) || covers(b, a);
+}
+
+/** Whether the wildcard address `wild` takes connections to `other`. */
+function covers(wild: Bound, other: Bound): boolean {
+  if (wild.host === "0.0.0.0") return isIPv4(other.host) || (other.host === "::" && !other.v6only);
+  if (wild.host === "::") return isIPv6(other.host) || (!wild.v6only && isIPv4(other.host));
+  return false;
+}
+
+const WILDCARDS = ["0.0.0.0", "::"];
+
+/**
+ * TCP endpoints by port and host, to find one that overlaps a new one without comparing every
+ * pair. Only a wildcard is compared with every host on its port, and at most two wildcards
+ * (0.0.0.0 and a v6-only ::) can share a port without overlapping.
+ */
+class PortTable {
+  private readonly byPort = new Map<number, Map<string, { bound: Bound; claim: Claim }[]>>();
+
+  /** The first endpoint added that overlaps `bound`, or undefined. */
+  find(bound: Bound): Claim | undefined {
+    const hosts = this.byPort.get(bound.port);
+    if (hosts === undefined) return undefined;
+    const candidates = WILDCARDS.includes(bound.host) ? [...hosts.values()].flat()
+      : [bound.host, ...WILDCARDS].flatMap((host) => hosts.get(host) ?? []);
+    return candidates.find((taken) => overlaps(taken.bound, bound))?.claim;
+  }
+
+  /** The first endpoint added with exactly this host and port, or undefined. */
+  exact(host: string, port: number): Claim | undefined {
+    return this.byPort.get(port)?.get(host)?.[0]?.claim;
+  }
+
+  add(bound: Bound, claim: Claim): void {
+    if (bound.port === 0) return; // a port the kernel picks overlaps nothing
+    const hosts = this.byPort.get(bound.port) ?? new Map<string, { bound: Bound; claim: Claim }[]>();
+    this.byPort.set(bound.port, hosts);
+    const list = hosts.get(bound.host) ?? [];
+    hosts.set(bound.host, list);
+    list.push({ bound, claim });
+  }
+}
+
+/** A remote that is this node's own listen address, or a source that is the remote. */
+function checkRemote(file: string, placed: Placed, listen: PortTable): void {
+  const { remote, source, resource } = placed.config;
+  if (remote === null) return;
+  const name = JSON.stringify(resource);
+  // Only the very same address: a wildcard listen address also takes a loopback remote on its
+  // port, but single-node configs whose peer is never started (unit tests) write one.
+  const self = listen.exact(remote.host, remote.port);
+  if (self !== undefined) {
+    fail(file, placed.remote, `Cannot configure resource ${name}: its remote ${formatAddress(remote)} is ` +
+      `${self.what}${where(self.pos)} of this node; the remote is the other node (did the two "on" ` +
+      `sections swap their remotes?)`);
+  }
+  if (source !== null && placed.source !== null && source.host === remote.host) {
+    fail(file, placed.source, `Cannot configure resource ${name}: its source ${source.host} is also its ` +
+      `remote${where(placed.remote)}; the source is this node's own address`);
+  }
 }
 
 /**
@@ -562,6 +811,10 @@ export function parseConfig(
   file: string,
   options: { node?: string; hostname?: string } = {},
 ): NodeConfig {
+  return parseResolved(text, file, options).config;
+}
+
+function parseResolved(text: string, file: string, options: { node?: string; hostname?: string }): Resolved {
   const me = identityOf(options.node ?? options.hostname ?? osHostname());
   const tree = /\.ya?ml$/i.test(file) ? parseYamlSyntax(text, file) : parseConfSyntax(text, file);
   return resolve(file, tree, me, options.node !== undefined);
@@ -584,13 +837,79 @@ function readLimited(file: string, limitBytes: number): Buffer {
   }
 }
 
+/** Offset of the first byte that does not start a valid UTF-8 sequence (RFC 3629), or -1. */
+function firstInvalidUtf8(bytes: Uint8Array): number {
+  let i = 0;
+  while (i < bytes.length) {
+    const lead = bytes[i]!;
+    if (lead < 0x80) {
+      i += 1;
+      continue;
+    }
+    // Continuation bytes to follow: C2-DF lead 2-byte, E0-EF 3-byte, F0-F4 4-byte sequences.
+    const more = lead < 0xc2 ? 0 : lead <= 0xdf ? 1 : lead <= 0xef ? 2 : lead <= 0xf4 ? 3 : 0;
+    if (more === 0) return i;
+    let codePoint = lead & (0x3f >> more);
+    for (let k = 1; k <= more; k += 1) {
+      const next = bytes[i + k];
+      if (next === undefined || (next & 0xc0) !== 0x80) return i;
+      codePoint = (codePoint << 6) | (next & 0x3f);
+    }
+    const overlong = codePoint < [0, 0x80, 0x800, 0x10000][more]!;
+    if (overlong || codePoint > 0x10ffff || (codePoint >= 0xd800 && codePoint <= 0xdfff)) return i;
+    i += more + 1;
+  }
+  return -1;
+}
+
 /**
- * Reads and parses a config file (see parseConfig).
+ * The text of a config file, or a ConfigError at the first byte that is not UTF-8 (found by
+ * review: such bytes became U+FFFD, so a YAML path holding one named another file).
+ */
+function decodeUtf8(bytes: Buffer, file: string): string {
+  const offset = firstInvalidUtf8(bytes);
+  if (offset < 0) return bytes.toString("utf8");
+  const lineStart = bytes.lastIndexOf(0x0a, offset - 1) + 1;
+  const line = bytes.subarray(0, lineStart).filter((byte) => byte === 0x0a).length + 1;
+  const column = bytes.subarray(lineStart, offset).toString("utf8").length + 1;
+  throw new ConfigError(`Cannot read config: byte 0x${bytes[offset]!.toString(16).padStart(2, "0")} ` +
+    `is not UTF-8 (save the file as UTF-8)`, file, line, column);
+}
+
+/**
+ * Checks each authkey file the resources of this node use, as the link will read it
+ * (auth.ts): found by review, a missing, short or world-readable key was reported only at
+ * each connection attempt, naming the key but not the config line, while the daemon started.
+ */
+function checkAuthkeys(file: string, resources: Placed[]): void {
+  const checked = new Set<string>();
+  for (const placed of resources) {
+    const path = placed.config.authkey;
+    if (path === null || checked.has(path)) continue;
+    checked.add(path);
+    let problem: string | null = null;
+    try {
+      // Not a FIFO or device: reading one could block the daemon or read endlessly. A missing
+      // file is left to readAuthKey, whose message names the key and the error.
+      const stat = statSync(path, { throwIfNoEntry: false });
+      if (stat !== undefined && !stat.isFile()) problem = `Cannot use authkey "${path}": not a regular file`;
+      else readAuthKey(path);
+    } catch (error) {
+      problem = (error as Error).message;
+    }
+    if (problem !== null) fail(file, placed.authkey!, problem);
+  }
+}
+
+/**
+ * Reads and parses a config file (see parseConfig). With `checkKeys` (the daemon: start and
+ * SIGHUP) it also checks the authkey files it names; the CLI does not, so that an operator who
+ * may not read a key (mode 0600) can still run `hast status`.
  *
  * @throws ConfigError, with line and column 0 when the file cannot be read or is larger
  * than CONFIG_SIZE_BYTES_MAX
  */
-export function loadConfig(file: string, options: { node?: string } = {}): NodeConfig {
+export function loadConfig(file: string, options: { node?: string; checkKeys?: boolean } = {}): NodeConfig {
   let bytes: Buffer;
   try {
     bytes = readLimited(file, CONFIG_SIZE_BYTES_MAX + 1);
@@ -601,5 +920,7 @@ export function loadConfig(file: string, options: { node?: string } = {}): NodeC
     throw new ConfigError(`Cannot read config: the file is larger than ` +
       `${CONFIG_SIZE_BYTES_MAX} bytes`, file, 0, 0);
   }
-  return parseConfig(bytes.toString("utf8"), file, options);
+  const resolved = parseResolved(decodeUtf8(bytes, file), file, options);
+  if (options.checkKeys === true) checkAuthkeys(file, resolved.resources);
+  return resolved.config;
 }

@@ -31,14 +31,15 @@ function tokenize(text: string, file: string): Token[] {
   while (i < text.length) {
     const c = text[i]!;
     const pos = { line, column: i - lineStart + 1 };
-    if (c === "\n") {
+    // A lone CR ends a line too (old Mac files), so that errors still name the right line.
+    if (c === "\n" || (c === "\r" && text[i + 1] !== "\n")) {
       line += 1;
       lineStart = i + 1;
       i += 1;
     } else if (c === " " || c === "\t" || c === "\r") {
       i += 1;
     } else if (c === "#") {
-      while (i < text.length && text[i] !== "\n") i += 1;
+      while (i < text.length && text[i] !== "\n" && text[i] !== "\r") i += 1;
     } else if (c === "{" || c === "}") {
       tokens.push({ type: c, text: c, pos });
       i += 1;
@@ -47,11 +48,20 @@ function tokenize(text: string, file: string): Token[] {
       while (i < text.length && WORD_CHAR.test(text[i]!)) i += 1;
       tokens.push({ type: "word", text: text.slice(start, i), pos });
     } else {
-      fail(file, pos, `Cannot parse: unexpected character ${JSON.stringify(c)}`);
+      fail(file, pos, `Cannot parse: unexpected character ${describeChar(text.codePointAt(i)!)}`);
     }
   }
   tokens.push({ type: "eof", text: "", pos: { line, column: i - lineStart + 1 } });
   return tokens;
+}
+
+/**
+ * A character for messages: printable ASCII quoted, anything else as U+XXXX (found by review: a
+ * no-break space or a control character was quoted as itself, invisible in the message).
+ */
+function describeChar(codePoint: number): string {
+  if (codePoint > 0x20 && codePoint < 0x7f) return JSON.stringify(String.fromCodePoint(codePoint));
+  return `U+${codePoint.toString(16).toUpperCase().padStart(4, "0")}`;
 }
 
 /** Describes a token for messages: `"}"`, `end of file`, `"word"`. */
@@ -172,5 +182,8 @@ class Parser {
  * @throws ConfigError at the first syntax error
  */
 export function parseConfSyntax(text: string, file: string): Section {
-  return new Parser(tokenize(text, file), file).parseFile();
+  // A byte order mark (added by some Windows editors) is not content, as in YAML; found by
+  // review: it was "unexpected character" at 1:1, a character no editor shows.
+  const body = text.startsWith("\uFEFF") ? text.slice(1) : text;
+  return new Parser(tokenize(body, file), file).parseFile();
 }

@@ -5,7 +5,8 @@
 // Everything runs on strings; only the loadConfig tests touch a temp directory.
 
 import { describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import {
@@ -18,6 +19,7 @@ import {
   type NodeConfig,
   type ResourceConfig,
 } from "./config.ts";
+import { Alias } from "yaml";
 
 const lines = (...rows: string[]): string => rows.join("\n") + "\n";
 
@@ -526,10 +528,12 @@ describe("hast.conf errors name the line and column", () => {
     // Found by review: a remote on port 0 was accepted, and the primary tried it forever.
     expectError(lines("resource r {", "  local /dev/x", "  on hosta { remote 10.0.0.1:0 }", "}"), 3, 21,
       `a remote needs a port from 1 to 65535`);
-    // Found by review: two resources on one NBD socket failed only when made primary.
+    // Found by review: two resources on one NBD socket failed only when made primary. The error
+    // points at the `name` the default socket path comes from.
     expectError(lines("resource r {", "  name x", "  local /dev/x", "  on hosta { remote none }", "}",
-      "resource s {", "  name x", "  local /dev/y", "  on hosta { remote none }", "}"), 6, 10,
-      `Cannot configure resource "s": its export uds:///run/hast/x.sock is also resource "r"'s (line 1)`);
+      "resource s {", "  name x", "  local /dev/y", "  on hosta { remote none }", "}"), 7, 8,
+      `Cannot configure resource "s": its export uds:///run/hast/x.sock is also resource "r"'s export ` +
+        `(line 2); set "name" or "export"`);
     expectError(lines("resource r {", "  export ftp://x", "}"), 2, 10, `unknown scheme "ftp://"`);
     expectError(lines("resource r {", "  local dev/x", "}"), 2, 9, `expected an absolute path`);
     expectError("pidfile hastd.pid", 1, 9, `expected an absolute path`);
@@ -747,3 +751,227 @@ describe("pipeline auto", () => {
     expect(pipeline("off")).toBe(false);
   });
 });
+
+describe("hostile input (found by review)", () => {
+  const on = (body: string) => `  on hosta { ${body} }`;
+  const res = (name: string, ...body: string[]) => lines(`resource ${name} {`, ...body, "}");
+
+  test("two uses of one provider, socket file or port fail at the line of the second", () => {
+    expectError(res("r", "  local /dev/x", on("remote none")) + res("s", "  local /dev//x", on("remote none")),
+      6, 9, `Cannot configure resource "s": its local "/dev//x" is also resource "r"'s local (line 2)`);
+    expectError(lines("pidfile /dev/x") + res("r", "  local /dev/x", on("remote none")), 3, 9,
+      `its local "/dev/x" is also the pidfile (line 1)`);
+    expectError(lines("control uds:///tmp/c.sock") + res("r", "  local /dev/x", "  export uds:///tmp/c.sock",
+      on("remote none")), 4, 10, `its export uds:///tmp/c.sock is also the control socket (line 1)`);
+    expectError(lines("control uds:///tmp/c.sock") + res("r", "  local /dev/x", "  export uds:///tmp/c.sock.lock",
+      on("remote none")), 4, 10, `is also the daemon's lock file (the control path + .lock) (line 1)`);
+    expectError(lines("control uds:///tmp/c.sock", "pidfile /tmp/c.sock"), 2, 9,
+      `Cannot use "/tmp/c.sock" as the pidfile: it is the control socket (line 1)`);
+    // TCP: a wildcard takes the port on every address of its family; port 0 overlaps nothing.
+    expectError(res("r", "  local /dev/x", "  export tcp://0.0.0.0:5000", on("remote none")) +
+      res("s", "  local /dev/y", "  export tcp://127.0.0.1:5000", on("remote none")), 8, 10,
+      `its export tcp://127.0.0.1:5000 takes the port of resource "r"'s export tcp://0.0.0.0:5000 (line 3)`);
+    expectError(res("r", "  local /dev/x", "  export tcp://127.0.0.1:8457", on("remote none")), 3, 10,
+      `takes the port of the listen address tcp4://0.0.0.0:8457 (the default)`);
+    expectError(lines("listen 10.0.0.1:7000") + res("r", "  local /dev/x", "  export tcp://0.0.0.0:7000",
+      on("remote none")), 4, 10, `takes the port of the listen address tcp://10.0.0.1:7000 (line 1)`);
+    expectError(lines("listen 127.0.0.1", "listen 127.0.0.1"), 2, 8,
+      `Cannot listen on tcp://127.0.0.1:8457: the listen address tcp://127.0.0.1:8457 (line 1) takes the same port`);
+    expectError(lines("listen 127.0.0.1", "listen 0.0.0.0"), 2, 8, `Cannot listen on tcp://0.0.0.0:8457`);
+    expectError(lines("listen tcp4://0.0.0.0", "listen [::]"), 2, 8, `Cannot listen on tcp://[::]:8457`);
+    expectError(lines("listen: [127.0.0.1, '127.0.0.1:8457']"), 1, 21, `takes the same port`, "h.yaml");
+    const node = (text: string) => parseConfig(text, "hast.conf", { node: "hosta" });
+    expect(node(lines("listen tcp4://0.0.0.0", "listen tcp6://[::]")).listen.length).toBe(2);
+    expect(node(lines("listen 127.0.0.1:0", "listen 127.0.0.1:0")).listen.length).toBe(2);
+    expect(node(res("r", "  local /dev/x", "  export tcp://127.0.0.1:5000", on("remote none")) +
+      res("s", "  local /dev/y", "  export tcp://127.0.0.2:5000", on("remote none"))).resources.length).toBe(2);
+  });
+
+  test("a remote that is this node's own listen address, or a source equal to the remote, fails", () => {
+    expectError(lines("listen 10.0.0.1") + res("r", "  local /dev/x", on("remote 10.0.0.1")), 4, 21,
+      `its remote tcp://10.0.0.1:8457 is the listen address tcp://10.0.0.1:8457 (line 1) of this node`);
+    expectError(lines("listen 10.0.0.1") + res("r", "  local /dev/x", on("remote 10.0.0.2 source 10.0.0.2")),
+      4, 37, `its source 10.0.0.2 is also its remote (line 4)`);
+    const text = lines("listen 127.0.0.1") + res("r", "  local /dev/x", on("remote 127.0.0.2 source 127.0.0.1"));
+    expect(only(parseConfig(text, "hast.conf", { node: "hosta" })).remote?.host).toBe("127.0.0.2");
+  });
+
+  test("a resource or provider name cannot start with a dash, and no resource is called all", () => {
+    expectError(res("-x", "  local /dev/x", on("remote none")), 1, 10,
+      `Cannot name resource "-x": expected 1 to 64 of the characters [A-Za-z0-9._-], not starting with "." or "-"`);
+    expectError(res("r", "  name -f", "  local /dev/x", on("remote none")), 2, 8, `Cannot set "name" to "-f"`);
+    expectError(res("all", "  local /dev/x", on("remote none")), 1, 10,
+      `Cannot name resource "all": on the command line "all" means every resource`);
+    expect(only(parseConfig(res("a-1_.b", "  local /dev/x", on("remote none")), "hast.conf",
+      { node: "hosta" })).resource).toBe("a-1_.b");
+  });
+
+  test("hast.conf: a byte order mark is skipped, a lone CR ends a line, odd characters by code point", () => {
+    expect(parseConfig("\uFEFF" + SPEC_EXAMPLE, "hast.conf", { node: "hosta" }))
+      .toEqual(parseConfig(SPEC_EXAMPLE, "hast.conf", { node: "hosta" }));
+    expectError("\uFEFFpidfile /a\npidfile /b\n", 2, 1, `Cannot set "pidfile" twice`);
+    // Old Mac line ends: the comment ends at the CR, the duplicate is on line 3.
+    expectError("# comment\rpidfile /a\rpidfile /b\r", 3, 1, `first set at line 2`);
+    expectError("pidfile /a\r\npidfile /b\r\n", 2, 1, `first set at line 1`);
+    expectError("pidfile\u00a0/a\n", 1, 8, `Cannot parse: unexpected character U+00A0`);
+    expectError("pidfile /a\u0000\n", 1, 11, `unexpected character U+0000`);
+    expectError("pidfile /a\u200b\n", 1, 11, `unexpected character U+200B`);
+  });
+
+  test("YAML: control and invisible characters in a value are refused, naming the code point", () => {
+    const yaml = (local: string) => lines("resources:", "  r:", `    local: ${local}`, "    on:",
+      "      hosta: { remote: none }");
+    expectError(yaml(`"/dev/x\\ny"`), 3, 12,
+      `Cannot set "local" to "/dev/x\\ny": the value contains the invisible character U+000A`, "h.yaml");
+    expectError(yaml(`"/dev/sdb\\u200b"`), 3, 12, `the invisible character U+200B`, "h.yaml");
+    expectError(yaml(`"/dev/sdb\\u202e"`), 3, 12, `the invisible character U+202E`, "h.yaml");
+    expectError(lines(`pidfile: "/a\\0b"`), 1, 10, `the invisible character U+0000`, "h.yaml");
+    expect(only(parseConfig(yaml("/dev/disk/by-label/données"), "h.yaml", { node: "hosta" })).local)
+      .toBe("/dev/disk/by-label/données");
+  });
+
+  test("paths that end in a slash (directories) are refused for files and sockets", () => {
+    expectError("pidfile /var/run/", 1, 9, `Cannot set "pidfile" to "/var/run/": expected a file, not a directory`);
+    expectError("exec /", 1, 6, `expected a file, not a directory`);
+    expectError("authkey /etc/hast/", 1, 9, `expected a file, not a directory`);
+    expectError(res("r", "  local /dev/", on("remote none")), 2, 9, `expected a file, not a directory`);
+    expectError("control uds:///run/", 1, 9, `expected a socket file, not a directory`);
+    expectError(res("r", "  export uds:///run/hast/", "  local /dev/x", on("remote none")), 2, 10,
+      `expected a socket file, not a directory`);
+  });
+
+  test("hosts that look like IPv4 but are not (octal, short, five parts) are refused", () => {
+    for (const host of ["010.0.0.1", "127.1", "1.2.3.4.5", "999.1.1.1", "0x7f.0.0.1", "10.0.0.1."]) {
+      expectError(`listen ${host}`, 1, 8, `${JSON.stringify(host)} is not an IPv4 address`);
+      expect(() => parseAddress(host, 1)).toThrow(SyntaxError);
+    }
+    expect(parseAddress("1e100", 1)).toMatchObject({ host: "1e100" });
+    expect(parseAddress("a.10", 1)).toMatchObject({ host: "a.10" });
+  });
+
+  test("an export needs a port", () => {
+    expectError(res("r", "  local /dev/x", "  export tcp://127.0.0.1:0", on("remote none")), 3, 10,
+      `Cannot set "export" to "tcp://127.0.0.1:0": an export needs a port from 1 to 65535`);
+  });
+
+  test("YAML: an empty listen list, an alias without anchor and deep nesting are clear errors", () => {
+    expectError("listen: []\n", 1, 9, `Cannot set "listen": the list is empty`, "h.yaml");
+    expectError("on:\n  hosta: { listen: [] }\n", 2, 20, `the list is empty`, "h.yaml");
+    expectError("pidfile: *nope\n", 1, 10, `Cannot parse YAML: alias "*nope" names no anchor defined before it`,
+      "h.yaml");
+    expectError(`listen: ${"[".repeat(40)}${"]".repeat(40)}\n`, 1, 40,
+      "Cannot parse YAML: nested more than 32 levels deep", "h.yaml");
+    const deep = errorOf(`listen: ${"[".repeat(500_000)}${"]".repeat(500_000)}\n`, "h.yaml", { node: "a" });
+    expect(deep.reason).toBe("Cannot parse YAML: nested too deeply (at most 32 levels are accepted)");
+    // Aliases still work, to scalars and to lists.
+    const text = lines("on:", "  hosta: { pidfile: &p /a, listen: &l [127.0.0.1] }",
+      "  hostb: { pidfile: *p, listen: *l }");
+    expect(parseConfig(text, "h.yaml", { node: "hostb" })).toMatchObject({
+      pidfile: "/a", listen: [{ host: "127.0.0.1", port: 8457 }],
+    });
+  });
+
+  test("YAML aliases are resolved in one walk, not by yaml's per-alias search of the document", () => {
+    // Alias.resolve walks the whole document for each alias: quadratic, minutes for a 1 MiB
+    // file of aliases. Resolution must not use it; 100,000 aliases are read (all identical).
+    const resolve = Alias.prototype.resolve;
+    Alias.prototype.resolve = () => {
+      throw new Error("Alias.resolve used");
+    };
+    try {
+      const many = `on:\n  hosta: { pidfile: &p /a }\nlisten: [${Array(100_000).fill("*p").join(",")}]\n`;
+      expectError(many, 2, 24, `Cannot set "listen" to "/a"`, "h.yaml");
+      const text = lines("on:", "  hosta: { pidfile: &p /a }", "  hostb: { pidfile: *p }");
+      expect(parseConfig(text, "h.yaml", { node: "hostb" }).pidfile).toBe("/a");
+    } finally {
+      Alias.prototype.resolve = resolve;
+    }
+  });
+
+  test("sizes and durations: odd suffixes, signs, hex, fractions and overflow name the value", () => {
+    // Re-verified by review (no defect): each is an error at the value, none a silent default.
+    for (const bad of ["1.5M", "-1", "0x10", "1e3", "10MB", "1MiB", "k"]) {
+      expectError(`syncrate ${bad}`, 1, 10, `Cannot set "syncrate" to "${bad}": "${bad}" is not a number`);
+    }
+    for (const big of ["99999999999999999999G", "8191P", "8E"]) expectError(`syncrate ${big}`, 1, 10, `is too large`);
+    expectError("timeout 1.5", 1, 9, `"1.5" is not a whole number`);
+    expectError("timeout 99999999999999999999h", 1, 9, `is too large`);
+    expectError("timeout: 0x10\n", 1, 10, `"0x10" is not a whole number`, "h.yaml");
+    expectError("syncrate: 1e3\n", 1, 11, `"1e3" is not a number`, "h.yaml");
+    expectError("syncrate: -1\n", 1, 11, `"-1" is not a number`, "h.yaml");
+  });
+});
+
+describe("loadConfig checks (found by review)", () => {
+  test("a byte that is not UTF-8 is an error at its line and column, not a U+FFFD in a path", () => {
+    const dir = mkdtempSync(join(tmpdir(), "hast-config-"));
+    try {
+      const yaml = join(dir, "hast.yaml");
+      const body = Buffer.concat([Buffer.from("pidfile: /a\nresources:\n  r:\n    local: /dev/é"),
+        Buffer.from([0xff]), Buffer.from("x\n")]);
+      writeFileSync(yaml, body);
+      const error = errorOfLoad(yaml);
+      expect(error.message).toBe(`${yaml}:4:18: Cannot read config: byte 0xff is not UTF-8 (save the file as UTF-8)`);
+      // Overlong encodings and surrogates are not UTF-8 either; valid multi-byte text is fine.
+      for (const bytes of [[0xc0, 0xaf], [0xed, 0xa0, 0x80], [0xf4, 0x90, 0x80, 0x80], [0xe2, 0x82]]) {
+        writeFileSync(yaml, Buffer.concat([Buffer.from("pidfile: /a"), Buffer.from(bytes), Buffer.from("\n")]));
+        expect(errorOfLoad(yaml).message).toStartWith(`${yaml}:1:12: Cannot read config: byte 0x`);
+      }
+      writeFileSync(yaml, "pidfile: /tmp/日本語/🙂.pid\n");
+      expect(loadConfig(yaml, { node: "a" }).pidfile).toBe("/tmp/日本語/🙂.pid");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("authkey files are checked as the link reads them, naming the config line", () => {
+    const dir = mkdtempSync(join(tmpdir(), "hast-config-"));
+    try {
+      const conf = join(dir, "hast.conf");
+      const key = (name: string, text: string, mode: number) => {
+        writeFileSync(join(dir, name), text);
+        chmodSync(join(dir, name), mode);
+        return join(dir, name);
+      };
+      const write = (path: string) => writeFileSync(conf, lines("resource r {", "  local /dev/x",
+        `  on a { remote none authkey ${path} }`, "}"));
+      write(key("good.key", "0123456789abcdef0123\n", 0o600));
+      expect(only(loadConfig(conf, { node: "a", checkKeys: true })).authkey).toBe(join(dir, "good.key"));
+      const cases: [string, string][] = [
+        [join(dir, "missing.key"), "ENOENT"],
+        [key("open.key", "0123456789abcdef0123\n", 0o644), "readable by group or others (mode 644)"],
+        [key("short.key", "too short\n", 0o600), "9 bytes, at least 16 needed"],
+        [join(dir, "sub"), "not a regular file"],
+        [join(dir, "fifo"), "not a regular file"],
+      ];
+      mkdirSync(join(dir, "sub"));
+      execFileSync("mkfifo", [join(dir, "fifo")]);
+      for (const [path, problem] of cases) {
+        write(path);
+        const error = errorOfLoad(conf);
+        expect([error.line, error.column]).toEqual([3, 30]);
+        expect(error.reason).toStartWith(`Cannot use authkey "${path}": `);
+        expect(error.reason).toContain(problem);
+        // The CLI loads without checkKeys: an operator who may not read the key can still ask.
+        expect(only(loadConfig(conf, { node: "a" })).authkey).toBe(path);
+      }
+      // Only the keys of this node's resources are read; `authkey none` reads nothing.
+      writeFileSync(conf, lines(`authkey ${join(dir, "missing.key")}`, "resource r {", "  local /dev/x",
+        "  on a { remote none authkey none }", "  on b { remote none }", "}"));
+      expect(only(loadConfig(conf, { node: "a", checkKeys: true })).authkey).toBeNull();
+      expect(errorOfLoad(conf, "b").line).toBe(1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+function errorOfLoad(file: string, node = "a"): ConfigError {
+  try {
+    loadConfig(file, { node, checkKeys: true });
+  } catch (error) {
+    if (error instanceof ConfigError) return error;
+    throw error;
+  }
+  throw new Error(`expected a ConfigError from ${file}`);
+}

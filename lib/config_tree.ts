@@ -190,17 +190,26 @@ export function checkSectionName(file: string, kind: SectionKind, name: string, 
   }
   if (kind === "resource") {
     checkPlainName(file, "name resource", name, pos);
+    // Found by review: the CLI reads "all" as every resource, so a resource of that name could
+    // not be named alone (`hast role init all` stopped them all).
+    if (name === "all") {
+      fail(file, pos, `Cannot name resource "all": on the command line "all" means every resource`);
+    }
   } else if (!/^[a-zA-Z0-9.\-_/:[\]]+$/.test(name) || name.length > NODE_NAME_LENGTH_MAX) {
     fail(file, pos, `Cannot name a node ${JSON.stringify(name)}: expected up to ` +
       `${NODE_NAME_LENGTH_MAX} of the characters [a-zA-Z0-9.-_/:[]]`);
   }
 }
 
-/** Checks a resource or provider name: 1..64 of [A-Za-z0-9._-], not starting with a dot. */
+/**
+ * Checks a resource or provider name: 1..64 of [A-Za-z0-9._-], not starting with a dot (a hidden
+ * file) or a dash (found by review: the CLI took `hast role init -x` for an option, so such a
+ * resource could not be named on the command line).
+ */
 export function checkPlainName(file: string, action: string, name: string, pos: Pos): void {
-  if (!/^[A-Za-z0-9_-][A-Za-z0-9._-]*$/.test(name) || name.length > NAME_LENGTH_MAX) {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9._-]*$/.test(name) || name.length > NAME_LENGTH_MAX) {
     fail(file, pos, `Cannot ${action} ${JSON.stringify(name)}: expected 1 to ` +
-      `${NAME_LENGTH_MAX} of the characters [A-Za-z0-9._-], not starting with "."`);
+      `${NAME_LENGTH_MAX} of the characters [A-Za-z0-9._-], not starting with "." or "-"`);
   }
 }
 

@@ -170,7 +170,7 @@ export class Daemon {
 
   constructor(private readonly options: DaemonOptions) {
     this.log = makeLogger("daemon", options.debug);
-    this.config = loadConfig(options.configPath, { node: options.node });
+    this.config = loadConfig(options.configPath, { node: options.node, checkKeys: true });
     for (const resource of this.config.resources) this.slots.set(resource.resource, newSlot(resource));
   }
 
@@ -687,7 +687,7 @@ export class Daemon {
   private async reloadOnce(): Promise<void> {
     let next: NodeConfig;
     try {
-      next = loadConfig(this.options.configPath, { node: this.options.node });
+      next = loadConfig(this.options.configPath, { node: this.options.node, checkKeys: true });
     } catch (error) {
       this.log("error", `SIGHUP: config not reloaded: ${(error as Error).message}`);
       return;
