@@ -14,41 +14,51 @@
  *   primary checks that proof, and the Map frames against mapSha256, before it acts on
  *   any of it (which side is the sync source, full or not, the dirty map, split-brain).
  *
- * Fresh 32-byte nonces on both sides make a recorded exchange useless. By itself this
- * authenticates the peers when they connect; with `encryption aes-256-gcm` (which needs the
- * authkey) each side then seals all it sends after the exchange, with keys derived from the key
- * and both nonces (link_crypto.ts): the primary right after it sends Auth, the secondary right
- * after it checked it. Both nodes must agree on `encryption`; the Hello says the primary's, and
+ * Fresh 32-byte nonces on both sides make a recorded exchange useless to replay. It does let
+ * anyone who records one (or who connects from the remote's address: the secondary proves
+ * itself first) test guesses of the key offline, so the key must be random, not a passphrase;
+ * and the link's keys come from the authkey alone (no Diffie-Hellman), so whoever learns it can
+ * open recorded connections too (no forward secrecy).
+ *
+ * By itself this authenticates the peers when they connect; with `encryption aes-256-gcm`
+ * (which needs the authkey) each side then seals all it sends after the exchange, with keys
+ * derived from the key and both nonces (link_crypto.ts): the primary right after it sends Auth,
+ * the secondary right after it checked it. Both nodes must agree on `encryption`; the Hello says the primary's, and
  * the secondary refuses a difference before the exchange. Both nodes without an authkey: no
  * exchange, as before this existed; one without: refused, with the reason on both sides.
  */
 import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
-import { readFileSync, statSync } from "node:fs";
+import { closeSync, constants, fstatSync, openSync, readSync } from "node:fs";
 import type { EncryptionKind } from "./config.ts";
 import type { Hello } from "./handshake.ts";
 import { deriveLinkKeys } from "./link_crypto.ts";
 import type { Connection } from "./transport.ts";
 import { decodeJson, encodeJson, MessageType, type Frame } from "./wire.ts";
 
-/** Shortest key accepted (bytes of the file, trailing whitespace removed). */
+/** Shortest key accepted (bytes of the file, trailing ASCII whitespace removed). */
 export const AUTHKEY_MIN_BYTES = 16;
+/**
+ * Largest key file accepted (bytes, trailing whitespace included). HMAC-SHA256 hashes a key
+ * longer than 64 bytes down to 32 anyway; the limit keeps a file named by mistake (a log, an
+ * image) from being read whole at every connection.
+ */
+export const AUTHKEY_MAX_BYTES = 4096;
 /** Bytes of each side's nonce. */
 const NONCE_BYTES = 32;
 const NONCE_PATTERN = /^[0-9a-f]{64}$/;
 
 /**
- * Reads a key file: at least AUTHKEY_MIN_BYTES, and readable by its owner only (like an ssh
- * private key). Read at every connection, so a new key takes effect without a restart.
+ * Reads a key file: a regular file of AUTHKEY_MIN_BYTES to AUTHKEY_MAX_BYTES, owned by this
+ * user or root and readable by its owner only (like an ssh private key). Trailing ASCII
+ * whitespace (a newline, CR LF, spaces, tabs) is not part of the key, so a key written by echo
+ * or an editor works; every other byte is, so a binary key keeps all of its own. Read at every
+ * connection, so a new key takes effect without a restart.
  * @throws Error "Cannot use authkey …" naming the file and the problem
  */
 export function readAuthKey(path: string): Buffer {
   let key: Buffer;
   try {
-    const mode = statSync(path).mode & 0o777;
-    if ((mode & 0o077) !== 0) {
-      throw new Error(`readable by group or others (mode ${mode.toString(8)}); chmod 600 it`);
-    }
-    key = Buffer.from(readFileSync(path).toString("latin1").trimEnd(), "latin1");
+    key = withoutTrailingSpace(readKeyFile(path));
   } catch (error) {
     throw new Error(`Cannot use authkey "${path}": ${(error as Error).message}`);
   }
@@ -56,6 +66,45 @@ export function readAuthKey(path: string): Buffer {
     throw new Error(`Cannot use authkey "${path}": ${key.byteLength} bytes, at least ${AUTHKEY_MIN_BYTES} needed`);
   }
   return key;
+}
+
+/**
+ * The bytes of the key file at `path` once its checks pass. One open, then fstat and read on it:
+ * the checks hold for the bytes read (a file swapped in between a stat and a read would not be
+ * checked), and O_NONBLOCK keeps a FIFO at the path from blocking the worker in open().
+ */
+function readKeyFile(path: string): Buffer {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOCTTY);
+  try {
+    const stat = fstatSync(fd);
+    if (!stat.isFile()) throw new Error("not a regular file");
+    const mode = stat.mode & 0o777;
+    if ((mode & 0o077) !== 0) {
+      throw new Error(`readable by group or others (mode ${mode.toString(8)}); chmod 600 it`);
+    }
+    const uid = process.getuid?.() ?? 0;
+    if (stat.uid !== uid && stat.uid !== 0) {
+      throw new Error(`owned by uid ${stat.uid}, which could read or replace it; chown it to uid ${uid} or root`);
+    }
+    if (stat.size > AUTHKEY_MAX_BYTES) throw new Error(`${stat.size} bytes, at most ${AUTHKEY_MAX_BYTES} allowed`);
+    // Read up to one byte more than allowed: a file that grew after the fstat is refused too.
+    const bytes = Buffer.alloc(AUTHKEY_MAX_BYTES + 1);
+    let filled = 0;
+    for (let got = -1; got !== 0 && filled < bytes.byteLength; filled += got) {
+      got = readSync(fd, bytes, filled, bytes.byteLength - filled, null);
+    }
+    if (filled > AUTHKEY_MAX_BYTES) throw new Error(`more than ${AUTHKEY_MAX_BYTES} bytes (it grows)`);
+    return bytes.subarray(0, filled);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** `bytes` without its trailing tabs, newlines, vertical tabs, form feeds, carriage returns and spaces. */
+function withoutTrailingSpace(bytes: Buffer): Buffer {
+  let end = bytes.byteLength;
+  while (end > 0 && (bytes[end - 1] === 0x20 || (bytes[end - 1]! >= 0x09 && bytes[end - 1]! <= 0x0d))) end--;
+  return bytes.subarray(0, end);
 }
 
 /** The fields the primary adds to its Hello when it has a key. */

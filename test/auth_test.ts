@@ -4,22 +4,28 @@
  * - the same key on both sides connects and replicates;
  * - a different key, or a key on one side only, is refused, with the reason on the side that
  *   can tell, and nothing reaches the secondary's disk;
- * - a key file that is too short or readable by others is refused with a message naming it.
+ * - a key file that is too short or readable by others is refused with a message naming it;
+ *   so is one owned by another user, one too large to be a key, or one that is not a regular
+ *   file (a FIFO would block the worker, which reads the key at every connection); only
+ *   trailing ASCII whitespace (a newline) is not part of the key.
  */
 import { afterAll, afterEach, beforeAll, expect, test } from "bun:test";
 import { createHmac, randomBytes } from "node:crypto";
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import {
+  chmodSync, chownSync, closeSync, constants, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync,
+} from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ActiveMap } from "../lib/activemap.ts";
-import { helloDigest, readAuthKey } from "../lib/auth.ts";
+import { AUTHKEY_MAX_BYTES, helloDigest, readAuthKey } from "../lib/auth.ts";
 import type { ResourceConfig } from "../lib/config.ts";
 import { parseHello, type Hello } from "../lib/handshake.ts";
 import { Primary } from "../lib/primary.ts";
 import { systemClock } from "../lib/remote_link.ts";
 import { tcpNetwork } from "../lib/transport.ts";
-import { encodeJson, FrameParser, HEADER_BYTES, MessageType } from "../lib/wire.ts";
+import { encodeFrame, encodeJson, FrameParser, HEADER_BYTES, MessageType } from "../lib/wire.ts";
 import { waitFor } from "./harness.ts";
 import { inSync, Sim, type SimOptions } from "./sim.ts";
 
@@ -107,6 +113,73 @@ test("a short key or one readable by others is refused, naming the file", async 
   expect(m.connectsMade).toBe(0);
 });
 
+test("a key file owned by another user is refused: that user could read or replace the key", () => {
+  // Found by review: only the mode was checked, so a 0600 file of an unprivileged user passed.
+  const foreign = keyFile("foreign", "0123456789abcdef0123");
+  chownSync(foreign, 65534, 65534);
+  expect(() => readAuthKey(foreign)).toThrow(`Cannot use authkey "${foreign}": owned by uid 65534`);
+  chownSync(foreign, process.getuid!(), process.getgid!());
+  expect(readAuthKey(foreign).toString()).toBe("0123456789abcdef0123");
+});
+
+test("a key file larger than a key is refused before it is read", () => {
+  // Found by review: it was read whole at every connection attempt, however large (a log or an
+  // image named by mistake: its size in memory each time, and the event loop held meanwhile).
+  const largest = keyFile("largest", "k".repeat(AUTHKEY_MAX_BYTES));
+  expect(readAuthKey(largest).byteLength).toBe(AUTHKEY_MAX_BYTES);
+  const over = keyFile("over", "k".repeat(AUTHKEY_MAX_BYTES + 1));
+  expect(() => readAuthKey(over))
+    .toThrow(`Cannot use authkey "${over}": ${AUTHKEY_MAX_BYTES + 1} bytes, at most ${AUTHKEY_MAX_BYTES} allowed`);
+  const huge = keyFile("huge", "");
+  truncateSync(huge, 1 << 30); // sparse
+  expect(() => readAuthKey(huge)).toThrow(`Cannot use authkey "${huge}": ${1 << 30} bytes, at most`);
+});
+
+test("only trailing ASCII whitespace is left out of a key; a binary key keeps its bytes 0x85 and 0xA0", () => {
+  // Found by review: the file went through latin1 and String.trimEnd(), which in Bun also
+  // strips 0x85 and 0xA0 (Unicode NEL and NBSP), bytes of a random binary key like any other.
+  const text = Buffer.from("0123456789abcdef0123");
+  for (const end of ["\n", "\r\n", " \t\n", ""]) {
+    const path = keyFile("text", Buffer.concat([text, Buffer.from(end)]).toString("latin1"));
+    expect(readAuthKey(path).equals(text)).toBe(true);
+  }
+  for (const last of [0x85, 0xa0]) {
+    const binary = Buffer.concat([randomBytes(31).map((b) => b | 0x80), Buffer.from([last])]);
+    const path = join(dir, "binary");
+    writeFileSync(path, binary);
+    chmodSync(path, 0o600);
+    expect(readAuthKey(path).toString("hex")).toBe(binary.toString("hex"));
+  }
+});
+
+test("a FIFO in place of the key file is refused without blocking the reader", async () => {
+  // Found by review: the resource's worker reads the key at every connection, and a FIFO put at
+  // its path after the config was checked blocked that read, and the worker with it (its NBD
+  // export included), until a writer came. A child process reads; this test is that writer.
+  const fifo = join(dir, "fifo");
+  execFileSync("mkfifo", ["-m", "600", fifo]);
+  const script = `import { readAuthKey } from ${JSON.stringify(join(import.meta.dir, "../lib/auth.ts"))};\n` +
+    `try { console.log("read " + readAuthKey(${JSON.stringify(fifo)}).byteLength + " bytes"); }\n` +
+    "catch (error) { console.log(error.message); }";
+  const child = Bun.spawn([process.execPath, "-e", script], { stdout: "pipe", stderr: "inherit" });
+  let exited = false;
+  void child.exited.then(() => (exited = true));
+  await waitFor("the child refuses the FIFO or waits for a writer", () => {
+    if (exited) return true;
+    let fd: number;
+    try {
+      fd = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK); // ENXIO until a reader has it open
+    } catch {
+      return undefined;
+    }
+    writeSync(fd, "0123456789abcdef0123");
+    closeSync(fd);
+    return true;
+  }, { timeoutMs: 30_000, intervalMs: 10 });
+  await child.exited;
+  expect((await new Response(child.stdout).text()).trim()).toBe(`Cannot use authkey "${fifo}": not a regular file`);
+});
+
 /** The JSON body of a frame that starts `bytes` (the Sim passes one send() per call), if it is of `type`. */
 function jsonOf(bytes: Uint8Array, type: number): Record<string, unknown> | null {
   if (bytes.byteLength < HEADER_BYTES || bytes[5] !== type) return null;
@@ -149,7 +222,7 @@ test("a frame smuggled in behind Auth closes the connection, and the secondary d
   s.tamperToSecondary = (bytes) => {
     if (jsonOf(bytes, MessageType.Auth) === null) return bytes;
     smuggled++;
-    return Buffer.concat([bytes, ...encodeJson(MessageType.Keepalive, {})]);
+    return Buffer.concat([bytes, ...encodeFrame({ type: MessageType.Keepalive })]); // a valid frame
   };
   await waitFor("smuggled twice", () => smuggled >= 2 || undefined, { timeoutMs: 10_000, intervalMs: 10 });
   expect(s.secondary.status().link).not.toBe("connected");
