@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import type { Connection } from "./transport.ts";
 import { CodecPipeline } from "./codec_pipeline.ts";
 import { decodePayload, encodePayload, type CodecOptions } from "./payload_codec.ts";
+import { VERIFY_DIGEST_BYTES } from "./verifier.ts";
 import { DATA_FLAGS, encodeFrame, FrameFlag, MessageType, ProtocolError, windowBytes, type Frame } from "./wire.ts";
 
 /** Injectable time source. */
@@ -35,6 +36,9 @@ export class LinkDownError extends Error {
 }
 
 interface Pending {
+  /** What was asked: a reply must fit it (replyData). */
+  type: MessageType;
+  length: number;
   sentAtMs: number;
   /** Data bytes the request holds in memory until its reply (write payload or read length). */
   bytes: number;
@@ -176,6 +180,8 @@ export class RemoteLink {
     assert.ok(!this.pending.has(seq), "seq reused while pending");
     const bytes = windowBytes(frame.type, frame.length ?? 0);
     const entry: Pending = {
+      type: frame.type,
+      length: frame.length ?? 0,
       sentAtMs: this.options.clock.now(),
       bytes,
       received: deferred<void>(),
@@ -259,21 +265,25 @@ export class RemoteLink {
       return;
     }
     if (frame.flags & FrameFlag.Received) {
+      const misfit = receiptError(frame, entry);
+      if (misfit !== null) return this.close(`protocol violation from secondary: ${misfit}`);
       entry.received.resolve();
+      return;
+    }
+    let data: Uint8Array;
+    try {
+      data = replyData(frame, entry, this.options.codec);
+    } catch (error) {
+      // Found by review: the entry left the table before this check, so the close below did
+      // not settle its `received` and a memsync write waiting for it hung. It stays in the
+      // table now: the close rejects both of its promises, like those of every other request.
+      const why = error instanceof ProtocolError ? error.message : String(error);
+      this.close(`bad data from secondary: ${why}`);
       return;
     }
     this.pending.delete(frame.seq);
     this.pendingBytes -= entry.bytes;
-    if (frame.payload.byteLength > 0 || frame.flags & DATA_FLAGS) {
-      try {
-        frame.payload = decodePayload(frame.flags, frame.payload, frame.length, this.options.codec.checksum);
-      } catch (error) {
-        const why = error instanceof ProtocolError ? error.message : String(error);
-        entry.done.reject(new LinkDownError(why));
-        this.close(`bad data from secondary: ${why}`);
-        return;
-      }
-    }
+    frame.payload = data;
     if (!entry.received.settled) entry.received.resolve();
     entry.done.resolve(frame); // the secondary has all of the frame: the socket no longer holds it
     this.wakeSlot();
@@ -315,4 +325,53 @@ export class RemoteLink {
     for (const waiter of this.slotWaiters.splice(0)) waiter();
     this.options.onClose(reason);
   }
+}
+
+/** Names of the requests a reply can answer, for messages. */
+const REQUEST_NAMES: ReadonlyMap<MessageType, string> = new Map([
+  [MessageType.Read, "Read"], [MessageType.Write, "Write"], [MessageType.Delete, "Delete"],
+  [MessageType.Flush, "Flush"], [MessageType.SyncDone, "SyncDone"], [MessageType.Verify, "Verify"],
+]);
+
+function requestName(entry: Pending, seq: number): string {
+  return `${REQUEST_NAMES.get(entry.type) ?? `type ${entry.type}`} (seq ${seq})`;
+}
+
+/**
+ * Why an early "received" acknowledgement (memsync) does not fit its request, or null: only a
+ * write has one, once, without error or data (secondary.ts acknowledgeReceipt).
+ */
+function receiptError(frame: Frame, entry: Pending): string | null {
+  if (entry.type !== MessageType.Write) return `receipt acknowledged for a ${requestName(entry, frame.seq)}`;
+  if (entry.received.settled) return `second receipt for ${requestName(entry, frame.seq)}`;
+  if (frame.error !== 0 || frame.payload.byteLength > 0 || (frame.flags & DATA_FLAGS) !== 0) {
+    return `receipt for ${requestName(entry, frame.seq)} carries an error or data`;
+  }
+  return null;
+}
+
+/**
+ * The data of a final reply, decoded; throws ProtocolError when the reply does not fit its
+ * request: a successful Read carries exactly the length asked, a Verify a sha256 digest, and
+ * every other reply, and every error reply, carries no data. (Matched by seq alone, a short
+ * read reply reached the caller as an EIO with "errno 0" and the link stayed up; a write's
+ * reply could carry a megabyte nobody reads.)
+ */
+function replyData(frame: Frame, entry: Pending, codec: CodecOptions): Uint8Array {
+  const carries = frame.payload.byteLength > 0 || (frame.flags & DATA_FLAGS) !== 0;
+  const expected = frame.error !== 0 ? null
+    : entry.type === MessageType.Read ? entry.length
+    : entry.type === MessageType.Verify ? VERIFY_DIGEST_BYTES
+    : null;
+  if (expected === null) {
+    if (!carries) return frame.payload;
+    const what = frame.error !== 0 ? "error reply to" : "reply to";
+    throw new ProtocolError(`${what} ${requestName(entry, frame.seq)} carries data`);
+  }
+  const of = `${requestName(entry, frame.seq)} of ${entry.length} bytes`;
+  // The length is checked before decoding: a hole would otherwise allocate what it announces.
+  if (frame.length !== expected) throw new ProtocolError(`reply to ${of} carries ${frame.length}`);
+  const data = decodePayload(frame.flags, frame.payload, frame.length, codec.checksum);
+  assert.equal(data.byteLength, expected, "decodePayload returns the length it was given");
+  return data;
 }

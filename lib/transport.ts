@@ -3,6 +3,7 @@
  * the `Network` interface through which the replication logic reaches them,
  * so tests can inject their own (lossy, corrupting, slow) transports.
  */
+import assert from "node:assert/strict";
 import net from "node:net";
 import type { BufferPool } from "./buffer_pool.ts";
 import { type LinkKeys, Opener, RECORD_MAX_BYTES, Sealer } from "./link_crypto.ts";
@@ -179,6 +180,9 @@ export function socketConnection(
       return sealer !== null;
     },
     secure(keys) {
+      // A second Sealer would start its record counter at 0 again under the same key: GCM nonces
+      // reused (found by review; no caller does it, this keeps it so).
+      assert.ok(sealer === null, "Cannot encrypt the link: it is encrypted already");
       if (!parser.idle) {
         throw new ProtocolError("Cannot encrypt the link: the peer sent part of a frame before the switch");
       }
@@ -222,6 +226,12 @@ export function socketConnection(
     conn.onClose(reason);
   };
   const parser = new FrameParser((frame) => {
+    // The rest of a chunk whose earlier frame closed the connection (a Goodbye, or one the user
+    // closed it on): nothing reaches onFrame after onClose (found by review).
+    if (closed) {
+      if (pool?.owns(frame.payload)) pool.give(frame.payload);
+      return;
+    }
     if (frame.type !== MessageType.Goodbye) return conn.onFrame(frame);
     const why = String(decodeJson(frame).reason ?? "").slice(0, GOODBYE_REASON_MAX);
     finish(`peer closed the connection: ${why}`);
@@ -238,7 +248,9 @@ export function socketConnection(
     }
   });
   socket.on("error", (error) => finish(`socket error: ${error.message}`));
-  socket.on("end", () => finish("peer closed the connection"));
+  socket.on("end", () => finish(opener !== null && !opener.idle
+    ? "peer closed the connection inside an encrypted record (cut on the way?)"
+    : "peer closed the connection"));
   socket.on("close", () => {
     finish("connection closed");
     gone.resolve();

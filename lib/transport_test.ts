@@ -6,7 +6,7 @@ import { expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
 import net from "node:net";
 import { deriveLinkKeys } from "./link_crypto.ts";
-import { encodeFrame, MessageType, type Frame } from "./wire.ts";
+import { encodeFrame, encodeJson, MessageType, type Frame } from "./wire.ts";
 import { socketConnection, writePieces } from "./transport.ts";
 
 test("writePieces: runs of small pieces in one write each, large pieces alone, order kept", () => {
@@ -134,6 +134,31 @@ for (const sealed of [false, true]) {
     }, 20_000);
 }
 
+// Found by review: an encrypted link cut inside a record ended as any close, and a second
+// secure() would have started a new Sealer at record 0 under the same key (GCM nonces reused).
+test("sealed: a close inside a record says so; secure() twice is refused", async () => {
+  const { client, peer, server } = await socketPair();
+  try {
+    const sender = socketConnection(client);
+    const receiver = socketConnection(peer);
+    const nonces = [randomBytes(32), randomBytes(32), randomBytes(32)] as const;
+    const key = Buffer.from("0123456789abcdef0123");
+    const keys = deriveLinkKeys(key, "r", nonces[0], nonces[1], "primary", nonces[2]);
+    sender.secure(keys);
+    receiver.secure(deriveLinkKeys(key, "r", nonces[0], nonces[1], "secondary", nonces[2]));
+    expect(() => sender.secure(keys)).toThrow("it is encrypted already");
+    const closed = new Promise<string>((resolve) => (receiver.onClose = resolve));
+    // A record header announcing 100 bytes, 10 of them, then the end of the stream.
+    const cut = Buffer.alloc(14);
+    cut.writeUInt32BE(100, 0);
+    client.end(cut);
+    expect(await closed).toBe("peer closed the connection inside an encrypted record (cut on the way?)");
+  } finally {
+    client.destroy();
+    server.close();
+  }
+});
+
 // Found by review: a peer that sends requests within the window but reads none of the replies
 // made the secondary queue replies without bound. With pauseWhileFull it stops reading instead.
 for (const pauseWhileFull of [true, false]) {
@@ -177,4 +202,42 @@ for (const pauseWhileFull of [true, false]) {
       server.close();
     }
   }, 20_000);
+}
+
+// Found by review: the parser went on with the rest of a chunk after the frame that closed the
+// connection, so frames after a Goodbye, or after one the user closed the connection on, reached
+// onFrame after onClose (the secondary had to skip them itself; the primary's link saw replies
+// after its close).
+for (const closer of ["a Goodbye", "onFrame closing"] as const) {
+  test(`no frame is delivered after the connection closed (${closer}), even from the same chunk`, async () => {
+    const { client, peer, server } = await socketPair();
+    try {
+      const receiver = socketConnection(peer);
+      const events: string[] = [];
+      const closed = new Promise<void>((resolve) => {
+        receiver.onClose = (reason) => {
+          events.push(`close: ${reason}`);
+          resolve();
+        };
+      });
+      receiver.onFrame = (frame) => {
+        events.push(`frame ${frame.seq}`);
+        if (closer === "onFrame closing") receiver.close("closing at the first frame");
+      };
+      const first = closer === "a Goodbye" ? encodeJson(MessageType.Goodbye, { reason: "bye" })
+        : encodeFrame({ type: MessageType.Reply, seq: 1 });
+      const after = [2, 3].flatMap((seq) => encodeFrame({ type: MessageType.Reply, seq }));
+      // One write of a few dozen bytes on loopback: one 'data' chunk, as the parse of a chunk is
+      // what this checks (were it split, the later chunks are dropped as before).
+      client.write(Buffer.concat([...first, ...after]));
+      peer.resume();
+      await closed; // the rest of the chunk is parsed in the same turn, before this resumes
+      expect(events).toEqual(closer === "a Goodbye" ? ["close: peer closed the connection: bye"]
+        : ["frame 1", "close: closing at the first frame"]);
+    } finally {
+      client.destroy();
+      peer.destroy();
+      server.close();
+    }
+  });
 }

@@ -203,12 +203,34 @@ export function decodeJson(frame: Frame): Record<string, unknown> {
   return value as Record<string, unknown>;
 }
 
-const KNOWN_TYPES = new Set<number>([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+/**
+ * Per message type: the largest payload it may carry and the flags it may have. Checked at the
+ * header, before the payload is allocated: a peer that sends a megabyte with a Keepalive, a
+ * payload with a Read, Delete or Flush, or flags nobody checks, breaks the protocol (found by
+ * review: any type could carry MAX_PAYLOAD_BYTES and any flags). The receivers check the rest
+ * (a write's payload against its length, a reply against its request).
+ */
+const FRAME_RULES: ReadonlyMap<number, { payloadMaxBytes: number; flags: number }> = new Map([
+  [MessageType.Hello, { payloadMaxBytes: MAX_JSON_BYTES, flags: 0 }],
+  [MessageType.HelloReply, { payloadMaxBytes: MAX_JSON_BYTES, flags: 0 }],
+  [MessageType.Read, { payloadMaxBytes: 0, flags: 0 }],
+  [MessageType.Write, { payloadMaxBytes: MAX_PAYLOAD_BYTES, flags: FrameFlag.Fua | FrameFlag.Sync | DATA_FLAGS }],
+  [MessageType.Delete, { payloadMaxBytes: 0, flags: FrameFlag.Fua }],
+  [MessageType.Flush, { payloadMaxBytes: 0, flags: 0 }],
+  [MessageType.Keepalive, { payloadMaxBytes: 0, flags: 0 }],
+  [MessageType.Reply, { payloadMaxBytes: MAX_PAYLOAD_BYTES, flags: FrameFlag.Received | DATA_FLAGS }],
+  [MessageType.SyncDone, { payloadMaxBytes: MAX_JSON_BYTES, flags: 0 }],
+  [MessageType.Map, { payloadMaxBytes: MAX_IO_BYTES, flags: FrameFlag.Last }], // handshake.ts sends ≤ MAX_IO_BYTES
+  [MessageType.Goodbye, { payloadMaxBytes: MAX_JSON_BYTES, flags: 0 }],
+  [MessageType.Verify, { payloadMaxBytes: 0, flags: 0 }],
+  [MessageType.AuthChallenge, { payloadMaxBytes: MAX_JSON_BYTES, flags: 0 }],
+  [MessageType.Auth, { payloadMaxBytes: MAX_JSON_BYTES, flags: 0 }],
+]);
 
 /**
  * Incremental frame parser: feed it chunks with arbitrary boundaries, it calls
  * `onFrame` for each complete frame. Leftover bytes are kept until the next
- * chunk. Throws ProtocolError on bad magic, version, type or length; after
+ * chunk. Throws ProtocolError on bad magic, version, type, flags or length; after
  * that the parser must not be used again (the caller closes the connection).
  */
 export class FrameParser {
@@ -262,12 +284,17 @@ export class FrameParser {
       );
     }
     const type = view.getUint8(5);
-    if (!KNOWN_TYPES.has(type)) throw new ProtocolError(`Cannot parse frame: unknown type ${type}`);
+    const rules = FRAME_RULES.get(type);
+    if (rules === undefined) throw new ProtocolError(`Cannot parse frame: unknown type ${type}`);
     const payloadBytes = view.getUint32(8);
-    if (payloadBytes > MAX_PAYLOAD_BYTES) {
-      throw new ProtocolError(
-        `Cannot parse frame: payload of ${payloadBytes} bytes exceeds ${MAX_PAYLOAD_BYTES}`,
-      );
+    if (payloadBytes > rules.payloadMaxBytes) {
+      throw new ProtocolError(rules.payloadMaxBytes === 0
+        ? `Cannot parse frame: type ${type} carries no payload, got ${payloadBytes} bytes`
+        : `Cannot parse frame: payload of ${payloadBytes} bytes exceeds ${rules.payloadMaxBytes} for type ${type}`);
+    }
+    const flags = view.getUint16(6);
+    if ((flags & ~rules.flags) !== 0) {
+      throw new ProtocolError(`Cannot parse frame: flags 0x${flags.toString(16)} not allowed on type ${type}`);
     }
     const offset = view.getBigUint64(16);
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) {
@@ -275,7 +302,7 @@ export class FrameParser {
     }
     this.pending = {
       type,
-      flags: view.getUint16(6),
+      flags,
       seq: view.getUint32(12),
       offset: Number(offset),
       length: view.getUint32(24),
