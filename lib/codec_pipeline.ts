@@ -163,6 +163,8 @@ export class CodecPipeline {
   private readonly waiting: Job[] = [];
   private readonly batch: Uint32Array;
   private closed = false;
+  /** close()'s result, once it was called. */
+  private closing: Promise<void> | null = null;
   /** Why the threads failed, or null while they serve (see the module comment). */
   private failure: string | null = null;
   private inlineCount = 0;
@@ -295,21 +297,39 @@ export class CodecPipeline {
     };
   }
 
-  /** Stops the threads; requests still queued fail, and so does any later one. */
-  async close(): Promise<void> {
-    if (this.closed) return;
+  /**
+   * Stops the threads; requests not yet returned fail, and so does any later one. Resolves once
+   * the threads have exited (every call resolves with the first one).
+   */
+  close(): Promise<void> {
+    this.closing ??= this.stop();
+    return this.closing;
+  }
+
+  /**
+   * Jobs waiting for a slot never reached a thread and fail at once. Jobs on a thread fail only
+   * once the threads have exited (or were given up on, as in threadFailed): their callers reuse
+   * the input when the job settles (the link frees the request slot it lies in), and a thread
+   * still reading it would read another request's data. Found by review: close() failed them at
+   * once, while a thread still read them.
+   */
+  private async stop(): Promise<void> {
     this.closed = true;
     const error = new Error("Cannot run codec: pipeline closed");
     for (const job of this.waiting.splice(0)) job.reject(error);
-    for (const job of this.pending.values()) job.reject(error);
-    this.pending.clear();
     if (this.failure === null) { // else the threads are stopped or stopping
       for (const t of this.threads) {
-        t.requests.push(STOP_ENTRY);
+        t.requests.push(STOP_ENTRY); // behind the jobs queued to it: they are run first
         t.requests.notifyConsumer();
       }
     }
     if (!(await this.threadsExited())) await Promise.all(this.threads.map((t) => t.worker.terminate()));
+    for (const [slot, job] of this.pending) {
+      this.pool.finish(slot);
+      this.pool.free(slot);
+      job.reject(error);
+    }
+    this.pending.clear();
   }
 
   private encodeInline(data: Uint8Array, codec: CodecOptions): { flags: number; pieces: Uint8Array[] } {

@@ -233,3 +233,58 @@ test("a thread that exits mid-job: its job, the jobs behind it and later ones co
   await expectInlineResults(pipeline, [marked(PIPELINE_MIN_BYTES, DIE), marked(MAX_IO_BYTES, 0)], codec);
   expect(pipeline.stats().inline).toBeGreaterThanOrEqual(5);
 });
+
+/** A first byte that makes the thread of holdingWorker() hold its job (see there). */
+const HOLD = 0xe3;
+
+/**
+ * A thread whose crc32, for a payload starting with HOLD, reads it only once the test opens a
+ * gate: four Int32 words at `gateOffset` of the request slots' memory (which the thread sees).
+ * Word 0: the thread holds the job; word 1: the test opened the gate; word 2: the thread has
+ * read the payload.
+ */
+function holdingWorker(gateOffset: number): string {
+  return faultyWorker("holding", [
+    'import { workerData } from "node:worker_threads";',
+    `const gate = new Int32Array(workerData.inputs.sab, ${gateOffset}, 4);`,
+    "const crc32 = Bun.hash.crc32;",
+    "Bun.hash.crc32 = (data, seed) => {",
+    `  if (data[0] !== ${HOLD}) return crc32(data, seed);`,
+    "  Atomics.store(gate, 0, 1);",
+    "  Atomics.wait(gate, 1, 0);",
+    "  const sum = crc32(data, seed);",
+    "  Atomics.store(gate, 2, 1);",
+    "  return sum;",
+    "};",
+  ].join("\n"));
+}
+
+test("close() fails a job a thread holds only once no thread reads its input any more", async () => {
+  // The caller reuses a job's input when the job settles (the link frees the request slot it lies
+  // in). A thread holds a job whose payload is in a request slot; close() runs; the gate opens on
+  // the next macrotask. Before the fix the job failed at once, in a microtask, while the thread
+  // had not read its input yet; now it fails after the thread read it and exited.
+  const slots = new RequestSlots(2, MAX_IO_BYTES, PIPELINE_MIN_BYTES);
+  const control = slots.take(MAX_IO_BYTES)!;
+  const gate = new Int32Array(slots.sab, control.byteOffset, 4);
+  pipeline = CodecPipeline.start({ threads: 1, slots: 2, inputs: slots, workerUrl: holdingWorker(control.byteOffset) });
+  const payload = slots.take(PIPELINE_MIN_BYTES)!.fill(7);
+  payload[0] = HOLD;
+  const atSettle = { stillRead: null as boolean | null };
+  const settled = pipeline.encode(payload, { compression: "none", checksum: "crc32" }).then(
+    () => Promise.reject(new Error("a job of a closed pipeline succeeded")),
+    (error: Error) => {
+      atSettle.stillRead = Atomics.load(gate, 2) === 0;
+      expect(error.message).toContain("closed");
+    },
+  );
+  while (Atomics.load(gate, 0) === 0) await Bun.sleep(1); // the thread holds the job
+  const closing = pipeline.close();
+  setTimeout(() => {
+    Atomics.store(gate, 1, 1);
+    Atomics.notify(gate, 1);
+  }, 0);
+  await Promise.all([closing, settled, pipeline.close()]);
+  expect(atSettle.stillRead).toBe(false);
+  expect(pipeline.stats().slotsInUse).toBe(0);
+});

@@ -6,7 +6,7 @@
 import { expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
 import { decodePayload, encodePayload, isAllZero } from "./payload_codec.ts";
-import { FrameFlag } from "./wire.ts";
+import { FrameFlag, ProtocolError } from "./wire.ts";
 
 const kinds = {
   compression: ["none", "hole", "lz4"] as const,
@@ -102,4 +102,56 @@ test("encoding and decoding into a given buffer", () => {
   }
   const { flags, pieces } = encodePayload(samples.text, { compression: "lz4", checksum: "none" });
   expect(() => decodePayload(flags, pieces[0]!, 65536, "none", new Uint8Array(1000))).toThrow(/too small/);
+});
+
+// Peer data is untrusted: a body that expands past the request's length (a decompression bomb),
+// one that falls short, a truncated or bit-flipped lz4 block, a hole with a body, a payload
+// shorter than its trailer, or random bytes under any flag. Each must be a ProtocolError (the
+// caller drops the connection and writes nothing), and nothing past `length` in `into` changes.
+test("malformed peer payloads are ProtocolErrors and never write past the length", () => {
+  const text = samples.text.subarray(0, 20_000);
+  const packed = new Uint8Array(Buffer.concat(encodePayload(text, { compression: "lz4", checksum: "none" }).pieces));
+  const bodies: Uint8Array[] = [new Uint8Array(0), Uint8Array.from([0xf0]), new Uint8Array(randomBytes(300))];
+  for (let cut = 0; cut < packed.byteLength; cut += 97) bodies.push(packed.subarray(0, cut));
+  for (let at = 0; at < packed.byteLength; at += 101) {
+    const flipped = packed.slice();
+    flipped[at]! ^= 0x5a;
+    bodies.push(flipped);
+  }
+  const lengths = [0, 1, 511, 4097, text.byteLength - 1, text.byteLength + 1, 65_537];
+  const flagSets = [0, FrameFlag.Lz4, FrameFlag.Hole, FrameFlag.Lz4 | FrameFlag.Hole];
+  const canary = 0xee;
+  let accepted = 0;
+  for (const body of bodies) {
+    for (const length of lengths) {
+      for (const flags of flagSets) {
+        const into = new Uint8Array(70_000).fill(canary);
+        try {
+          const out = decodePayload(flags, body, length, "none", into);
+          expect(out.byteLength).toBe(length); // accepted only as exactly `length` bytes
+          accepted++;
+        } catch (error) {
+          expect(error).toBeInstanceOf(ProtocolError);
+        }
+        expect(into.subarray(length).every((b) => b === canary)).toBe(true);
+      }
+    }
+  }
+  expect(accepted).toBeGreaterThan(0); // holes of every length, and bodies that happen to fit
+  expect(() => decodePayload(FrameFlag.Lz4, packed, text.byteLength - 1, "none")).toThrow(ProtocolError);
+  expect(() => decodePayload(FrameFlag.Hole, Uint8Array.from([0]), 10, "none")).toThrow("hole with a body");
+  expect(() => decodePayload(FrameFlag.Crc32, Uint8Array.from([1, 2]), 2, "crc32")).toThrow("shorter than");
+  expect(() => decodePayload(0, new Uint8Array(0), 2 ** 32 - 1, "none")).toThrow(ProtocolError);
+});
+
+// Spec §7: the checksum covers the compressed bytes, i.e. exactly the body on the wire.
+test("the checksum trailer covers the body as sent (compressed, or empty for a hole)", () => {
+  const packed = encodePayload(samples.text, { compression: "lz4", checksum: "crc32" });
+  expect(packed.flags & FrameFlag.Lz4).toBe(FrameFlag.Lz4);
+  const [body, trailer] = packed.pieces;
+  expect(Buffer.from(trailer!).readUInt32BE(0)).toBe(Bun.hash.crc32(body!) >>> 0);
+  const hole = encodePayload(new Uint8Array(12_345), { compression: "hole", checksum: "crc32" });
+  expect(hole.pieces.length).toBe(1);
+  expect(Buffer.from(hole.pieces[0]!).readUInt32BE(0)).toBe(Bun.hash.crc32(new Uint8Array(0)) >>> 0);
+  expect(decodePayload(hole.flags, hole.pieces[0]!, 12_345, "crc32")).toEqual(new Uint8Array(12_345));
 });

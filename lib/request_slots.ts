@@ -53,6 +53,14 @@ export interface RequestSlotsShape {
 export class RequestSlots {
   readonly pool: SlotPool;
   readonly sab: SharedArrayBuffer;
+  /**
+   * Per slot, the view take() handed out while the slot is Filled, else null. owns() and give()
+   * compare by identity: a view kept from an earlier use of the slot (given back or handed on,
+   * then freed, and taken again by another request) is not the current one, so it cannot free
+   * the slot under the request that now fills it. The state alone (Filled) cannot tell the uses
+   * apart. Every view comes from take(), which makes a new one per use.
+   */
+  readonly #views: (Uint8Array | null)[];
   #taken = 0;
   #fallbacks = 0;
 
@@ -60,6 +68,7 @@ export class RequestSlots {
     assert.ok(minBytes >= 1 && minBytes <= slotBytes, "Cannot create request slots: bad minBytes");
     this.sab = new SharedArrayBuffer(SlotPool.bytesFor(slotCount, slotBytes));
     this.pool = new SlotPool(this.sab, { slotCount, slotDataBytes: slotBytes, initialise: true });
+    this.#views = new Array<Uint8Array | null>(slotCount).fill(null);
   }
 
   get shape(): RequestSlotsShape {
@@ -79,7 +88,9 @@ export class RequestSlots {
       return null;
     }
     this.#taken++;
-    return this.pool.data(slot).subarray(0, bytes);
+    const view = this.pool.data(slot).subarray(0, bytes);
+    this.#views[slot] = view;
+    return view;
   }
 
   /**
@@ -91,17 +102,22 @@ export class RequestSlots {
     return view.byteLength < this.minBytes ? -1 : this.pool.slotContaining(view);
   }
 
-  /** Whether `view` is in a slot that is taken and not yet handed on. */
+  /**
+   * Whether `view` is the buffer take() handed out for its slot's current use, not yet handed on
+   * nor given back (a view from an earlier use of the same slot is not).
+   */
   owns(view: Uint8Array): boolean {
     const slot = this.slotOf(view);
-    return slot >= 0 && this.pool.state(slot) === SlotState.Filled;
+    return slot >= 0 && this.#views[slot] === view && this.pool.state(slot) === SlotState.Filled;
   }
 
   /** Frees a taken slot that was never handed on (its request was refused or abandoned). */
   give(view: Uint8Array): void {
     const slot = this.slotOf(view);
     assert.ok(slot >= 0, "Cannot give back: not a request slot");
+    assert.ok(this.#views[slot] === view, `Cannot give back slot ${slot}: not the buffer take() handed out for it`);
     this.pool.transition(slot, SlotState.Filled, SlotState.Done);
+    this.#views[slot] = null;
     this.pool.free(slot);
   }
 
@@ -111,6 +127,7 @@ export class RequestSlots {
    */
   dispatch(slot: number, parties: number): void {
     this.pool.transition(slot, SlotState.Filled, SlotState.InFlight);
+    this.#views[slot] = null;
     this.pool.setCountdown(slot, parties);
   }
 

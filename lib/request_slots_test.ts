@@ -70,3 +70,28 @@ test("give frees a slot that was never handed on; giving it twice throws", () =>
   expect(() => slots.give(view)).toThrow();
   expect(() => slots.give(new Uint8Array(64 * KIB))).toThrow("not a request slot");
 });
+
+test("a view kept from an earlier use of a slot is not owned and cannot free the slot's new request", () => {
+  // One slot, used twice: a caller that kept the first use's view (given back, or handed on and
+  // freed by its last party) must not see the second request's slot as its own. Before the fix
+  // owns() looked at the state only (Filled again), and give() freed the new request's buffer.
+  const slots = new RequestSlots(1, 128 * KIB, 64 * KIB);
+  const given = slots.take(128 * KIB)!;
+  slots.give(given);
+  const current = slots.take(128 * KIB)!;
+  expect(slots.slotOf(given)).toBe(slots.slotOf(current)); // the same memory, another use
+  expect(slots.owns(given)).toBe(false);
+  expect(slots.owns(current)).toBe(true);
+  expect(() => slots.give(given)).toThrow("not the buffer take() handed out");
+  expect(slots.pool.state(slots.slotOf(current))).toBe(SlotState.Filled); // still the new request's
+  expect(slots.stats().inUse).toBe(1);
+
+  const slot = slots.slotOf(current);
+  slots.dispatch(slot, 1);
+  slots.partyDone(slot);
+  const third = slots.take(128 * KIB)!;
+  expect([slots.owns(given), slots.owns(current), slots.owns(third)]).toEqual([false, false, true]);
+  expect(() => slots.give(current)).toThrow("not the buffer take() handed out");
+  slots.give(third);
+  expect(slots.stats().inUse).toBe(0);
+});

@@ -116,16 +116,41 @@ test("rings laid side by side do not interfere; attaching checks the shape", () 
   expect(() => new SpscRing(new SharedArrayBuffer(bytes), 0, 4)).toThrow("not initialised");
 });
 
+/**
+ * Records what the ring's sleeps do, instead of timing them: every Atomics.wait and
+ * Atomics.waitAsync on the thread runs as usual and its outcome ("ok": woken by a notify,
+ * "not-equal", "timed-out") is appended to the returned list until `restore` is called.
+ */
+function spySleeps(): { outcomes: string[]; restore: () => void } {
+  const { wait, waitAsync } = Atomics;
+  const outcomes: string[] = [];
+  Atomics.wait = ((...args: Parameters<typeof wait>) => {
+    const outcome = wait(...args);
+    outcomes.push(outcome);
+    return outcome;
+  }) as typeof wait;
+  Atomics.waitAsync = ((...args: Parameters<typeof waitAsync>) => {
+    const result = waitAsync(...args);
+    if (!result.async) outcomes.push(result.value);
+    else void result.value.then((outcome) => outcomes.push(outcome));
+    return result;
+  }) as typeof waitAsync;
+  return { outcomes, restore: () => Object.assign(Atomics, { wait, waitAsync }) };
+}
+
 test("waitForDataSync returns at once with data and sleeps until the timeout without", () => {
   const ring = makeRing(4);
-  ring.push(1);
-  let start = performance.now();
-  ring.waitForDataSync(10_000);
-  expect(performance.now() - start).toBeLessThan(5000); // did not sleep until the timeout
-  ring.pop();
-  start = performance.now();
-  ring.waitForDataSync(30);
-  expect(performance.now() - start).toBeGreaterThanOrEqual(25);
+  const spy = spySleeps();
+  try {
+    ring.push(1);
+    ring.waitForDataSync(10_000);
+    expect(spy.outcomes).toEqual([]); // data there: no sleep at all
+    ring.pop();
+    ring.waitForDataSync(30);
+    expect(spy.outcomes).toEqual(["timed-out"]);
+  } finally {
+    spy.restore();
+  }
 });
 
 test("waitForData announces sleeping, and a push plus notifyConsumer wakes it", async () => {
@@ -133,41 +158,49 @@ test("waitForData announces sleeping, and a push plus notifyConsumer wakes it", 
   const sab = new SharedArrayBuffer(SpscRing.bytesFor(capacity));
   const ring = new SpscRing(sab, 0, capacity, { initialise: true });
   const sleeping = () => Atomics.load(new Int32Array(sab), 48); // white box: byte 192
-  let woke = false;
-  const waiting = ring.waitForData(10_000).then(() => (woke = true));
-  expect(sleeping()).toBe(1);
-  await new Promise((resolve) => setTimeout(resolve, 20));
-  expect(woke).toBe(false);
-  ring.push(5);
-  ring.notifyConsumer();
-  const start = performance.now();
-  await waiting;
-  expect(performance.now() - start).toBeLessThan(5000); // woken, not timed out
-  expect(sleeping()).toBe(0);
-  expect(ring.pop()).toBe(5);
+  const spy = spySleeps();
+  try {
+    let woke = false;
+    const waiting = ring.waitForData(60_000).then(() => (woke = true));
+    expect(sleeping()).toBe(1);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(woke).toBe(false);
+    ring.push(5);
+    ring.notifyConsumer();
+    await waiting;
+    expect(spy.outcomes).toEqual(["ok"]); // woken by the notify, not timed out
+    expect(sleeping()).toBe(0);
+    expect(ring.pop()).toBe(5);
+  } finally {
+    spy.restore();
+  }
 });
 
 test("with a spin phase, waits return at once when data is there", async () => {
   const ring = makeRing(4, 1000);
-  ring.push(3);
-  const start = performance.now();
-  await ring.waitForData(10_000);
-  ring.waitForDataSync(10_000);
-  expect(performance.now() - start).toBeLessThan(5000); // neither slept until the timeout
-  expect(ring.pop()).toBe(3);
-  const emptyStart = performance.now();
-  ring.waitForDataSync(20); // spins 1000 times, then sleeps until the timeout
-  expect(performance.now() - emptyStart).toBeGreaterThanOrEqual(15);
+  const spy = spySleeps();
+  try {
+    ring.push(3);
+    await ring.waitForData(10_000);
+    ring.waitForDataSync(10_000);
+    expect(spy.outcomes).toEqual([]); // neither slept
+    expect(ring.pop()).toBe(3);
+    ring.waitForDataSync(20); // spins 1000 times, then sleeps until the timeout
+    expect(spy.outcomes).toEqual(["timed-out"]);
+  } finally {
+    spy.restore();
+  }
 });
 
 test("waitForData times out when nothing arrives", async () => {
   const ring = makeRing(4);
   const keepAlive = setInterval(() => {}, 1000); // Bun busy-polls a lone waitAsync
+  const spy = spySleeps();
   try {
-    const start = performance.now();
     await ring.waitForData(30);
-    expect(performance.now() - start).toBeGreaterThanOrEqual(25);
+    expect(spy.outcomes).toEqual(["timed-out"]);
   } finally {
+    spy.restore();
     clearInterval(keepAlive);
   }
 });
