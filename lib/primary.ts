@@ -119,6 +119,15 @@ export class Primary {
    *  still lose them (a failing disk, a crash), so a failed flush or a lost link resyncs them. */
   private remoteUnflushed = new Set<number>();
   private bumping: Promise<void> | null = null;
+  /** Application writes and zeroings started so far (the last one's number). */
+  private writesStarted = 0;
+  /**
+   * Numbers of those whose outcome is not in the activemap yet (afterWrite has not ended): a Set
+   * iterates in insertion order, so its first is the oldest. See writesAccounted.
+   */
+  private readonly writesUnaccounted = new Set<number>();
+  /** Each link's connection's `finished`: it may hold a request that failed for a bug of ours. */
+  private readonly connFinished = new WeakMap<RemoteLink, Promise<void>>();
   private mapPending: Promise<void> | null = null;
   private mapChain: Promise<void> = Promise.resolve();
   /** The last map write requested, until it settles (map writes settle in order). */
@@ -317,6 +326,8 @@ export class Primary {
     let remoteDone: Promise<boolean> = Promise.resolve(false);
     let localResult: Promise<boolean> = Promise.resolve(false);
     let started = false;
+    /** This write's number (see writesUnaccounted), once started. */
+    let id = 0;
     /** The request slot `data` was received into (see RequestSlots), or -1. */
     const slot = data ? this.writeBuffers.slotOf(data) : -1;
     let dispatched = false;
@@ -326,6 +337,8 @@ export class Primary {
     let acknowledged = false;
     try {
       started = true; // from here on, afterWrite completes the activemap's writeStart
+      id = ++this.writesStarted;
+      this.writesUnaccounted.add(id);
       await this.beforeWrite(offset, length);
       const link = this.link?.isUp ? this.link : null;
       // A write the secondary will lack: counted on disk before it is done (spec §5).
@@ -371,7 +384,10 @@ export class Primary {
       acknowledged = true;
     } finally {
       release();
-      if (started) void this.afterWrite(offset, length, localResult, remoteDone, acknowledged);
+      if (started) {
+        void this.afterWrite(offset, length, localResult, remoteDone, acknowledged)
+          .finally(() => this.writesUnaccounted.delete(id));
+      }
       if (dispatched) {
         const partyDone = () => this.writeBuffers.partyDone(slot);
         void localResult.then(partyDone, partyDone);
@@ -387,6 +403,8 @@ export class Primary {
     link: RemoteLink, offset: number, length: number, data: Uint8Array | null, fua: boolean,
   ): Promise<{ received: Promise<boolean>; done: Promise<boolean>; released: () => Promise<void> }> {
     const calls: RemoteCall[] = [];
+    /** Once the connection lets go of a piece that failed for a bug of ours, or null. */
+    let broken: Promise<void> | null = null;
     const pieceMax = data ? MAX_IO_BYTES : DELETE_FRAME_MAX_BYTES;
     for (let at = 0; at < length; ) {
       const pieceBytes = Math.min(pieceMax, length - at);
@@ -398,8 +416,10 @@ export class Primary {
           length: pieceBytes,
           payload: data ? data.subarray(at, at + pieceBytes) : undefined,
         }));
-      } catch {
-        break; // the link went down: the extents stay dirty
+      } catch (error) {
+        // Anything but a lost link is a bug of ours (an assertion, a TypeError): not hidden as one.
+        if (!(error instanceof LinkDownError)) broken = this.linkBroken(link, error, offset + at, pieceBytes);
+        break; // the extents stay dirty
       }
       // Noted as sent, not at the reply: a reply read together with the link's close (the
       // secondary answers, then drops the link, in one write) is seen only after the close
@@ -420,8 +440,22 @@ export class Primary {
     return {
       received: this.mode === "async" ? Promise.resolve(complete) : settle("received"),
       done: settle("done"),
-      released: () => Promise.all(calls.map((c) => c.released())).then(() => {}),
+      released: () => Promise.all([...calls.map((c) => c.released()), broken]).then(() => {}),
     };
+  }
+
+  /**
+   * Sending a request failed for a bug of ours, not a lost link: logged with its stack, and the
+   * link closed, as its state is unknown (the request may be registered and never sent), so the
+   * write goes on as with a lost link (its extents stay dirty and resync). Returns when the
+   * connection lets go of what it was given (the failed request holds no RemoteCall to say so).
+   */
+  private linkBroken(link: RemoteLink, error: unknown, offset: number, length: number): Promise<void> {
+    const what = error instanceof Error ? error.stack ?? String(error) : String(error);
+    this.o.log("error", `internal error sending a request at ${offset}+${length} to the secondary ` +
+      `(dropping the link): ${what}`);
+    link.close(`internal error: ${error}`);
+    return this.connFinished.get(link) ?? Promise.resolve();
   }
 
   private async localMutate(
@@ -824,6 +858,7 @@ export class Primary {
         onDown();
       },
     });
+    this.connFinished.set(this.link, conn.finished);
     this.linkState = "connected";
     this.bumpedSinceDisconnect = false;
     this.lastLinkError = "";
@@ -953,6 +988,13 @@ export class Primary {
     if (!this.peerCanVerify) return "the secondary runs an older hast without verify";
     if (this.verifier?.progress().state === "running") return "a verify is already running";
     if (this.localBehind) return "this node is still syncing from its secondary (its copy is the older one)";
+    // Found by review: after a connect that found the secondary's copy the newer one, syncSource
+    // stays "secondary" until the end of that sync is recorded (longer while recording fails),
+    // also with nothing to copy. A difference marked meanwhile was read from, and synced from,
+    // the secondary's copy, not from this one as the verify reports.
+    if (this.syncSource === "secondary") {
+      return "this node is syncing from its secondary (the end of that sync is not recorded yet); try again";
+    }
     // Found by review: its differences would be marked for sync from this copy, which may lack
     // writes the secondary has, and reads of those extents would then come from here.
     if (this.data.failure() !== null) {
@@ -963,9 +1005,20 @@ export class Primary {
       link, activemap: this.o.activemap, lock: this.lock, data: this.data, log: this.o.log,
       clock: this.o.clock, rateBytesPerSecond,
       onDiffering: (extent) => this.markForSync(new Set([extent])),
+      writeMark: () => this.writesStarted,
+      writesAccounted: (mark) => this.writesAccounted(mark),
       localTrusted: () => this.data.failure() === null,
     });
     return null;
+  }
+
+  /**
+   * True once every write numbered up to `mark` (see writesStarted) has its outcome in the
+   * activemap: its extents clean, or marked for sync after it failed on either side.
+   */
+  private writesAccounted(mark: number): boolean {
+    const oldest = this.writesUnaccounted.values().next();
+    return oldest.done === true || oldest.value > mark;
   }
 
   /** Changes the sync rate limit at run time (0 = unlimited). */

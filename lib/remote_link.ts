@@ -191,6 +191,25 @@ export class RemoteLink {
     this.pending.set(seq, entry);
     this.pendingBytes += bytes;
     this.lastTxMs = entry.sentAtMs;
+    try {
+      this.encodeAndSend(frame, seq, entry);
+    } catch (error) {
+      // A bug of ours (encoding or sending threw): the request was registered but never sent.
+      // Closing settles it with every other pending request; the caller sees the error.
+      this.close(`internal error while sending seq ${seq}: ${error}`);
+      throw error;
+    }
+    // `done` rejects only once the link is down (a bad reply closes it at once): the frame may
+    // then still sit in the socket's buffer, or be read by a codec thread.
+    const released = () => entry.done.promise.then(
+      () => {},
+      () => Promise.allSettled([this.conn.finished, entry.encoding]).then(() => {}),
+    );
+    return { received: entry.received.promise, done: entry.done.promise, released };
+  }
+
+  /** Encodes a registered request (on a codec thread when it pays) and sends or queues it. */
+  private encodeAndSend(frame: Partial<Frame> & { type: MessageType }, seq: number, entry: Pending): void {
     const pipeline = this.options.pipeline;
     const payload = frame.type === MessageType.Write ? frame.payload : undefined;
     if (payload && pipeline && CodecPipeline.wants(payload.byteLength, this.options.codec)) {
@@ -206,13 +225,6 @@ export class RemoteLink {
     } else {
       this.transmit(encodeFrame({ ...frame, seq }));
     }
-    // `done` rejects only once the link is down (a bad reply closes it at once): the frame may
-    // then still sit in the socket's buffer, or be read by a codec thread.
-    const released = () => entry.done.promise.then(
-      () => {},
-      () => Promise.allSettled([this.conn.finished, entry.encoding]).then(() => {}),
-    );
-    return { received: entry.received.promise, done: entry.done.promise, released };
   }
 
   /** Sends a frame that expects no reply. */

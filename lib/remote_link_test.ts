@@ -245,3 +245,16 @@ test("closing the link rejects every pending request and wakes those waiting for
   }
   expect([link.inFlight, link.inFlightBytes]).toEqual([0, 0]);
 });
+
+// Found by review: a request whose send threw (a bug of ours) stayed in the pending table, never
+// sent, until the request timeout; the link now closes at once and settles it.
+test("a send that throws closes the link and settles the request; the caller sees the error", async () => {
+  const conn = new ScriptedConnection();
+  const link = linkOver(conn);
+  conn.send = () => {
+    throw new TypeError("test: a bug in send");
+  };
+  expect(() => link.call(write(4096))).toThrow("test: a bug in send");
+  expect(link.isUp).toBe(false);
+  expect(conn.closed).toBe(true);
+});

@@ -34,11 +34,10 @@ export const VERIFY_DIGEST_BYTES = 32;
 /** Most differing extents listed in the result (all are counted and resynced). */
 export const VERIFY_LIST_MAX = 1000;
 /**
- * A chunk that differs while writes to it are in flight is compared again once they settled
- * (waiting up to UNSETTLED_WAIT_MS each time), at most this many times; then it counts.
+ * A chunk that differs while writes to it are in flight is compared again once the writes
+ * started before were accounted (see VerifierOptions.writesAccounted), at most this many times.
  */
 const UNSETTLED_RETRIES = 3;
-const UNSETTLED_WAIT_MS = 2_000;
 const UNSETTLED_POLL_MS = 10;
 
 export interface VerifyProgress {
@@ -80,6 +79,14 @@ export interface VerifierOptions {
    * synced (and read) from the stale copy. The verify then fails instead.
    */
   localTrusted: () => boolean;
+  /** A mark of the application writes started so far, for writesAccounted. */
+  writeMark: () => number;
+  /**
+   * True once every write started up to `mark` has its outcome in the activemap: its extents
+   * clean, or marked for sync after it failed on either side. A write the secondary failed after
+   * memsync or async answered it differs until then, tracked already, not a silent difference.
+   */
+  writesAccounted: (mark: number) => boolean;
 }
 
 class VerifyFailed extends Error {}
@@ -211,14 +218,18 @@ export class Verifier {
     if (reply.payload.byteLength !== VERIFY_DIGEST_BYTES) {
       throw new VerifyFailed(`the secondary answered ${reply.payload.byteLength} bytes, not a digest`);
     }
-    if (Buffer.compare(mine, reply.payload) !== 0 && retries < UNSETTLED_RETRIES &&
-      !this.o.activemap.inStep(offset, length)) {
+    if (Buffer.compare(mine, reply.payload) !== 0 && !this.o.activemap.inStep(offset, length)) {
       // A write sent before the Verify may have failed on the secondary and not be accounted
       // yet (the primary records its generation first, then marks the extent for sync): a false
-      // alarm (found by review). Wait until the writes in flight there settled, and look again:
-      // the extent is then skipped if it is to be synced, or compared anew.
-      await this.settled(offset, length);
-      return this.chunk(offset, length, extent, retries + 1);
+      // alarm (found by review). Wait until the writes started so far are accounted, however
+      // long recording the generation takes (found by review: a 2 s limit per retry reported the
+      // difference when that took more than 6 s). Then the extent is skipped if it is to be
+      // synced, or compared anew; after the last retry differs() still skips it then.
+      await this.accounted(this.o.writeMark());
+      // Left unaccounted, a difference has no verdict.
+      if (this.stopping !== null) throw new VerifyFailed(this.stopping);
+      if (!link.isUp) throw new VerifyFailed("the link to the secondary went down");
+      if (retries < UNSETTLED_RETRIES) return this.chunk(offset, length, extent, retries + 1);
     }
     p.checkedBytes += length;
     this.meter.record(p.checkedBytes + p.skippedBytes);
@@ -226,12 +237,13 @@ export class Verifier {
     this.differs(extent, `extent ${extent} differs on the secondary (at ${offset}+${length})`);
   }
 
-  /** Waits (up to UNSETTLED_WAIT_MS) until no write is in flight in the range. */
-  private async settled(offset: number, length: number): Promise<void> {
-    const am = this.o.activemap;
-    for (let waited = 0; waited < UNSETTLED_WAIT_MS; waited += UNSETTLED_POLL_MS) {
-      if (am.inStep(offset, length) || am.anySyncNeeded(offset, length)) return;
-      if (!this.o.link.isUp || this.stopping !== null) return;
+  /**
+   * Waits until the writes started up to `mark` are accounted, or the link is down or the verify
+   * stopping (the caller then fails). Bounded without a limit of its own: a write's outcome comes
+   * within the link's request timeout (else the link closes), then one metadata write records it.
+   */
+  private async accounted(mark: number): Promise<void> {
+    while (!this.o.writesAccounted(mark) && this.o.link.isUp && this.stopping === null) {
       await this.o.clock.sleep(UNSETTLED_POLL_MS);
     }
   }

@@ -749,3 +749,85 @@ test("the secondary's map merged at connect is on disk before a write lands, eve
   await sim.primary.write(2 * MIB, pattern(4096, 3), false).catch(() => {});
   expect(seen.bitOnDiskAtWrite).toBe(true);
 });
+
+// Found by review: after a connect that found the secondary's copy the newer one, the primary
+// syncs from it until the end of that sync is recorded, also with nothing to copy. A verify
+// started meanwhile marked its differences for a sync from the secondary (and reads of them came
+// from there), while it logged "resyncing from this node".
+test("a verify is refused until the end of a sync from the secondary is recorded; then it keeps this copy",
+  async () => {
+    const sim = track(new Sim({ replication: "fullsync", keepdirty: 0 }));
+    // Newer counters on the secondary, an empty map: the sync from it has nothing to copy.
+    const shared = { resuid: 77n, remotecnt: 1n };
+    Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
+    Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+    sim.primaryDisk.bytes.fill(1, 5 * MIB, 6 * MIB);
+    sim.secondaryDisk.bytes.fill(1, 5 * MIB, 6 * MIB);
+    sim.secondaryDisk.bytes[5 * MIB + 7] = 0x55; // changed behind hast's back
+    let recording = false;
+    let recordEnd = () => {};
+    const endGate = new Promise<void>((resolve) => (recordEnd = resolve));
+    sim.primaryMeta.beforeWrite = async (update) => {
+      if (update.syncTarget !== false) return;
+      recording = true;
+      await endGate;
+    };
+    try {
+      sim.start();
+      await waitFor("the end of the sync being recorded", () => recording || undefined,
+        { timeoutMs: 5_000, intervalMs: 5 });
+      expect(sim.primary.status().syncSource).toBe("secondary");
+      expect(sim.primary.startVerify() ?? "started").toContain("syncing from its secondary");
+    } finally {
+      recordEnd();
+    }
+    await waitFor("the end recorded", () => sim.primary.status().syncSource === "primary" || undefined,
+      { timeoutMs: 5_000, intervalMs: 5 });
+    expect(sim.primary.startVerify()).toBeNull();
+    const result = await waitFor("verify finished", () => {
+      const v = sim.primary.status().verify;
+      return v && v.state !== "running" ? v : undefined;
+    }, { timeoutMs: 20_000, intervalMs: 10 });
+    expect(result.differingExtentList).toEqual([5]);
+    await inSync(sim, "resynced", 15_000);
+    expect(sim.primaryDisk.bytes[5 * MIB + 7]).toBe(1); // this copy, which applications read, is kept
+    expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+  }, 40_000);
+
+// Found by review: a chunk that differed while writes to it were in flight was compared again at
+// most 3 times, each after waiting at most 2 s for them to settle. A write the secondary failed
+// after memsync answered it is marked for sync only once its generation is recorded: when that
+// took more than 6 s, the verify reported the tracked failure as a silent difference.
+test("memsync: a write the secondary fails is no verify difference, however long its count takes to record",
+  async () => {
+    const sim = await startPair({ replication: "memsync", keepdirty: 0 });
+    let recordCount = () => {};
+    const countGate = new Promise<void>((resolve) => (recordCount = resolve));
+    sim.primaryMeta.beforeWrite = async (update) => {
+      if (update.localcnt !== undefined) await countGate;
+    };
+    let failNext = true;
+    sim.secondaryDisk.beforeWrite = async (offset) => {
+      if (!failNext || offset !== 0) return;
+      failNext = false;
+      throw eio("write");
+    };
+    const finished = () => {
+      const v = sim.primary.status().verify;
+      return v && v.state !== "running" ? v : undefined;
+    };
+    try {
+      await sim.primary.write(0, pattern(4096, 9), false); // answered on the receipt
+      expect(sim.primary.startVerify()).toBeNull();
+      // Held past the old limit (3 × 2 s): no verdict on extent 0 can come while it is unaccounted.
+      const early = await waitFor("verify finished", finished, { timeoutMs: 8_000, intervalMs: 10 }).catch(() => null);
+      expect(early).toBeNull();
+    } finally {
+      recordCount();
+    }
+    const result = await waitFor("verify finished", finished, { timeoutMs: 20_000, intervalMs: 10 });
+    expect(result).toMatchObject({ state: "done", differingExtents: 0, skippedBytes: MIB });
+    expect(sim.logs.filter((l) => l.includes("verify: extent"))).toEqual([]);
+    await inSync(sim, "resynced", 15_000);
+    expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+  }, 60_000);

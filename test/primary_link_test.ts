@@ -137,3 +137,32 @@ test("hast status on the primary says why the link is down after the secondary's
     await cleanup.run();
   }
 }, 120_000);
+
+// Found by review: any error from sending a write was taken for a lost link, so a bug of ours (an
+// assertion, a TypeError) was never logged, and the link stayed up with the request registered
+// and never sent, until the request timed out.
+test("a bug of ours while sending a write is logged and drops the link; the write resyncs", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 30 });
+  const start = sim.primaryMeta.metadata.localcnt;
+  let failing = true;
+  sim.tamperToSecondary = (bytes) => {
+    if (!failing || bytes[5] !== MessageType.Write) return bytes;
+    failing = false;
+    throw new TypeError("test: a bug in the send path"); // thrown inside RemoteLink.call
+  };
+  const data = pattern(4096, 5);
+  await sim.primary.write(MIB, data, false); // the local write stands, as with a lost link
+  const st = sim.primary.status();
+  expect(st.link).toBe("disconnected");
+  expect(st.linkError).toBe("link lost: internal error: TypeError: test: a bug in the send path");
+  expect(sim.logs.some((l) => l.startsWith("primary error: internal error sending a request at 1048576+4096") &&
+    l.includes("TypeError: test: a bug in the send path"))).toBe(true);
+  expect(sim.primaryMeta.metadata.localcnt).toBe(start + 1n); // counted: the secondary lacks it
+  await waitFor("reconnected", () => sim.primary.status().link === "connected" || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  await waitFor("resynced", () => {
+    const s = sim.primary.status();
+    return s.status === "complete" && s.dirtyBytes === 0 ? true : undefined;
+  }, { timeoutMs: 10_000, intervalMs: 10 });
+  expect(sim.secondaryDisk.bytes.subarray(MIB, MIB + 4096)).toEqual(data);
+}, 30_000);
