@@ -39,6 +39,13 @@ export const RECEIVE_POOL_MIN_BYTES = 64 * 1024;
  * that it gave up on has timed out here.
  */
 export const MAX_ATTACH_HANDSHAKES = 4;
+/** Pause between attempts to record a loss (metadata.localWritesLost) whose record failed. */
+export const LOSS_RECORD_RETRY_MS = 1000;
+/**
+ * Ranges of failed answered writes a session keeps apart (see lostRanges); past this they are
+ * merged into one range from the first to the last, which only asks more of the sync.
+ */
+export const MAX_LOST_RANGES = 64;
 
 export interface SecondaryOptions {
   config: ResourceConfig;
@@ -80,6 +87,8 @@ export class Secondary {
   private conn: Connection | null = null;
   private linkState: SecondaryLink = "waiting";
   private lastRefusal = "";
+  /** What ended the last adopted connection; "" while connected and before the first one. */
+  private linkLostReason = "";
   private chain: Promise<void> = Promise.resolve();
   /** fullsync: requests being applied in parallel, and the lock that orders overlapping ones. */
   private readonly applying = new Set<Promise<void>>();
@@ -111,6 +120,28 @@ export class Secondary {
   private attaching = 0;
   /** Counts reloads that drop the link; a handshake that saw one begin under it is refused. */
   private configGeneration = 0;
+  /** Repeated failures to record a loss: one line per minute. */
+  private readonly repeats = new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS);
+  /**
+   * A loss (a failed flush, or a failed write the primary may have answered) is not yet in the
+   * metadata: retried every LOSS_RECORD_RETRY_MS (lossRetry) and at stop until it lands.
+   */
+  private lossUnrecorded = false;
+  private lossRecording: Promise<void> | null = null;
+  private lossRetry: ReturnType<typeof setInterval> | null = null;
+  /** Counts losses, so that a SyncDone sees one that came while it cleared the record. */
+  private losses = 0;
+  private stopping = false;
+  /**
+   * This session's ranges of failed writes the primary may have answered, [start, end), sorted
+   * and disjoint, less what a sync copy rewrote after the failure. The primary sends SyncDone
+   * when its sync map is empty, which it may be while such a write is still in flight here (its
+   * failure reaches the primary after the SyncDone): that SyncDone does not cover the write, so
+   * it must not clear localWritesLost while a range is left (found by review). A new session
+   * starts empty: the primary resyncs everything a lost link may have left behind before its
+   * first SyncDone.
+   */
+  private lostRanges: Array<[number, number]> = [];
 
   constructor(private readonly o: SecondaryOptions) {
     this.metaflush = o.config.metaflush;
@@ -152,10 +183,12 @@ export class Secondary {
       this.refuse(conn, false, unauthenticated);
       return;
     }
-    if (this.conn) {
-      this.conn.close("replaced by a new connection from the primary");
-      await this.settled();
-    }
+    this.conn?.close("replaced by a new connection from the primary");
+    // Also when the last connection ended by itself (found by review: only a replaced one was
+    // waited for): its requests still being applied were sent in its session's mode, and one
+    // that fails is judged by it (answeredBeforeApplied), not by this one's; and the handshake
+    // must see the loss such a failure records (it makes this copy unfit as a sync source).
+    await this.settled();
     let decision: Awaited<ReturnType<typeof handshakeAsSecondary>>;
     try {
       decision = await handshakeAsSecondary(conn, hello, {
@@ -186,6 +219,9 @@ export class Secondary {
     this.conn = conn;
     this.data = stickyFlushFailure(this.o.data);
     this.linkState = "connected";
+    this.lastRefusal = "";
+    this.linkLostReason = "";
+    this.lostRanges = [];
     this.replication = hello.replication;
     this.syncingFromHere = decision.kind === "sync" && decision.source === "secondary";
     const how = decision.kind === "sync" ? `${decision.reason}, sync from ${decision.source}` : "both fresh";
@@ -213,6 +249,9 @@ export class Secondary {
       if (this.conn !== conn) return;
       this.conn = null;
       this.linkState = "waiting";
+      // Refusals from before the loss are older news than it (see linkErrorText).
+      this.lastRefusal = "";
+      this.linkLostReason = reason;
       this.o.log("warn", `primary disconnected: ${reason}`);
       this.o.hooks.run("disconnect", []);
     };
@@ -253,8 +292,13 @@ export class Secondary {
 
   /** Closes the connection (role change). */
   async stop(): Promise<void> {
+    this.stopping = true;
     this.conn?.close("resource stopping");
     await this.settled();
+    this.stopLossRetry();
+    // Once more (the timer's tries have stopped): the worker does not know of the loss.
+    if (this.lossUnrecorded) await this.tryRecordLoss();
+    await this.lossRecording;
   }
 
   /** Resolves once every request received so far has been applied. */
@@ -367,12 +411,14 @@ export class Secondary {
     }
     const reply = await this.apply(frame, applied);
     this.queued--;
-    if (conn.closed) return;
+    // Recorded also when the link closed meanwhile (found by review: it returned first, yet a
+    // primary that died is why a link closes, and this node is then the one to be promoted).
     const flushFailure = this.data.failure();
     if (flushFailure !== null) {
       // Our copy may now lack writes the application was told are done: durable before anyone
       // hears of it, so that this node is not promoted without --force before a resync.
       await this.recordLocalWritesLost();
+      if (conn.closed) return;
       // Answer first, so the primary sees the error for this request, then drop the link.
       if (!reply.payload) conn.send(encodeFrame({ type: MessageType.Reply, seq: frame.seq, ...reply }));
       conn.close(`flush failed: ${flushFailure}`);
@@ -383,9 +429,14 @@ export class Secondary {
       // lacks a write it was told is done (and, in order, no longer is a state the primary had).
       // Durable before the primary hears of it: should the primary fail before it records its
       // side (localcnt), this node must not be promoted without --force.
+      this.lostRanges = addRange(this.lostRanges, frame.offset, frame.offset + frame.length);
       await this.recordLocalWritesLost();
-      if (conn.closed) return;
+    } else if (reply.error === undefined && frame.type === MessageType.Write && (frame.flags & FrameFlag.Sync)) {
+      // A sync copy applied after a failed write over its range (the range lock keeps their
+      // arrival order) holds the primary's data, that write's included.
+      this.lostRanges = subtractRange(this.lostRanges, frame.offset, frame.offset + frame.length);
     }
+    if (conn.closed) return;
     if (reply.payload) {
       const { flags, pieces } = encodePayload(reply.payload, this.o.config);
       // The reply's length is its data's (a read's range, a verify's digest).
@@ -588,12 +639,47 @@ export class Secondary {
       (frame.flags & FrameFlag.Sync) === 0 && this.replication !== "fullsync" && !this.syncingFromHere;
   }
 
-  /** Records metadata.localWritesLost (cleared by the next completed sync, see syncDone). */
+  /**
+   * Records metadata.localWritesLost (cleared by a completed sync, see syncDone). Never rejects:
+   * a failed record is tried again every LOSS_RECORD_RETRY_MS and at stop, until it lands
+   * (found by review: it was only logged and then forgotten, and this node could later be
+   * promoted without --force with a copy that lacks an answered write).
+   */
   private async recordLocalWritesLost(): Promise<void> {
-    await recordLocalWritesLost(this.o.meta, this.o.log, "needs --force until a sync from the primary completes")
-      .catch((error: Error) => {
-        this.o.log("error", `cannot record in the metadata that the local disk may have lost writes: ${error}`);
-      });
+    this.losses++;
+    this.lossUnrecorded = true;
+    await this.tryRecordLoss();
+  }
+
+  /** One attempt at a time; later losses are covered by the attempt under way (one flag). */
+  private tryRecordLoss(): Promise<void> {
+    this.lossRecording ??= this.writeLossRecord().finally(() => (this.lossRecording = null));
+    return this.lossRecording;
+  }
+
+  private async writeLossRecord(): Promise<void> {
+    try {
+      await recordLocalWritesLost(this.o.meta, this.o.log, "needs --force until a sync from the primary completes");
+      this.lossUnrecorded = false;
+      this.stopLossRetry();
+    } catch (error) {
+      const line = this.repeats.pass("record localWritesLost",
+        `cannot record in the metadata that the local disk may have lost writes (retrying): ${error}`);
+      if (line !== null) this.o.log("error", line);
+      if (this.lossRetry === null && this.lossUnrecorded && !this.stopping) {
+        this.lossRetry = setInterval(() => {
+          // A completed sync may have cleared it meanwhile (see syncDone).
+          if (this.lossUnrecorded) void this.tryRecordLoss();
+          else this.stopLossRetry();
+        }, LOSS_RECORD_RETRY_MS);
+        this.lossRetry.unref?.();
+      }
+    }
+  }
+
+  private stopLossRetry(): void {
+    if (this.lossRetry !== null) clearInterval(this.lossRetry);
+    this.lossRetry = null;
   }
 
   /** The primary finished the sync: our copy is complete; commit counters (spec §5). */
@@ -603,11 +689,36 @@ export class Secondary {
     this.syncingFromHere = false; // the primary's writes after this may be answered before ours
     await this.data.flush();
     await this.o.meta.writeMap(new Uint8Array(this.o.meta.metadata.mapSizeBytes), { flush: this.metaflush });
+    // A failed answered write this sync did not copy again keeps the record (see lostRanges).
+    const complete = this.lostRanges.length === 0;
+    const losses = this.losses;
+    if (complete) {
+      this.lossUnrecorded = false;
+      this.stopLossRetry();
+      await this.lossRecording; // an attempt under way must not land after the clear below
+    }
     await this.o.meta.write(
-      { remotecnt, syncTarget: false, discardPending: false, localWritesLost: false },
+      { remotecnt, syncTarget: false, discardPending: false, ...(complete ? { localWritesLost: false } : {}) },
       { flush: this.metaflush },
-    );
-    this.o.log("info", `synchronised with primary (remotecnt now ${remotecnt})`);
+    ).catch((error: unknown) => {
+      if (complete && losses > 0) void this.recordLocalWritesLost(); // keep what was there
+      throw error;
+    });
+    // A loss that came while the record was cleared (a later request may fail meanwhile).
+    if (complete && this.losses !== losses) void this.recordLocalWritesLost();
+    this.o.log("info", `synchronised with primary (remotecnt now ${remotecnt})` +
+      (complete ? "" : `; writes that failed here are still to be copied again, so it still needs --force`));
+  }
+
+  /**
+   * Why the link is not up, as the primary reports it (Primary.linkErrorText): the last refusal,
+   * then `link lost: REASON` for what ended the last connection (found by review: only refusals
+   * were shown, never that the primary had gone silent, broken the protocol or sent bad data).
+   */
+  private linkErrorText(): string {
+    if (this.linkLostReason === "") return this.lastRefusal;
+    const lost = `link lost: ${this.linkLostReason}`;
+    return this.lastRefusal === "" ? lost : `${this.lastRefusal}; ${lost}`;
   }
 
   status(): SecondaryStatus {
@@ -619,7 +730,7 @@ export class Secondary {
       status,
       link: this.linkState,
       linkEncrypted: this.linkState === "connected" && this.conn?.encrypted === true,
-      linkError: this.lastRefusal,
+      linkError: this.linkErrorText(),
       queued: this.queued,
       counters: { ...this.counters },
       receiveBuffers: this.receivePool.stats(),
@@ -638,6 +749,30 @@ export interface SecondaryStatus {
   receiveBuffers: BufferPoolStats;
 }
 void Errno;
+
+/** `ranges` (sorted, disjoint [start, end)) with [start, end) added; at most MAX_LOST_RANGES. */
+function addRange(ranges: Array<[number, number]>, start: number, end: number): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  for (const range of [...ranges, [start, end] as [number, number]].sort((a, b) => a[0] - b[0])) {
+    const last = out.at(-1);
+    if (last !== undefined && range[0] <= last[1]) last[1] = Math.max(last[1], range[1]);
+    else out.push([range[0], range[1]]);
+  }
+  return out.length <= MAX_LOST_RANGES ? out : [[out[0]![0], out.at(-1)![1]]];
+}
+
+/** `ranges` (sorted, disjoint [start, end)) less [start, end); at most MAX_LOST_RANGES. */
+function subtractRange(ranges: Array<[number, number]>, start: number, end: number): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  for (const [a, b] of ranges) {
+    if (b <= start || a >= end) out.push([a, b]);
+    else {
+      if (a < start) out.push([a, start]);
+      if (b > end) out.push([end, b]);
+    }
+  }
+  return out.length <= MAX_LOST_RANGES ? out : [[out[0]![0], out.at(-1)![1]]];
+}
 
 /** The host of a Connection's remoteAddress ("host:port", the host possibly IPv6). */
 function hostOf(remoteAddress: string): string {
