@@ -123,7 +123,11 @@ export function helloAuthFields(key: Buffer | null): { auth?: true; authNonce?: 
 export function helloDigest(hello: Hello): Buffer {
   const fields = [hello.protocol, hello.resource, hello.resuid, hello.proposedResuid, hello.localcnt,
     hello.remotecnt, hello.datasizeBytes, hello.extentsizeBytes, hello.replication, hello.checksum,
-    hello.compression, hello.encryption ?? "none", hello.authNonce];
+    hello.compression, hello.encryption ?? "none", hello.authNonce,
+    // The secondary acts on these (a full sync after a loss; handshake.ts syncForLoss): covered
+    // when present, so a Hello from a build without them keeps the digest it had.
+    ...(hello.metaflush !== undefined || hello.localWritesLost !== undefined
+      ? [hello.metaflush ?? null, hello.localWritesLost ?? null] : [])];
   return createHash("sha256").update(JSON.stringify(fields)).digest();
 }
 

@@ -36,6 +36,12 @@ export interface Hello {
   authNonce?: string;
   /** The primary's `encryption` (auth.ts, link_crypto.ts); absent from an older hast: none. */
   encryption?: string;
+  /**
+   * The primary's `metaflush` and its metadata's `localWritesLost` (see syncForLoss); absent from
+   * an older hast, which counts as metaflush off and no loss.
+   */
+  metaflush?: boolean;
+  localWritesLost?: boolean;
 }
 
 export type HandshakeResult =
@@ -69,6 +75,11 @@ export function parseHello(frame: Frame): Hello {
   }
   if (raw.encryption !== undefined && typeof raw.encryption !== "string") {
     throw new ProtocolError(`Cannot parse Hello: "encryption" is ${JSON.stringify(raw.encryption)}`);
+  }
+  for (const key of ["metaflush", "localWritesLost"] as const) {
+    if (raw[key] !== undefined && typeof raw[key] !== "boolean") {
+      throw new ProtocolError(`Cannot parse Hello: "${key}" is ${JSON.stringify(raw[key])}`);
+    }
   }
   for (const key of ["protocol", "datasizeBytes", "extentsizeBytes"] as const) {
     if (!Number.isSafeInteger(raw[key])) throw new ProtocolError(`Cannot parse Hello: "${key}" missing`);
@@ -179,6 +190,8 @@ export async function handshakeAsPrimary(
     checksum: options.config.checksum,
     compression: options.config.compression,
     encryption: options.config.encryption,
+    metaflush: options.metaflush,
+    localWritesLost: m.localWritesLost,
   };
   const replyOptions = {
     timeoutMs: options.timeoutMs, datasizeBytes: m.datasizeBytes, extentsizeBytes: m.extentsizeBytes,
@@ -323,6 +336,10 @@ export async function handshakeAsSecondary(
     conn.send(encodeJson(MessageType.HelloReply, signHelloReply(conn, { accepted: false, reason }, null)));
     return { kind: "mismatch", reason };
   }
+  const chosen = decision.kind !== "sync" ? decision : syncForLoss(decision, {
+    primaryLost: hello.localWritesLost === true, secondaryLost: m.localWritesLost,
+    primaryMetaflush: hello.metaflush === true, secondaryMetaflush: ctx.metaflush,
+  });
   const resuid = primary.resuid === 0n ? BigInt(hello.proposedResuid) : primary.resuid;
   const update: Parameters<MetaStore["write"]>[0] = {};
   if (m.resuid === 0n) update.resuid = resuid;
@@ -343,9 +360,9 @@ export async function handshakeAsSecondary(
     resuid: String(resuid),
     localcnt: String(m.localcnt),
     remotecnt: String(m.remotecnt),
-    source: decision.kind === "sync" ? decision.source : "primary",
-    full: decision.kind === "sync" && decision.full,
-    reason: decision.kind === "sync" ? decision.reason : "both fresh",
+    source: chosen.kind === "sync" ? chosen.source : "primary",
+    full: chosen.kind === "sync" && chosen.full,
+    reason: chosen.kind === "sync" ? chosen.reason : "both fresh",
     mapBytes: map.byteLength,
     verify: true,
   }, map)));
@@ -354,7 +371,50 @@ export async function handshakeAsSecondary(
     const last = at + piece.byteLength >= map.byteLength;
     conn.send(encodeFrame({ type: MessageType.Map, offset: at, flags: last ? FrameFlag.Last : 0, payload: piece }));
   }
-  return decision;
+  return chosen;
+}
+
+/**
+ * The sync into a copy that may lack writes it answered (metadata.localWritesLost): the whole
+ * device when the dirty maps may not cover the loss. `sides`: each node's record and metaflush
+ * (the primary's from its Hello). Decision table:
+ *
+ * | copy with the record | metaflush                 | sync                                         |
+ * |----------------------|---------------------------|----------------------------------------------|
+ * | neither              | any                       | as decided (decideSync)                      |
+ * | the sync source      | any                       | not here: a secondary with it is refused as  |
+ * |                      |                           | the source (unfitSource); a primary whose    |
+ * |                      |                           | flush failed starts no sync (Primary)        |
+ * | the sync target      | on on both nodes          | as decided: the maps cover the loss (below)  |
+ * | the sync target      | off on either node, or    | full, from the source                        |
+ * |                      | not said (older primary)  |                                              |
+ *
+ * A disk loses the writes since its last good flush (the kernel drops a cached write and reports
+ * it to the next fdatasync; a failed write is answered EIO and stays sync-needed on the
+ * primary). With metaflush on, a clear round clears an extent in the primary's on-disk map only
+ * once a flush of both copies covered its last write (a failed flush clears nothing), so every
+ * extent written since the last good flush of either copy is still set: in the primary's map
+ * for a loss of its secondary, in a node's own map (sent as the secondary's after a failover)
+ * for a loss it had as primary. With metaflush off the rounds clear without flushing: an extent
+ * written, cleared, then lost from the page cache is in no map once the primary that knew of it
+ * (its unflushed extents, marked for sync when the link drops) has restarted, or has been failed
+ * over from. The sync then copies the maps only, its end clears the record, and the copies
+ * differ where nothing shows it (found by review). The record does not say in which role the
+ * loss came (as secondary the peer's map covers it, as primary its own, at a worker's start
+ * either), so either node's metaflush off is enough. The current settings are all we know: one
+ * a reload turned on since the loss is not seen.
+ */
+export function syncForLoss(
+  decision: Extract<SyncDecision, { kind: "sync" }>,
+  sides: { primaryLost: boolean; secondaryLost: boolean; primaryMetaflush: boolean; secondaryMetaflush: boolean },
+): Extract<SyncDecision, { kind: "sync" }> {
+  const targetLost = decision.source === "primary" ? sides.secondaryLost : sides.primaryLost;
+  if (decision.full || !targetLost || (sides.primaryMetaflush && sides.secondaryMetaflush)) return decision;
+  const target = decision.source === "primary" ? "secondary" : "primary";
+  return {
+    ...decision, full: true,
+    reason: `${decision.reason}; full: the ${target}'s disk may lack writes outside the dirty maps (metaflush off)`,
+  };
 }
 
 /**

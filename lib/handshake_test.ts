@@ -4,11 +4,14 @@
  * extent size allow, counters 64-bit decimal strings, a known sync source), driven through
  * parseHelloReply and through handshakeAsPrimary against a scripted secondary; the map bound
  * holds for every layout computeLayout makes; a Goodbye in place of the Hello names its reason.
+ * The secondary's side (handshakeAsSecondary, against a capturing connection): a copy that may
+ * lack writes (localWritesLost) is synced in full when metaflush is off on either node.
  */
 import { describe, expect, test } from "bun:test";
 import type { ResourceConfig } from "./config.ts";
 import {
-  handshakeAsPrimary, parseHello, parseHelloReply, peerMapBytesMax, type HandshakeResult,
+  handshakeAsPrimary, handshakeAsSecondary, parseHello, parseHelloReply, peerMapBytesMax, type HandshakeResult,
+  type Hello,
 } from "./handshake.ts";
 import { computeLayout, type Metadata } from "./metadata.ts";
 import type { MetaStore } from "./storage.ts";
@@ -118,20 +121,33 @@ function scripted(answer: (frame: Frame) => Uint8Array[][]): Connection {
   return conn;
 }
 
-function handshake(conn: Connection): Promise<HandshakeResult> {
-  const metadata: Metadata = {
+/** Metadata of resource "r" (resuid 7, counters 1 and 1), with `change` applied. */
+function metadataOf(change: Partial<Metadata> = {}): Metadata {
+  return {
     resource: "r", datasizeBytes: layout.datasizeBytes, extentsizeBytes: EXTENT, keepdirty: 0,
     mapOffsetBytes: layout.mapOffsetBytes, mapSizeBytes: layout.mapSizeBytes, dataOffsetBytes: layout.dataOffsetBytes,
     resuid: 7n, localcnt: 1n, remotecnt: 1n, prevrole: "primary", syncTarget: false, discardPending: false,
-    localWritesLost: false, generation: 1n,
+    localWritesLost: false, generation: 1n, ...change,
   };
-  const meta: MetaStore = {
-    metadata, write: async () => {}, readMap: async () => new Uint8Array(0), writeMap: async () => {},
+}
+
+/** A MetaStore over `metadata` whose writes apply in memory; its map is all clean. */
+function metaOf(metadata: Metadata): MetaStore {
+  const meta = {
+    metadata,
+    write: async (update: Partial<Metadata>) => void (meta.metadata = { ...meta.metadata, ...update }),
+    readMap: async () => new Uint8Array(metadata.mapSizeBytes),
+    writeMap: async () => {},
   };
-  const config = {
-    authkey: null, replication: "fullsync", checksum: "none", compression: "hole", encryption: "none",
-  } as unknown as ResourceConfig;
-  return handshakeAsPrimary(conn, { meta, config, timeoutMs: 5_000, metaflush: false });
+  return meta;
+}
+
+const CONFIG = {
+  authkey: null, replication: "fullsync", checksum: "none", compression: "hole", encryption: "none",
+} as unknown as ResourceConfig;
+
+function handshake(conn: Connection, metadata = metadataOf()): Promise<HandshakeResult> {
+  return handshakeAsPrimary(conn, { meta: metaOf(metadata), config: CONFIG, timeoutMs: 5_000, metaflush: false });
 }
 
 test("handshakeAsPrimary refuses an oversized mapBytes or a negative counter before it acts on them", async () => {
@@ -158,4 +174,83 @@ test("handshakeAsPrimary refuses an oversized mapBytes or a negative counter bef
   ]);
   const result = await handshake(fine);
   expect(result.kind === "accepted" && result.secondaryMap.byteLength).toBe(layout.mapSizeBytes);
+});
+
+/** The Hello a primary with `metadata` sends (metaflush `metaflush`), as the secondary's daemon parses it. */
+async function helloOf(metadata: Metadata, metaflush: boolean): Promise<Hello> {
+  let hello: Hello | null = null;
+  const conn = scripted((frame) => {
+    hello = parseHello(frame);
+    return [encodeJson(MessageType.HelloReply, { accepted: false, reason: "test" })];
+  });
+  await handshakeAsPrimary(conn, { meta: metaOf(metadata), config: CONFIG, timeoutMs: 5_000, metaflush });
+  return hello!;
+}
+
+/** The HelloReply the secondary with `metadata` and `metaflush` sends to `hello`. */
+async function replyTo(hello: Hello, metadata: Metadata, metaflush: boolean): Promise<Record<string, unknown>> {
+  const sent: Frame[] = [];
+  const parser = new FrameParser((frame) => sent.push({ ...frame, payload: frame.payload.slice() }));
+  const conn: Connection = {
+    send: (pieces) => {
+      parser.push(Buffer.concat(pieces));
+      return true;
+    },
+    drained: async () => {}, close: () => {}, onFrame: () => {}, onClose: () => {}, remoteAddress: "capture",
+    closed: false, finished: Promise.resolve(), encrypted: false,
+    secure: () => {
+      throw new Error("not used");
+    },
+  };
+  await handshakeAsSecondary(conn, hello, { meta: metaOf(metadata), config: CONFIG, metaflush });
+  expect(sent[0]?.type).toBe(MessageType.HelloReply);
+  return JSON.parse(new TextDecoder().decode(sent[0]!.payload));
+}
+
+// Proves the secondary asks for a full sync into a copy that may lack writes it answered
+// (localWritesLost) exactly when metaflush is off on either node (found by review): clear rounds
+// then clear extents without a flush, so a write the page cache lost after its extent was cleared
+// is in neither dirty map, and a sync of the maps would end, clearing the record, with the
+// copies different. With metaflush on both nodes the maps cover every lost write: no full sync.
+// The primary's record and metaflush reach the secondary in its Hello; a Hello without metaflush
+// (an older hast) counts as off. A copy that is the source, not the target, changes nothing.
+describe("a sync into a copy that may lack writes", () => {
+  const inStep = metadataOf();
+  const flagged = metadataOf({ localWritesLost: true });
+  const ahead = metadataOf({ localcnt: 2n }); // the primary is behind: sync from the secondary
+
+  test("the primary's Hello carries its metaflush and its record of a loss", async () => {
+    expect(await helloOf(inStep, true)).toMatchObject({ metaflush: true, localWritesLost: false });
+    expect(await helloOf(flagged, false)).toMatchObject({ metaflush: false, localWritesLost: true });
+    const raw = { ...(await helloOf(inStep, true)), metaflush: "on" };
+    expect(() => parseHello(frameOf(encodeJson(MessageType.Hello, raw)))).toThrow('"metaflush" is "on"');
+  });
+
+  test("the secondary's record: full sync from the primary when either node has metaflush off", async () => {
+    const cases: Array<[primaryMetaflush: boolean, secondaryMetaflush: boolean, full: boolean]> = [
+      [true, true, false], [false, true, true], [true, false, true], [false, false, true],
+    ];
+    for (const [primaryMetaflush, secondaryMetaflush, full] of cases) {
+      const reply = await replyTo(await helloOf(inStep, primaryMetaflush), flagged, secondaryMetaflush);
+      expect([primaryMetaflush, secondaryMetaflush, reply.accepted, reply.source, reply.full])
+        .toEqual([primaryMetaflush, secondaryMetaflush, true, "primary", full]);
+      if (full) expect(reply.reason).toBe("in step; full: the secondary's disk may lack writes outside the " +
+        "dirty maps (metaflush off)");
+    }
+    const older = await helloOf(inStep, true);
+    delete older.metaflush;
+    expect((await replyTo(older, flagged, true)).full).toBe(true);
+    // No record, no full sync, whatever metaflush is.
+    expect((await replyTo(await helloOf(inStep, false), inStep, false)).full).toBe(false);
+  });
+
+  test("the primary's record: full sync from the secondary only when the primary is the target", async () => {
+    const fromSecondary = await replyTo(await helloOf(flagged, false), ahead, true);
+    expect([fromSecondary.source, fromSecondary.full]).toEqual(["secondary", true]);
+    expect(fromSecondary.reason).toContain("primary is behind; full: the primary's disk");
+    expect((await replyTo(await helloOf(flagged, true), ahead, true)).full).toBe(false);
+    // The primary is the source: its record is no reason to copy everything over the secondary.
+    const fromPrimary = await replyTo(await helloOf(flagged, false), inStep, false);
+    expect([fromPrimary.source, fromPrimary.full]).toEqual(["primary", false]);
+  });
 });

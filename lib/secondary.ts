@@ -6,7 +6,7 @@
  * in parallel (see applyConcurrently).
  */
 import { createHash } from "node:crypto";
-import { authenticateAsSecondary } from "./auth.ts";
+import { authenticateAsSecondary, signHelloReply } from "./auth.ts";
 import type { ResourceConfig } from "./config.ts";
 import { handshakeAsSecondary, type Hello } from "./handshake.ts";
 import type { HookRunner } from "./hooks.ts";
@@ -189,6 +189,15 @@ export class Secondary {
     // that fails is judged by it (answeredBeforeApplied), not by this one's; and the handshake
     // must see the loss such a failure records (it makes this copy unfit as a sync source).
     await this.settled();
+    // Found by review: adopted after stop(), a connection went on writing to a provider being closed.
+    const notNow = this.stopping ? "the resource is stopping here" : await this.lossStillUnrecorded();
+    if (notNow !== null) {
+      // A HelloReply, so that the primary logs why (a closed socket says nothing).
+      const reply = signHelloReply(conn, { accepted: false, reason: notNow }, null);
+      conn.send(encodeJson(MessageType.HelloReply, reply));
+      this.refuse(conn, false, notNow);
+      return;
+    }
     let decision: Awaited<ReturnType<typeof handshakeAsSecondary>>;
     try {
       decision = await handshakeAsSecondary(conn, hello, {
@@ -255,6 +264,19 @@ export class Secondary {
       this.o.log("warn", `primary disconnected: ${reason}`);
       this.o.hooks.run("disconnect", []);
     };
+  }
+
+  /**
+   * Why no handshake may run yet, or null: a loss whose record (localWritesLost) has not landed,
+   * after one more attempt now. The handshake reads the metadata, which then lacks the record:
+   * this copy could be chosen as the sync source, or synced without the full sync its loss may
+   * need (found by review). The primary retries; the record is tried every LOSS_RECORD_RETRY_MS.
+   */
+  private async lossStillUnrecorded(): Promise<string | null> {
+    if (this.lossUnrecorded) await this.tryRecordLoss();
+    if (!this.lossUnrecorded) return null;
+    return "this node's disk may lack writes and the record of it (localWritesLost) cannot be written yet " +
+      `(retried every ${LOSS_RECORD_RETRY_MS} ms); connect again once it is`;
   }
 
   private refuse(conn: Connection, splitBrain: boolean, reason: string): void {
@@ -500,22 +522,45 @@ export class Secondary {
           // an image the primary never had).
           return this.admit(conn, frame);
         },
-        (error) => this.dropForBadData(conn, frame, error, inbound, arrival),
+        (error) => this.dropUndecoded(conn, frame, error, inbound, arrival),
       );
     }
     try {
       frame.payload = decodePayload(frame.flags, frame.payload, frame.length, config.checksum);
     } catch (error) {
-      return this.dropForBadData(conn, frame, error, inbound, arrival);
+      return this.dropUndecoded(conn, frame, error, inbound, arrival);
     }
     return this.admit(conn, frame);
   }
 
+  /**
+   * A write whose payload was not decoded is never applied, and nothing after it in the stream
+   * (breakStream). A ProtocolError is the peer's bad data (dropForBadData). Anything else is
+   * ours: the codec pipeline is closing (its jobs then fail with a plain Error) or a bug. Found
+   * by review: that was counted and logged as the primary's bad data, also in a normal shutdown.
+   * The link is dropped all the same, so the primary resyncs the extent.
+   */
+  private dropUndecoded(conn: Connection, frame: Frame, error: unknown, inbound: Inbound, arrival: number): false {
+    if (error instanceof ProtocolError) return this.dropForBadData(conn, frame, error, inbound, arrival);
+    this.breakStream(frame, inbound, arrival);
+    const why = error instanceof Error ? error.message : String(error);
+    const what = `write at ${frame.offset}+${frame.length} not applied, its payload could not be checked here: ${why}`;
+    if (conn.closed || this.stopping) {
+      this.o.log("debug", `${what} (the connection is closing)`);
+    } else {
+      this.o.log("error", `dropping connection: ${what}`);
+    }
+    conn.close(`cannot check data: ${why}`);
+    return false;
+  }
+
   /** Never write data that failed verification: drop the connection; the primary keeps the
    *  extent dirty and resyncs it (spec §7). */
-  private dropForBadData(conn: Connection, frame: Frame, error: unknown, inbound: Inbound, arrival: number): false {
+  private dropForBadData(
+    conn: Connection, frame: Frame, error: ProtocolError, inbound: Inbound, arrival: number,
+  ): false {
     this.breakStream(frame, inbound, arrival);
-    const why = error instanceof ProtocolError ? error.message : String(error);
+    const why = error.message;
     this.counters.invalid++;
     this.o.log("error", `dropping connection: write at ${frame.offset}+${frame.length}: ${why}`);
     conn.close(`bad data: ${why}`);

@@ -207,6 +207,26 @@ test("a Hello changed on the way fails the exchange and is not acted on", async 
   }
 });
 
+// The secondary decides on a full sync from the Hello's metaflush and localWritesLost
+// (handshake.ts syncForLoss): forging them (say metaflush on, to avoid a full sync) must fail too.
+test("a Hello whose metaflush or loss flag was changed on the way fails the exchange", async () => {
+  for (const field of ["metaflush", "localWritesLost"] as const) {
+    const s = start({ authkey: keyFile(`forge-${field}`, "0123456789abcdef-forge") });
+    let forged = 0;
+    s.tamperToSecondary = (bytes) => {
+      const hello = jsonOf(bytes, MessageType.Hello);
+      if (hello === null) return bytes;
+      expect(typeof hello[field]).toBe("boolean");
+      forged++;
+      return Buffer.concat(encodeJson(MessageType.Hello, { ...hello, [field]: !hello[field] }));
+    };
+    expect(await refusedWith(s)).toMatch(/the secondary's proof does not match .*Hello was changed on the way/);
+    expect(forged).toBeGreaterThan(0);
+    await s.stop();
+    sim = null;
+  }
+});
+
 test("a refusal sent in place of the challenge is never taken as split-brain", async () => {
   const s = start({ authkey: keyFile("injected", "0123456789abcdef-inject") });
   s.tamperToPrimary = (bytes) => jsonOf(bytes, MessageType.AuthChallenge) === null ? bytes

@@ -6,16 +6,24 @@
  * writes are received into reused buffers on both sides.
  *
  * Then the secondary's side of the link, on the in-process pair (test/sim.ts): its status says
- * why the link was lost, and what it must record when its disk fails is recorded.
+ * why the link was lost, what it must record when its disk fails is recorded (and no handshake
+ * runs before it is), a copy that lost writes outside the dirty maps is synced in full, and a
+ * write that a closing codec pipeline could not check is not taken for the primary's bad data.
  */
 import { expect, test } from "bun:test";
 import { availableParallelism } from "node:os";
 import { randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { CodecPipeline } from "../lib/codec_pipeline.ts";
+import type { Hello } from "../lib/handshake.ts";
+import { encodePayload } from "../lib/payload_codec.ts";
+import { Secondary } from "../lib/secondary.ts";
+import type { Connection } from "../lib/transport.ts";
+import { encodeFrame, FrameParser, MessageType, WIRE_VERSION, type Frame } from "../lib/wire.ts";
 import { buildHastBinary, createCluster } from "./cluster.ts";
 import { Cleanup, run, waitFor } from "./harness.ts";
-import { eio, pairPerTest, pattern, type Sim } from "./sim.ts";
+import { eio, inSync, MemoryDisk, MemoryMeta, pairPerTest, pattern, Sim } from "./sim.ts";
 
 const { startPair } = pairPerTest();
 const MIB = 1024 * 1024;
@@ -285,4 +293,174 @@ test("a lost write of an ended memsync session is recorded after a reconnect in 
   await secondaryConnected(sim, 2_000).catch(() => {});
   open();
   await waitFor("recorded", () => records.includes(true) || undefined, { timeoutMs: 10_000, intervalMs: 10 });
+}, 30_000);
+
+// Proves no handshake runs while the record of a lost write (localWritesLost) is still failing
+// (found by review): the handshake read the metadata without it, so this copy could be chosen as
+// the sync source, or synced without the full sync its loss may need. Refused, saying why, on
+// both sides; once the record lands the primary's next attempt is accepted, with the record.
+test("the secondary refuses the primary while the record of a lost write has not landed", async () => {
+  const sim = await startPair({ replication: "memsync", keepdirty: 0, timeoutSeconds: 2 });
+  const meta = await answeredWriteLostUnrecorded(sim);
+  const connects = sim.connectsMade;
+  sim.dropLink("test: connection reset");
+  const why = /disk may lack writes and the record of it \(localWritesLost\) cannot be written yet/;
+  const refusal = await waitFor("refused", () => {
+    const text = sim.secondary.status().linkError;
+    return why.test(text) ? text : undefined;
+  }, { timeoutMs: 10_000, intervalMs: 5 });
+  expect(refusal).toContain("connect again once it is");
+  expect(sim.connectsMade).toBeGreaterThan(connects);
+  // From the secondary's HelloReply (a real socket's close carries no reason).
+  await waitFor("the primary says why", () =>
+    sim.logs.some((l) => l.startsWith("primary error: secondary refused the connection: ") && why.test(l)) || undefined,
+  { timeoutMs: 10_000, intervalMs: 5 });
+  expect(sim.primary.status().linkError).toMatch(why);
+  expect(sim.secondary.status().link).not.toBe("connected");
+  expect(sim.secondaryMeta.metadata.localWritesLost).toBe(false);
+  meta.heal();
+  await secondaryConnected(sim);
+  expect(sim.secondaryMeta.metadata.localWritesLost).toBe(true);
+}, 30_000);
+
+// Proves a connection that arrives while the secondary stops is refused (found by review: it was
+// adopted after stop() had returned, and its writes went to a provider the worker then closed).
+test("a primary that connects after the secondary stopped is refused", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 2 });
+  const connects = sim.connectsMade;
+  await sim.secondary.stop();
+  await waitFor("refused", () => sim.secondary.status().linkError.startsWith("the resource is stopping") || undefined,
+    { timeoutMs: 10_000, intervalMs: 5 });
+  await waitFor("the primary says why", () => /^the resource is stopping here/.test(sim.primary.status().linkError) ||
+    undefined, { timeoutMs: 10_000, intervalMs: 5 });
+  expect(sim.connectsMade).toBeGreaterThan(connects);
+  expect(sim.secondary.status().link).not.toBe("connected");
+  await sim.primary.write(0, pattern(4096, 4), false); // answered, with no secondary to write it
+  expect(sim.secondaryDisk.writes).toBe(0);
+}, 30_000);
+
+/** True while extent `extent` is set in an on-disk map. */
+const mapHas = (map: Uint8Array, extent: number) => (map[extent >> 3]! & (1 << (extent & 7))) !== 0;
+
+// Proves a secondary whose disk lost writes outside both dirty maps is synced in full when
+// metaflush is off (found by review: only the maps were synced, the sync's end cleared the record,
+// and the copies differed for good). With metaflush off the primary's clear round clears extent 3
+// without a flush; the secondary's page cache then drops that write (its next fdatasync will say
+// so), and the primary crashes, so the restarted one knows of no unflushed write. The failed flush
+// is recorded (localWritesLost); the next handshake asks for a full sync, which copies extent 3.
+test("a secondary that lost writes outside the dirty maps is synced in full with metaflush off", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 2 });
+  const metaflushOff = { ...sim.config(), metaflush: false };
+  sim.secondary.reconfigure(metaflushOff);
+  sim.primary.reconfigure(metaflushOff);
+  const extent = 3 * MIB;
+  const flushes = sim.primaryDisk.flushes;
+  await sim.primary.write(extent, pattern(4096, 5), false);
+  await waitFor("extent 3 cleared in the primary's map", () => !mapHas(sim.primaryMeta.map, 3) || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  expect(sim.primaryDisk.flushes).toBe(flushes); // cleared with no flush: metaflush off
+  // The premise: the data is where no map points.
+  expect(mapHas(sim.secondaryMeta.map, 3)).toBe(false);
+  sim.secondaryDisk.bytes.fill(0, extent, extent + 4096); // the page cache lost the write
+  sim.secondaryDisk.flushError = eio("fdatasync");
+  sim.crashPrimary();
+  sim.primary.reconfigure(metaflushOff);
+  await waitFor("the loss recorded", () => sim.secondaryMeta.metadata.localWritesLost || undefined,
+    { timeoutMs: 10_000, intervalMs: 5 });
+  sim.secondaryDisk.flushError = null; // reported once, as the kernel does
+  await waitFor("resynced, record cleared", () => !sim.secondaryMeta.metadata.localWritesLost || undefined,
+    { timeoutMs: 20_000, intervalMs: 10 });
+  await inSync(sim, "in sync");
+  expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
+  const full = "full: the secondary's disk may lack writes outside the dirty maps";
+  expect(sim.logs.some((l) => l.includes(full))).toBe(true);
+}, 60_000);
+
+/** A connection whose sent frames are parsed into `sent`; `close` records the reason. */
+function capturingConnection(): Connection & { sent: Frame[]; closedWith: string | null } {
+  const parser = new FrameParser((frame) => conn.sent.push({ ...frame, payload: frame.payload.slice() }));
+  const conn = {
+    sent: [] as Frame[],
+    closedWith: null as string | null,
+    send: (pieces: Uint8Array[]) => {
+      parser.push(Buffer.concat(pieces));
+      return true;
+    },
+    drained: async () => {},
+    close: (reason: string) => {
+      if (conn.closedWith !== null) return;
+      conn.closedWith = reason;
+      conn.onClose(reason);
+    },
+    onFrame: (_frame: Frame) => {},
+    onClose: (_reason: string) => {},
+    remoteAddress: "capture",
+    get closed() {
+      return conn.closedWith !== null;
+    },
+    finished: Promise.resolve(),
+    encrypted: false,
+    secure: () => {
+      throw new Error("not used");
+    },
+  };
+  return conn;
+}
+
+// Proves a write whose decoding fails because the codec pipeline is closing is not counted or
+// logged as the primary's bad data (found by review: a plain Error from the pipeline went through
+// dropForBadData, "bad data" in a normal shutdown). A 128 KiB crc32 write is decoded on a codec
+// thread; the link closes and the pipeline with it, as at a stop, while the job is under way. It
+// is not applied, and nothing says "bad data"; a corrupt write still does (the control).
+test("a write the closing codec pipeline could not check is not counted as bad data", async () => {
+  const cases = [{ closing: true }, { closing: false }];
+  for (const { closing } of cases) {
+    const meta = new MemoryMeta("sim", 16 * MIB, MIB, 0);
+    const disk = new MemoryDisk(meta.metadata.datasizeBytes);
+    const config = { ...new Sim({ replication: "async" }).config(), checksum: "crc32" as const, pipeline: true };
+    const logs: string[] = [];
+    const pipeline = CodecPipeline.start();
+    const secondary = new Secondary({
+      config, data: disk, meta, hooks: { run: () => {} }, log: (level, message) => logs.push(`${level}: ${message}`),
+      pipeline,
+    });
+    const conn = capturingConnection();
+    const hello: Hello = {
+      protocol: WIRE_VERSION, resource: "sim", resuid: "0", proposedResuid: "7", localcnt: "0", remotecnt: "0",
+      datasizeBytes: meta.metadata.datasizeBytes, extentsizeBytes: MIB, replication: "async", checksum: "crc32",
+      compression: "hole", metaflush: true, localWritesLost: false,
+    };
+    try {
+      await secondary.attach(conn, hello);
+      expect(secondary.status().link).toBe("connected");
+      const data = pattern(128 * 1024, 9);
+      const { flags, pieces } = encodePayload(data, { compression: "none", checksum: "crc32" });
+      const payload = Buffer.concat(pieces);
+      if (!closing) payload[0]! ^= 1; // corrupt: the peer's bad data
+      const frames: Frame[] = [];
+      new FrameParser((f) => frames.push({ ...f, payload: f.payload.slice() }))
+        .push(Buffer.concat(encodeFrame({ type: MessageType.Write, seq: 1, offset: MIB, length: data.byteLength,
+          flags, pieces: [payload] })));
+      conn.onFrame(frames[0]!);
+      if (closing) {
+        conn.close("resource stopping");
+        await pipeline.close();
+      }
+      await waitFor("the write settled", () => (conn.closed && secondary.status().queued === 0) || undefined,
+        { timeoutMs: 10_000, intervalMs: 5 });
+      await secondary.stop();
+      expect(Buffer.from(disk.bytes.subarray(MIB, MIB + data.byteLength)).every((b) => b === 0)).toBe(true);
+      const badData = logs.filter((l) => l.includes("dropping connection: write at"));
+      if (closing) {
+        expect([secondary.status().counters.invalid, badData, conn.closedWith]).toEqual([0, [], "resource stopping"]);
+        expect(logs.some((l) => l.startsWith("debug: write at 1048576+131072 not applied"))).toBe(true);
+      } else {
+        expect(secondary.status().counters.invalid).toBe(1);
+        expect(badData.length).toBe(1);
+        expect(conn.closedWith).toMatch(/^bad data: .*crc32 mismatch/);
+      }
+    } finally {
+      await pipeline.close();
+    }
+  }
 }, 30_000);
