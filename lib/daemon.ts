@@ -15,7 +15,9 @@ import { controlRequest, controlServer, type ControlRequest, type ControlRespons
 import { parseHello, type Hello } from "./handshake.ts";
 import { EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE } from "./exit_codes.ts";
 import { execHooks } from "./hooks.ts";
-import { makeLogger, REFUSAL_LOG_INTERVAL_MS, RepeatLimiter, type Logger } from "./log.ts";
+import {
+  type LogOutput, makeLogger, REFUSAL_LOG_INTERVAL_MS, RepeatLimiter, repeatKind, type Logger,
+} from "./log.ts";
 import type { FromWorker, ToWorker, WorkerRole } from "./resource_worker.ts";
 import { MAX_ATTACH_HANDSHAKES } from "./secondary.ts";
 import { describeResource } from "./status.ts";
@@ -36,6 +38,10 @@ export interface DaemonOptions {
   exit?: (code: number) => void;
   /** Whether start() installs the SIGTERM, SIGINT and SIGHUP handlers; default true. */
   signals?: boolean;
+  /** The addresses of a remote's host name (tests hold it); default: the system's resolver. */
+  lookupHost?: (host: string) => Promise<string[]>;
+  /** Where the daemon's log lines go (tests read them); default: stderr. */
+  logOutput?: LogOutput;
 }
 
 /** A worker that exits on its own is restarted after this delay. */
@@ -82,6 +88,11 @@ export const DAEMON_LIMITS = {
 };
 /** Refusals logged under one key whatever the peer sent (the reason names what it sent). */
 const REFUSAL_KEY_TOO_MANY = "too many connections waiting for their Hello";
+/**
+ * Lookups of a resource's remote for one connection: a reload that changes the remote while one
+ * runs makes routePeer look the new one up; past this many, the connection is refused.
+ */
+const ROUTE_LOOKUPS_MAX = 3;
 
 interface Failure {
   message: string;
@@ -169,7 +180,7 @@ export class Daemon {
   private shuttingDown = false;
 
   constructor(private readonly options: DaemonOptions) {
-    this.log = makeLogger("daemon", options.debug);
+    this.log = makeLogger("daemon", options.debug, { output: options.logOutput });
     this.config = loadConfig(options.configPath, { node: options.node, checkKeys: true });
     for (const resource of this.config.resources) this.slots.set(resource.resource, newSlot(resource));
   }
@@ -296,16 +307,27 @@ export class Daemon {
   private async isSomeRemote(address: string): Promise<boolean> {
     for (const slot of this.slots.values()) {
       const remote = slot.config.remote;
-      if (remote !== null && (await resolveAll(remote.host)).includes(address)) return true;
+      if (remote !== null && (await this.resolveAll(remote.host)).includes(address)) return true;
     }
     return false;
   }
 
+  /** The addresses of `host` (itself if it is one), none if it cannot be looked up. */
+  private async resolveAll(host: string): Promise<string[]> {
+    if (net.isIP(host)) return [normalizeIp(host)];
+    try {
+      return (await (this.options.lookupHost ?? lookupAll)(host)).map(normalizeIp);
+    } catch {
+      return [];
+    }
+  }
+
   /**
    * Answers a refusal the primary's handshake reads as its reason, then closes; once per
-   * connection. `kind` keys the log's repeat limiter when the reason holds what the peer sent.
+   * connection. `kind` keys the log's repeat limiter: by default the reason without what it
+   * quotes or counts, which a peer could vary to get each refusal logged (log.ts repeatKind).
    */
-  private refusePeer(socket: net.Socket, reason: string, kind = reason): void {
+  private refusePeer(socket: net.Socket, reason: string, kind = repeatKind(reason)): void {
     if (!this.release(socket)) return;
     // A primary retries every RECONNECT_INTERVAL_MS: one line per peer and reason per minute.
     this.logRefusal(`${socket.remoteAddress} ${kind}`, `refused connection from ${socket.remoteAddress}: ${reason}`);
@@ -320,7 +342,7 @@ export class Daemon {
 
   /** Reads the Hello, refusing one whose header announces more than MAX_JSON_BYTES unread. */
   private readHello(socket: net.Socket): void {
-    const refuse = (reason: string, kind = reason) => {
+    const refuse = (reason: string, kind = repeatKind(reason)) => {
       socket.removeAllListeners("data");
       socket.resume(); // drops what else it sends until the close, so that the answer is not reset
       this.refusePeer(socket, reason, kind);
@@ -369,27 +391,36 @@ export class Daemon {
   /**
    * Hands the connection to the resource's worker; returns why it is refused instead, or null
    * once handed over. Names from the Hello are quoted with JSON.stringify: a name with quotes
-   * or newlines must not be able to forge log lines.
+   * or newlines must not be able to forge log lines. The peer's address is checked against the
+   * remote in force when the socket is handed over: a reload (SIGHUP) while the remote's name is
+   * looked up may change it, and then the new one is looked up (before, a connection from the
+   * old remote was handed to the resource after a reload had replaced it; found by review).
    */
   private async routePeer(socket: net.Socket, hello: Hello): Promise<{ reason: string; kind: string } | null> {
-    const slot = [...this.slots.values()].find((s) => s.config.resource === hello.resource);
-    if (!slot) return { reason: `unknown resource ${JSON.stringify(hello.resource)}`, kind: "unknown resource" };
-    const name = JSON.stringify(slot.config.resource);
-    const refused = (reason: string) => ({ reason, kind: reason });
-    const remote = slot.config.remote;
-    if (remote === null) return refused(`resource ${name} has remote none`);
-    const allowed = await resolveAll(remote.host);
+    const refused = (reason: string) => ({ reason, kind: repeatKind(reason) });
     const from = normalizeIp(socket.remoteAddress ?? "");
-    if (!allowed.includes(from)) {
-      return refused(`address ${from} is not the configured remote ${remote.host} of ${name}`);
+    for (let lookups = 0; lookups < ROUTE_LOOKUPS_MAX; lookups++) {
+      const slot = this.slots.get(hello.resource);
+      if (!slot) return { reason: `unknown resource ${JSON.stringify(hello.resource)}`, kind: "unknown resource" };
+      const name = JSON.stringify(slot.config.resource);
+      const remote = slot.config.remote;
+      if (remote === null) return refused(`resource ${name} has remote none`);
+      const allowed = await this.resolveAll(remote.host);
+      if (this.slots.get(hello.resource) !== slot || slot.config.remote?.host !== remote.host) continue;
+      // From here to the hand-over nothing awaits: the config checked is the one in force.
+      if (!allowed.includes(from)) {
+        return refused(`address ${from} is not the configured remote ${remote.host} of ${name}`);
+      }
+      if (slot.role !== "secondary" || !slot.child || slot.stopping) {
+        return refused(`resource ${name} is not secondary here (role ${slot.role})`);
+      }
+      if (!this.unrouted.has(socket)) return null; // refused meanwhile (timeout)
+      if (!sendTo(slot.child, { type: "peer", hello }, socket)) return refused(`the worker of ${name} is gone`);
+      this.release(socket);
+      return null;
     }
-    if (slot.role !== "secondary" || !slot.child || slot.stopping) {
-      return refused(`resource ${name} is not secondary here (role ${slot.role})`);
-    }
-    if (!this.unrouted.has(socket)) return null; // refused meanwhile (timeout)
-    if (!sendTo(slot.child, { type: "peer", hello }, socket)) return refused(`the worker of ${name} is gone`);
-    this.release(socket);
-    return null;
+    return refused(`the remote of resource ${JSON.stringify(hello.resource)} changed ${ROUTE_LOOKUPS_MAX} times ` +
+      "while it was looked up");
   }
 
   // ---- control commands -------------------------------------------------------
@@ -896,13 +927,9 @@ function normalizeIp(ip: string): string {
   return ip.startsWith("::ffff:") ? ip.slice(7) : ip;
 }
 
-async function resolveAll(host: string): Promise<string[]> {
-  if (net.isIP(host)) return [normalizeIp(host)];
-  try {
-    return (await lookup(host, { all: true })).map((a) => normalizeIp(a.address));
-  } catch {
-    return [];
-  }
+/** Every address the system's resolver has for `host`. */
+async function lookupAll(host: string): Promise<string[]> {
+  return (await lookup(host, { all: true })).map((a) => a.address);
 }
 
 /** Records a worker-level error and when it happened (`hast list`: lastError, lastErrorAt). */

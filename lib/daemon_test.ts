@@ -12,6 +12,7 @@ import net from "node:net";
 import { join } from "node:path";
 import { controlRequest, type ControlRequest, type ControlResponse } from "./control.ts";
 import { Daemon, helloHeaderError, WORKER_MIMALLOC_PURGE_DELAY, WORKER_RESTART_MS, workerEnv } from "./daemon.ts";
+import { LogOutput } from "./log.ts";
 import type { FromWorker, ToWorker } from "./resource_worker.ts";
 import {
   decodeJson, encodeHeader, encodeJson, FrameParser, MAX_JSON_BYTES, MAX_PAYLOAD_BYTES, MessageType,
@@ -171,7 +172,14 @@ afterEach(async () => {
 
 const port = 20_000 + ((process.pid * 13) % 20_000);
 
-function renderConfig(dir: string, lines: { control?: string; pidfile?: string; resource?: string[] } = {}): string {
+interface ConfigLines {
+  control?: string;
+  pidfile?: string;
+  resource?: string[];
+  remote?: string;
+}
+
+function renderConfig(dir: string, lines: ConfigLines = {}): string {
   return [
     `control uds://${lines.control ?? join(dir, "ctl.sock")}`,
     `pidfile ${lines.pidfile ?? join(dir, "hast.pid")}`,
@@ -180,21 +188,27 @@ function renderConfig(dir: string, lines: { control?: string; pidfile?: string; 
     `  local ${join(dir, "r.img")}`,
     `  export uds://${join(dir, "r.sock")}`,
     ...(lines.resource ?? []).map((line) => `  ${line}`),
-    "  on a { remote 127.0.0.2 }",
+    `  on a { remote ${lines.remote ?? "127.0.0.2"} }`,
     "}",
     "",
   ].join("\n");
 }
 
-/** A daemon for node "a" with resource "r" whose workers come from `spawnWorker` (default fakes). */
-async function startDaemon(spawnWorker?: (workers: Workers) => ChildProcess): Promise<Harness> {
+/**
+ * A daemon for node "a" with resource "r" whose workers come from `spawnWorker` (default fakes),
+ * with r's remote and the lookup of host names from `options`.
+ */
+async function startDaemon(
+  spawnWorker?: (workers: Workers) => ChildProcess,
+  options: { remote?: string; lookupHost?: (host: string) => Promise<string[]>; logOutput?: LogOutput } = {},
+): Promise<Harness> {
   const dir = mkdtempSync(join(tmpdir(), "hast-daemon-"));
   const configPath = join(dir, "hast.conf");
-  writeFileSync(configPath, renderConfig(dir));
+  writeFileSync(configPath, renderConfig(dir, { remote: options.remote }));
   const workers = new Workers();
   const exitCodes: number[] = [];
   const daemon = new Daemon({
-    configPath, node: "a", debug: 0, signals: false,
+    configPath, node: "a", debug: 0, signals: false, lookupHost: options.lookupHost, logOutput: options.logOutput,
     spawnWorker: () => spawnWorker?.(workers) ?? (workers.spawn() as unknown as ChildProcess),
     exit: (code) => void exitCodes.push(code),
   });
@@ -391,13 +405,15 @@ test("a reload with a new control socket and pidfile applies them; shutdown remo
 });
 
 /** Connects to the daemon's replication port from `localAddress`; resolves with the first reply. */
-function firstReply(localAddress: string, send: Uint8Array | null): Promise<Record<string, unknown> | null> {
+function firstReply(
+  localAddress: string, send: Uint8Array | null, waitMs = 1_000,
+): Promise<Record<string, unknown> | null> {
   return new Promise((resolve, reject) => {
     const socket = net.connect({ host: "127.0.0.1", port, localAddress });
     const timer = setTimeout(() => {
       socket.destroy();
       resolve(null); // nothing within the time: the daemon waits for a Hello
-    }, 1_000);
+    }, waitMs);
     const parser = new FrameParser((frame) => {
       clearTimeout(timer);
       socket.destroy();
@@ -423,6 +439,59 @@ test("a replication connection from an address that is no resource's remote is r
   const answer = await firstReply("127.0.0.2", hello);
   expect(answer?.accepted).toBe(false);
   expect(String(answer?.reason)).not.toContain("is not the remote");
+});
+
+test("a connection from the old remote whose lookup outlasts a reload is not handed to the resource", async () => {
+  // r's remote is a host name. The daemon looks it up for the connection from 127.0.0.2 (the
+  // old remote's address); while that lookup is held, a reload makes 127.0.0.3's name the
+  // remote. Before the fix the held answer was compared with the old remote and the connection
+  // handed to r's worker; now the remote in force is looked up again, and it is refused.
+  const addresses: Record<string, string> = { "old.peer.test": "127.0.0.2", "new.peer.test": "127.0.0.3" };
+  const held: Array<() => void> = [];
+  let lookups = 0;
+  const lookupHost = (host: string) => new Promise<string[]>((resolve) => {
+    const answer = () => resolve([addresses[host]!]);
+    // The first lookup is the pre-read check of onPeer; the second, routePeer's, is held.
+    if (++lookups === 2) held.push(answer);
+    else answer();
+  });
+  const h = await startDaemon(undefined, { remote: "old.peer.test", lookupHost });
+  expect((await h.role("secondary")).ok).toBe(true);
+  const hello = Buffer.concat(encodeJson(MessageType.Hello, {
+    resource: "r", resuid: "1", proposedResuid: "1", localcnt: "0", remotecnt: "0", replication: "memsync",
+    checksum: "none", compression: "none", protocol: 1, datasizeBytes: 1 << 20, extentsizeBytes: 1 << 16,
+  }));
+  const answer = firstReply("127.0.0.2", hello, 10_000);
+  while (held.length === 0) await Bun.sleep(5);
+  writeFileSync(h.configPath, renderConfig(h.dir, { remote: "new.peer.test" }));
+  await h.daemon.reload();
+  held[0]!();
+  expect(await answer).toEqual({
+    accepted: false, reason: 'address 127.0.0.2 is not the configured remote new.peer.test of "r"',
+  });
+  const worker = [...h.workers.live][0]!;
+  expect(worker.received.map((message) => message.type)).not.toContain("peer");
+});
+
+test("refusals that differ only in what the peer quoted or counted are logged once", async () => {
+  // Before, a reason was its own key: a peer that sent another bad value each time (a resuid,
+  // a frame type, a Hello's length) got a log line for each connection.
+  const lines: string[] = [];
+  const h = await startDaemon(undefined, { logOutput: new LogOutput((text) => void lines.push(text)) });
+  const hello = (resuid: string) => Buffer.concat(encodeJson(MessageType.Hello, {
+    resource: "r", resuid, proposedResuid: "1", localcnt: "0", remotecnt: "0", replication: "memsync",
+    checksum: "none", compression: "none", protocol: 1, datasizeBytes: 1 << 20, extentsizeBytes: 1 << 16,
+  }));
+  for (let i = 0; i < 5; i++) {
+    const forged = `x${i}\n2030-01-01T00:00:00.000Z hast[1] daemon: error: forged`;
+    const answer = await firstReply("127.0.0.2", hello(forged));
+    expect(answer?.reason).toStartWith(`Cannot parse Hello: "resuid" is "x${i}\\n2030`);
+  }
+  const refusals = lines.filter((line) => line.includes("refused connection from"));
+  expect(refusals).toHaveLength(1);
+  expect(refusals[0]).toContain(`Cannot parse Hello: "resuid" is "x0\\n2030-01-01T00:00:00.000Z hast[1] daemon`);
+  expect(lines.every((line) => line.indexOf("\n") === line.length - 1)).toBe(true);
+  expect(h.exitCodes).toEqual([]);
 });
 
 test("two daemons of one configuration started at once: one serves, the other exits 75", async () => {

@@ -8,6 +8,13 @@
  * from that client. A client that breaks the framing is logged and disconnected; nothing a
  * client sends can throw out of this module.
  *
+ * Nothing a client does at will logs a line each time: lines about a connection's life
+ * (connected, serving, disconnected) are logged for one connection per peer a minute, and
+ * warnings (refusals, protocol violations, refused or failed requests) once a minute per kind and
+ * peer, with the count of repeats (RepeatLimiter). Before, every connection logged at least two
+ * lines and every refused one three, so a flood of connections flooded the log (found by review).
+ * A peer is a TCP client's address (any port) or, for the unix socket, every local client.
+ *
  * @module
  */
 
@@ -41,6 +48,7 @@ import {
   type ReceiveBuffers,
   TransmissionFlag,
 } from "./nbd_protocol.ts";
+import { makeLogger, REFUSAL_LOG_INTERVAL_MS, RepeatLimiter, repeatKind } from "./log.ts";
 
 /**
  * What the NBD server needs from the device behind it. All offsets/lengths are validated by the
@@ -86,7 +94,7 @@ export interface NbdServerOptions {
   maxInFlight?: number;
   /** READ/WRITE bytes outstanding per connection before it stops reading. Default 4 × max. */
   maxInFlightBytes?: number;
-  /** Concurrent clients; more are accepted and closed at once with a log line. Default 16. */
+  /** Concurrent clients; more are accepted and refused, logged once a minute per peer. Default 16. */
   maxClients?: number;
   /** Advertised minimum block size (power of two ≤ 64 KiB); unaligned requests get EINVAL.
    *  Default 1: any byte range is served. */
@@ -150,8 +158,6 @@ const ZERO_WRITE_CHUNK_BYTES = MIB;
 /** Replies queued in one turn up to this size are copied into one buffer for one write. */
 const COALESCE_BYTES_MAX = 256 * 1024;
 const FLUSH_SCHEDULER = (callback: () => void) => setImmediate(callback);
-/** Per-connection budget of warn lines about requests, so a broken client cannot flood logs. */
-const REQUEST_LOG_BUDGET = 20;
 
 /**
  * Transmission flags. CAN_MULTI_CONN is correct because BlockDevice.flush covers every completed
@@ -197,8 +203,13 @@ function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-function defaultLog(level: "info" | "warn" | "error", message: string): void {
-  console.error(`nbd ${level}: ${message}`);
+const defaultLog: NbdLog = makeLogger("nbd", 0);
+
+/** Who a connection's lines are limited for: a TCP client's address, or all local clients. */
+function peerOf(socket: net.Socket): string {
+  const address = socket.remoteAddress;
+  if (!address) return "local";
+  return address.startsWith("::ffff:") ? address.slice(7) : address;
 }
 
 /** Counters exposed by stats(). */
@@ -224,6 +235,8 @@ interface ServerContext {
   readonly description: string;
   readonly limits: NbdServerLimits;
   readonly log: NbdLog;
+  /** Lines a client can cause at will go through it, keyed by kind and peer (see @module). */
+  readonly repeats: RepeatLimiter;
   readonly counters: NbdCounters;
 }
 
@@ -312,6 +325,7 @@ export class NbdServer {
       description: options.description ?? "",
       limits: this.limits,
       log: options.log ?? defaultLog,
+      repeats: new RepeatLimiter(REFUSAL_LOG_INTERVAL_MS),
       counters: {
         clients: 0, reads: 0, writes: 0, flushes: 0, trims: 0, zeroes: 0, bytesRead: 0,
         bytesWritten: 0, errors: 0, inFlight: 0, refusedClients: 0, protocolErrors: 0,
@@ -322,11 +336,14 @@ export class NbdServer {
   /** Serve one connected socket (net.Socket from node:net). Returns when the connection ends
    *  and every request it started has finished on the device. Never rejects. */
   async handleConnection(socket: net.Socket): Promise<void> {
-    const { counters, limits, log } = this.#context;
+    const { counters, limits, log, repeats } = this.#context;
     if (this.#closing || this.#connections.size >= limits.maxClients) {
       counters.refusedClients++;
       const why = this.#closing ? "server is closing" : `${limits.maxClients} clients connected`;
-      log("warn", `nbd: refusing connection: ${why} (maxClients ${limits.maxClients})`);
+      const peer = peerOf(socket);
+      const line = repeats.pass(`refusing: ${why} ${peer}`,
+        `nbd: refusing connection from ${peer}: ${why} (maxClients ${limits.maxClients})`);
+      if (line !== null) log("warn", line);
       if (this.#closing || this.#refusing.size >= limits.maxClients) {
         socket.destroy();
         return;
@@ -369,7 +386,12 @@ export class NbdServer {
       if (address.kind === "unix") server.listen(address.path, ready);
       else server.listen(address.port, address.host, ready);
     });
-    server.on("error", (error) => this.#context.log("error", `nbd: listener: ${messageOf(error)}`));
+    server.on("error", (error) => {
+      // Accept errors (EMFILE under a flood of connections) come once per attempt.
+      const message = `nbd: listener: ${messageOf(error)}`;
+      const line = this.#context.repeats.pass(repeatKind(message), message);
+      if (line !== null) this.#context.log("error", line);
+    });
     this.#listeners.push({ server, unixPath: address.kind === "unix" ? address.path : null });
     const where = address.kind === "unix" ? address.path : `${address.host}:${address.port}`;
     this.#context.log("info", `nbd: export '${this.#context.exportName}' listening on ${where}`);
@@ -443,6 +465,10 @@ class NbdConnection {
   readonly #ctx: ServerContext;
   readonly #socket: net.Socket;
   readonly #label: string;
+  /** See peerOf. */
+  readonly #peer: string;
+  /** Whether this connection's life is logged: one connection per peer a minute (see @module). */
+  #lifeLogged = false;
   readonly #parser: NbdServerParser;
   readonly #done = Promise.withResolvers<void>();
   /** Device promises of WRITE/TRIM/WRITE_ZEROES not yet settled; FLUSH waits for them. */
@@ -463,7 +489,6 @@ class NbdConnection {
   #ending = false;
   #socketClosed = false;
   #shutdownRequested = false;
-  #logBudget = REQUEST_LOG_BUDGET;
   #handshakeTimer: ReturnType<typeof setTimeout> | null = null;
   #graceTimer: ReturnType<typeof setTimeout> | null = null;
   /** Why this client is refused (it is beyond maxClients), or null: see NbdServer.#refusing. */
@@ -475,6 +500,7 @@ class NbdConnection {
     this.#socket = socket;
     const peer = socket.remoteAddress ? ` (${socket.remoteAddress}:${socket.remotePort})` : "";
     this.#label = `nbd client ${id}${peer}`;
+    this.#peer = peerOf(socket);
     this.#parser = new NbdServerParser({
       maxOptionBytes: context.limits.maxOptionBytes,
       maxPayloadBytes: context.limits.maxRequestBytes,
@@ -497,7 +523,7 @@ class NbdConnection {
       this.#pump();
     });
     socket.on("error", (error) => {
-      this.#ctx.log("info", `${this.#label}: socket error: ${messageOf(error)}`);
+      this.#logLife(`socket error: ${messageOf(error)}`);
       socket.destroy();
     });
     socket.on("close", () => this.#onClose());
@@ -505,7 +531,9 @@ class NbdConnection {
       this.#violation(`handshake not finished in ${this.#ctx.limits.handshakeTimeoutMs} ms`);
     }, this.#ctx.limits.handshakeTimeoutMs);
     this.#handshakeTimer.unref?.();
-    this.#ctx.log("info", `${this.#label}: connected`);
+    const connected = this.#ctx.repeats.pass(`connection ${this.#peer}`, `${this.#label}: connected`);
+    this.#lifeLogged = connected !== null;
+    if (connected !== null) this.#ctx.log("info", connected);
     this.#send(encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));
     return this.#done.promise;
   }
@@ -550,7 +578,7 @@ class NbdConnection {
     this.#parser.discardPending();
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     if (this.#graceTimer !== null) clearTimeout(this.#graceTimer);
-    this.#ctx.log("info", `${this.#label}: disconnected`);
+    this.#logLife("disconnected");
     this.#maybeResolve();
   }
 
@@ -565,7 +593,7 @@ class NbdConnection {
       this.#pumpFrames();
     } catch (error) {
       const detail = error instanceof Error ? (error.stack ?? error.message) : String(error);
-      this.#ctx.log("error", `${this.#label}: internal error, closing connection: ${detail}`);
+      this.#logRepeated("error", "internal error", `internal error, closing connection: ${detail}`);
       this.#hardClose();
       return;
     }
@@ -671,7 +699,7 @@ class NbdConnection {
         return this.#onExportName(data);
       case Option.ABORT:
         this.#sendOptionReply(option, OptionReply.ACK);
-        this.#ctx.log("info", `${this.#label}: client aborted negotiation`);
+        this.#logLife("client aborted negotiation");
         return this.#endGracefully();
       case Option.LIST:
         return this.#onList(data);
@@ -749,7 +777,7 @@ class NbdConnection {
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
     const size = this.#ctx.device.sizeBytes;
-    this.#ctx.log("info", `${this.#label}: serving '${this.#ctx.exportName}' (${size} bytes)`);
+    this.#logLife(`serving '${this.#ctx.exportName}' (${size} bytes)`);
   }
 
   #sendOptionReply(option: number, replyType: number, message = ""): void {
@@ -769,7 +797,7 @@ class NbdConnection {
    */
   #onRequest(request: NbdRequest, payload: Uint8Array | null, oversized: boolean): void {
     if (request.type === Command.DISC) {
-      this.#ctx.log("info", `${this.#label}: client sent disconnect`);
+      this.#logLife("client sent disconnect");
       this.#state = "closing";
       return this.#maybeFinish();
     }
@@ -841,7 +869,7 @@ class NbdConnection {
         this.#pump();
         this.#maybeResolve();
       })
-      .catch((error) => this.#ctx.log("error", `${this.#label}: internal error: ${error}`));
+      .catch((error) => this.#logRepeated("error", "internal error", `internal error: ${error}`));
   }
 
   /** Data bytes a request holds while it runs, counted against maxInFlightBytes. */
@@ -938,14 +966,22 @@ class NbdConnection {
     return errno;
   }
 
+  /** Once a minute per command, reason and peer (see @module). */
   #logRequest(level: "warn" | "error", request: NbdRequest, what: string): void {
-    if (this.#logBudget <= 0) return;
     const name = COMMAND_NAMES.get(request.type) ?? `command ${request.type}`;
     const where = `offset ${request.offset} length ${request.length}`;
-    this.#ctx.log(level, `${this.#label}: ${name} ${where} ${what}`);
-    if (--this.#logBudget === 0) {
-      this.#ctx.log(level, `${this.#label}: further request messages suppressed`);
-    }
+    this.#logRepeated(level, `${name} ${what}`, `${name} ${where} ${what}`);
+  }
+
+  /** A line about the connection's life, if this connection's life is logged (see @module). */
+  #logLife(what: string): void {
+    if (this.#lifeLogged) this.#ctx.log("info", `${this.#label}: ${what}`);
+  }
+
+  /** A line the client can cause at will: once a minute per kind of `what` and peer. */
+  #logRepeated(level: "warn" | "error", kind: string, what: string): void {
+    const line = this.#ctx.repeats.pass(`${repeatKind(kind)} ${this.#peer}`, `${this.#label}: ${what}`);
+    if (line !== null) this.#ctx.log(level, line);
   }
 
   /** Simple reply; READ data follows the header. Dropped if the socket is gone. */
@@ -1002,7 +1038,7 @@ class NbdConnection {
     if (!this.#peerEnded || !this.#parserDrained) return;
     const incomplete = this.#parser.incompleteFrame();
     if (incomplete !== null && this.#parser.phase !== "failed") {
-      this.#ctx.log("warn", `${this.#label}: client closed mid-frame: ${incomplete}`);
+      this.#logRepeated("warn", "client closed mid-frame", `client closed mid-frame: ${incomplete}`);
     }
     this.#endGracefully();
   }
@@ -1035,7 +1071,7 @@ class NbdConnection {
   #violation(reason: string, graceful = false): void {
     if (this.#ending) return;
     this.#ctx.counters.protocolErrors++;
-    this.#ctx.log("warn", `${this.#label}: closing connection: ${reason}`);
+    this.#logRepeated("warn", `closing connection: ${reason}`, `closing connection: ${reason}`);
     if (graceful) this.#endGracefully();
     else this.#hardClose();
   }

@@ -831,7 +831,7 @@ describe("server", () => {
     const replies = await c.option(Option.GO, encodeInfoRequest({ name: "", infoTypes: [] }));
     expect(replies.map(([type]) => type)).toEqual([OptionReply.ERR_POLICY]);
     expect(new TextDecoder().decode(replies[0]![1])).toBe("Cannot serve 'data': 2 clients connected (maxClients 2)");
-    expect(logs.join("\n")).toContain("refusing connection: 2 clients connected");
+    expect(logs.join("\n")).toContain("refusing connection from local: 2 clients connected");
     expect(server!.stats()).toMatchObject({ clients: 2, refusedClients: 1 });
     // It goes on refusing (EXPORT_NAME, which allows no error reply, closes).
     c.write(encodeOption(Option.EXPORT_NAME, new TextEncoder().encode("data")));
@@ -846,6 +846,65 @@ describe("server", () => {
     await until(() => server!.stats().clients === 1, "a's slot to be freed");
     const d = await connect();
     await d.go();
+  });
+
+  // A flood from one TCP address: garbage, silent and refused connections, and bad requests,
+  // on many connections. Before the fix each logged its own lines (connected, the reason,
+  // disconnected), so the log grew with the flood; now each kind is logged once a minute per
+  // address, while another address's first lines still go through.
+  test("a flood of connections from one address logs each kind of line once", async () => {
+    await serve({ maxClients: 1 });
+    await server!.listen({ kind: "tcp", host: "127.0.0.1", port: 0 });
+    const port = server!.tcpPorts()[0]!;
+    const open = (localAddress = "127.0.0.1") => new Promise<net.Socket>((resolve, reject) => {
+      const socket = net.createConnection({ host: "127.0.0.1", port, localAddress }, () => resolve(socket));
+      socket.on("error", reject);
+      socket.on("data", () => {}); // read what the server sends: else 'close' waits for it
+    });
+    const closed = (socket: net.Socket) => new Promise<void>((resolve) => {
+      socket.on("error", () => {});
+      if (socket.destroyed) resolve();
+      else socket.on("close", () => resolve());
+    });
+    const garbage = async (bytes: Uint8Array, localAddress?: string) => {
+      const socket = await open(localAddress);
+      socket.end(bytes);
+      await closed(socket);
+      await until(() => server!.stats().clients === 0, "the connection gone");
+    };
+    for (let i = 0; i < 30; i++) await garbage(encodeClientFlags(0x1000 + i)); // unknown flags, each other
+    for (let i = 0; i < 30; i++) await garbage(new Uint8Array(0)); // connects, closes
+    await garbage(encodeClientFlags(0x2000), "127.0.0.2"); // another address
+    // Bad requests on many connections (unix: all local clients are one peer).
+    for (let i = 0; i < 10; i++) {
+      const client = await connect();
+      await client.go();
+      client.send({ type: Command.READ, cookie: 1n, offset: 1 << 30, length: 512 });
+      expect((await client.reply()).errno).toBe(NbdErrno.EINVAL);
+      client.destroy();
+      await until(() => server!.stats().clients === 0, "the connection gone");
+    }
+    const holder = await open(); // takes the one slot
+    holder.write(encodeClientFlags(ClientFlag.FIXED_NEWSTYLE));
+    holder.write(encodeOption(Option.EXPORT_NAME));
+    await until(() => server!.stats().clients === 1, "the holder served");
+    const refused = await Promise.all(Array.from({ length: 20 }, () => open()));
+    await until(() => server!.stats().refusedClients === 20, "the refusals");
+    for (const socket of refused) socket.destroy();
+    expect(server!.stats().protocolErrors).toBe(31);
+    const from = (address: string) => logs.filter((line) => line.includes(`(${address}:`));
+    const kinds = (lines: string[]) => lines.map((line) => line.replace(/^.*?\): /, "").replace(/0x\w+/, "#"));
+    // The first connection's life, and the first of each kind of refusal.
+    const first = ["connected", "closing connection: unknown client flags #", "disconnected"];
+    expect(kinds(from("127.0.0.1"))).toEqual(first);
+    expect(kinds(from("127.0.0.2"))).toEqual(first);
+    expect(logs.filter((line) => line.includes("refusing connection from 127.0.0.1"))).toHaveLength(1);
+    expect(logs.filter((line) => line.includes("READ offset"))).toEqual([
+      "warn: nbd client 62: READ offset 1073741824 length 512 refused (EINVAL): beyond the end of the export " +
+      "(1048576 bytes)",
+    ]);
+    expect(logs.length).toBeLessThan(20);
+    holder.destroy();
   });
 
   test("close() finishes in-flight work, queued requests get ESHUTDOWN, socket goes", async () => {

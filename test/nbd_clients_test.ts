@@ -195,6 +195,13 @@ describe("real NBD clients", () => {
     const copy = path.join(dir, "copy.img");
     const random = crypto.randomBytes(8 * MIB);
     fs.writeFileSync(source, random);
+    // Counted here: the log has one connection's life a minute (nbd_server.ts).
+    let connections = 0;
+    const handle = server!.handleConnection.bind(server!);
+    server!.handleConnection = (socket) => {
+      connections++;
+      return handle(socket);
+    };
     expectSuccess(await run(["nbdcopy", "--flush", source, uri]), "nbdcopy in");
     expectSuccess(await run(["nbdcopy", uri, copy]), "nbdcopy out");
     const out = fs.readFileSync(copy);
@@ -203,7 +210,7 @@ describe("real NBD clients", () => {
     expect(out.subarray(8 * MIB).every((b) => b === FILL)).toBe(true);
     expect(Buffer.from(image().subarray(0, 8 * MIB)).equals(random)).toBe(true);
     // Two runs took more than two connections: nbdcopy used CAN_MULTI_CONN.
-    expect(logs.filter((line) => line.includes("serving")).length).toBeGreaterThan(2);
+    expect(connections).toBeGreaterThan(2);
     const stats = server!.stats();
     expect(stats.bytesWritten).toBe(8 * MIB);
     expect(stats.bytesRead).toBeGreaterThanOrEqual(DEVICE_BYTES);
@@ -312,7 +319,8 @@ describe("real NBD clients", () => {
   }, 60_000);
 
   // Garbage on other connections while nbdcopy works: each bad connection is closed with a
-  // logged reason, and the copy completes with the right bytes.
+  // logged reason (each kind once a minute: "GET " and random bytes are both unknown client
+  // flags), and the copy completes with the right bytes.
   test("garbage on other connections does not disturb a well-behaved client", async () => {
     const source = path.join(dir, "random.img");
     const random = crypto.randomBytes(8 * MIB);
@@ -329,7 +337,7 @@ describe("real NBD clients", () => {
     expectSuccess(await copying, "nbdcopy");
     expect(Buffer.from(image().subarray(0, 8 * MIB)).equals(random)).toBe(true);
     const text = logs.join("\n");
-    expect(text).toContain("unknown client flags 0x47455420"); // "GET " read as client flags
+    expect(text).toMatch(/unknown client flags 0x[0-9a-f]+/); // "GET " read as client flags, or random
     expect(text).toContain("bad magic 0x49484156454f5058"); // "IHAVEOPX"
     expect(text).toContain("bad magic 0xdeadbeef");
     expect(text).toContain("lack FIXED_NEWSTYLE");

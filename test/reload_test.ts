@@ -11,6 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { controlRequest } from "../lib/control.ts";
 import { Daemon } from "../lib/daemon.ts";
+import { LogOutput } from "../lib/log.ts";
 import { waitFor } from "./harness.ts";
 import { inSync, pairPerTest } from "./sim.ts";
 
@@ -165,24 +166,24 @@ test("a reload of a file with an error applies none of it and names file and lin
   ].join("\n");
   const configPath = join(dir, "hast.conf");
   writeFileSync(configPath, conf("1M", ""));
+  const lines: string[] = [];
+  let capture = false;
   const daemon = new Daemon({
     configPath, node: "a", debug: 0, signals: false, exit: () => {},
     spawnWorker: () => {
       throw new Error("no workers in this test");
     },
+    logOutput: new LogOutput((text) => {
+      if (capture) lines.push(text);
+    }),
   });
   daemons.push(daemon);
   await daemon.start();
-  const lines: string[] = [];
-  const write = process.stderr.write;
-  process.stderr.write = ((chunk: string) => lines.push(String(chunk)) > 0) as typeof write;
-  try {
-    // r's new rate is valid and comes first; s (line 11) has a bad one.
-    writeFileSync(configPath, conf("2M", "  syncrate abc"));
-    await daemon.reload();
-  } finally {
-    process.stderr.write = write;
-  }
+  capture = true;
+  // r's new rate is valid and comes first; s (line 11) has a bad one.
+  writeFileSync(configPath, conf("2M", "  syncrate abc"));
+  await daemon.reload();
+  capture = false;
   expect(lines.join("")).toContain(`SIGHUP: config not reloaded: ${configPath}:11:12: Cannot set "syncrate"`);
   expect(lines.join("")).not.toContain("configuration reloaded");
   const answer = await controlRequest(control, { command: "list", names: ["r", "s"] }, 5000);
