@@ -126,8 +126,6 @@ export class Primary {
    * iterates in insertion order, so its first is the oldest. See writesAccounted.
    */
   private readonly writesUnaccounted = new Set<number>();
-  /** Each link's connection's `finished`: it may hold a request that failed for a bug of ours. */
-  private readonly connFinished = new WeakMap<RemoteLink, Promise<void>>();
   private mapPending: Promise<void> | null = null;
   private mapChain: Promise<void> = Promise.resolve();
   /** The last map write requested, until it settles (map writes settle in order). */
@@ -260,8 +258,18 @@ export class Primary {
 
   async flush(): Promise<void> {
     this.counters.flushes++;
-    const { localOk } = await this.flushBoth(this.mode !== "async");
+    // While this node syncs from the secondary, the secondary's copy is the one the sync keeps
+    // (see mutate): the writes answered since its last flush are durable only once it flushed
+    // them, in every mode. Found by review: in async a FLUSH did not wait, and when the
+    // secondary's host then crashed, the reconnect's sync (from the secondary again) pulled its
+    // older data over writes the application was told are flushed; in every mode a Flush lost
+    // with the link was answered success, with the same end. Taken now: a lost link resets it.
+    const fromSecondary = this.syncSource === "secondary";
+    const { localOk, remoteOk } = await this.flushBoth(this.mode !== "async" || fromSecondary);
     if (!localOk) throw new IoError("local flush failed", "EIO");
+    if (fromSecondary && remoteOk === false) {
+      throw new IoError("the secondary, whose copy this node is syncing from, did not flush", "EIO");
+    }
   }
 
   /**
@@ -280,7 +288,11 @@ export class Primary {
       // Within the window: the secondary counts a Flush as a request.
       remote = link.callWhenRoom({ type: MessageType.Flush }).then((call) => call.done).then(
         (reply) => reply.error === 0 || this.remoteFlushFailed(covered, errnoName(reply.error)),
-        (error: Error) => this.remoteFlushFailed(covered, error.message),
+        (error: unknown) => {
+          // Anything but a lost link is a bug of ours: not hidden as a failed flush (found by review).
+          if (!(error instanceof LinkDownError)) void this.linkBroken(link, error, "a Flush");
+          return this.remoteFlushFailed(covered, error instanceof Error ? error.message : String(error));
+        },
       );
     }
     const localOk = await this.localFlush();
@@ -418,7 +430,9 @@ export class Primary {
         }));
       } catch (error) {
         // Anything but a lost link is a bug of ours (an assertion, a TypeError): not hidden as one.
-        if (!(error instanceof LinkDownError)) broken = this.linkBroken(link, error, offset + at, pieceBytes);
+        if (!(error instanceof LinkDownError)) {
+          broken = this.linkBroken(link, error, `a request at ${offset + at}+${pieceBytes}`);
+        }
         break; // the extents stay dirty
       }
       // Noted as sent, not at the reply: a reply read together with the link's close (the
@@ -445,17 +459,17 @@ export class Primary {
   }
 
   /**
-   * Sending a request failed for a bug of ours, not a lost link: logged with its stack, and the
-   * link closed, as its state is unknown (the request may be registered and never sent), so the
-   * write goes on as with a lost link (its extents stay dirty and resync). Returns when the
-   * connection lets go of what it was given (the failed request holds no RemoteCall to say so).
+   * Sending `request` (e.g. "a Flush") failed for a bug of ours, not a lost link: logged with its
+   * stack, and the link closed, as its state is unknown (the request may be registered and never
+   * sent), so the caller goes on as with a lost link (a write's extents stay dirty and resync).
+   * Returns when the connection lets go of what it was given (the failed request holds no
+   * RemoteCall to say so).
    */
-  private linkBroken(link: RemoteLink, error: unknown, offset: number, length: number): Promise<void> {
+  private linkBroken(link: RemoteLink, error: unknown, request: string): Promise<void> {
     const what = error instanceof Error ? error.stack ?? String(error) : String(error);
-    this.o.log("error", `internal error sending a request at ${offset}+${length} to the secondary ` +
-      `(dropping the link): ${what}`);
+    this.o.log("error", `internal error sending ${request} to the secondary (dropping the link): ${what}`);
     link.close(`internal error: ${error}`);
-    return this.connFinished.get(link) ?? Promise.resolve();
+    return link.finished;
   }
 
   private async localMutate(
@@ -858,7 +872,6 @@ export class Primary {
         onDown();
       },
     });
-    this.connFinished.set(this.link, conn.finished);
     this.linkState = "connected";
     this.bumpedSinceDisconnect = false;
     this.lastLinkError = "";
@@ -895,6 +908,14 @@ export class Primary {
     // No sync can finish (it must flush this disk) until the resource restarts.
     if (this.data.failure() !== null) {
       this.o.log("warn", "not syncing: a flush of the local disk failed; restart the resource");
+      return;
+    }
+    // Found by review: a failed metadata or map write records the loss without failing a data
+    // flush (metadata.ts); this copy may then lack answered writes and must not overwrite the
+    // secondary's. Syncing from the secondary is what heals it, and goes on.
+    if (this.syncSource === "primary" && this.o.meta.metadata.localWritesLost) {
+      this.o.log("warn", "not syncing to the secondary: this node's disk may have lost writes " +
+        "(localWritesLost); fail over to the secondary (README, Recovery)");
       return;
     }
     const syncer = new Synchronizer({
@@ -951,7 +972,12 @@ export class Primary {
       payload: new TextEncoder().encode(JSON.stringify({
         localcnt: String(peer.localcnt), remotecnt: String(seen),
       })),
-    }).then((call) => call.done).catch((error: Error) => error);
+    }).then((call) => call.done).catch((error: unknown) => {
+      // Anything but a lost link is a bug of ours: logged with its stack, and the link dropped,
+      // not retried over the same link as a refusal of the secondary (found by review).
+      if (!(error instanceof LinkDownError)) void this.linkBroken(link, error, "a SyncDone");
+      return error instanceof Error ? error : new Error(String(error));
+    });
     if (reply instanceof Error || reply.error !== 0) {
       const why = reply instanceof Error ? reply.message : errnoName(reply.error);
       // With the link up, the Synchronizer tries again (SyncDone may be repeated): otherwise the

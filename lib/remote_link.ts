@@ -152,6 +152,15 @@ export class RemoteLink {
   }
 
   /**
+   * Resolves once the connection holds nothing it was given (its socket is gone): what a request
+   * that failed for a bug of ours, and so has no RemoteCall, waits for before its payload is
+   * reused. Never rejects.
+   */
+  get finished(): Promise<void> {
+    return this.conn.finished;
+  }
+
+  /**
    * Sends a request once it fits in the window: fewer than maxInFlight requests outstanding and
    * its data bytes under maxInFlightBytes (backpressure: in async mode this is what bounds the
    * memory). The check and the send are one step, so the waiters one reply wakes cannot all pass

@@ -258,3 +258,14 @@ test("a send that throws closes the link and settles the request; the caller see
   expect(link.isUp).toBe(false);
   expect(conn.closed).toBe(true);
 });
+
+// The request whose send threw has no RemoteCall: its caller waits on `finished` before it reuses
+// the payload (Primary.linkBroken; it kept each connection's `finished` in a map of its own).
+test("finished resolves once the connection let go of everything it was given, not at the close", async () => {
+  const conn = new ScriptedConnection();
+  const link = linkOver(conn);
+  link.close("test: link lost");
+  expect(await settled(link.finished)).toBe(false); // its bytes may still be in the socket
+  conn.gone.resolve();
+  expect(await settled(link.finished)).toBe(true);
+});

@@ -551,6 +551,84 @@ for (const replication of ["fullsync", "memsync", "async"] as const) {
   }, 40_000);
 }
 
+/**
+ * The secondary's host with a page cache: `crash()` puts back what its disk held when its last
+ * completed flush began (what the crash keeps), and drops the link as the dead host does. A
+ * flush takes `flushMs`; while `hold` is set, flushes do not complete (the host dies in one).
+ */
+function secondaryHost(sim: Sim, flushMs: number) {
+  let durable = sim.secondaryDisk.bytes.slice();
+  let crashes = 0;
+  const host = { hold: false, flushesStarted: 0, crash: (_reason: string) => {} };
+  let unhold = () => {};
+  const held = new Promise<void>((resolve) => (unhold = resolve));
+  sim.secondaryDisk.beforeFlush = async () => {
+    const era = crashes;
+    const image = sim.secondaryDisk.bytes.slice();
+    host.flushesStarted++;
+    await Bun.sleep(flushMs);
+    if (host.hold) await held;
+    if (era === crashes) durable = image;
+  };
+  host.crash = (reason: string) => {
+    crashes++;
+    sim.secondaryDisk.bytes.set(durable);
+    sim.dropLink(reason);
+    host.hold = false;
+    unhold();
+  };
+  return host;
+}
+
+test("syncing from the secondary, async: a flush waits for the secondary's, so a crash of its host loses " +
+  "nothing the application was told is flushed", async () => {
+  // Found by review: in async a FLUSH was answered after the local flush alone. The secondary's
+  // host then crashed with the write in its page cache, and the reconnect (the secondary's copy
+  // still the newer) pulled its older data over the extent the disconnect had marked for sync.
+  const sim = await startBehind("async", true); // extents 8–15 to pull at 64 KiB/s: syncing throughout
+  const host = secondaryHost(sim, 200);
+  const W = 12 * MIB; // still to be pulled
+  await sim.primary.write(W, pattern(4096, 5), false);
+  await sim.primary.flush();
+  host.crash("test: secondary host crashed");
+  sim.primary.setSyncRate(0);
+  await waitFor("reconnected", () => sim.events.filter((e) => e === "primary connect").length >= 2 || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  await inSync(sim, "synced from the secondary again", 20_000);
+  const verdicts = sim.logs.filter((l) => l.startsWith("primary info: connected to secondary"));
+  expect(verdicts.map((l) => l.endsWith("sync from secondary)"))).toEqual([true, true]); // the same again
+  expect(sim.primaryDisk.bytes.subarray(W, W + 4096)).toEqual(pattern(4096, 5));
+  expect(Buffer.compare(sim.primaryDisk.bytes, sim.secondaryDisk.bytes)).toBe(0);
+}, 40_000);
+
+for (const replication of ["fullsync", "memsync", "async"] as const) {
+  test(`syncing from the secondary, ${replication}: a flush lost with the secondary's host is an I/O error`,
+    async () => {
+      // Found by review: a Flush whose link was lost was answered success (only the local flush
+      // counted), and the reconnect's sync from the secondary pulled its older data over the write.
+      const sim = await startBehind(replication, true);
+      const host = secondaryHost(sim, 50);
+      const W = 12 * MIB; // still to be pulled
+      await sim.primary.write(W, pattern(4096, 5), false);
+      host.hold = true;
+      const started = host.flushesStarted;
+      const outcome = sim.primary.flush().then(() => "ok", (e: Error) => e.message);
+      await waitFor("a flush of the secondary began", () => host.flushesStarted > started || undefined,
+        { timeoutMs: 5_000, intervalMs: 5 });
+      host.crash("test: secondary host crashed while flushing");
+      const answer = await outcome;
+      sim.primary.setSyncRate(0);
+      await inSync(sim, "synced from the secondary again", 20_000);
+      expect(Buffer.compare(sim.primaryDisk.bytes, sim.secondaryDisk.bytes)).toBe(0);
+      // Answered success, the write would have to be on both copies now; it is lost (the sync
+      // pulled the crashed secondary's copy), so the flush must have failed.
+      const kept = Buffer.compare(sim.primaryDisk.bytes.subarray(W, W + 4096), pattern(4096, 5)) === 0;
+      expect({ answer, kept }).toEqual({
+        answer: "the secondary, whose copy this node is syncing from, did not flush", kept: false,
+      });
+    }, 40_000);
+}
+
 test("a change of replication mode by SIGHUP reconnects: the secondary then keeps async's order", async () => {
   const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 5 });
   sim.primary.reconfigure({ ...sim.config(), replication: "async" });
@@ -831,3 +909,22 @@ test("memsync: a write the secondary fails is no verify difference, however long
     await inSync(sim, "resynced", 15_000);
     expect(Buffer.compare(sim.secondaryDisk.bytes, sim.primaryDisk.bytes)).toBe(0);
   }, 60_000);
+
+// Found by review: a primary whose metadata says localWritesLost (a failed metadata or map write
+// records it without failing a data flush) pushed its possibly older copy over the secondary's.
+test("a primary whose disk may have lost writes does not sync its copy to the secondary", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0 });
+  await sim.primary.write(0, pattern(4096, 3), false);
+  sim.reachable = false;
+  expect(sim.dropLink("test: link reset")).toBe(true);
+  await sim.primary.write(3 * MIB, pattern(4096, 5), false);
+  expect(sim.primary.status().dirtyBytes).toBeGreaterThan(0);
+  sim.primaryMeta.metadata = { ...sim.primaryMeta.metadata, localWritesLost: true };
+  const before = Buffer.from(sim.secondaryDisk.bytes);
+  sim.reachable = true;
+  await waitFor("refused to sync", () => sim.logs.some((l) => l.includes("not syncing to the secondary")) || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  expect(sim.primary.status().link).toBe("connected");
+  expect(sim.primary.status().dirtyBytes).toBeGreaterThan(0);
+  expect(Buffer.compare(sim.secondaryDisk.bytes, before)).toBe(0);
+});

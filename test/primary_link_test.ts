@@ -6,10 +6,11 @@
 import { expect, test } from "bun:test";
 import { createCluster } from "./cluster.ts";
 import { Cleanup, waitFor } from "./harness.ts";
-import { eio, pairPerTest, pattern, type Sim } from "./sim.ts";
+import { eio, inSync, pairPerTest, pattern, Sim } from "./sim.ts";
+import type { RemoteLink } from "../lib/remote_link.ts";
 import { MessageType } from "../lib/wire.ts";
 
-const { startPair } = pairPerTest();
+const { startPair, track } = pairPerTest();
 const MIB = 1024 * 1024;
 
 /** Waits until the primary's link is down and an attempt to reconnect has failed; returns linkError. */
@@ -154,7 +155,9 @@ test("a bug of ours while sending a write is logged and drops the link; the writ
   await sim.primary.write(MIB, data, false); // the local write stands, as with a lost link
   const st = sim.primary.status();
   expect(st.link).toBe("disconnected");
-  expect(st.linkError).toBe("link lost: internal error: TypeError: test: a bug in the send path");
+  // RemoteLink.call closed the link first, naming the request it could not send.
+  expect(st.linkError).toMatch(
+    /^link lost: internal error while sending seq \d+: TypeError: test: a bug in the send path$/);
   expect(sim.logs.some((l) => l.startsWith("primary error: internal error sending a request at 1048576+4096") &&
     l.includes("TypeError: test: a bug in the send path"))).toBe(true);
   expect(sim.primaryMeta.metadata.localcnt).toBe(start + 1n); // counted: the secondary lacks it
@@ -165,4 +168,73 @@ test("a bug of ours while sending a write is logged and drops the link; the writ
     return s.status === "complete" && s.dirtyBytes === 0 ? true : undefined;
   }, { timeoutMs: 10_000, intervalMs: 10 });
   expect(sim.secondaryDisk.bytes.subarray(MIB, MIB + 4096)).toEqual(data);
+}, 30_000);
+
+/**
+ * Makes the primary's live link throw a TypeError, as a bug of ours before anything is sent
+ * would, when asked to send a request of `type` (named `name`); the link itself stays up.
+ */
+function breakSending(sim: Sim, type: MessageType, name: string): RemoteLink {
+  const link = (sim.primary as unknown as { link: RemoteLink }).link;
+  const callWhenRoom = link.callWhenRoom.bind(link);
+  link.callWhenRoom = async (frame) => {
+    if (frame.type === type) throw new TypeError(`test: a bug before sending a ${name}`);
+    return callWhenRoom(frame);
+  };
+  return link;
+}
+
+/** True once the primary logged an internal error sending `name`, with the stack. */
+const loggedWithStack = (sim: Sim, name: string) => sim.logs.some((l) =>
+  l.startsWith(`primary error: internal error sending a ${name} to the secondary (dropping the link): ` +
+    `TypeError: test: a bug before sending a ${name}\n`) && l.includes("\n    at "));
+
+// Found by review: a bug of ours in the remote Flush was taken for a failed flush of the
+// secondary: a warning without its stack, and the link stayed up.
+test("a bug of ours while sending a flush is logged with its stack and drops the link; the pair resyncs", async () => {
+  const sim = await startPair({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 30 });
+  const data = pattern(4096, 6);
+  await sim.primary.write(2 * MIB, data, false);
+  const link = breakSending(sim, MessageType.Flush, "Flush");
+  await sim.primary.flush(); // the local flush stands
+  expect(link.isUp).toBe(false);
+  expect(sim.primary.status().linkError)
+    .toBe("link lost: internal error: TypeError: test: a bug before sending a Flush");
+  expect(loggedWithStack(sim, "Flush")).toBe(true);
+  await waitFor("reconnected", () => sim.primary.status().link === "connected" || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  await inSync(sim, "resynced");
+  expect(sim.secondaryDisk.bytes.subarray(2 * MIB, 2 * MIB + 4096)).toEqual(data);
+}, 30_000);
+
+// Found by review: a bug of ours in sending the end of a sync was taken for a refusal of the
+// secondary: a warning without its stack, and the sync retried it over the same link for ever.
+test("a bug of ours while sending the end of a sync is logged with its stack and drops the link", async () => {
+  const sim = track(new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 30 }));
+  // This copy is the newer one for extent 5: the first connection syncs it from here.
+  const shared = { resuid: 77n, remotecnt: 1n };
+  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 2n });
+  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 1n });
+  sim.primaryMeta.map[0] = 0b10_0000;
+  sim.primaryDisk.bytes.fill(7, 5 * MIB, 6 * MIB);
+  let openReads = () => {};
+  const reads = new Promise<void>((resolve) => (openReads = resolve));
+  sim.primaryDisk.beforeRead = () => reads; // the sync waits until the link is broken
+  sim.start();
+  await waitFor("connected", () => sim.primary.status().link === "connected" || undefined,
+    { timeoutMs: 10_000, intervalMs: 5 });
+  const link = breakSending(sim, MessageType.SyncDone, "SyncDone");
+  openReads();
+  await waitFor("the bug logged", () => loggedWithStack(sim, "SyncDone") || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  expect(link.isUp).toBe(false);
+  expect(sim.logs).toContain("primary warn: disconnected from secondary: internal error: TypeError: test: a bug " +
+    "before sending a SyncDone");
+  await waitFor("reconnected", () => sim.events.filter((e) => e === "primary connect").length >= 2 || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  await inSync(sim, "synced over the next link");
+  await waitFor("the end of the sync recorded on the secondary", () =>
+    sim.secondaryMeta.metadata.remotecnt === sim.primaryMeta.metadata.localcnt || undefined,
+  { timeoutMs: 10_000, intervalMs: 10 });
+  expect(sim.secondaryDisk.bytes.subarray(5 * MIB, 6 * MIB).every((b) => b === 7)).toBe(true);
 }, 30_000);
