@@ -21,6 +21,7 @@ import {
   type Metadata,
 } from "./metadata.ts";
 import { Provider, ProviderError } from "./provider.ts";
+import { failFdatasync } from "../test/fs_faults.ts";
 
 const MiB = 1024 * 1024;
 let dir = "";
@@ -307,15 +308,6 @@ function sh(cmd: string[]): string {
   return r.stdout.toString().trim();
 }
 
-/** Makes the provider's fdatasync fail with `code` (EIO: a lost cached write) until `restore()`. */
-function failFdatasync(code: string): { restore(): void } {
-  const real = fs.fdatasync;
-  Object.assign(fs, {
-    fdatasync: (_fd: number, callback: (error: Error | null) => void) =>
-      callback(Object.assign(new Error(`${code}: fdatasync`), { code })),
-  });
-  return { restore: () => Object.assign(fs, { fdatasync: real }) };
-}
 
 /**
  * Follows which metadata slots and map pages hold writes not yet durable (plain writes since

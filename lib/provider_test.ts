@@ -7,6 +7,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Provider, ProviderError, StallBudget, threadSleeps } from "./provider.ts";
+import { failFdatasync } from "../test/fs_faults.ts";
 
 const MiB = 1024 * 1024;
 let dir = "";
@@ -37,15 +38,6 @@ function makeFile(name: string, sizeBytes: number): string {
   return file;
 }
 
-/** Makes fdatasync fail with `code` until `restore()`. */
-function failFdatasync(code: string): { restore(): void } {
-  const real = fs.fdatasync;
-  Object.assign(fs, {
-    fdatasync: (_fd: number, callback: (error: Error | null) => void) =>
-      callback(Object.assign(new Error(`${code}: fdatasync`), { code })),
-  });
-  return { restore: () => Object.assign(fs, { fdatasync: real }) };
-}
 
 async function expectProviderError(fn: () => unknown, code: string): Promise<ProviderError> {
   try {
