@@ -33,7 +33,7 @@
  */
 import { expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { eio, inSync, MemoryDisk, MemoryMeta, pairPerTest, pattern, Sim } from "./sim.ts";
+import { eio, inSync, makeNewer, MemoryDisk, MemoryMeta, pairPerTest, pattern, Sim } from "./sim.ts";
 import { ActiveMap } from "../lib/activemap.ts";
 import { Primary } from "../lib/primary.ts";
 import { systemClock } from "../lib/remote_link.ts";
@@ -219,9 +219,7 @@ test("a local read error falls back to the secondary only where both copies are 
 test("a primary behind the secondary never serves its older extents, also after the link is lost", async () => {
   const sim = track(new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 1 }));
   // The secondary was primary meanwhile and wrote extents 2 and 3 (the counters say so).
-  const shared = { resuid: 77n, remotecnt: 1n };
-  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
-  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+  makeNewer(sim, "secondary");
   sim.secondaryMeta.map[0] = 0b1100;
   sim.secondaryDisk.bytes.fill(9, 2 * MIB, 4 * MIB);
   sim.primaryDisk.bytes.fill(1, 2 * MIB, 4 * MIB);
@@ -484,9 +482,7 @@ async function startBehind(
   replication: "fullsync" | "memsync" | "async", more = false, rate = 64 * 1024,
 ): Promise<Sim> {
   const sim = track(new Sim({ replication, keepdirty: 0, timeoutSeconds: 2 }));
-  const shared = { resuid: 77n, remotecnt: 1n };
-  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
-  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+  makeNewer(sim, "secondary");
   sim.secondaryMeta.map[0] = 0b0100;
   sim.secondaryDisk.bytes.fill(9, 2 * MIB, 3 * MIB);
   if (more) {
@@ -805,9 +801,7 @@ test("the secondary's map merged at connect is on disk before a write lands, eve
   // persistMap after that was skipped. A write to a merged extent then found its bit set and wrote
   // no map: its data landed with the bit clear on disk, so a crash would forget the extent.
   const sim = track(new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 2 }));
-  const shared = { resuid: 77n, remotecnt: 1n };
-  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
-  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+  makeNewer(sim, "secondary");
   sim.secondaryMeta.map[0] = 0b0100; // the secondary wrote extent 2 while it was primary
   let failed = false;
   sim.primaryMeta.beforeWrite = async (update) => {
@@ -836,9 +830,7 @@ test("a verify is refused until the end of a sync from the secondary is recorded
   async () => {
     const sim = track(new Sim({ replication: "fullsync", keepdirty: 0 }));
     // Newer counters on the secondary, an empty map: the sync from it has nothing to copy.
-    const shared = { resuid: 77n, remotecnt: 1n };
-    Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
-    Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+    makeNewer(sim, "secondary");
     sim.primaryDisk.bytes.fill(1, 5 * MIB, 6 * MIB);
     sim.secondaryDisk.bytes.fill(1, 5 * MIB, 6 * MIB);
     sim.secondaryDisk.bytes[5 * MIB + 7] = 0x55; // changed behind hast's back

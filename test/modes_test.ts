@@ -20,7 +20,7 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import { waitFor } from "./harness.ts";
-import { eio, pattern, Sim } from "./sim.ts";
+import { eio, makeNewer, pattern, Sim } from "./sim.ts";
 import { FrameFlag, HEADER_BYTES, MessageType, type Frame } from "../lib/wire.ts";
 
 let sim: Sim | null = null;
@@ -517,9 +517,7 @@ for (const replication of ["fullsync", "memsync", "async"] as const) {
       // and was answered, and the sync from the secondary then overwrote it on both copies.
       const s = new Sim({ replication, keepdirty: 0, timeoutSeconds: 2 });
       sim = s;
-      const shared = { resuid: 77n, remotecnt: 1n };
-      Object.assign(s.primaryMeta.metadata, shared, { localcnt: 1n });
-      Object.assign(s.secondaryMeta.metadata, shared, { localcnt: 2n });
+      makeNewer(s, "secondary");
       s.secondaryMeta.map[0] = 0b0100; // the secondary wrote extent 2 while it was primary
       s.secondaryDisk.bytes.fill(9, 2 * MIB, 3 * MIB);
       s.primaryDisk.bytes.fill(1, 2 * MIB, 3 * MIB);

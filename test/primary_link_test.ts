@@ -6,7 +6,7 @@
 import { expect, test } from "bun:test";
 import { createCluster } from "./cluster.ts";
 import { Cleanup, waitFor } from "./harness.ts";
-import { eio, inSync, pairPerTest, pattern, Sim } from "./sim.ts";
+import { eio, inSync, makeNewer, pairPerTest, pattern, Sim } from "./sim.ts";
 import type { RemoteLink } from "../lib/remote_link.ts";
 import { MessageType } from "../lib/wire.ts";
 
@@ -212,9 +212,7 @@ test("a bug of ours while sending a flush is logged with its stack and drops the
 test("a bug of ours while sending the end of a sync is logged with its stack and drops the link", async () => {
   const sim = track(new Sim({ replication: "fullsync", keepdirty: 0, timeoutSeconds: 30 }));
   // This copy is the newer one for extent 5: the first connection syncs it from here.
-  const shared = { resuid: 77n, remotecnt: 1n };
-  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 2n });
-  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 1n });
+  makeNewer(sim, "primary");
   sim.primaryMeta.map[0] = 0b10_0000;
   sim.primaryDisk.bytes.fill(7, 5 * MIB, 6 * MIB);
   let openReads = () => {};

@@ -21,7 +21,7 @@ import {
   attachLoop, Cleanup, diskThatLosesWrites, expandRanges, fsckClean, hashTree, makeTempDir, mountFs, nbdfuseMount, run,
   spawnProcess, waitFor, writeTree,
 } from "./harness.ts";
-import { eio, inSync, pairPerTest, pattern, Sim } from "./sim.ts";
+import { eio, inSync, makeNewer, pairPerTest, pattern, Sim } from "./sim.ts";
 
 const MIB = 1024 * 1024;
 const EXTENT_BYTES = MIB;
@@ -743,9 +743,7 @@ test("a read error on the sync source: extents stay dirty, syncintr, the status 
 test("a write error on the sync target (sync from the secondary): extents stay behind, syncintr, resync", async () => {
   const sim = sims.track(new Sim({ replication: "fullsync", keepdirty: 0 }));
   // The secondary was primary meanwhile and wrote extents 2 and 3 (the counters say so).
-  const shared = { resuid: 77n, remotecnt: 1n };
-  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: 1n });
-  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: 2n });
+  makeNewer(sim, "secondary");
   sim.secondaryMeta.map[0] = 0b1100;
   sim.secondaryDisk.bytes.fill(9, 2 * MIB, 4 * MIB);
   sim.primaryDisk.bytes.fill(1, 2 * MIB, 4 * MIB);

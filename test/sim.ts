@@ -441,3 +441,13 @@ export function pairPerTest(): { startPair: (options: SimOptions) => Promise<Sim
 /** `bytes` of a pattern that differs by `seed` and is not a hole. */
 export const pattern = (bytes: number, seed: number): Uint8Array =>
   new Uint8Array(bytes).map((_, i) => (i * seed + 11) & 0xff);
+
+/**
+ * Gives both sides the counters of a pair that was in step (same resuid, remotecnt 1) until
+ * `newer` wrote alone (its localcnt 2, the other's 1): the handshake then syncs from `newer`.
+ */
+export function makeNewer(sim: Sim, newer: "primary" | "secondary"): void {
+  const shared = { resuid: 77n, remotecnt: 1n };
+  Object.assign(sim.primaryMeta.metadata, shared, { localcnt: newer === "primary" ? 2n : 1n });
+  Object.assign(sim.secondaryMeta.metadata, shared, { localcnt: newer === "secondary" ? 2n : 1n });
+}
