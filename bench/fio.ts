@@ -4,7 +4,7 @@
  * figures the report uses, parsed from fio's JSON output.
  */
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import { runCommand } from "./proc.ts";
 
 /** One fio workload of the table. */
@@ -35,6 +35,19 @@ export const WORKLOADS: readonly Workload[] = [
 export const FILL: Workload = {
   key: "write_1m_qd8", title: "fill the device", rw: "write", blockSizeBytes: 1 << 20, iodepth: 8,
 };
+
+/**
+ * The size every workload uses on every target: the smallest device, rounded down to the largest
+ * block size, so that hast (whose data area is its disk less the metadata) and the reference get
+ * the same range and, with fio's default `randrepeat`, the same offsets.
+ */
+export function commonSizeBytes(sizes: number[]): number {
+  assert(sizes.length > 0);
+  const blockBytes = Math.max(...WORKLOADS.map((w) => w.blockSizeBytes));
+  const size = Math.floor(Math.min(...sizes) / blockBytes) * blockBytes;
+  if (size <= 0) throw new RangeError(`Cannot size the workloads: a device is smaller than ${blockBytes} bytes`);
+  return size;
+}
 
 /** Figures of one fio run (one job, one direction). */
 export interface FioResult {
@@ -71,6 +84,8 @@ export async function runFio(
   if (options.seconds !== undefined) argv.push("--time_based", `--runtime=${options.seconds}`);
   argv.push(...(options.extraArgs ?? []));
   const timeoutMs = options.seconds !== undefined ? (options.seconds + 120) * 1000 : 900_000;
+  // A report left by an earlier job must not be read as this one's.
+  rmSync(options.outputPath, { force: true });
   await runCommand(argv, { timeoutMs });
   return parseFioJson(readFileSync(options.outputPath, "utf8"), workload);
 }

@@ -67,10 +67,7 @@ async function resyncOnce(
     extraArgs: [`--randseed=${options.run}`, "--refill_buffers"],
   });
   const before = await setup.status();
-  if (before.status !== "degraded" || !(before.dirtyBytes > 0)) {
-    const state = JSON.stringify(before);
-    throw new Error(`Cannot measure resync: primary not dirty and degraded: ${state}`);
-  }
+  checkFullyDirty(before, setup.sizeBytes);
   await runCommand(["sync"]);
   let rate = 0;
   let connectedMs: number | null = null;
@@ -87,6 +84,18 @@ async function resyncOnce(
   result.seconds.push(seconds);
   result.connectSeconds.push(((connectedMs ?? performance.now()) - startMs) / 1000);
   result.hastRateBytesPerSecond.push(rate);
+}
+
+/**
+ * Throws unless the primary's status is degraded with every extent dirty (`dirtyBytes` equal to
+ * the data size), as the measurement claims: a partly dirty device would be timed as a resync of
+ * less data than the table's "fully dirty" says.
+ */
+export function checkFullyDirty(status: Record<string, any>, datasizeBytes: number): void {
+  if (status.status !== "degraded" || status.dirtyBytes !== datasizeBytes) {
+    const state = JSON.stringify(status);
+    throw new Error(`Cannot measure resync: primary not degraded with all ${datasizeBytes} bytes dirty: ${state}`);
+  }
 }
 
 /** True when both nodes' data areas are byte-identical (daemons stopped). */

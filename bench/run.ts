@@ -8,18 +8,19 @@
  * Runs are interleaved (run 1 of every configuration, then run 2, …) so that drift of this shared
  * machine hits all configurations alike; each figure is the median of the runs. Then a resync of
  * a fully dirty 1 GiB resource is timed. Every process is started here and stopped by PID in a
- * `finally`; all files live in one temp dir that is removed at the end.
+ * `finally` (or on SIGINT / SIGTERM); all files live in one temp dir that is removed at the end.
  *
  * Flags: --runs N (3), --seconds S per fio job (10), --quick (1 run of 2 s), --bin PATH (use this
  * hast binary; default: `npm run build` first and use dist/hast), --only NAME,… (only these hast
- * configurations, beside the reference, and the resync only if `resync` is one of the names; for
- * investigations: the tables are printed but bench/RESULTS.md is left as it is).
+ * configurations, beside the reference (`reference` alone: none of them), and the resync only if
+ * `resync` is one of the names; for investigations: the tables are printed but bench/RESULTS.md
+ * is left as it is).
  */
 import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { FILL, runFio, WORKLOADS } from "./fio.ts";
+import { commonSizeBytes, FILL, runFio, WORKLOADS } from "./fio.ts";
 import { describeRun } from "./machine.ts";
 import { Processes, runCommand } from "./proc.ts";
 import {
@@ -75,6 +76,8 @@ const HAST_CONFIGS: readonly HastConfig[] = [
 
 /** The name `--only` takes for the resync measurement. */
 const RESYNC = "resync";
+/** The name `--only` takes for the reference alone (it runs in every selection anyway). */
+const REFERENCE = "reference";
 
 function parseOptions(argv: string[]): Options {
   const { values } = parseArgs({
@@ -91,7 +94,7 @@ function parseOptions(argv: string[]): Options {
   if (values.help) {
     process.stdout.write(
       "usage: bun bench/run.ts [--runs N] [--seconds S] [--quick] [--bin PATH] [--only NAME,…]\n" +
-      `configurations: ${[...HAST_CONFIGS.map((c) => c.name), RESYNC].join(", ")}\n`);
+      `configurations: ${[REFERENCE, ...HAST_CONFIGS.map((c) => c.name), RESYNC].join(", ")}\n`);
     process.exit(0);
   }
   const positive = (name: string, text: string | undefined, fallback: number): number => {
@@ -105,9 +108,9 @@ function parseOptions(argv: string[]): Options {
   const quick = values.quick === true;
   const only = values.only === undefined ? null : values.only.split(",");
   for (const name of only ?? []) {
-    if (name !== RESYNC && !HAST_CONFIGS.some((c) => c.name === name)) {
+    if (name !== RESYNC && name !== REFERENCE && !HAST_CONFIGS.some((c) => c.name === name)) {
       throw new RangeError(`Cannot use --only: no configuration "${name}" ` +
-        `(there are ${[...HAST_CONFIGS.map((c) => c.name), RESYNC].join(", ")})`);
+        `(there are ${[REFERENCE, ...HAST_CONFIGS.map((c) => c.name), RESYNC].join(", ")})`);
     }
   }
   return {
@@ -165,11 +168,17 @@ async function startAll(
   return measured;
 }
 
-/** Fills every device once, then runs all workloads `runs` times, interleaved across targets. */
+/**
+ * Fills every device once, then runs all workloads `runs` times, interleaved across targets, all
+ * over the same size ({@link commonSizeBytes}): hast's data area is smaller than the reference's.
+ * Returns that size.
+ */
 async function measureWorkloads(
   measured: Measured[], options: Options, dir: string,
-): Promise<void> {
+): Promise<number> {
   const outputPath = join(dir, "fio.json");
+  const sizeBytes = commonSizeBytes(measured.map((m) => m.target.sizeBytes));
+  progress(`workloads over the first ${sizeBytes} bytes of every device`);
   for (const { target } of measured) {
     progress(`${target.label}: filling ${target.sizeBytes} bytes`);
     await runFio(target.uri, FILL, { sizeBytes: target.sizeBytes, outputPath });
@@ -181,7 +190,7 @@ async function measureWorkloads(
         // Start every job with clean page cache so earlier jobs' write-back does not land in it.
         await runCommand(["sync"]);
         const figures = await runFio(target.uri, workload, {
-          sizeBytes: target.sizeBytes, seconds: options.seconds, outputPath,
+          sizeBytes, seconds: options.seconds, outputPath,
         });
         result.runs.get(workload.key)!.push(figures);
         progress(`run ${run}/${options.runs} ${target.label}: ${workload.title}: ` +
@@ -191,6 +200,7 @@ async function measureWorkloads(
       }
     }
   }
+  return sizeBytes;
 }
 
 /** Reads worker memory and stops every hast set-up; returns their daemon log findings. */
@@ -239,14 +249,18 @@ async function main(): Promise<void> {
   const options = parseOptions(args);
   const processes = new Processes();
   const dir = mkdtempSync(join(tmpdir(), "hast-bench-"));
-  const cleanUp = async () => {
+  // One clean-up however many callers (a signal, then the `finally` when the step it interrupted fails).
+  let cleaning: Promise<void> | null = null;
+  const cleanUp = () => cleaning ??= (async () => {
     await processes.stopAll();
     rmSync(dir, { recursive: true, force: true });
-  };
-  process.on("SIGINT", () => {
-    progress("interrupted: stopping everything");
-    cleanUp().finally(() => process.exit(130));
-  });
+  })();
+  for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143]] as const) {
+    process.on(signal, () => {
+      progress(`${signal}: stopping everything`);
+      cleanUp().finally(() => process.exit(code));
+    });
+  }
   try {
     const hast = await hastCommand(options);
     const portBase = 20_000 + Math.floor(Math.random() * 20_000);
@@ -256,7 +270,8 @@ async function main(): Promise<void> {
         (options.quick ? " (--quick: smoke run, not representative)" : ""),
     });
     const measured = await startAll(processes, dir, hast, portBase, options.only);
-    await measureWorkloads(measured, options, dir);
+    const workloadBytes = await measureWorkloads(measured, options, dir);
+    facts.settings += `, workloads over the first ${(workloadBytes / 2 ** 20).toFixed(2)} MiB of each device`;
     const findings = await finishSetups(measured);
     const wantResync = options.only === null || options.only.includes(RESYNC);
     const resync = wantResync ? await runResync(processes, dir, hast, portBase, options.runs) : null;

@@ -13,6 +13,8 @@ import { commandLine, type Processes, runCommand, type Started, waitFor } from "
 const SETUP_TIMEOUT_MS = 60_000;
 /** How long a set-up may take to drain in-flight replication after a workload. */
 const SETTLE_TIMEOUT_MS = 120_000;
+/** In the command line of hast's resource worker processes (`hast __worker`). */
+const WORKER_MARKER = "__worker";
 
 /** Resident set of a process, from /proc/PID/status. */
 export interface MemoryStats {
@@ -118,10 +120,10 @@ export class HastSetup implements Target {
     const list = await this.list("a");
     this.sizeBytes = list.worker.metadata.datasizeBytes;
     this.#workerPid = list.workerPid;
-    this.#processes.adopt(this.#workerPid, "__worker");
+    this.#processes.adopt(this.#workerPid, WORKER_MARKER);
     if (this.options.secondary !== "none") {
       const pid = (await this.list("b")).workerPid;
-      if (typeof pid === "number" && pid > 0) this.#processes.adopt(pid, "__worker");
+      if (typeof pid === "number" && pid > 0) this.#processes.adopt(pid, WORKER_MARKER);
     }
   }
 
@@ -218,7 +220,7 @@ export class HastSetup implements Target {
     if (typeof pid !== "number" || pid === this.#workerPid) return;
     this.#workerPidChanges += 1;
     this.#workerPid = pid;
-    this.#processes.adopt(pid, "__worker");
+    this.#processes.adopt(pid, WORKER_MARKER);
   }
 
   async #startDaemon(node: NodeName): Promise<void> {
@@ -272,9 +274,13 @@ export class HastSetup implements Target {
   }
 }
 
-/** VmRSS and VmHWM of `pid`, or null when it is not running. */
+/**
+ * VmRSS and VmHWM of the resource worker `pid`, or null when it is not running: a PID whose
+ * command line is not a `hast __worker` (the worker exited and the PID was reused, or the daemon's
+ * PID was passed) is not measured.
+ */
 export function readMemory(pid: number): MemoryStats | null {
-  if (commandLine(pid) === "") return null;
+  if (!commandLine(pid).includes(WORKER_MARKER)) return null;
   let text: string;
   try {
     text = readFileSync(`/proc/${pid}/status`, "utf8");
