@@ -404,3 +404,79 @@ describe("nbdfuse, loop and mount", () => {
     await expectNothingLeft([dir]);
   });
 });
+
+describe("the test runner (scripts/test.ts)", () => {
+  const RUNNER = join(import.meta.dir, "..", "scripts", "test.ts");
+
+  // A fixture tree with one clean test file and one, two directories deep, that passes but leaves
+  // a process outside its process group (setsid), a network namespace named like the harness's,
+  // and a tmpfs mount. The runner must find the nested file, fail the run on it, name each
+  // leftover and remove the process and the namespace.
+  test("finds nested test files and fails one that leaves a process, netns or mount", async () => {
+    const cleanup = new Cleanup();
+    try {
+      const root = await makeTempDir(cleanup, "hast-runner-");
+      const mountpoint = join(root, "mnt");
+      await mkdir(mountpoint);
+      const marker = `hast-runner-leak-${process.pid}`;
+      const leaking = [
+        `import { expect, test } from "bun:test";`,
+        `test("passes but leaves things", () => {`,
+        `  const quiet = { stdout: "ignore", stderr: "ignore" } as const;`,
+        `  Bun.spawnSync(["setsid", "-f", "bash", "-c", "exec -a ${marker} sleep 600"], quiet);`,
+        "  Bun.spawnSync([\"ip\", \"netns\", \"add\", `hast${process.pid}99a`]);",
+        `  Bun.spawnSync(["mount", "-t", "tmpfs", "${marker}", "${mountpoint}"]);`,
+        `  expect(1).toBe(1);`,
+        `});`,
+        ``,
+      ].join("\n");
+      await mkdir(join(root, "test", "deeper", "sub"), { recursive: true });
+      await writeFile(join(root, "test", "ok_test.ts"),
+        `import { expect, test } from "bun:test";\ntest("ok", () => expect(1).toBe(1));\n`);
+      await writeFile(join(root, "test", "deeper", "sub", "leak_test.ts"), leaking);
+      cleanup.add("unmount the fixture's tmpfs", async () => {
+        if (await isMounted(mountpoint)) await run(["umount", mountpoint]);
+      });
+      const result = await run([process.execPath, RUNNER], {
+        env: { HAST_TEST_ROOT: root }, allowFailure: true, timeoutMs: 60_000,
+      });
+      const output = result.stdout + result.stderr;
+      expect(result.code, output).toBe(1);
+      expect(output).toMatch(/ok\s+[\d.]+ s\s+1 tests\s+test\/ok_test\.ts/);
+      expect(output).toMatch(/FAIL \(3 left behind\).*test\/deeper\/sub\/leak_test\.ts/);
+      expect(output).toContain(`${marker} 600`);
+      const ns = /network namespace (hast\d+99a)/.exec(output)?.[1];
+      expect(ns).toBeDefined();
+      expect(output).toContain(`mount ${mountpoint}`);
+      expect(await processesMentioning([marker])).toEqual([]);
+      expect((await run(["ip", "netns", "list"])).stdout).not.toContain(ns!);
+    } finally {
+      await cleanup.run();
+    }
+  }, LONG_TEST_MS);
+});
+
+describe("the tree check (scripts/check.ts)", () => {
+  // A tree whose only problem is a shell script that does not parse: the check must fail and
+  // name it, since CI runs scripts/setup and the README's quick start runs scripts/demo.
+  test("fails on a shell script that bash cannot parse", async () => {
+    const cleanup = new Cleanup();
+    try {
+      const root = await makeTempDir(cleanup, "hast-check-");
+      await mkdir(join(root, "scripts"));
+      await writeFile(join(root, "scripts", "demo"), "#!/usr/bin/env bash\nif true; then\n  echo unclosed\n");
+      await writeFile(join(root, "scripts", "ok.ts"), "export const ok = 1;\n");
+      const check = Bun.spawn([process.execPath, join(import.meta.dir, "..", "scripts", "check.ts")],
+        { cwd: root, stdout: "pipe", stderr: "pipe" });
+      const [code, stderr] = await Promise.all([check.exited, new Response(check.stderr).text()]);
+      expect(code, stderr).toBe(1);
+      expect(stderr).toContain("scripts/demo: bash -n:");
+      await writeFile(join(root, "scripts", "demo"), "#!/usr/bin/env bash\nif true; then\n  echo closed\nfi\n");
+      const again = Bun.spawn([process.execPath, join(import.meta.dir, "..", "scripts", "check.ts")],
+        { cwd: root, stdout: "pipe", stderr: "pipe" });
+      expect(await again.exited).toBe(0);
+    } finally {
+      await cleanup.run();
+    }
+  });
+});
