@@ -65,7 +65,7 @@ function splitGlobals(argv: string[]): { globals: Globals; command: string; rest
   for (; i < argv.length; i++) {
     const arg = argv[i]!;
     if (arg === "-c" || arg === "--config") globals.configPath = requireValue(argv, ++i, arg);
-    else if (arg === "--node") globals.node = requireValue(argv, ++i, arg);
+    else if (arg === "--node") globals.node = nodeName(requireValue(argv, ++i, arg));
     else if (arg === "-h" || arg === "--help") return { globals, command: "help", rest: [] };
     else break;
   }
@@ -87,6 +87,12 @@ function wantsHelp(rest: string[]): boolean {
 function requireValue(argv: string[], index: number, option: string): string {
   const value = argv[index];
   if (value === undefined) throw new ExitError(`Cannot parse options: "${option}" needs a value`, EX_USAGE);
+  return value;
+}
+
+/** The value of --node: found by review, "" reached the config as a RangeError (exit 65). */
+function nodeName(value: string): string {
+  if (value === "") throw new ExitError(`Cannot parse options: "--node" needs a node name, not ""`, EX_USAGE);
   return value;
 }
 

@@ -21,7 +21,7 @@
 
 import assert from "node:assert";
 import { closeSync, openSync, readSync, statSync } from "node:fs";
-import { isIPv4, isIPv6 } from "node:net";
+import { BlockList, isIPv4, isIPv6 } from "node:net";
 import { availableParallelism, hostname as osHostname } from "node:os";
 import { readAuthKey } from "./auth.ts";
 import { parseConfSyntax } from "./config_conf.ts";
@@ -761,6 +761,13 @@ class PortTable {
     return this.byPort.get(port)?.get(host)?.[0]?.claim;
   }
 
+  /** The first wildcard endpoint added that takes connections to `bound`, or undefined. */
+  wildcard(bound: Bound): Claim | undefined {
+    const hosts = this.byPort.get(bound.port);
+    const wild = WILDCARDS.flatMap((host) => hosts?.get(host) ?? []);
+    return wild.find((taken) => covers(taken.bound, bound))?.claim;
+  }
+
   add(bound: Bound, claim: Claim): void {
     if (bound.port === 0) return; // a port the kernel picks overlaps nothing
     const hosts = this.byPort.get(bound.port) ?? new Map<string, { bound: Bound; claim: Claim }[]>();
@@ -771,18 +778,43 @@ class PortTable {
   }
 }
 
+const LOOPBACK_V4 = new BlockList();
+LOOPBACK_V4.addSubnet("127.0.0.0", 8, "ipv4");
+const LOOPBACK_V6 = new BlockList();
+LOOPBACK_V6.addAddress("::1", "ipv6");
+
+/**
+ * A loopback IP literal as a listen address would see it: an IPv4 one (also when written
+ * IPv4-mapped, which reaches IPv4 sockets) as 127.0.0.1, ::1 in any spelling as "::1";
+ * null for any other host.
+ */
+function loopbackHost(host: string): string | null {
+  const family = isIPv4(host) ? "ipv4" : isIPv6(host) ? "ipv6" : null;
+  if (family === null) return null;
+  if (LOOPBACK_V4.check(host, family)) return "127.0.0.1";
+  return LOOPBACK_V6.check(host, family) ? "::1" : null;
+}
+
 /** A remote that is this node's own listen address, or a source that is the remote. */
 function checkRemote(file: string, placed: Placed, listen: PortTable): void {
   const { remote, source, resource } = placed.config;
   if (remote === null) return;
   const name = JSON.stringify(resource);
-  // Only the very same address: a wildcard listen address also takes a loopback remote on its
-  // port, but single-node configs whose peer is never started (unit tests) write one.
   const self = listen.exact(remote.host, remote.port);
   if (self !== undefined) {
     fail(file, placed.remote, `Cannot configure resource ${name}: its remote ${formatAddress(remote)} is ` +
       `${self.what}${where(self.pos)} of this node; the remote is the other node (did the two "on" ` +
       `sections swap their remotes?)`);
+  }
+  // Found by review: a loopback remote on a port that a wildcard listen address takes is this
+  // node too. A host name is resolved only when connecting, so it is not judged here.
+  const loopback = loopbackHost(remote.host);
+  const wild = loopback === null ? undefined
+    : listen.wildcard({ host: loopback, port: remote.port, v6only: false });
+  if (wild !== undefined) {
+    fail(file, placed.remote, `Cannot configure resource ${name}: its remote ${formatAddress(remote)} is ` +
+      `this node itself, reached through ${wild.what}${where(wild.pos)}; the remote is the other node ` +
+      `(two nodes on one machine each listen on their own loopback address, such as tcp://127.0.0.1)`);
   }
   if (source !== null && placed.source !== null && source.host === remote.host) {
     fail(file, placed.source, `Cannot configure resource ${name}: its source ${source.host} is also its ` +

@@ -796,6 +796,35 @@ describe("hostile input (found by review)", () => {
     expect(only(parseConfig(text, "hast.conf", { node: "hosta" })).remote?.host).toBe("127.0.0.2");
   });
 
+  test("a loopback remote on a port a wildcard listen address takes is this node itself and fails", () => {
+    const msg = (remote: string, listen: string) => `its remote ${remote} is this node itself, reached through ` +
+      `the listen address ${listen}`;
+    // The default listen addresses (0.0.0.0 and [::] on 8457) take every loopback address.
+    expectError(res("r", "  local /dev/x", on("remote 127.0.0.2")), 3, 21,
+      msg("tcp://127.0.0.2:8457", "tcp4://0.0.0.0:8457 (the default)"));
+    expectError(res("r", "  local /dev/x", on("remote [::1]")), 3, 21,
+      msg("tcp://[::1]:8457", "tcp6://[::]:8457 (the default)"));
+    expectError(lines("listen 0.0.0.0:7000") + res("r", "  local /dev/x", on("remote tcp4://127.0.0.1:7000")),
+      4, 21, msg("tcp4://127.0.0.1:7000", "tcp://0.0.0.0:7000 (line 1)"));
+    // A dual-stack [::] takes IPv4 too; ::1 in another spelling is still ::1.
+    expectError(lines("listen [::]:7000") + res("r", "  local /dev/x", on("remote 127.9.9.9:7000")),
+      4, 21, msg("tcp://127.9.9.9:7000", "tcp://[::]:7000 (line 1)"));
+    expectError(lines("listen [::]:7000") + res("r", "  local /dev/x", on("remote [0:0:0:0:0:0:0:1]:7000")),
+      4, 21, msg("tcp://[0:0:0:0:0:0:0:1]:7000", "tcp://[::]:7000 (line 1)"));
+    expectError(lines("listen 0.0.0.0:7000") + res("r", "  local /dev/x", on("remote [::ffff:127.0.0.1]:7000")),
+      4, 21, msg("tcp://[::ffff:127.0.0.1]:7000", "tcp://0.0.0.0:7000 (line 1)"));
+    const node = (text: string) => only(parseConfig(text, "hast.conf", { node: "hosta" })).remote?.host;
+    // Another port, a family the wildcard does not take, a non-loopback remote, an explicit
+    // loopback listen address (two nodes on one machine), a host name: all stay valid.
+    expect(node(res("r", "  local /dev/x", on("remote 127.0.0.2:9000")))).toBe("127.0.0.2");
+    expect(node(lines("listen tcp6://[::]") + res("r", "  local /dev/x", on("remote 127.0.0.2")))).toBe("127.0.0.2");
+    expect(node(lines("listen 0.0.0.0") + res("r", "  local /dev/x", on("remote [::1]")))).toBe("::1");
+    expect(node(res("r", "  local /dev/x", on("remote 10.0.0.2")))).toBe("10.0.0.2");
+    expect(node(lines("listen 127.0.0.1") + res("r", "  local /dev/x", on("remote 127.0.0.2")))).toBe("127.0.0.2");
+    expect(node(lines("listen 127.0.0.1:0") + res("r", "  local /dev/x", on("remote 127.0.0.2")))).toBe("127.0.0.2");
+    expect(node(res("r", "  local /dev/x", on("remote localhost")))).toBe("localhost");
+  });
+
   test("a resource or provider name cannot start with a dash, and no resource is called all", () => {
     expectError(res("-x", "  local /dev/x", on("remote none")), 1, 10,
       `Cannot name resource "-x": expected 1 to 64 of the characters [A-Za-z0-9._-], not starting with "." or "-"`);

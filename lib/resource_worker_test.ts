@@ -20,7 +20,9 @@ test("jsHeapBytes: heapUsed less external when it includes it, else heapUsed", (
 });
 
 function resourceConfig(extra = ""): ResourceConfig {
-  const text = `resource r {\n  local /dev/null\n  ${extra}\n  on a { remote 127.0.0.2 }\n}\n`;
+  // Port 9, not the default: the default listen (0.0.0.0:8457) would make 127.0.0.2:8457 this
+  // node itself, which the config refuses; nothing here connects to it.
+  const text = `resource r {\n  local /dev/null\n  ${extra}\n  on a { remote 127.0.0.2:9 }\n}\n`;
   return parseConfig(text, "test.conf", { node: "a" }).resources[0]!;
 }
 

@@ -165,6 +165,18 @@ describe("without a daemon", () => {
     expectFailure(await hastRaw(["--nod", "a", "status"]), EX_USAGE, quoted("--nod"), /global option/);
   }, TEST_TIMEOUT_MS);
 
+  // Found by review: an empty --node reached the config as a RangeError and exited 65.
+  test("an empty --node is a usage error that names the option", async () => {
+    const cleanup = new Cleanup();
+    try {
+      const path = join(await makeTempDir(cleanup, "hast-cli-"), "hast.conf");
+      writeFileSync(path, "resource data {\n  on a { local /dev/null remote 10.0.0.2 }\n}\n");
+      expectFailure(await hastRaw(["-c", path, "--node", "", "status"]), EX_USAGE, quoted("--node"), /usage:/);
+    } finally {
+      await cleanup.run();
+    }
+  }, TEST_TIMEOUT_MS);
+
   test("role without a running daemon exits 75", async () => {
     await withCluster(async (c) => {
       await c.createBoth();
