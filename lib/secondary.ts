@@ -193,22 +193,12 @@ export class Secondary {
     const notNow = this.stopping ? "the resource is stopping here" : await this.lossStillUnrecorded();
     if (notNow !== null) {
       // A HelloReply, so that the primary logs why (a closed socket says nothing).
-      const reply = signHelloReply(conn, { accepted: false, reason: notNow }, null);
-      conn.send(encodeJson(MessageType.HelloReply, reply));
+      this.sendRefusal(conn, notNow);
       this.refuse(conn, false, notNow);
       return;
     }
-    let decision: Awaited<ReturnType<typeof handshakeAsSecondary>>;
-    try {
-      decision = await handshakeAsSecondary(conn, hello, {
-        meta: this.o.meta, config: this.o.config, metaflush: this.metaflush,
-      });
-    } catch (error) {
-      // E.g. the metadata cannot be written because the disk fails: refuse this attempt only;
-      // the primary keeps its extents dirty and tries again.
-      this.refuse(conn, false, `handshake failed: ${error instanceof Error ? error.message : error}`);
-      return;
-    }
+    const decision = await this.handshakeOrRefuse(conn, hello);
+    if (decision === null) return;
     if (decision.kind !== "virgin" && decision.kind !== "sync") {
       const reason = decision.kind === "mismatch" ? decision.reason : decision.kind;
       this.refuse(conn, decision.kind === "split-brain", reason);
@@ -277,6 +267,45 @@ export class Secondary {
     if (!this.lossUnrecorded) return null;
     return "this node's disk may lack writes and the record of it (localWritesLost) cannot be written yet " +
       `(retried every ${LOSS_RECORD_RETRY_MS} ms); connect again once it is`;
+  }
+
+  /**
+   * Runs the handshake; when it throws, refuses the connection and returns null (e.g. the
+   * metadata cannot be read: this attempt only; the primary keeps its extents dirty and tries
+   * again). The refusal goes out as a HelloReply, so that the primary logs and shows it as the
+   * secondary's refusal, unless the handshake had sent its reply already (it threw while
+   * sending the map): a connection gets one HelloReply.
+   */
+  private async handshakeOrRefuse(
+    conn: Connection, hello: Hello,
+  ): Promise<Awaited<ReturnType<typeof handshakeAsSecondary>> | null> {
+    // handshakeAsSecondary sends nothing before its HelloReply, so a send that returned means
+    // the reply was queued. Noted on the connection itself, not on a wrapper around it: the
+    // authkey's session that signs the reply is kept by connection (auth.ts replySessions).
+    const send = conn.send;
+    let replied = false;
+    conn.send = (pieces) => {
+      const queued = send.call(conn, pieces);
+      replied = true;
+      return queued;
+    };
+    try {
+      return await handshakeAsSecondary(conn, hello, {
+        meta: this.o.meta, config: this.o.config, metaflush: this.metaflush,
+      });
+    } catch (error) {
+      const reason = `handshake failed: ${error instanceof Error ? error.message : error}`;
+      if (!replied) this.sendRefusal(conn, reason);
+      this.refuse(conn, false, reason);
+      return null;
+    } finally {
+      conn.send = send;
+    }
+  }
+
+  /** Sends the HelloReply of a refusal (signed when the connection passed the authkey exchange). */
+  private sendRefusal(conn: Connection, reason: string): void {
+    conn.send(encodeJson(MessageType.HelloReply, signHelloReply(conn, { accepted: false, reason }, null)));
   }
 
   private refuse(conn: Connection, splitBrain: boolean, reason: string): void {

@@ -9,6 +9,7 @@
  * why the link was lost, what it must record when its disk fails is recorded (and no handshake
  * runs before it is), a copy that lost writes outside the dirty maps is synced in full, and a
  * write that a closing codec pipeline could not check is not taken for the primary's bad data.
+ * A handshake that throws still refuses with a HelloReply naming why, and never with a second one.
  */
 import { expect, test } from "bun:test";
 import { availableParallelism } from "node:os";
@@ -23,9 +24,9 @@ import type { Connection } from "../lib/transport.ts";
 import { encodeFrame, FrameParser, MessageType, WIRE_VERSION, type Frame } from "../lib/wire.ts";
 import { buildHastBinary, createCluster } from "./cluster.ts";
 import { Cleanup, run, waitFor } from "./harness.ts";
-import { eio, inSync, MemoryDisk, MemoryMeta, pairPerTest, pattern, Sim } from "./sim.ts";
+import { eio, inSync, makeNewer, MemoryDisk, MemoryMeta, pairPerTest, pattern, Sim } from "./sim.ts";
 
-const { startPair } = pairPerTest();
+const { startPair, track } = pairPerTest();
 const MIB = 1024 * 1024;
 
 interface Case {
@@ -464,3 +465,45 @@ test("a write the closing codec pipeline could not check is not counted as bad d
     }
   }
 }, 30_000);
+
+// Proves that a secondary whose handshake throws before its HelloReply (here its metadata cannot be
+// read) refuses with a HelloReply naming why (found by review: it only closed the connection, and
+// the primary's linkError said "connection closed during handshake", not the secondary's refusal).
+test("a handshake that throws before the secondary's reply refuses with the reason", async () => {
+  const sim = track(new Sim({ replication: "memsync", keepdirty: 0 }));
+  const saved = sim.secondaryMeta.metadata;
+  Object.defineProperty(sim.secondaryMeta, "metadata", {
+    configurable: true,
+    get: () => {
+      throw new Error("test: cannot read the metadata");
+    },
+  });
+  sim.start();
+  const linkError = await waitFor("the primary was refused", () => sim.primary.status().linkError || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  expect(linkError).toBe("handshake failed: test: cannot read the metadata");
+  expect(sim.logs).toContain(`primary error: secondary refused the connection: ${linkError}`);
+  Object.defineProperty(sim.secondaryMeta, "metadata", { configurable: true, writable: true, value: saved });
+  await inSync(sim, "connected once the metadata reads again");
+});
+
+// Proves the other half: a handshake that throws after its HelloReply went out (here while the
+// dirty map follows it) sends no second HelloReply on that connection.
+test("a handshake that throws after the secondary's reply sends no second reply", async () => {
+  const sim = track(new Sim({ replication: "memsync", keepdirty: 0 }));
+  makeNewer(sim, "primary"); // a sync from the primary: the secondary's map follows its reply
+  const firstLink: MessageType[] = [];
+  const parser = new FrameParser((frame) => firstLink.push(frame.type));
+  sim.tamperToPrimary = (bytes) => {
+    if (sim.connectsMade !== 1) return bytes;
+    if (firstLink.length === 1) throw new Error("test: cannot send the map");
+    parser.push(bytes);
+    return bytes;
+  };
+  sim.start();
+  const refusal = "secondary error: refused primary from primary: handshake failed: test: cannot send the map";
+  await waitFor("the secondary refused", () => sim.logs.includes(refusal) || undefined,
+    { timeoutMs: 10_000, intervalMs: 10 });
+  // Each send reached the parser at once, so all the first connection sent is here.
+  expect(firstLink).toEqual([MessageType.HelloReply]);
+});
