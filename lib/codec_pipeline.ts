@@ -324,10 +324,20 @@ export class CodecPipeline {
       }
     }
     if (!(await this.threadsExited())) await Promise.all(this.threads.map((t) => t.worker.terminate()));
+    this.abandonPending((job) => job.reject(error));
+  }
+
+  /**
+   * Settles every job a thread held, once no thread reads them any more (or one that does not
+   * exit was given up on), and frees their slots: nothing allocates a slot after a failure or
+   * a close, so even one a stuck thread may still write is freed, and `hast list` shows no slots
+   * in use that no request holds.
+   */
+  private abandonPending(settle: (job: Job) => void): void {
     for (const [slot, job] of this.pending) {
       this.pool.finish(slot);
       this.pool.free(slot);
-      job.reject(error);
+      settle(job);
     }
     this.pending.clear();
   }
@@ -439,14 +449,7 @@ export class CodecPipeline {
     for (const job of this.waiting.splice(0)) job.resolve(null);
     for (const t of this.threads) void t.worker.terminate();
     void this.threadsExited().then(() => {
-      for (const [slot, job] of this.pending) {
-        // Nothing allocates a slot again, so even one a stuck thread may still write is freed:
-        // `hast list` then shows no slots in use that no request holds.
-        this.pool.finish(slot);
-        this.pool.free(slot);
-        job.resolve(null);
-      }
-      this.pending.clear();
+      this.abandonPending((job) => job.resolve(null));
       for (const t of this.threads) t.outstanding = 0;
     });
   }

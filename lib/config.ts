@@ -20,7 +20,8 @@
  */
 
 import assert from "node:assert";
-import { closeSync, openSync, readSync, statSync } from "node:fs";
+import { isUtf8 } from "node:buffer";
+import { closeSync, openSync, readSync } from "node:fs";
 import { BlockList, isIPv4, isIPv6 } from "node:net";
 import { availableParallelism, hostname as osHostname } from "node:os";
 import { readAuthKey } from "./auth.ts";
@@ -256,6 +257,11 @@ export function parseAddress(text: string, defaultPort: number): Address {
     throw new SyntaxError(`Cannot parse address ${JSON.stringify(text)}: ${result}`);
   }
   return result;
+}
+
+/** An IP address as a peer's is compared and keyed: an IPv4-mapped IPv6 address as plain IPv4. */
+export function normalizeIp(ip: string): string {
+  return ip.startsWith("::ffff:") ? ip.slice(7) : ip;
 }
 
 /**
@@ -899,6 +905,7 @@ function firstInvalidUtf8(bytes: Uint8Array): number {
  * review: such bytes became U+FFFD, so a YAML path holding one named another file).
  */
 function decodeUtf8(bytes: Buffer, file: string): string {
+  if (isUtf8(bytes)) return bytes.toString("utf8"); // the common case, checked natively
   const offset = firstInvalidUtf8(bytes);
   if (offset < 0) return bytes.toString("utf8");
   const lineStart = bytes.lastIndexOf(0x0a, offset - 1) + 1;
@@ -921,11 +928,7 @@ function checkAuthkeys(file: string, resources: Placed[]): void {
     checked.add(path);
     let problem: string | null = null;
     try {
-      // Not a FIFO or device: reading one could block the daemon or read endlessly. A missing
-      // file is left to readAuthKey, whose message names the key and the error.
-      const stat = statSync(path, { throwIfNoEntry: false });
-      if (stat !== undefined && !stat.isFile()) problem = `Cannot use authkey "${path}": not a regular file`;
-      else readAuthKey(path);
+      readAuthKey(path); // refuses a FIFO or device without blocking, naming the key
     } catch (error) {
       problem = (error as Error).message;
     }

@@ -10,7 +10,9 @@ import { dlopen, FFIType } from "bun:ffi";
 import { chmodSync, closeSync, mkdirSync, openSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { dirname } from "node:path";
-import { type Address, formatAddress, loadConfig, type NodeConfig, type ResourceConfig } from "./config.ts";
+import {
+  type Address, formatAddress, loadConfig, type NodeConfig, normalizeIp, type ResourceConfig,
+} from "./config.ts";
 import { controlRequest, controlServer, type ControlRequest, type ControlResponse } from "./control.ts";
 import { parseHello, type Hello } from "./handshake.ts";
 import { EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE } from "./exit_codes.ts";
@@ -921,10 +923,6 @@ export function helloHeaderError(header: Uint8Array): string | null {
     return `Cannot start connection: a Hello of ${payloadBytes} bytes exceeds ${MAX_JSON_BYTES}`;
   }
   return null;
-}
-
-function normalizeIp(ip: string): string {
-  return ip.startsWith("::ffff:") ? ip.slice(7) : ip;
 }
 
 /** Every address the system's resolver has for `host`. */

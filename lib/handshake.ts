@@ -101,8 +101,13 @@ export function parseHello(frame: Frame): Hello {
  * A larger mapBytes is not from a hast secondary; the primary allocates no more than this.
  */
 export function peerMapBytesMax(datasizeBytes: number, extentsizeBytes: number): number {
-  const mapBytes = Math.ceil(Math.ceil(datasizeBytes / extentsizeBytes) / 8);
+  const mapBytes = mapBitsBytes(datasizeBytes, extentsizeBytes);
   return mapBytes + Math.ceil(mapBytes / 16384) + 8192;
+}
+
+/** Bytes of the dirty bitmap proper: one bit per extent of the data area (the least a map holds). */
+function mapBitsBytes(datasizeBytes: number, extentsizeBytes: number): number {
+  return Math.ceil(Math.ceil(datasizeBytes / extentsizeBytes) / 8);
 }
 
 /** A checked HelloReply (parseHelloReply). Counters travel as decimal strings (64-bit). */
@@ -143,7 +148,7 @@ export function parseHelloReply(
   }
   const mapBytes = raw.mapBytes ?? 0;
   const max = peerMapBytesMax(limits.datasizeBytes, limits.extentsizeBytes);
-  const min = Math.ceil(Math.ceil(limits.datasizeBytes / limits.extentsizeBytes) / 8);
+  const min = mapBitsBytes(limits.datasizeBytes, limits.extentsizeBytes);
   if (typeof mapBytes !== "number" || !Number.isSafeInteger(mapBytes) || mapBytes < 0 || mapBytes > max ||
     (mapBytes > 0 && mapBytes < min)) {
     throw new ProtocolError(`Cannot parse HelloReply: "mapBytes" is ${JSON.stringify(mapBytes)}, ` +

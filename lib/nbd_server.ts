@@ -48,6 +48,7 @@ import {
   type ReceiveBuffers,
   TransmissionFlag,
 } from "./nbd_protocol.ts";
+import { normalizeIp } from "./config.ts";
 import { makeLogger, REFUSAL_LOG_INTERVAL_MS, RepeatLimiter, repeatKind } from "./log.ts";
 
 /**
@@ -207,9 +208,7 @@ const defaultLog: NbdLog = makeLogger("nbd", 0);
 
 /** Who a connection's lines are limited for: a TCP client's address, or all local clients. */
 function peerOf(socket: net.Socket): string {
-  const address = socket.remoteAddress;
-  if (!address) return "local";
-  return address.startsWith("::ffff:") ? address.slice(7) : address;
+  return socket.remoteAddress ? normalizeIp(socket.remoteAddress) : "local";
 }
 
 /** Counters exposed by stats(). */

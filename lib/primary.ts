@@ -16,7 +16,7 @@ import { LinkDownError, RemoteLink, type Clock, type RemoteCall } from "./remote
 import { recordLocalWritesLost, stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
 import { Synchronizer, type SyncProgress } from "./synchronizer.ts";
 import { Verifier, type VerifyProgress } from "./verifier.ts";
-import type { Network } from "./transport.ts";
+import { linkErrorText, type Network } from "./transport.ts";
 import { handshakeAsPrimary, primaryAuthKey, type HandshakeResult } from "./handshake.ts";
 import { RequestSlots, type RequestSlotStats } from "./request_slots.ts";
 import { REFUSAL_LOG_INTERVAL_MS, RepeatLimiter } from "./log.ts";
@@ -397,8 +397,7 @@ export class Primary {
     } finally {
       release();
       if (started) {
-        void this.afterWrite(offset, length, localResult, remoteDone, acknowledged)
-          .finally(() => this.writesUnaccounted.delete(id));
+        void this.afterWrite(id, offset, length, localResult, remoteDone, acknowledged);
       }
       if (dispatched) {
         const partyDone = () => this.writeBuffers.partyDone(slot);
@@ -563,7 +562,19 @@ export class Primary {
     return this.bumping;
   }
 
+  /** Records write `id`'s outcome, then takes it out of writesUnaccounted. */
   private async afterWrite(
+    id: number, offset: number, length: number, local: Promise<boolean>, remote: Promise<boolean>,
+    acknowledged: boolean,
+  ): Promise<void> {
+    try {
+      await this.recordWriteOutcome(offset, length, local, remote, acknowledged);
+    } finally {
+      this.writesUnaccounted.delete(id);
+    }
+  }
+
+  private async recordWriteOutcome(
     offset: number, length: number, local: Promise<boolean>, remote: Promise<boolean>, acknowledged: boolean,
   ): Promise<void> {
     const [localOk, remoteOk] = await Promise.all([local, remote]);
@@ -1055,16 +1066,6 @@ export class Primary {
 
   // ---- status ---------------------------------------------------------------
 
-  /**
-   * Why the link is not up: the last attempt's failure or refusal, and why the last connection
-   * ended (found by review: a lost link showed no reason, then only the next attempt's, e.g. a
-   * refused TCP connect, never that the secondary had timed out or broken the protocol).
-   */
-  private linkErrorText(): string {
-    if (this.linkLostReason === "") return this.lastLinkError;
-    const lost = `link lost: ${this.linkLostReason}`;
-    return this.lastLinkError === "" ? lost : `${this.lastLinkError}; ${lost}`;
-  }
 
   status(): PrimaryStatus {
     const am = this.o.activemap;
@@ -1080,7 +1081,7 @@ export class Primary {
       status,
       link: this.linkState,
       linkEncrypted: connected && this.link?.encrypted === true,
-      linkError: this.linkErrorText(),
+      linkError: linkErrorText(this.lastLinkError, this.linkLostReason),
       dirtyBytes,
       syncSource: this.syncSource,
       sync: this.syncer?.progress() ?? null,

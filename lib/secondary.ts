@@ -11,7 +11,7 @@ import type { ResourceConfig } from "./config.ts";
 import { handshakeAsSecondary, type Hello } from "./handshake.ts";
 import type { HookRunner } from "./hooks.ts";
 import { recordLocalWritesLost, stickyFlushFailure, type DataStore, type MetaStore } from "./storage.ts";
-import type { Connection } from "./transport.ts";
+import { linkErrorText, type Connection } from "./transport.ts";
 import { CodecPipeline } from "./codec_pipeline.ts";
 import { BufferPool, type BufferPoolStats } from "./buffer_pool.ts";
 import { REFUSAL_LOG_INTERVAL_MS, RepeatLimiter } from "./log.ts";
@@ -248,7 +248,7 @@ export class Secondary {
       if (this.conn !== conn) return;
       this.conn = null;
       this.linkState = "waiting";
-      // Refusals from before the loss are older news than it (see linkErrorText).
+      // Refusals from before the loss are older news than it (see linkErrorText in transport.ts).
       this.lastRefusal = "";
       this.linkLostReason = reason;
       this.o.log("warn", `primary disconnected: ${reason}`);
@@ -784,16 +784,6 @@ export class Secondary {
       (complete ? "" : `; writes that failed here are still to be copied again, so it still needs --force`));
   }
 
-  /**
-   * Why the link is not up, as the primary reports it (Primary.linkErrorText): the last refusal,
-   * then `link lost: REASON` for what ended the last connection (found by review: only refusals
-   * were shown, never that the primary had gone silent, broken the protocol or sent bad data).
-   */
-  private linkErrorText(): string {
-    if (this.linkLostReason === "") return this.lastRefusal;
-    const lost = `link lost: ${this.linkLostReason}`;
-    return this.lastRefusal === "" ? lost : `${this.lastRefusal}; ${lost}`;
-  }
 
   status(): SecondaryStatus {
     const m = this.o.meta.metadata;
@@ -804,7 +794,7 @@ export class Secondary {
       status,
       link: this.linkState,
       linkEncrypted: this.linkState === "connected" && this.conn?.encrypted === true,
-      linkError: this.linkErrorText(),
+      linkError: linkErrorText(this.lastRefusal, this.linkLostReason),
       queued: this.queued,
       counters: { ...this.counters },
       receiveBuffers: this.receivePool.stats(),

@@ -9,6 +9,16 @@ import type { BufferPool } from "./buffer_pool.ts";
 import { type LinkKeys, Opener, RECORD_MAX_BYTES, Sealer } from "./link_crypto.ts";
 import { decodeJson, encodeFrame, encodeJson, FrameParser, MessageType, ProtocolError, type Frame } from "./wire.ts";
 
+/**
+ * Why a link is not up, as `linkError` in status shows it on both sides: the last connection
+ * attempt's error or refusal, then `link lost: REASON` for what ended the last connection.
+ */
+export function linkErrorText(lastError: string, lostReason: string): string {
+  if (lostReason === "") return lastError;
+  const lost = `link lost: ${lostReason}`;
+  return lastError === "" ? lost : `${lastError}; ${lost}`;
+}
+
 /** A bidirectional stream of frames. */
 export interface Connection {
   /** Queues a frame (header + payload pieces). Returns false once the socket buffer is full. */
